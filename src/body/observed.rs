@@ -1,0 +1,617 @@
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::classify::{Classifier, HeadFacts, Outcome, is_event_stream, is_json_or_untyped};
+use crate::sse::SseScanner;
+use crate::time::{self, Instant};
+use crate::usage::Usage;
+
+/// Called exactly once when an [`Observed`] body ends, fails or is dropped.
+///
+/// Implemented for closures `FnOnce(BodyEnd)`.
+pub trait OnEnd: Send + 'static {
+    /// The body is over; `end` says how.
+    fn on_end(self, end: BodyEnd);
+}
+
+impl<F: FnOnce(BodyEnd) + Send + 'static> OnEnd for F {
+    fn on_end(self, end: BodyEnd) {
+        self(end)
+    }
+}
+
+/// Hooks compose: a pair is called first then second.
+impl<A: OnEnd, B: OnEnd> OnEnd for (A, B) {
+    fn on_end(self, end: BodyEnd) {
+        self.0.on_end(end);
+        self.1.on_end(end);
+    }
+}
+
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndKind {
+    /// The body was read to its end.
+    Complete,
+    /// Reading the body failed (a reset, an idle timeout, a cut stream).
+    Failed,
+    /// The body was dropped before its end (the caller went away).
+    Dropped,
+}
+
+/// What an [`OnEnd`] hook learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BodyEnd {
+    /// The final outcome: the status/headers outcome, refined by an error
+    /// found in the body (SSE error frame, business error in a 200), or
+    /// transient when reading the body failed. A dropped body keeps what was
+    /// known when it was dropped.
+    pub outcome: Outcome,
+    /// The last `usage` seen (cumulative for native streams), when
+    /// [`Inspect::usage`] was asked for and the body reported one.
+    pub usage: Option<Usage>,
+    /// How the body ended.
+    pub kind: EndKind,
+    /// When the first data frame passed, if [`Inspect::timing`] was asked for.
+    pub first_frame_at: Option<Instant>,
+    /// How many data frames reached the caller.
+    pub data_frames: u32,
+}
+
+impl BodyEnd {
+    /// A body end with only an outcome (for responses that have no body to
+    /// watch, such as non-HTTP responses classified at once).
+    pub fn new(outcome: Outcome, kind: EndKind) -> Self {
+        Self {
+            outcome,
+            usage: None,
+            kind,
+            first_frame_at: None,
+            data_frames: 0,
+        }
+    }
+}
+
+/// What an [`Observed`] body looks at. Looking costs a little per frame, so
+/// each layer asks only for what it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Inspect {
+    /// Classify errors inside the body (SSE error frames, business errors in
+    /// JSON bodies).
+    pub outcome: bool,
+    /// Find the token usage.
+    pub usage: bool,
+    /// Record when the first data frame passed.
+    pub timing: bool,
+}
+
+impl Inspect {
+    /// Only notice the end: no parsing at all.
+    pub const NOTHING: Inspect = Inspect {
+        outcome: false,
+        usage: false,
+        timing: false,
+    };
+    /// Classify errors in the body.
+    pub const OUTCOME: Inspect = Inspect {
+        outcome: true,
+        usage: false,
+        timing: false,
+    };
+    /// Everything: errors, usage and timing.
+    pub const ALL: Inspect = Inspect {
+        outcome: true,
+        usage: true,
+        timing: true,
+    };
+
+    /// Both sets of wishes.
+    pub const fn union(self, other: Inspect) -> Inspect {
+        Inspect {
+            outcome: self.outcome || other.outcome,
+            usage: self.usage || other.usage,
+            timing: self.timing || other.timing,
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that calls an [`OnEnd`] hook when it ends, fails or is
+    /// dropped. See the [module docs](super) for an example.
+    ///
+    /// Frames pass through unchanged and unbuffered; SSE bodies are scanned
+    /// line by line as they pass; JSON bodies are copied (up to the
+    /// classifier's body limit) only when an outcome or usage was asked for.
+    pub struct Observed<B, H: OnEnd> {
+        #[pin]
+        inner: B,
+        watch: Option<Watch<H>>,
+    }
+
+    impl<B, H: OnEnd> PinnedDrop for Observed<B, H> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(watch) = this.watch.take() {
+                watch.fire(EndKind::Dropped);
+            }
+        }
+    }
+}
+
+struct Watch<H> {
+    hook: H,
+    classifier: Classifier,
+    status: StatusCode,
+    facts: HeadFacts,
+    outcome: Outcome,
+    usage: Option<Usage>,
+    mode: Mode,
+    want_usage: bool,
+    want_timing: bool,
+    first_frame_at: Option<Instant>,
+    data_frames: u32,
+}
+
+enum Mode {
+    Nothing,
+    Sse { scanner: SseScanner, error: bool },
+    Json { buf: Vec<u8>, overflow: bool },
+}
+
+impl<B, H: OnEnd> Observed<B, H> {
+    /// Wraps a response's body, classifying its head now and its body as it
+    /// passes.
+    pub fn wrap(
+        res: Response<B>,
+        classifier: &Classifier,
+        inspect: Inspect,
+        hook: H,
+    ) -> Response<Observed<B, H>>
+    where
+        B: http_body::Body,
+    {
+        let (parts, body) = res.into_parts();
+        let status = parts.status;
+        let facts = if status.is_success() {
+            HeadFacts::default()
+        } else {
+            classifier.facts(&parts.headers)
+        };
+        let outcome = facts.apply(crate::classify::by_status(status.as_u16()));
+        let mode = if !(inspect.outcome || inspect.usage) {
+            Mode::Nothing
+        } else if is_event_stream(&parts.headers) {
+            Mode::Sse {
+                scanner: SseScanner::new(),
+                error: false,
+            }
+        } else if !status.is_success() || is_json_or_untyped(&parts.headers) {
+            Mode::Json {
+                buf: Vec::new(),
+                overflow: false,
+            }
+        } else {
+            Mode::Nothing
+        };
+        let watch = Watch {
+            hook,
+            classifier: *classifier,
+            status,
+            facts,
+            outcome,
+            usage: None,
+            mode,
+            want_usage: inspect.usage,
+            want_timing: inspect.timing,
+            first_frame_at: None,
+            data_frames: 0,
+        };
+        let ended = body.is_end_stream();
+        let mut observed = Observed {
+            inner: body,
+            watch: Some(watch),
+        };
+        if ended {
+            if let Some(w) = observed.watch.take() {
+                w.fire(EndKind::Complete);
+            }
+        }
+        Response::from_parts(parts, observed)
+    }
+
+    /// Wraps a body with a hook and no inspection: the hook learns only how
+    /// the body ended, with `outcome` as given.
+    pub fn plain(body: B, outcome: Outcome, hook: H) -> Self {
+        Observed {
+            inner: body,
+            watch: Some(Watch {
+                hook,
+                classifier: Classifier::new(),
+                status: StatusCode::OK,
+                facts: HeadFacts::default(),
+                outcome,
+                usage: None,
+                mode: Mode::Nothing,
+                want_usage: false,
+                want_timing: false,
+                first_frame_at: None,
+                data_frames: 0,
+            }),
+        }
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// Whether the hook has not been called yet.
+    pub fn is_watching(&self) -> bool {
+        self.watch.is_some()
+    }
+}
+
+impl<H: OnEnd> Watch<H> {
+    fn on_data(&mut self, data: &[u8]) {
+        if self.data_frames == 0 && self.want_timing {
+            self.first_frame_at = Some(time::now());
+        }
+        self.data_frames = self.data_frames.saturating_add(1);
+        match &mut self.mode {
+            Mode::Nothing => {}
+            Mode::Sse { scanner, error } => {
+                let (classifier, outcome, usage, want_usage) = (
+                    &self.classifier,
+                    &mut self.outcome,
+                    &mut self.usage,
+                    self.want_usage,
+                );
+                scanner.feed(data, |line, meta| {
+                    scan_line(classifier, outcome, usage, want_usage, error, line, meta)
+                });
+            }
+            Mode::Json { buf, overflow } => {
+                if !*overflow {
+                    if buf.len() + data.len() > self.classifier.get_body_limit() {
+                        *overflow = true;
+                        *buf = Vec::new();
+                    } else {
+                        buf.extend_from_slice(data);
+                    }
+                }
+            }
+        }
+    }
+
+    fn fire(mut self, kind: EndKind) {
+        match std::mem::replace(&mut self.mode, Mode::Nothing) {
+            Mode::Nothing => {}
+            Mode::Sse {
+                mut scanner,
+                mut error,
+            } => {
+                if kind == EndKind::Complete {
+                    let (classifier, outcome, usage, want_usage) = (
+                        &self.classifier,
+                        &mut self.outcome,
+                        &mut self.usage,
+                        self.want_usage,
+                    );
+                    scanner.finish(|line, meta| {
+                        scan_line(
+                            classifier, outcome, usage, want_usage, &mut error, line, meta,
+                        )
+                    });
+                }
+            }
+            Mode::Json { buf, overflow } => {
+                if kind == EndKind::Complete && !overflow {
+                    self.outcome =
+                        self.classifier
+                            .classify_with(self.status, false, self.facts, &buf);
+                    if self.want_usage && self.outcome.is_success() {
+                        self.usage = Usage::find(&buf);
+                    }
+                }
+            }
+        }
+        if kind == EndKind::Failed && self.outcome.is_success() {
+            self.outcome = Outcome::TRANSIENT;
+        }
+        let end = BodyEnd {
+            outcome: self.outcome,
+            usage: self.usage,
+            kind,
+            first_frame_at: self.first_frame_at,
+            data_frames: self.data_frames,
+        };
+        self.hook.on_end(end);
+    }
+}
+
+fn scan_line(
+    classifier: &Classifier,
+    outcome: &mut Outcome,
+    usage: &mut Option<Usage>,
+    want_usage: bool,
+    error: &mut bool,
+    line: &[u8],
+    meta: &crate::sse::EventMeta,
+) {
+    if !*error {
+        if let Some(o) = classifier.classify_event(meta, line) {
+            *outcome = o;
+            *error = true;
+        }
+    }
+    if want_usage {
+        if let Some(u) = Usage::find(line) {
+            *usage = Some(u);
+        }
+    }
+}
+
+impl<B, H> http_body::Body for Observed<B, H>
+where
+    B: http_body::Body,
+    H: OnEnd,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let res = ready!(this.inner.as_mut().poll_frame(cx));
+        let Some(watch) = this.watch.as_mut() else {
+            return Poll::Ready(res);
+        };
+        match &res {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    use bytes::Buf;
+                    if data.chunk().len() == data.remaining() {
+                        watch.on_data(data.chunk());
+                    } else {
+                        let mut slices = [std::io::IoSlice::new(&[]); 64];
+                        let n = data.chunks_vectored(&mut slices);
+                        for s in &slices[..n] {
+                            watch.on_data(s);
+                        }
+                    }
+                }
+                // Fire as soon as the last frame passes: a permit or a
+                // reservation should not wait for one more poll.
+                if this.inner.is_end_stream() {
+                    if let Some(w) = this.watch.take() {
+                        w.fire(EndKind::Complete);
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(w) = this.watch.take() {
+                    w.fire(EndKind::Failed);
+                }
+            }
+            None => {
+                if let Some(w) = this.watch.take() {
+                    w.fire(EndKind::Complete);
+                }
+            }
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: fmt::Debug, H: OnEnd> fmt::Debug for Observed<B, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observed")
+            .field("inner", &self.inner)
+            .field("watching", &self.watch.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::*;
+    use crate::classify::{PermanentReason, ThrottleCause};
+
+    type Slot = Arc<Mutex<Vec<BodyEnd>>>;
+
+    fn hook(slot: &Slot) -> impl OnEnd + use<> {
+        let slot = slot.clone();
+        move |end: BodyEnd| slot.lock().unwrap().push(end)
+    }
+
+    fn response<B>(status: u16, ct: Option<&str>, body: B) -> Response<B> {
+        let mut b = Response::builder().status(status);
+        if let Some(ct) = ct {
+            b = b.header("content-type", ct);
+        }
+        b.body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn full_body_fires_complete_on_last_frame() {
+        let slot = Slot::default();
+        let res = response(200, Some("application/json"), Full::new(Bytes::from_static(
+            br#"{"output":{"text":"hi"},"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7}}"#,
+        )));
+        let mut body =
+            Observed::wrap(res, &Classifier::new(), Inspect::ALL, hook(&slot)).into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.is_data());
+        // Fired as the last frame passed, before the caller polled for the end.
+        let end = slot.lock().unwrap()[0];
+        assert_eq!(end.kind, EndKind::Complete);
+        assert_eq!(end.outcome, Outcome::Success);
+        assert_eq!(end.usage.unwrap().total(), 7);
+        assert_eq!(end.data_frames, 1);
+        assert!(body.frame().await.is_none());
+        assert_eq!(slot.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn business_error_in_200_is_seen() {
+        let slot = Slot::default();
+        let res = response(
+            200,
+            Some("application/json"),
+            String::from(
+                r#"{"request_id":"1","code":"Throttling.RateQuota","message":"Requests rate limit exceeded, please try again later."}"#,
+            ),
+        );
+        let body =
+            Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot)).into_body();
+        body.collect().await.unwrap();
+        let end = slot.lock().unwrap()[0];
+        assert_eq!(end.outcome, Outcome::throttled(ThrottleCause::Requests));
+        assert_eq!(end.usage, None);
+    }
+
+    fn stream(
+        chunks: Vec<Result<&'static str, std::io::Error>>,
+    ) -> impl http_body::Body<Data = Bytes, Error = std::io::Error> {
+        StreamBody::new(futures_stream(chunks))
+    }
+
+    fn futures_stream(
+        chunks: Vec<Result<&'static str, std::io::Error>>,
+    ) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> {
+        struct S(std::collections::VecDeque<Result<&'static str, std::io::Error>>);
+        impl futures_core::Stream for S {
+            type Item = Result<Frame<Bytes>, std::io::Error>;
+            fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+                Poll::Ready(
+                    self.get_mut()
+                        .0
+                        .pop_front()
+                        .map(|r| r.map(|s| Frame::data(Bytes::from_static(s.as_bytes())))),
+                )
+            }
+        }
+        S(chunks.into())
+    }
+
+    #[tokio::test]
+    async fn native_stream_takes_last_cumulative_usage() {
+        let slot = Slot::default();
+        let body = stream(vec![
+            Ok(
+                "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{},\"usage\":{\"input_tokens\":92,\"output_tokens\":1}}\n",
+            ),
+            Ok(
+                "\nid:2\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{},\"usage\":{\"input_tokens\":92,\"out",
+            ),
+            Ok("put_tokens\":10}}\n\n"),
+        ]);
+        let res = response(200, Some("text/event-stream"), body);
+        let body = Observed::wrap(res, &Classifier::new(), Inspect::ALL, hook(&slot)).into_body();
+        body.collect().await.unwrap();
+        let end = slot.lock().unwrap()[0];
+        assert_eq!(end.kind, EndKind::Complete);
+        assert_eq!(end.outcome, Outcome::Success);
+        assert_eq!(end.usage.unwrap().total(), 102);
+        assert_eq!(end.data_frames, 3);
+    }
+
+    #[tokio::test]
+    async fn stream_error_frame_and_failure_and_drop() {
+        // An error event mid-stream.
+        let slot = Slot::default();
+        let body = stream(vec![
+            Ok("id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{}}\n\n"),
+            Ok(
+                "id:2\nevent:error\n:HTTP_STATUS/500\ndata:{\"code\":\"InternalError\",\"message\":\"x\"}\n\n",
+            ),
+        ]);
+        let res = response(200, Some("text/event-stream"), body);
+        Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot))
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(slot.lock().unwrap()[0].outcome, Outcome::TRANSIENT);
+
+        // A read failure.
+        let slot = Slot::default();
+        let body = stream(vec![
+            Ok("data: {}\n\n"),
+            Err(std::io::Error::other("reset")),
+        ]);
+        let res = response(200, Some("text/event-stream"), body);
+        let r = Observed::wrap(res, &Classifier::new(), Inspect::NOTHING, hook(&slot))
+            .into_body()
+            .collect()
+            .await;
+        assert!(r.is_err());
+        let end = slot.lock().unwrap()[0];
+        assert_eq!(
+            (end.kind, end.outcome),
+            (EndKind::Failed, Outcome::TRANSIENT)
+        );
+
+        // Dropped half-way.
+        let slot = Slot::default();
+        let body = stream(vec![Ok("data: {}\n\n"), Ok("data: {}\n\n")]);
+        let res = response(200, Some("text/event-stream"), body);
+        let mut b =
+            Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot)).into_body();
+        b.frame().await.unwrap().unwrap();
+        assert!(slot.lock().unwrap().is_empty());
+        drop(b);
+        let end = slot.lock().unwrap()[0];
+        assert_eq!(
+            (end.kind, end.outcome, end.data_frames),
+            (EndKind::Dropped, Outcome::Success, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn error_status_and_empty_body() {
+        let slot = Slot::default();
+        let res = response(
+            401,
+            None,
+            String::from(r#"{"code":"InvalidApiKey","message":"Invalid API-key provided."}"#),
+        );
+        Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot))
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            slot.lock().unwrap()[0].outcome,
+            Outcome::Permanent {
+                reason: PermanentReason::Auth
+            }
+        );
+        // An empty body ends at once.
+        let slot = Slot::default();
+        let res = response(503, None, http_body_util::Empty::<Bytes>::new());
+        let _res = Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot));
+        assert_eq!(slot.lock().unwrap()[0].outcome, Outcome::TRANSIENT);
+    }
+}

@@ -1,0 +1,667 @@
+//! One answer to "how did that call go?", read by every other layer.
+//!
+//! DashScope reports trouble in many places: the status line, a JSON body in
+//! two dialects, an HTTP 200 whose body carries a business error `code`, a
+//! native SSE frame `event:error` whose real status is only in a
+//! `:HTTP_STATUS/NNN` comment, a compatible `data: {"error":...}` after
+//! partial content, and JSON nested inside `message`. [`Classifier`] turns all
+//! of them into one [`Outcome`]:
+//!
+//! * [`Outcome::Success`];
+//! * [`Outcome::Throttled`] with a [`ThrottleCause`] (requests, tokens, burst,
+//!   overloaded, unknown) and an optional server-suggested wait;
+//! * [`Outcome::Transient`]: 5xx, timeouts, connection errors;
+//! * [`Outcome::Permanent`] with a [`PermanentReason`]: bad key, no access,
+//!   arrears, free tier exhausted, content inspection, invalid parameter,
+//!   unknown model, stream-only model called without streaming...
+//!
+//! Retry, the circuit breaker, adaptive concurrency, fallback and the gateway
+//! all read this one answer; none of them parses DashScope errors itself.
+//!
+//! The `Throttling.AllocationQuota` / `insufficient_quota` code means either
+//! the transient tokens-per-minute limit (per the official rate-limit FAQ) or
+//! an exhausted free quota (permanent). By default the message decides
+//! ("Free allocated quota exceeded" is permanent); [`AllocationQuotaPolicy`]
+//! changes that.
+//!
+//! Headers `retry-after-ms`, `retry-after` (seconds or HTTP-date) and
+//! `x-should-retry` are honoured when present (DashScope itself sends none),
+//! and every wait is capped by [`Classifier::max_retry_after`].
+//!
+//! Layers are generic over the [`Classify`] trait, so a non-HTTP service
+//! (a tonic channel, a custom client) can use them with an [`FnClassifier`].
+//!
+//! # Example
+//!
+//! ```
+//! use http::{HeaderMap, StatusCode};
+//! use tower_qwen::classify::{Classifier, Outcome, PermanentReason, ThrottleCause};
+//!
+//! let c = Classifier::new();
+//! let h = HeaderMap::new();
+//!
+//! let body = br#"{"request_id":"1","code":"Throttling.RateQuota","message":"Requests rate limit exceeded, please try again later."}"#;
+//! assert_eq!(
+//!     c.classify(StatusCode::TOO_MANY_REQUESTS, &h, body),
+//!     Outcome::Throttled { cause: ThrottleCause::Requests, retry_after: None },
+//! );
+//!
+//! // A business error inside an HTTP 200.
+//! let body = br#"{"code":"Arrearage","message":"Access denied, please make sure your account is in good standing.","request_id":"2"}"#;
+//! assert_eq!(
+//!     c.classify(StatusCode::OK, &h, body),
+//!     Outcome::Permanent { reason: PermanentReason::Billing },
+//! );
+//! ```
+
+mod error_body;
+mod observe;
+
+use std::fmt;
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
+
+pub use error_body::ErrorInfo;
+pub use observe::{Classify, FnClassifier};
+
+use crate::sse::{EventMeta, parse_events};
+
+/// How a call ended, as every layer sees it. See the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The call succeeded.
+    Success,
+    /// A rate or quota limit refused the call; it heals with time.
+    Throttled {
+        /// Which limit.
+        cause: ThrottleCause,
+        /// A wait suggested by the server (capped), if any.
+        retry_after: Option<Duration>,
+    },
+    /// A server or network failure that may heal on its own (5xx, timeouts,
+    /// connection resets).
+    Transient {
+        /// A wait suggested by the server (capped), if any.
+        retry_after: Option<Duration>,
+    },
+    /// A failure that repeating the same request cannot fix.
+    Permanent {
+        /// Why.
+        reason: PermanentReason,
+    },
+}
+
+/// Which limit throttled a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ThrottleCause {
+    /// Requests per minute / per second (`Throttling.RateQuota`,
+    /// `limit_requests`).
+    Requests,
+    /// Tokens per minute / per second (`Throttling.AllocationQuota`,
+    /// `insufficient_quota`, when not a free-quota exhaustion).
+    Tokens,
+    /// DashScope's growth guard: "Request rate increased too quickly"
+    /// (`Throttling.BurstRate`).
+    Burst,
+    /// The engine is overloaded (a nested `EngineOverloadedError`, HTTP 529).
+    Overloaded,
+    /// A limit this crate enforces locally refused the call (this crate's
+    /// rate limiter in reject mode or past its maximum wait, or a
+    /// load-shedding concurrency limit). Nothing was sent upstream.
+    Local,
+    /// A throttle without a recognisable cause (plain 429, `Throttling`).
+    Unknown,
+}
+
+/// Why a call failed for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PermanentReason {
+    /// Invalid or missing API key, or a key for another region (401).
+    Auth,
+    /// No permission to the model or workspace (403, `AccessDenied*`).
+    AccessDenied,
+    /// Overdue payment (`Arrearage`, `*BillOverdue`).
+    Billing,
+    /// The free quota is gone (`Free allocated quota exceeded`,
+    /// `AllocationQuota.FreeTierOnly`).
+    FreeQuotaExhausted,
+    /// `Throttling.AllocationQuota` treated as permanent by
+    /// [`AllocationQuotaPolicy::Permanent`].
+    QuotaExhausted,
+    /// Content inspection refused the input or output
+    /// (`DataInspectionFailed`).
+    ContentFilter,
+    /// Bad parameters or a malformed request (400, `InvalidParameter`).
+    InvalidRequest,
+    /// A stream-only model was called without `stream` (400 "only support
+    /// stream mode").
+    StreamOnly,
+    /// The model does not exist (`Model.NotExist`, `model_not_found`).
+    ModelNotFound,
+    /// Some other resource was not found (404).
+    NotFound,
+    /// The request is too large (413, `request_too_large`).
+    TooLarge,
+    /// The server said not to retry (`x-should-retry: false`).
+    Declined,
+    /// Anything else (unexpected 1xx/3xx, unknown business error in a 200).
+    Other,
+}
+
+impl Outcome {
+    /// `Outcome::Throttled` with the given cause and no wait.
+    pub const fn throttled(cause: ThrottleCause) -> Self {
+        Outcome::Throttled {
+            cause,
+            retry_after: None,
+        }
+    }
+
+    /// `Outcome::Transient` with no wait.
+    pub const TRANSIENT: Outcome = Outcome::Transient { retry_after: None };
+
+    /// Whether the call succeeded.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success)
+    }
+
+    /// Whether a limit throttled the call.
+    pub fn is_throttled(&self) -> bool {
+        matches!(self, Outcome::Throttled { .. })
+    }
+
+    /// Whether the call failed transiently (5xx, timeout, connection).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Outcome::Transient { .. })
+    }
+
+    /// Whether the call failed for good.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Outcome::Permanent { .. })
+    }
+
+    /// Whether repeating the call later could succeed (throttled or
+    /// transient).
+    pub fn is_retryable(&self) -> bool {
+        self.is_throttled() || self.is_transient()
+    }
+
+    /// The server-suggested wait, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match *self {
+            Outcome::Throttled { retry_after, .. } | Outcome::Transient { retry_after } => {
+                retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// The throttle cause, if throttled.
+    pub fn throttle_cause(&self) -> Option<ThrottleCause> {
+        match *self {
+            Outcome::Throttled { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+
+    fn with_retry_after(self, wait: Option<Duration>) -> Self {
+        match self {
+            Outcome::Throttled { cause, retry_after } => Outcome::Throttled {
+                cause,
+                retry_after: retry_after.or(wait),
+            },
+            Outcome::Transient { retry_after } => Outcome::Transient {
+                retry_after: retry_after.or(wait),
+            },
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Success => f.write_str("success"),
+            Outcome::Throttled { cause, .. } => write!(f, "throttled ({cause:?})"),
+            Outcome::Transient { .. } => f.write_str("transient failure"),
+            Outcome::Permanent { reason } => write!(f, "permanent failure ({reason:?})"),
+        }
+    }
+}
+
+/// What to make of `Throttling.AllocationQuota` / `insufficient_quota`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AllocationQuotaPolicy {
+    /// Decide by the message: "Free allocated quota exceeded" / free tier
+    /// wording is permanent ([`PermanentReason::FreeQuotaExhausted`]); any
+    /// other message is the tokens-per-minute limit
+    /// ([`ThrottleCause::Tokens`]). This follows the official rate-limit FAQ.
+    #[default]
+    ByMessage,
+    /// Always the transient token limit, whatever the message (the official
+    /// Python SDK 2.x behaviour).
+    Throttled,
+    /// Always permanent (the official Qwen CLI's fail-fast behaviour).
+    Permanent,
+}
+
+/// The DashScope classifier. Cheap to copy; see the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Classifier {
+    max_retry_after: Duration,
+    allocation_quota: AllocationQuotaPolicy,
+    body_limit: usize,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Classifier {
+    /// A classifier with the defaults: waits capped at 60 s, allocation
+    /// quota decided by message, error bodies read up to 64 KiB.
+    pub const fn new() -> Self {
+        Self {
+            max_retry_after: Duration::from_secs(60),
+            allocation_quota: AllocationQuotaPolicy::ByMessage,
+            body_limit: 64 * 1024,
+        }
+    }
+
+    /// Caps every server-suggested wait. Default is 60 s.
+    pub const fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// How to read `Throttling.AllocationQuota`. Default is
+    /// [`AllocationQuotaPolicy::ByMessage`].
+    pub const fn allocation_quota(mut self, policy: AllocationQuotaPolicy) -> Self {
+        self.allocation_quota = policy;
+        self
+    }
+
+    /// The most bytes of a body read to classify it; a longer body is
+    /// classified by status alone. Default is 64 KiB.
+    pub const fn body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+
+    /// The configured body limit.
+    pub const fn get_body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    /// The configured cap on waits.
+    pub const fn get_max_retry_after(&self) -> Duration {
+        self.max_retry_after
+    }
+
+    /// Classifies from the status line and headers alone.
+    pub fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+        let outcome = by_status(status.as_u16());
+        self.apply_headers(outcome, headers)
+    }
+
+    /// Whether reading the body could change [`Classifier::classify_head`]'s
+    /// answer: any non-2xx status, and a 2xx JSON body (which may carry a
+    /// business error). SSE bodies are watched frame by frame instead.
+    pub fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        !status.is_success() || content_type(headers) == ContentType::Json
+    }
+
+    /// Classifies a whole response: status, headers and (up to
+    /// [`Classifier::body_limit`] bytes of) body, which may be JSON in either
+    /// dialect or an SSE error stream.
+    pub fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
+        self.classify_with(status, is_event_stream(headers), self.facts(headers), body)
+    }
+
+    /// [`Classifier::classify`] with the header facts already read.
+    pub(crate) fn classify_with(
+        &self,
+        status: StatusCode,
+        event_stream: bool,
+        facts: HeadFacts,
+        body: &[u8],
+    ) -> Outcome {
+        if body.len() > self.body_limit {
+            return facts.apply(by_status(status.as_u16()));
+        }
+        let trimmed = body.trim_ascii_start();
+        let outcome = if event_stream || looks_like_sse(trimmed) {
+            self.classify_sse_body(status, body)
+        } else if trimmed.starts_with(b"{") {
+            match ErrorInfo::parse(body) {
+                Some(info) => self.classify_info(Some(status.as_u16()), &info),
+                None => by_status(status.as_u16()),
+            }
+        } else {
+            by_status(status.as_u16())
+        };
+        facts.apply(outcome)
+    }
+
+    /// Classifies one SSE `data:` payload with its event metadata. Returns
+    /// `Some` only when the frame reports an error: `event:error`, a
+    /// `:HTTP_STATUS/` of 400 or more, a compatible `{"error":{...}}`, or a
+    /// native top-level `code`.
+    pub fn classify_event(&self, meta: &EventMeta, data: &[u8]) -> Option<Outcome> {
+        let maybe_error = meta.is_error()
+            || memchr::memmem::find(data, b"\"error\"").is_some()
+            || memchr::memmem::find(data, b"\"code\"").is_some();
+        if !maybe_error {
+            return None;
+        }
+        match ErrorInfo::parse(data) {
+            Some(info) => Some(self.classify_info(meta.http_status, &info)),
+            None if meta.is_error() => Some(match meta.http_status {
+                Some(s) => by_status(s),
+                None => Outcome::TRANSIENT,
+            }),
+            None => None,
+        }
+    }
+
+    /// Classifies an error returned instead of a response (connect failure,
+    /// reset, timeout, or an error from another tower-qwen layer).
+    ///
+    /// Errors from this crate's layers carry their own outcome (a local rate
+    /// limit is [`ThrottleCause::Local`], a timeout is transient); I/O and
+    /// connection errors are transient; an error this crate does not know is
+    /// treated as transient.
+    pub fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome {
+        observe::classify_error_any(err)
+    }
+
+    /// The capped wait from `retry-after-ms` or `retry-after` (seconds or an
+    /// HTTP-date). Garbage, negative and non-finite values are ignored.
+    pub fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
+        let parsed = headers
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_seconds(v, 1e-3))
+            .or_else(|| {
+                let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+                parse_seconds(v, 1.0).or_else(|| {
+                    let at = httpdate::parse_http_date(v.trim()).ok()?;
+                    Some(
+                        at.duration_since(crate::time::system_now())
+                            .unwrap_or(Duration::ZERO),
+                    )
+                })
+            })?;
+        Some(parsed.min(self.max_retry_after))
+    }
+
+    fn apply_headers(&self, outcome: Outcome, headers: &HeaderMap) -> Outcome {
+        if outcome.is_success() {
+            return outcome;
+        }
+        self.facts(headers).apply(outcome)
+    }
+
+    /// Reads the headers that adjust an outcome.
+    pub(crate) fn facts(&self, headers: &HeaderMap) -> HeadFacts {
+        let should_retry = headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .and_then(|v| {
+                if v.eq_ignore_ascii_case("true") {
+                    Some(true)
+                } else if v.eq_ignore_ascii_case("false") {
+                    Some(false)
+                } else {
+                    None
+                }
+            });
+        HeadFacts {
+            retry_after: self.retry_after(headers),
+            should_retry,
+        }
+    }
+
+    fn classify_sse_body(&self, status: StatusCode, body: &[u8]) -> Outcome {
+        for ev in parse_events(body) {
+            let meta = EventMeta {
+                error_event: ev
+                    .event
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("error")),
+                http_status: ev.http_status.or(Some(status.as_u16())),
+                data_lines: 0,
+            };
+            if let Some(o) = self.classify_event(&meta, ev.data.as_bytes()) {
+                return o;
+            }
+        }
+        by_status(status.as_u16())
+    }
+
+    /// Classifies a parsed error body. `status` is the HTTP status (or the
+    /// `:HTTP_STATUS/` of an SSE frame) when known.
+    pub fn classify_info(&self, status: Option<u16>, info: &ErrorInfo) -> Outcome {
+        if !info.is_error() {
+            return status.map_or(Outcome::Success, by_status);
+        }
+        if let Some(o) = self.by_code(info) {
+            return o;
+        }
+        match status {
+            Some(s) if (200..300).contains(&s) => Outcome::Permanent {
+                reason: PermanentReason::Other,
+            },
+            Some(s) => by_status(s),
+            None => Outcome::TRANSIENT,
+        }
+    }
+
+    fn by_code(&self, info: &ErrorInfo) -> Option<Outcome> {
+        use PermanentReason as P;
+        use ThrottleCause as T;
+        let code = info.code.as_deref().unwrap_or("");
+        let kind = info.kind.as_deref().unwrap_or("");
+        let msg = info.message.as_deref().unwrap_or("").to_ascii_lowercase();
+        let perm = |reason| Some(Outcome::Permanent { reason });
+        let has =
+            |needle: &str| code.eq_ignore_ascii_case(needle) || kind.eq_ignore_ascii_case(needle);
+        let free = msg.contains("free allocated quota")
+            || msg.contains("free tier")
+            || msg.contains("free quota");
+        let overloaded = info
+            .nested_kind
+            .as_deref()
+            .is_some_and(|k| k.to_ascii_lowercase().contains("overload"))
+            || msg.contains("engine is currently overloaded");
+
+        if has("AllocationQuota.FreeTierOnly") {
+            return perm(P::FreeQuotaExhausted);
+        }
+        if has("Throttling.AllocationQuota") || has("insufficient_quota") {
+            return match (self.allocation_quota, free) {
+                (AllocationQuotaPolicy::Throttled, _) => Some(Outcome::throttled(T::Tokens)),
+                (AllocationQuotaPolicy::Permanent, true)
+                | (AllocationQuotaPolicy::ByMessage, true) => perm(P::FreeQuotaExhausted),
+                (AllocationQuotaPolicy::Permanent, false) => perm(P::QuotaExhausted),
+                (AllocationQuotaPolicy::ByMessage, false) => Some(Outcome::throttled(T::Tokens)),
+            };
+        }
+        if overloaded && (code.starts_with("Throttling") || code.is_empty()) {
+            return Some(Outcome::throttled(T::Overloaded));
+        }
+        if has("Throttling.BurstRate") || msg.contains("rate increased too quickly") {
+            return Some(Outcome::throttled(T::Burst));
+        }
+        if has("Throttling.RateQuota") || has("limit_requests") || has("rate_limit_exceeded") {
+            return Some(Outcome::throttled(T::Requests));
+        }
+        if has("Throttling") || has("concurrency_limit_exceeded") || code.starts_with("Throttling.")
+        {
+            return Some(Outcome::throttled(T::Unknown));
+        }
+        if has("Arrearage") || code.contains("BillOverdue") || has("billing_hard_limit_reached") {
+            return perm(P::Billing);
+        }
+        if has("InvalidApiKey") || has("invalid_api_key") || has("authentication_error") {
+            return perm(P::Auth);
+        }
+        if code.starts_with("AccessDenied")
+            || has("Model.AccessDenied")
+            || has("model_access_denied")
+            || has("permission_denied")
+        {
+            return perm(P::AccessDenied);
+        }
+        if has("Model.NotExist") || has("model_not_found") || has("ModelNotFound") {
+            return perm(P::ModelNotFound);
+        }
+        if has("DataInspectionFailed") || has("data_inspection_failed") || has("content_filter") {
+            return perm(P::ContentFilter);
+        }
+        if has("request_too_large") || has("RequestTooLarge") {
+            return perm(P::TooLarge);
+        }
+        if code.contains("InvalidParameter")
+            || has("invalid_parameter_error")
+            || has("invalid_parameter")
+            || has("invalid_request_error")
+            || has("context_length_exceeded")
+            || has("InvalidURL")
+            || code.starts_with("BadRequest")
+        {
+            if msg.contains("only support stream")
+                || msg.contains("does not support http call")
+                || msg.contains("only supports stream")
+            {
+                return perm(P::StreamOnly);
+            }
+            return perm(P::InvalidRequest);
+        }
+        if overloaded {
+            return Some(Outcome::throttled(T::Overloaded));
+        }
+        if code.starts_with("InternalError")
+            || has("ServiceUnavailable")
+            || has("GatewayTimeout")
+            || has("RequestTimeOut")
+            || has("Timeout")
+            || has("internal_error")
+            || has("server_error")
+            || has("service_unavailable")
+        {
+            return Some(Outcome::TRANSIENT);
+        }
+        None
+    }
+}
+
+/// Outcome from a status code alone.
+pub(crate) fn by_status(status: u16) -> Outcome {
+    use PermanentReason as P;
+    match status {
+        200..=299 => Outcome::Success,
+        408 | 409 | 425 => Outcome::TRANSIENT,
+        429 => Outcome::throttled(ThrottleCause::Unknown),
+        401 => Outcome::Permanent { reason: P::Auth },
+        403 => Outcome::Permanent {
+            reason: P::AccessDenied,
+        },
+        404 => Outcome::Permanent {
+            reason: P::NotFound,
+        },
+        413 => Outcome::Permanent {
+            reason: P::TooLarge,
+        },
+        400..=499 => Outcome::Permanent {
+            reason: P::InvalidRequest,
+        },
+        529 => Outcome::throttled(ThrottleCause::Overloaded),
+        500..=599 => Outcome::TRANSIENT,
+        _ => Outcome::Permanent { reason: P::Other },
+    }
+}
+
+/// The headers that adjust an outcome, read once per response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HeadFacts {
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) should_retry: Option<bool>,
+}
+
+impl HeadFacts {
+    /// Applies `x-should-retry` and the server's wait to `outcome`.
+    pub(crate) fn apply(self, outcome: Outcome) -> Outcome {
+        let outcome = match self.should_retry {
+            Some(false) if outcome.is_retryable() => Outcome::Permanent {
+                reason: PermanentReason::Declined,
+            },
+            Some(true) if outcome.is_permanent() => Outcome::TRANSIENT,
+            _ => outcome,
+        };
+        outcome.with_retry_after(self.retry_after)
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum ContentType {
+    Json,
+    EventStream,
+    Other,
+}
+
+pub(crate) fn is_json_or_untyped(headers: &HeaderMap) -> bool {
+    content_type(headers) == ContentType::Json || !headers.contains_key(http::header::CONTENT_TYPE)
+}
+
+fn content_type(headers: &HeaderMap) -> ContentType {
+    let Some(ct) = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return ContentType::Other;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("text/event-stream") {
+        ContentType::EventStream
+    } else if essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
+    {
+        ContentType::Json
+    } else {
+        ContentType::Other
+    }
+}
+
+/// Whether a response's content type is `text/event-stream`.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    content_type(headers) == ContentType::EventStream
+}
+
+fn looks_like_sse(body: &[u8]) -> bool {
+    body.starts_with(b"id:")
+        || body.starts_with(b"event:")
+        || body.starts_with(b"data:")
+        || body.starts_with(b":")
+}
+
+fn parse_seconds(v: &str, unit: f64) -> Option<Duration> {
+    let x: f64 = v.trim().parse().ok()?;
+    if !x.is_finite() || x < 0.0 {
+        return None;
+    }
+    Duration::try_from_secs_f64(x * unit)
+        .ok()
+        .or(Some(Duration::MAX))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,70 @@
+//! The crate's error plumbing: how errors from tower-qwen's own layers are
+//! recognised wherever they surface, so that a layer further out (retry, the
+//! breaker, fallback, the gateway) classifies them correctly.
+//!
+//! Each layer's error types live in its own `error` module (e.g.
+//! `rate_limit::error::RateLimited`); this module only maps them to an
+//! [`Outcome`](crate::classify::Outcome). Callers downcast:
+//! `err.is::<tower_qwen::timeout::error::HeaderTimeout>()`.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_qwen::classify::Classifier;
+//! let err: tower_qwen::BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+//! assert!(Classifier::new().classify_error(&err).is_transient());
+//! ```
+
+use std::any::Any;
+use std::error::Error;
+
+use crate::classify::Outcome;
+
+/// An error type of this crate that knows its own outcome.
+#[allow(dead_code)]
+pub(crate) trait KnownError {
+    /// How a caller further out should read this error.
+    fn outcome(&self) -> Outcome;
+}
+
+/// Runs `$check!(Type)` for every error type of this crate. Each feature's
+/// errors are registered here, in one place, so the classifier does not
+/// depend on the order layers are stacked.
+macro_rules! for_known_errors {
+    ($check:ident) => {
+        // (types are added here as layers land)
+    };
+}
+
+/// The outcome carried by an error of a type this crate knows.
+pub(crate) fn known_outcome(err: &(dyn Error + 'static)) -> Option<Outcome> {
+    if err.is::<std::io::Error>() {
+        return Some(Outcome::TRANSIENT);
+    }
+    #[allow(unused_macros)]
+    macro_rules! check {
+        ($t:ty) => {
+            if let Some(e) = err.downcast_ref::<$t>() {
+                return Some(KnownError::outcome(e));
+            }
+        };
+    }
+    for_known_errors!(check);
+    None
+}
+
+/// Like [`known_outcome`], from a value of any type (not necessarily
+/// `dyn Error`).
+#[allow(unused_variables)]
+pub(crate) fn known_outcome_any(any: &dyn Any) -> Option<Outcome> {
+    #[allow(unused_macros)]
+    macro_rules! check {
+        ($t:ty) => {
+            if let Some(e) = any.downcast_ref::<$t>() {
+                return Some(KnownError::outcome(e));
+            }
+        };
+    }
+    for_known_errors!(check);
+    None
+}

@@ -1,0 +1,31 @@
+//! Tower middleware that gets the most out of a Qwen (DashScope, Alibaba
+//! Cloud Model Studio) quota: no 429 storms, no hung requests, no retry
+//! avalanches, no lost work.
+//!
+//! (Crate documentation is completed as the layers land.)
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod body;
+pub mod classify;
+pub mod error;
+pub mod request;
+pub mod sse;
+pub mod time;
+pub mod tokens;
+pub mod usage;
+pub mod util;
+
+#[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub mod mock;
+
+/// Alias for a type-erased error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,341 @@
+//! An incremental reader for the two Server-Sent-Events dialects DashScope
+//! speaks.
+//!
+//! Native streams carry the real status as a comment line
+//! (`:HTTP_STATUS/429`) and name error frames `event:error`; compatible
+//! streams are OpenAI-shaped (`data: {...}` then `data: [DONE]`), and may
+//! deliver an error as `data: {"error":{...}}` after partial content.
+//! Older gateways omit the blank line between complete JSON frames.
+//!
+//! [`SseScanner`] is what the layers use on live bodies: it is fed chunks as
+//! they arrive (frames may be split anywhere), keeps only the unfinished
+//! line, and hands each `data:` line to a callback together with the
+//! [`EventMeta`] of its event. [`parse_events`] collects whole events from a
+//! buffer, for tests and tools.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_qwen::sse::{SseScanner, parse_events};
+//!
+//! let wire = b"id:1\nevent:error\n:HTTP_STATUS/429\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n";
+//! let mut scanner = SseScanner::new();
+//! let mut seen = Vec::new();
+//! // Feed it in two arbitrary pieces.
+//! scanner.feed(&wire[..17], |data, meta| seen.push((data.to_vec(), meta.http_status)));
+//! scanner.feed(&wire[17..], |data, meta| seen.push((data.to_vec(), meta.http_status)));
+//! assert_eq!(seen, vec![(b"{\"code\":\"Throttling.RateQuota\"}".to_vec(), Some(429))]);
+//!
+//! let events = parse_events(wire);
+//! assert_eq!(events[0].event.as_deref(), Some("error"));
+//! assert!(events[0].is_error());
+//! ```
+
+/// What is known about the event a `data:` line belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventMeta {
+    /// The event is named `error` (`event:error`).
+    pub error_event: bool,
+    /// The status from a native `:HTTP_STATUS/NNN` comment, if one was seen.
+    pub http_status: Option<u16>,
+    /// `data:` lines already seen in this event before this one.
+    pub data_lines: u32,
+}
+
+impl EventMeta {
+    /// Whether the event's metadata marks it as an error (named `error`, or a
+    /// `:HTTP_STATUS/` of 400 or more).
+    pub fn is_error(&self) -> bool {
+        self.error_event || self.http_status.is_some_and(|s| s >= 400)
+    }
+}
+
+/// Longest line kept while waiting for its end; longer lines are skipped
+/// (their data is not inspected), so a hostile stream cannot grow memory.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// An incremental SSE line reader. See the [module docs](self).
+#[derive(Debug, Default, Clone)]
+pub struct SseScanner {
+    carry: Vec<u8>,
+    overlong: bool,
+    meta: EventMeta,
+    last_data_closed: bool,
+}
+
+impl SseScanner {
+    /// A scanner at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next chunk; `on_data` is called for every complete `data:`
+    /// line (without the `data:` prefix and one optional space).
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_data: impl FnMut(&[u8], &EventMeta)) {
+        while let Some(pos) = memchr::memchr(b'\n', chunk) {
+            let (line, rest) = (&chunk[..pos], &chunk[pos + 1..]);
+            chunk = rest;
+            if self.carry.is_empty() && !self.overlong {
+                self.line(line, &mut on_data);
+            } else {
+                if !self.overlong {
+                    self.carry.extend_from_slice(line);
+                }
+                let carry = std::mem::take(&mut self.carry);
+                if !std::mem::take(&mut self.overlong) {
+                    self.line(&carry, &mut on_data);
+                }
+                self.carry = carry;
+                self.carry.clear();
+            }
+        }
+        if !chunk.is_empty() && !self.overlong {
+            if self.carry.len() + chunk.len() > MAX_LINE {
+                self.carry.clear();
+                self.overlong = true;
+            } else {
+                self.carry.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    /// Ends the stream: a last line without a newline is processed.
+    pub fn finish(&mut self, mut on_data: impl FnMut(&[u8], &EventMeta)) {
+        if !self.carry.is_empty() && !self.overlong {
+            let carry = std::mem::take(&mut self.carry);
+            self.line(&carry, &mut on_data);
+        }
+        self.carry.clear();
+        self.overlong = false;
+    }
+
+    fn line(&mut self, line: &[u8], on_data: &mut impl FnMut(&[u8], &EventMeta)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            self.meta = EventMeta::default();
+            self.last_data_closed = false;
+            return;
+        }
+        if let Some(comment) = line.strip_prefix(b":") {
+            if let Some(code) = trim(comment).strip_prefix(b"HTTP_STATUS/") {
+                self.meta.http_status = parse_u16(code);
+            }
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.last_data_closed {
+                    // A new complete frame without a blank line in between
+                    // (older gateways): keep the event's metadata, count anew.
+                    self.meta.data_lines = 0;
+                }
+                on_data(value, &self.meta);
+                self.meta.data_lines += 1;
+                self.last_data_closed = trim(value).ends_with(b"}");
+            }
+            b"event" | b"id" if self.meta.data_lines > 0 => {
+                // A field after data without a blank line: a new event began.
+                self.meta = EventMeta::default();
+                self.last_data_closed = false;
+                self.field(field, value);
+            }
+            _ => self.field(field, value),
+        }
+    }
+
+    fn field(&mut self, field: &[u8], value: &[u8]) {
+        if field == b"event" {
+            self.meta.error_event = trim(value).eq_ignore_ascii_case(b"error");
+        }
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+fn parse_u16(b: &[u8]) -> Option<u16> {
+    std::str::from_utf8(trim(b)).ok()?.parse().ok()
+}
+
+/// One whole SSE event, as collected by [`parse_events`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `id:` field.
+    pub id: Option<String>,
+    /// The `event:` field.
+    pub event: Option<String>,
+    /// The native `:HTTP_STATUS/NNN` comment.
+    pub http_status: Option<u16>,
+    /// The `data:` lines joined with `\n`.
+    pub data: String,
+}
+
+impl SseEvent {
+    /// Whether the event is an error by its metadata (`event:error`, or
+    /// `:HTTP_STATUS/` >= 400), or carries a compatible-mode `{"error":...}`
+    /// payload.
+    pub fn is_error(&self) -> bool {
+        self.event
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case("error"))
+            || self.http_status.is_some_and(|s| s >= 400)
+            || serde_json::from_str::<serde_json::Value>(&self.data)
+                .ok()
+                .is_some_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
+    }
+}
+
+/// Splits a whole buffer into events (lenient like [`SseScanner`]: missing
+/// blank lines between complete JSON frames start a new event). Events with
+/// neither data nor metadata are skipped.
+pub fn parse_events(buf: &[u8]) -> Vec<SseEvent> {
+    let mut out: Vec<SseEvent> = Vec::new();
+    let mut cur = SseEvent::default();
+    let mut has_data = false;
+    let mut last_closed = false;
+    let flush = |cur: &mut SseEvent, out: &mut Vec<SseEvent>, has_data: &mut bool| {
+        if *has_data || cur.event.is_some() || cur.id.is_some() || cur.http_status.is_some() {
+            out.push(std::mem::take(cur));
+        }
+        *cur = SseEvent::default();
+        *has_data = false;
+    };
+    for raw in buf.split(|&b| b == b'\n') {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.is_empty() {
+            flush(&mut cur, &mut out, &mut has_data);
+            last_closed = false;
+            continue;
+        }
+        let line = String::from_utf8_lossy(line);
+        if let Some(comment) = line.strip_prefix(':') {
+            if let Some(code) = comment.trim().strip_prefix("HTTP_STATUS/") {
+                cur.http_status = code.trim().parse().ok();
+            }
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line.as_ref(), ""),
+        };
+        if (field == "event" || field == "id") && has_data
+            || field == "data" && has_data && last_closed
+        {
+            let (id, event, status) = if field == "data" {
+                (cur.id.clone(), cur.event.clone(), cur.http_status)
+            } else {
+                (None, None, None)
+            };
+            flush(&mut cur, &mut out, &mut has_data);
+            cur.id = id;
+            cur.event = event;
+            cur.http_status = status;
+        }
+        match field {
+            "data" => {
+                if has_data {
+                    cur.data.push('\n');
+                }
+                cur.data.push_str(value);
+                has_data = true;
+                last_closed = value.trim_end().ends_with('}');
+            }
+            "event" => cur.event = Some(value.to_owned()),
+            "id" => cur.id = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    flush(&mut cur, &mut out, &mut has_data);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(chunks: &[&[u8]]) -> Vec<(String, EventMeta)> {
+        let mut s = SseScanner::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |d, m| {
+                out.push((String::from_utf8_lossy(d).into_owned(), *m))
+            });
+        }
+        s.finish(|d, m| out.push((String::from_utf8_lossy(d).into_owned(), *m)));
+        out
+    }
+
+    const NATIVE: &[u8] = b"id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[]},\"usage\":{\"input_tokens\":92,\"output_tokens\":1}}\n\nid:2\nevent:error\n:HTTP_STATUS/500\ndata:{\"code\":\"InternalError\"}\n\n";
+
+    #[test]
+    fn native_frames_any_split() {
+        let whole = scan_all(&[NATIVE]);
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[0].1.http_status, Some(200));
+        assert!(!whole[0].1.is_error());
+        assert!(whole[1].1.is_error());
+        assert_eq!(whole[1].0, "{\"code\":\"InternalError\"}");
+        for split in 0..NATIVE.len() {
+            let parts = scan_all(&[&NATIVE[..split], &NATIVE[split..]]);
+            assert_eq!(parts, whole, "split at {split}");
+        }
+        let bytes: Vec<&[u8]> = NATIVE.chunks(1).collect();
+        assert_eq!(scan_all(&bytes), whole);
+    }
+
+    #[test]
+    fn compatible_crlf_and_done() {
+        let wire =
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let got = scan_all(&[wire]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, "[DONE]");
+        assert_eq!(got[1].1, EventMeta::default());
+    }
+
+    #[test]
+    fn missing_blank_lines_start_new_events() {
+        let wire = b"event:error\n:HTTP_STATUS/429\ndata:{\"code\":\"a\"}\nid:2\nevent:result\ndata:{\"x\":1}\ndata:{\"y\":2}\n";
+        let got = scan_all(&[wire]);
+        assert_eq!(got.len(), 3);
+        assert!(got[0].1.is_error());
+        assert!(!got[1].1.is_error());
+        assert_eq!(got[2].1.data_lines, 0);
+        let ev = parse_events(wire);
+        assert_eq!(ev.len(), 3);
+        assert_eq!(ev[0].http_status, Some(429));
+        assert_eq!(ev[1].id.as_deref(), Some("2"));
+        assert_eq!(ev[2].data, "{\"y\":2}");
+    }
+
+    #[test]
+    fn overlong_lines_are_skipped_not_buffered() {
+        let mut s = SseScanner::new();
+        let big = vec![b'x'; MAX_LINE + 10];
+        let mut n = 0;
+        s.feed(b"data:", |_, _| n += 1);
+        s.feed(&big, |_, _| n += 1);
+        assert!(s.carry.is_empty());
+        s.feed(b"tail\ndata:ok\n", |d, _| {
+            assert_eq!(d, b"ok");
+            n += 1
+        });
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn compatible_error_payload_is_error() {
+        let ev = parse_events(b"data: {\"error\":{\"code\":\"data_inspection_failed\"}}\n\n");
+        assert!(ev[0].is_error());
+        let ok = parse_events(b"data: {\"error\":null,\"choices\":[]}\n\n");
+        assert!(!ok[0].is_error());
+    }
+}

@@ -1,0 +1,127 @@
+//! Token `usage` reported by DashScope, in both dialects.
+//!
+//! Native bodies report `usage.input_tokens` / `output_tokens` /
+//! `total_tokens` (embeddings only `total_tokens`); compatible bodies report
+//! `prompt_tokens` / `completion_tokens` / `total_tokens`. Native streams
+//! repeat a **cumulative** usage on every chunk, so the last one seen is the
+//! answer; compatible streams send it once, in a tail chunk with
+//! `"choices": []`, when `stream_options.include_usage` is set.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_qwen::usage::Usage;
+//!
+//! let native = br#"{"output":{"text":"hi"},"usage":{"input_tokens":92,"output_tokens":10,"total_tokens":102}}"#;
+//! assert_eq!(Usage::find(native), Some(Usage { input_tokens: 92, output_tokens: 10, total_tokens: 102 }));
+//!
+//! let compatible = br#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}"#;
+//! assert_eq!(Usage::find(compatible).unwrap().total(), 30);
+//! ```
+
+use serde::Deserialize;
+
+/// Tokens one call consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Usage {
+    /// Input (prompt) tokens.
+    pub input_tokens: u32,
+    /// Output (completion) tokens.
+    pub output_tokens: u32,
+    /// Total as reported, or 0 when the response did not say.
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    /// The total: `total_tokens` when reported, else input + output.
+    pub fn total(&self) -> u32 {
+        if self.total_tokens > 0 {
+            self.total_tokens
+        } else {
+            self.input_tokens.saturating_add(self.output_tokens)
+        }
+    }
+
+    /// Finds the top-level `"usage"` object in one JSON document (a body or
+    /// one SSE `data:` payload) without parsing the rest of it.
+    ///
+    /// Returns `None` when there is no usage, it is `null`, or it is
+    /// malformed. The key is matched as `"usage"` followed by `:`; inside a
+    /// JSON string the quotes would be escaped, so text content cannot fake
+    /// it.
+    pub fn find(json: &[u8]) -> Option<Usage> {
+        let finder = memchr::memmem::Finder::new(b"\"usage\"");
+        let mut from = 0;
+        while let Some(i) = finder.find(&json[from..]) {
+            let after = &json[from + i + 7..];
+            let after = after.trim_ascii_start();
+            if let Some(value) = after.strip_prefix(b":") {
+                let mut it =
+                    serde_json::Deserializer::from_slice(value).into_iter::<Option<RawUsage>>();
+                return match it.next() {
+                    Some(Ok(Some(raw))) => raw.into_usage(),
+                    _ => None,
+                };
+            }
+            from += i + 7;
+        }
+        None
+    }
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default, alias = "prompt_tokens")]
+    input_tokens: Option<u64>,
+    #[serde(default, alias = "completion_tokens")]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    fn into_usage(self) -> Option<Usage> {
+        if self.input_tokens.is_none()
+            && self.output_tokens.is_none()
+            && self.total_tokens.is_none()
+        {
+            return None;
+        }
+        let c = |v: Option<u64>| u32::try_from(v.unwrap_or(0)).unwrap_or(u32::MAX);
+        Some(Usage {
+            input_tokens: c(self.input_tokens),
+            output_tokens: c(self.output_tokens),
+            total_tokens: c(self.total_tokens),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(
+            Usage::find(br#"{"usage": {"total_tokens": 7}, "output":{"embeddings":[]}}"#),
+            Some(Usage {
+                input_tokens: 0,
+                output_tokens: 0,
+                total_tokens: 7
+            })
+        );
+        assert_eq!(
+            Usage::find(br#"{"choices":[{"delta":{}}],"usage":null}"#),
+            None
+        );
+        assert_eq!(
+            Usage::find(br#"{"x":"\"usage\": {\"total_tokens\":5}"}"#),
+            None
+        );
+        assert_eq!(Usage::find(br#"{"usage":{"input_tokens":"x"}}"#), None);
+        assert_eq!(Usage::find(br#"{"usage":{}}"#), None);
+        assert_eq!(Usage::find(b"not json \"usage\""), None);
+        let u = Usage::find(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#).unwrap();
+        assert_eq!(u.total(), 7);
+    }
+}
