@@ -41,3 +41,64 @@ pub fn system_now() -> SystemTime {
 pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// A request's total deadline, carried as a request extension.
+///
+/// The retry layer never starts a wait that would end past it and gives up
+/// with the last answer instead; the timeout layer cuts the exchange
+/// (response body included) when it passes. Either layer inserts it when it
+/// is configured with a total deadline, keeping the earlier of its own and
+/// one already present, so layers further in see the tightest deadline.
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use tower_qwen::time::Deadline;
+///
+/// let mut req = http::Request::new(());
+/// Deadline::after(Duration::from_secs(30)).tighten(&mut req);
+/// Deadline::after(Duration::from_secs(60)).tighten(&mut req); // later: ignored
+/// let d = Deadline::of(&req).unwrap();
+/// assert_eq!(d.remaining(), Duration::from_secs(30));
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    /// The deadline `d` from now.
+    pub fn after(d: Duration) -> Self {
+        Self(now().checked_add(d).unwrap_or_else(far_future))
+    }
+
+    /// The deadline in `req`'s extensions, if any.
+    pub fn of<B>(req: &http::Request<B>) -> Option<Self> {
+        req.extensions().get::<Self>().copied()
+    }
+
+    /// Stores this deadline in `req` unless an earlier one is there; returns
+    /// the deadline now in force.
+    pub fn tighten<B>(self, req: &mut http::Request<B>) -> Self {
+        let ext = req.extensions_mut();
+        match ext.get::<Self>() {
+            Some(&cur) if cur <= self => cur,
+            _ => {
+                ext.insert(self);
+                self
+            }
+        }
+    }
+
+    /// Time left until the deadline (zero once it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(now())
+    }
+}
+
+/// An instant about thirty years ahead, for "never" that still fits.
+pub(crate) fn far_future() -> Instant {
+    now() + Duration::from_secs(86_400 * 365 * 30)
+}

@@ -1,0 +1,344 @@
+//! The response future of [`Retry`](super::Retry).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::body::{BufferFuture, ReplayBody};
+use super::layer::{Counter, Shared};
+use super::peek::{Peek, PeekBody};
+use crate::classify::Outcome;
+use crate::time::{self, Deadline};
+
+pin_project! {
+    /// Response future of [`Retry`](super::Retry): attempts, peeks at each
+    /// answer, waits, and tries again until the answer is final.
+    pub struct ResponseFuture<S, B, ResB>
+    where
+        S: Service<Request<B>>,
+        ResB: http_body::Body,
+    {
+        #[pin]
+        state: State<S::Future, B, ResB>,
+        service: S,
+        template: Option<(Parts, B)>,
+        shared: Arc<Shared>,
+        retries: u32,
+        deadline: Option<Deadline>,
+        span: tracing::Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, ResB: http_body::Body> {
+        // Reading a streamed request body into memory before the first
+        // attempt.
+        Buffering { buffering: BufferFuture<B>, parts: Option<Parts> },
+        // Waiting for the service to be ready to send `req`.
+        Ready { req: Option<Request<B>> },
+        Calling { #[pin] future: F },
+        Peeking { peek: Peek<ResB> },
+        Waiting { #[pin] sleep: Sleep, req: Option<Request<B>> },
+        Done,
+    }
+}
+
+impl<S, B, ResB> ResponseFuture<S, B, ResB>
+where
+    S: Service<Request<B>>,
+    ResB: http_body::Body,
+{
+    pub(crate) fn calling(
+        service: S,
+        template: Option<(Parts, B)>,
+        future: S::Future,
+        shared: Arc<Shared>,
+        deadline: Option<Deadline>,
+    ) -> Self {
+        Self {
+            state: State::Calling { future },
+            service,
+            template,
+            shared,
+            retries: 0,
+            deadline,
+            span: tracing::Span::none(),
+        }
+    }
+
+    pub(crate) fn buffering(
+        service: S,
+        parts: Parts,
+        buffering: BufferFuture<B>,
+        shared: Arc<Shared>,
+        deadline: Option<Deadline>,
+    ) -> Self {
+        Self {
+            state: State::Buffering {
+                buffering,
+                parts: Some(parts),
+            },
+            service,
+            template: None,
+            shared,
+            retries: 0,
+            deadline,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+/// Why a retryable failure is handed back.
+#[derive(Clone, Copy, Debug)]
+enum GiveUp {
+    NotRetryable,
+    Exhausted,
+    NotReplayable,
+    Deadline,
+    Budget,
+}
+
+impl GiveUp {
+    fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::NotRetryable => "not retryable",
+            GiveUp::Exhausted => "all attempts used",
+            GiveUp::NotReplayable => "request body cannot be replayed",
+            GiveUp::Deadline => "the wait would end past the deadline",
+            GiveUp::Budget => "retry budget exhausted",
+        }
+    }
+}
+
+fn decide<B: ReplayBody>(
+    shared: &Shared,
+    template: &Option<(Parts, B)>,
+    retries: u32,
+    deadline: Option<Deadline>,
+    outcome: &Outcome,
+) -> Result<(Duration, Request<B>), GiveUp> {
+    let config = &shared.config;
+    if !config.policy.retries(outcome) {
+        return Err(GiveUp::NotRetryable);
+    }
+    if retries >= config.policy.get_max_retries() {
+        shared.stats.bump(Counter::Exhausted);
+        return Err(GiveUp::Exhausted);
+    }
+    let Some((parts, body)) = template else {
+        shared.stats.bump(Counter::NotReplayable);
+        return Err(GiveUp::NotReplayable);
+    };
+    let n = retries + 1;
+    let wait = shared.jitter_source(|rng| config.backoff.wait(n, outcome, rng));
+    let now = time::now();
+    if let Some(Deadline(at)) = deadline {
+        if now.checked_add(wait).is_none_or(|end| end >= at) {
+            shared.stats.bump(Counter::Deadline);
+            return Err(GiveUp::Deadline);
+        }
+    }
+    let Some(copy) = body.try_clone() else {
+        shared.stats.bump(Counter::NotReplayable);
+        return Err(GiveUp::NotReplayable);
+    };
+    if let Some(budget) = &shared.budget {
+        if !budget.withdraw(now) {
+            shared.stats.bump(Counter::BudgetDenied);
+            return Err(GiveUp::Budget);
+        }
+    }
+    shared.stats.bump(Counter::Retries);
+    Ok((wait, Request::from_parts(parts.clone(), copy)))
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B, ResB>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Error: fmt::Display + 'static,
+    B: ReplayBody,
+    ResB: http_body::Body + Unpin,
+{
+    type Output = Result<Response<PeekBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let outcome = match this.state.as_mut().project() {
+                StateProj::Buffering { buffering, parts } => {
+                    let buffered = ready!(buffering.as_mut().poll(cx));
+                    let parts = parts.take().expect("buffering completes once");
+                    if buffered.replayable {
+                        if let Some(copy) = buffered.body.try_clone() {
+                            *this.template = Some((parts.clone(), copy));
+                        }
+                    } else {
+                        this.shared.stats.bump(Counter::SentOnce);
+                        tracing::debug!(
+                            target: "tower_qwen::retry",
+                            limit = this.shared.config.buffer_limit,
+                            "streamed request body exceeds the buffer limit: sending it once, without retries"
+                        );
+                    }
+                    let req = Request::from_parts(parts, buffered.body);
+                    this.state.set(State::Ready { req: Some(req) });
+                    continue;
+                }
+                StateProj::Ready { req } => {
+                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    let req = req.take().expect("a request is ready to send");
+                    if *this.retries > 0 {
+                        this.shared.stats.bump(Counter::RetryAttempts);
+                    }
+                    let future = {
+                        let _enter = this.span.enter();
+                        this.service.call(req)
+                    };
+                    this.state.set(State::Calling { future });
+                    continue;
+                }
+                StateProj::Calling { future } => {
+                    let result = {
+                        let _enter = this.span.enter();
+                        ready!(future.poll(cx))
+                    };
+                    match result {
+                        Ok(res) => {
+                            let can_retry = this.template.is_some()
+                                && *this.retries < this.shared.config.policy.get_max_retries();
+                            if !can_retry {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(res.map(PeekBody::new)));
+                            }
+                            let peek = Peek::new(res, &this.shared.config.classifier);
+                            this.state.set(State::Peeking { peek });
+                            continue;
+                        }
+                        Err(e) => {
+                            let outcome = this.shared.config.classifier.classify_error(&e);
+                            match decide(
+                                this.shared,
+                                this.template,
+                                *this.retries,
+                                *this.deadline,
+                                &outcome,
+                            ) {
+                                Ok((wait, req)) => {
+                                    trace_retry(*this.retries, &outcome, wait);
+                                    (wait, req)
+                                }
+                                Err(why) => {
+                                    trace_give_up(*this.retries, &outcome, why);
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(e));
+                                }
+                            }
+                        }
+                    }
+                }
+                StateProj::Peeking { peek } => {
+                    let peeked = ready!(Pin::new(peek).poll(cx));
+                    let outcome = peeked.outcome;
+                    if outcome.is_success() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(peeked.response));
+                    }
+                    match decide(
+                        this.shared,
+                        this.template,
+                        *this.retries,
+                        *this.deadline,
+                        &outcome,
+                    ) {
+                        Ok((wait, req)) => {
+                            trace_retry(*this.retries, &outcome, wait);
+                            // The failed answer (and its connection) is
+                            // released before the wait.
+                            drop(peeked);
+                            (wait, req)
+                        }
+                        Err(why) => {
+                            trace_give_up(*this.retries, &outcome, why);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(peeked.response));
+                        }
+                    }
+                }
+                StateProj::Waiting { sleep, req } => {
+                    ready!(sleep.poll(cx));
+                    let req = req.take();
+                    *this.retries += 1;
+                    *this.span = tracing::debug_span!(
+                        target: "tower_qwen::retry",
+                        "retry",
+                        attempt = *this.retries + 1
+                    );
+                    this.state.set(State::Ready { req });
+                    continue;
+                }
+                StateProj::Done => panic!("retry ResponseFuture polled after completion"),
+            };
+            let (wait, req) = outcome;
+            let sleep = tokio::time::sleep_until(time::now() + wait);
+            this.state.set(State::Waiting {
+                sleep,
+                req: Some(req),
+            });
+        }
+    }
+}
+
+fn trace_retry(retries: u32, outcome: &Outcome, wait: Duration) {
+    tracing::debug!(
+        target: "tower_qwen::retry",
+        attempt = retries + 1,
+        outcome = %outcome,
+        wait_ms = wait.as_millis() as u64,
+        "attempt failed; retrying after a wait"
+    );
+}
+
+fn trace_give_up(retries: u32, outcome: &Outcome, why: GiveUp) {
+    if matches!(why, GiveUp::NotRetryable) {
+        tracing::trace!(
+            target: "tower_qwen::retry",
+            attempt = retries + 1,
+            outcome = %outcome,
+            "final answer"
+        );
+    } else {
+        tracing::debug!(
+            target: "tower_qwen::retry",
+            attempt = retries + 1,
+            outcome = %outcome,
+            reason = why.as_str(),
+            "attempt failed; not retrying"
+        );
+    }
+}
+
+impl<S, B, ResB> fmt::Debug for ResponseFuture<S, B, ResB>
+where
+    S: Service<Request<B>>,
+    ResB: http_body::Body,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("retries", &self.retries)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,132 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::{Counter, Shared};
+use super::{PeekBody, ReplayBody, RetryLayer, RetryStats};
+use crate::time::{self, Deadline};
+
+/// Retries requests that failed in a way that heals: throttled or transient,
+/// per the classifier, before anything of the response reached the caller.
+///
+/// See the [module docs](super) for an example.
+///
+/// # Clone
+///
+/// Clones share the budget, the random source and the counters. Each call
+/// clones the inner service (which must be `Clone`) into its response future
+/// for the retries, like tower's `Retry`; a clone never inherits the
+/// readiness of the original.
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner` with the default settings.
+    pub fn new(inner: S) -> Self {
+        Self::from_shared(inner, RetryLayer::new().shared())
+    }
+
+    /// A [`RetryLayer`] with the default settings.
+    pub fn layer() -> RetryLayer {
+        RetryLayer::new()
+    }
+
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The counters this service shares with its clones and its layer.
+    pub fn stats(&self) -> RetryStats {
+        self.shared.stats.clone()
+    }
+
+    crate::util::macros::define_inner_service_accessors!();
+}
+
+impl<S: Clone> Clone for Retry<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, B, ResB> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    S::Error: fmt::Display + 'static,
+    B: ReplayBody,
+    ResB: http_body::Body + Unpin,
+{
+    type Response = Response<PeekBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let config = &shared.config;
+        shared.stats.bump(Counter::Requests);
+        let now = time::now();
+        if let Some(budget) = &shared.budget {
+            budget.deposit(now);
+        }
+        let deadline = match config.deadline {
+            Some(total) => Some(
+                Deadline(now.checked_add(total).unwrap_or_else(time::far_future)).tighten(&mut req),
+            ),
+            None => Deadline::of(&req),
+        };
+        // The ready service makes this call; the future keeps it for the
+        // retries (polling it ready again first), and `self` gets a fresh
+        // clone that must be polled ready before its next call.
+        let clone = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+
+        if config.policy.get_max_retries() == 0 {
+            let future = service.call(req);
+            return ResponseFuture::calling(service, None, future, shared, deadline);
+        }
+        let (parts, body) = req.into_parts();
+        match body.try_clone() {
+            Some(copy) => {
+                let template = (parts.clone(), copy);
+                let future = service.call(Request::from_parts(parts, body));
+                ResponseFuture::calling(service, Some(template), future, shared, deadline)
+            }
+            None => match body.buffer(config.buffer_limit) {
+                Ok(buffering) => {
+                    ResponseFuture::buffering(service, parts, buffering, shared, deadline)
+                }
+                Err(body) => {
+                    tracing::debug!(
+                        target: "tower_qwen::retry",
+                        "request body cannot be replayed: sending it once"
+                    );
+                    let future = service.call(Request::from_parts(parts, body));
+                    ResponseFuture::calling(service, None, future, shared, deadline)
+                }
+            },
+        }
+    }
+}
