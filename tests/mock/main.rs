@@ -304,6 +304,18 @@ async fn auth_is_required_in_both_shapes() {
     assert_eq!(d.post(NATIVE, Some("sk-new"), &[], &body).await.status, 200);
     assert!(d.handle.remove_key("sk-new"));
     assert_eq!(d.post(NATIVE, Some("sk-new"), &[], &body).await.status, 401);
+
+    // Any key, each its own account.
+    let any = start(
+        MockDashScope::builder()
+            .accept_any_key(true)
+            .default_quota(Quota::per_minute(nz(60))),
+    )
+    .await;
+    assert_eq!(any.post(NATIVE, Some("sk-x"), &[], &body).await.status, 200);
+    assert_eq!(any.post(NATIVE, Some("sk-y"), &[], &body).await.status, 200);
+    assert_eq!(any.post(NATIVE, Some("sk-x"), &[], &body).await.status, 429);
+    assert_eq!(any.post(NATIVE, None, &[], &body).await.status, 401);
 }
 
 // ---------------------------------------------------------------------------
