@@ -1651,3 +1651,224 @@ async fn shutdown_and_drop_stop_the_server() {
     tokio::task::yield_now().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+// ---------------------------------------------------------------------------
+// The crate's classifier reads every mock answer as intended.
+
+#[tokio::test(start_paused = true)]
+async fn classifier_agrees_with_every_mock_answer() {
+    use tower_qwen::classify::{Classifier, Outcome, PermanentReason as P, ThrottleCause as T};
+
+    let m = start(
+        builder()
+            .key("sk-free", "free")
+            .key_state("sk-free", AccountState::FreeQuotaExhausted)
+            .key("sk-tier", "tier")
+            .key_state("sk-tier", AccountState::FreeTierOnly)
+            .key("sk-debt", "debt")
+            .key_state("sk-debt", AccountState::Arrearage)
+            .models([
+                "qwen-plus",
+                "qwen-rpm",
+                "qwen-tpm",
+                "qwen-burst",
+                "qwq-plus",
+                "qwen-5xx",
+            ])
+            .quota("qwen-rpm", Quota::per_minute(nz(60)))
+            .quota(
+                "qwen-tpm",
+                Quota::tokens_per_minute(NonZeroU64::new(60).unwrap()),
+            )
+            .quota("qwen-burst", quota(6000, 100_000_000))
+            .body_limit(4096),
+    )
+    .await;
+    let c = Classifier::new();
+    let check = |a: &Answer, want: Outcome, what: &str| {
+        let got = c.classify(a.status, &a.headers, &a.body);
+        assert_eq!(got, want, "{what}: {} {}", a.status, a.text());
+    };
+    for (path, body) in [
+        (NATIVE, native as fn(&str, &str) -> Value),
+        (CHAT, chat as fn(&str, &str) -> Value),
+    ] {
+        let req = |model: &str| body(model, "hi");
+        let ok = m.post(path, Some(KEY), &[], &req("qwen-plus")).await;
+        check(&ok, Outcome::Success, "success");
+        let a = m.post(path, Some("sk-nope"), &[], &req("qwen-plus")).await;
+        check(&a, Outcome::Permanent { reason: P::Auth }, "bad key");
+        let a = m.post(path, Some("sk-free"), &[], &req("qwen-plus")).await;
+        check(
+            &a,
+            Outcome::Permanent {
+                reason: P::FreeQuotaExhausted,
+            },
+            "free quota",
+        );
+        let a = m.post(path, Some("sk-tier"), &[], &req("qwen-plus")).await;
+        check(
+            &a,
+            Outcome::Permanent {
+                reason: P::FreeQuotaExhausted,
+            },
+            "free tier only",
+        );
+        let a = m.post(path, Some("sk-debt"), &[], &req("qwen-plus")).await;
+        check(&a, Outcome::Permanent { reason: P::Billing }, "arrearage");
+        let a = m.post(path, Some(KEY), &[], &req("qwen-unknown")).await;
+        check(
+            &a,
+            Outcome::Permanent {
+                reason: P::ModelNotFound,
+            },
+            "model",
+        );
+        let a = m.post(path, Some(KEY), &[], &req("qwq-plus")).await;
+        check(
+            &a,
+            Outcome::Permanent {
+                reason: P::StreamOnly,
+            },
+            "stream only",
+        );
+        let a = m
+            .post_raw(path, Bytes::from_static(b"{\"model\":\"qwen-plus\"}"))
+            .await;
+        assert!(
+            matches!(
+                c.classify(a.status, &a.headers, &a.body),
+                Outcome::Permanent { .. }
+            ),
+            "invalid request: {}",
+            a.text()
+        );
+        let a = m.post_raw(path, Bytes::from(vec![b' '; 8192])).await;
+        check(
+            &a,
+            Outcome::Permanent {
+                reason: P::TooLarge,
+            },
+            "too large",
+        );
+
+        // Quotas: each in a fresh second.
+        advance(Duration::from_secs(1)).await;
+        m.post(path, Some(KEY), &[], &req("qwen-rpm")).await;
+        let a = m.post(path, Some(KEY), &[], &req("qwen-rpm")).await;
+        check(&a, Outcome::throttled(T::Requests), "rpm");
+        m.post(path, Some(KEY), &[], &req("qwen-tpm")).await;
+        let a = m.post(path, Some(KEY), &[], &req("qwen-tpm")).await;
+        check(&a, Outcome::throttled(T::Tokens), "tpm");
+        m.handle.set_burst_guard(BurstGuard::new(nz(1), 1.0));
+        m.post(path, Some(KEY), &[], &req("qwen-burst")).await;
+        let a = m.post(path, Some(KEY), &[], &req("qwen-burst")).await;
+        check(&a, Outcome::throttled(T::Burst), "burst");
+        m.handle.set_burst_guard(None);
+
+        // Injected server errors are transient, a 200 with an error is not a
+        // success.
+        for e in [
+            ApiError::internal_error(),
+            ApiError::service_unavailable(),
+            ApiError::gateway_timeout(),
+        ] {
+            m.handle
+                .set_model_faults("qwen-5xx", FaultPlan::new().with(Fault::Error(e), 1.0));
+            let a = m.post(path, Some(KEY), &[], &req("qwen-5xx")).await;
+            assert!(
+                c.classify(a.status, &a.headers, &a.body).is_transient(),
+                "{}",
+                a.text()
+            );
+        }
+        m.handle.set_model_faults(
+            "qwen-5xx",
+            FaultPlan::new().with(Fault::ErrorIn200(ApiError::internal_error()), 1.0),
+        );
+        let a = m.post(path, Some(KEY), &[], &req("qwen-5xx")).await;
+        assert_eq!(a.status, 200);
+        assert!(
+            !c.classify(a.status, &a.headers, &a.body).is_success(),
+            "{}",
+            a.text()
+        );
+        m.handle.set_model_faults("qwen-5xx", None);
+    }
+
+    // In-stream errors, frame by frame.
+    m.handle.set_model_faults(
+        "qwen-5xx",
+        FaultPlan::new().with(
+            Fault::StreamError {
+                after_tokens: 1,
+                error: ApiError::internal_error(),
+            },
+            1.0,
+        ),
+    );
+    let sse = [("x-dashscope-sse", "enable")];
+    let (wire, _) = read_stream(
+        m.open(NATIVE, Some(KEY), &sse, &native("qwen-5xx", "hi"))
+            .await,
+    )
+    .await;
+    let outcomes = classify_frames(&c, &wire);
+    assert_eq!(outcomes.len(), 1, "{wire}");
+    assert!(outcomes[0].is_transient());
+
+    m.handle.set_model_faults(
+        "qwen-5xx",
+        FaultPlan::new().with(
+            Fault::StreamError {
+                after_tokens: 1,
+                error: ApiError::data_inspection_failed(),
+            },
+            1.0,
+        ),
+    );
+    let mut body = chat("qwen-5xx", "hi");
+    body["stream"] = json!(true);
+    let (wire, _) = read_stream(m.open(CHAT, Some(KEY), &[], &body).await).await;
+    assert_eq!(
+        classify_frames(&c, &wire),
+        vec![Outcome::Permanent {
+            reason: P::ContentFilter
+        }],
+        "{wire}"
+    );
+
+    m.handle
+        .set_model_faults("qwen-5xx", FaultPlan::new().throttled_stream_as_sse(1.0));
+    m.handle.set_quota("qwen-5xx", Quota::per_minute(nz(60)));
+    advance(Duration::from_secs(1)).await;
+    read_stream(
+        m.open(NATIVE, Some(KEY), &sse, &native("qwen-5xx", "hi"))
+            .await,
+    )
+    .await;
+    let res = m
+        .open(NATIVE, Some(KEY), &sse, &native("qwen-5xx", "hi"))
+        .await;
+    assert_eq!(res.status(), 200);
+    let (wire, _) = read_stream(res).await;
+    assert_eq!(
+        classify_frames(&c, &wire),
+        vec![Outcome::throttled(T::Requests)]
+    );
+}
+
+/// The classifier's verdicts on the error frames of a stream.
+fn classify_frames(
+    c: &tower_qwen::classify::Classifier,
+    wire: &str,
+) -> Vec<tower_qwen::classify::Outcome> {
+    let mut out = Vec::new();
+    let mut scanner = tower_qwen::sse::SseScanner::new();
+    scanner.feed(wire.as_bytes(), |data, meta| {
+        if let Some(o) = c.classify_event(meta, data) {
+            out.push(o);
+        }
+    });
+    out
+}
