@@ -33,6 +33,10 @@ pub(crate) trait KnownError {
 macro_rules! for_known_errors {
     ($check:ident) => {
         // (types are added here as layers land)
+        #[cfg(feature = "concurrency")]
+        $check!(crate::concurrency::error::Overloaded);
+        #[cfg(feature = "circuit-breaker")]
+        $check!(crate::circuit_breaker::error::CircuitOpen);
     };
 }
 

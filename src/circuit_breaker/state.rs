@@ -1,0 +1,597 @@
+//! The breaker's state machine. It never reads a clock: every method that
+//! needs the time takes `now` (or a closure that yields it, called only off
+//! the closed-state fast path).
+//!
+//! The closed state is lock-free: one atomic word holds the state and its
+//! generation, a counter holds the consecutive failures, and the sliding
+//! window is a ring of outcome bits. Everything else (tripping, half-open
+//! probes, forcing) takes a short mutex; those paths are rare.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::classify::Outcome;
+use crate::time::Instant;
+
+use super::config::{Config, TripAction};
+
+/// The state of a circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Calls pass; failures are counted.
+    Closed,
+    /// Calls fail fast with [`CircuitOpen`](super::error::CircuitOpen) until
+    /// the open duration has passed.
+    Open,
+    /// A bounded number of probe calls pass; the first success closes the
+    /// circuit, a failure opens it again for longer.
+    HalfOpen,
+    /// The trip action is [`TripAction::Degrade`]: calls pass at a low rate
+    /// (the rest fail fast); once the open duration has passed, admitted
+    /// calls are probes, as in half-open.
+    Degraded,
+    /// Forced open through a [`BreakerHandle`](super::BreakerHandle): every
+    /// call fails fast until released.
+    ForcedOpen,
+    /// Forced closed through a [`BreakerHandle`](super::BreakerHandle):
+    /// every call passes and nothing is counted until released.
+    ForcedClosed,
+}
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const DEGRADED: u64 = 3;
+const FORCED_OPEN: u64 = 4;
+const FORCED_CLOSED: u64 = 5;
+const MODE_BITS: u64 = 3;
+const MODE_MASK: u64 = (1 << MODE_BITS) - 1;
+
+#[inline]
+fn pack(mode: u64, generation: u64) -> u64 {
+    (generation << MODE_BITS) | mode
+}
+
+#[inline]
+fn mode(word: u64) -> u64 {
+    word & MODE_MASK
+}
+
+#[inline]
+fn generation(word: u64) -> u64 {
+    word >> MODE_BITS
+}
+
+fn state_of(mode: u64) -> State {
+    match mode {
+        CLOSED => State::Closed,
+        OPEN => State::Open,
+        HALF_OPEN => State::HalfOpen,
+        DEGRADED => State::Degraded,
+        FORCED_OPEN => State::ForcedOpen,
+        _ => State::ForcedClosed,
+    }
+}
+
+/// How one call ended, as the breaker counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Success,
+    Failure,
+    /// Neither: throttled (by default), or abandoned by the caller.
+    Ignore,
+}
+
+impl Verdict {
+    /// Reads an outcome with the configured failure predicate. A throttled
+    /// call that is not a failure is ignored (the upstream answered, but
+    /// says nothing about its health); `slow` turns a success into a
+    /// failure.
+    pub(crate) fn of(outcome: &Outcome, is_failure: fn(&Outcome) -> bool, slow: bool) -> Verdict {
+        if is_failure(outcome) {
+            Verdict::Failure
+        } else if outcome.is_throttled() {
+            Verdict::Ignore
+        } else if slow && outcome.is_success() {
+            Verdict::Failure
+        } else {
+            Verdict::Success
+        }
+    }
+}
+
+/// What admission decided about one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Let the call through; report its verdict with this ticket.
+    Pass(Ticket),
+    /// Fail fast.
+    Reject {
+        /// When trying again makes sense, if known.
+        retry_after: Option<Duration>,
+        /// The state that refused.
+        state: State,
+    },
+}
+
+/// How an admitted call is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ticket {
+    /// Counted in the closed state of this generation.
+    Closed(u64),
+    /// A probe (half-open, or degraded past its open duration) of this
+    /// generation.
+    Probe(u64),
+    /// Not counted (forced closed, or degraded before its probes start).
+    Quiet,
+}
+
+/// A change of state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transition {
+    /// The state before.
+    pub from: State,
+    /// The state after.
+    pub to: State,
+    /// For [`State::Open`] and [`State::Degraded`]: how long until probes
+    /// start.
+    pub open_for: Option<Duration>,
+    /// How many times in a row the circuit has tripped without closing.
+    pub trips: u32,
+}
+
+/// The sliding window: the verdicts of the last `size` counted calls, one
+/// bit each (1 = failure).
+struct Window {
+    size: u64,
+    total: AtomicU64,
+    bits: Box<[AtomicU64]>,
+}
+
+impl Window {
+    fn new(size: u32) -> Self {
+        let size = u64::from(size.max(1));
+        let words = size.div_ceil(64) as usize;
+        Self {
+            size,
+            total: AtomicU64::new(0),
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records one verdict. For a failure, returns `(calls, failures)` in
+    /// the window.
+    #[inline]
+    fn push(&self, failure: bool) -> Option<(u64, u64)> {
+        let i = self.total.fetch_add(1, Ordering::Relaxed);
+        let slot = i % self.size;
+        let word = &self.bits[(slot / 64) as usize];
+        let mask = 1u64 << (slot % 64);
+        if failure {
+            word.fetch_or(mask, Ordering::Relaxed);
+            let failures = self
+                .bits
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+                .sum();
+            Some(((i + 1).min(self.size), failures))
+        } else {
+            if word.load(Ordering::Relaxed) & mask != 0 {
+                word.fetch_and(!mask, Ordering::Relaxed);
+            }
+            None
+        }
+    }
+
+    fn clear(&self) {
+        self.total.store(0, Ordering::Relaxed);
+        for w in self.bits.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        let calls = self.total.load(Ordering::Relaxed).min(self.size);
+        let failures = self
+            .bits
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
+        (calls, failures)
+    }
+}
+
+/// The rarely touched part, behind a mutex.
+struct Slow {
+    /// Trips in a row without closing.
+    trips: u32,
+    /// Probes in flight in half-open.
+    probes: u32,
+}
+
+/// One circuit. See the [module docs](self).
+pub(crate) struct Circuit {
+    word: AtomicU64,
+    consecutive: AtomicU32,
+    window: Option<Window>,
+    /// Nanoseconds since `base` at which probes start (open and degraded).
+    open_until: AtomicU64,
+    /// Nanoseconds since `base` of the next degraded admission.
+    next_slot: AtomicU64,
+    base: Instant,
+    slow: Mutex<Slow>,
+}
+
+#[inline]
+fn nanos(base: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Circuit {
+    /// A closed circuit; `base` is any instant not after the `now`s that
+    /// will be passed in.
+    pub(crate) fn new(cfg: &Config, base: Instant) -> Self {
+        Self {
+            word: AtomicU64::new(pack(CLOSED, 0)),
+            consecutive: AtomicU32::new(0),
+            window: cfg.failure_rate.map(|r| Window::new(r.window)),
+            open_until: AtomicU64::new(0),
+            next_slot: AtomicU64::new(0),
+            base,
+            slow: Mutex::new(Slow {
+                trips: 0,
+                probes: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slow> {
+        self.slow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state now (an open circuit whose time is up still reads
+    /// [`State::Open`] until a call arrives).
+    pub(crate) fn state(&self) -> State {
+        state_of(mode(self.word.load(Ordering::Acquire)))
+    }
+
+    /// Whether the circuit is closed, without a clock read.
+    #[inline]
+    pub(crate) fn closed_ticket(&self) -> Option<Ticket> {
+        let w = self.word.load(Ordering::Acquire);
+        (mode(w) == CLOSED).then(|| Ticket::Closed(generation(w)))
+    }
+
+    /// Decides whether a call may pass. `now` is called only when the
+    /// circuit is not closed.
+    #[inline]
+    pub(crate) fn admit(
+        &self,
+        cfg: &Config,
+        now: impl FnOnce() -> Instant,
+    ) -> (Admit, Option<Transition>) {
+        if let Some(t) = self.closed_ticket() {
+            return (Admit::Pass(t), None);
+        }
+        self.admit_slow(cfg, now())
+    }
+
+    #[cold]
+    fn admit_slow(&self, cfg: &Config, now: Instant) -> (Admit, Option<Transition>) {
+        let now_n = nanos(self.base, now);
+        let w = self.word.load(Ordering::Acquire);
+        match mode(w) {
+            CLOSED => (Admit::Pass(Ticket::Closed(generation(w))), None),
+            FORCED_CLOSED => (Admit::Pass(Ticket::Quiet), None),
+            FORCED_OPEN => (
+                Admit::Reject {
+                    retry_after: None,
+                    state: State::ForcedOpen,
+                },
+                None,
+            ),
+            OPEN => {
+                let until = self.open_until.load(Ordering::Acquire);
+                if now_n < until {
+                    return (
+                        Admit::Reject {
+                            retry_after: Some(Duration::from_nanos(until - now_n)),
+                            state: State::Open,
+                        },
+                        None,
+                    );
+                }
+                let mut slow = self.lock();
+                let mut transition = None;
+                let w2 = self.word.load(Ordering::Acquire);
+                if w2 == w {
+                    // Time is up: half-open.
+                    self.word
+                        .store(pack(HALF_OPEN, generation(w) + 1), Ordering::Release);
+                    slow.probes = 0;
+                    transition = Some(Transition {
+                        from: State::Open,
+                        to: State::HalfOpen,
+                        open_for: None,
+                        trips: slow.trips,
+                    });
+                }
+                let admit = self.admit_half_open(cfg, &mut slow);
+                (admit, transition)
+            }
+            HALF_OPEN => {
+                let mut slow = self.lock();
+                (self.admit_half_open(cfg, &mut slow), None)
+            }
+            _ => self.admit_degraded(cfg, now_n),
+        }
+    }
+
+    /// Under the lock.
+    fn admit_half_open(&self, cfg: &Config, slow: &mut Slow) -> Admit {
+        let w = self.word.load(Ordering::Acquire);
+        match mode(w) {
+            HALF_OPEN if slow.probes < cfg.half_open_probes => {
+                slow.probes += 1;
+                Admit::Pass(Ticket::Probe(generation(w)))
+            }
+            HALF_OPEN => Admit::Reject {
+                retry_after: None,
+                state: State::HalfOpen,
+            },
+            CLOSED => Admit::Pass(Ticket::Closed(generation(w))),
+            FORCED_CLOSED => Admit::Pass(Ticket::Quiet),
+            m => Admit::Reject {
+                retry_after: None,
+                state: state_of(m),
+            },
+        }
+    }
+
+    fn admit_degraded(&self, cfg: &Config, now_n: u64) -> (Admit, Option<Transition>) {
+        let TripAction::Degrade(rate) = cfg.action else {
+            // Unreachable: only a degrade action enters this state.
+            return (
+                Admit::Reject {
+                    retry_after: None,
+                    state: State::Degraded,
+                },
+                None,
+            );
+        };
+        let interval = 1_000_000_000 / u64::from(rate.get());
+        let mut next = self.next_slot.load(Ordering::Acquire);
+        loop {
+            if now_n < next {
+                return (
+                    Admit::Reject {
+                        retry_after: Some(Duration::from_nanos(next - now_n)),
+                        state: State::Degraded,
+                    },
+                    None,
+                );
+            }
+            match self.next_slot.compare_exchange_weak(
+                next,
+                now_n + interval,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => next = actual,
+            }
+        }
+        let w = self.word.load(Ordering::Acquire);
+        if mode(w) != DEGRADED {
+            return (Admit::Pass(Ticket::Quiet), None);
+        }
+        let ticket = if now_n >= self.open_until.load(Ordering::Acquire) {
+            Ticket::Probe(generation(w))
+        } else {
+            Ticket::Quiet
+        };
+        (Admit::Pass(ticket), None)
+    }
+
+    /// Records how an admitted call ended. `now` is called only when the
+    /// circuit trips.
+    #[inline]
+    pub(crate) fn record(
+        &self,
+        cfg: &Config,
+        ticket: Ticket,
+        verdict: Verdict,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Transition> {
+        match ticket {
+            Ticket::Quiet => None,
+            Ticket::Closed(gen_) => {
+                if verdict == Verdict::Ignore
+                    || self.word.load(Ordering::Acquire) != pack(CLOSED, gen_)
+                {
+                    return None;
+                }
+                if verdict == Verdict::Success {
+                    if let Some(w) = &self.window {
+                        w.push(false);
+                    }
+                    if self.consecutive.load(Ordering::Relaxed) != 0 {
+                        self.consecutive.store(0, Ordering::Relaxed);
+                    }
+                    return None;
+                }
+                let streak = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut trip = cfg.consecutive_failures.is_some_and(|n| streak >= n.get());
+                if let (Some(w), Some(rate)) = (&self.window, cfg.failure_rate) {
+                    if let Some((calls, failures)) = w.push(true) {
+                        trip |= calls >= u64::from(rate.min_calls)
+                            && failures as f64 >= rate.ratio * calls as f64;
+                    }
+                }
+                if trip {
+                    self.trip(cfg, gen_, CLOSED, now())
+                } else {
+                    None
+                }
+            }
+            Ticket::Probe(gen_) => self.record_probe(cfg, gen_, verdict, now),
+        }
+    }
+
+    #[cold]
+    fn record_probe(
+        &self,
+        cfg: &Config,
+        gen_: u64,
+        verdict: Verdict,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Transition> {
+        let w = self.word.load(Ordering::Acquire);
+        if generation(w) != gen_ || !matches!(mode(w), HALF_OPEN | DEGRADED) {
+            return None;
+        }
+        match verdict {
+            Verdict::Ignore => {
+                if mode(w) == HALF_OPEN {
+                    let mut slow = self.lock();
+                    if self.word.load(Ordering::Acquire) == w {
+                        slow.probes = slow.probes.saturating_sub(1);
+                    }
+                }
+                None
+            }
+            Verdict::Success => {
+                let mut slow = self.lock();
+                if self.word.load(Ordering::Acquire) != w {
+                    return None;
+                }
+                self.reset_counters();
+                self.word.store(pack(CLOSED, gen_ + 1), Ordering::Release);
+                let trips = std::mem::take(&mut slow.trips);
+                slow.probes = 0;
+                Some(Transition {
+                    from: state_of(mode(w)),
+                    to: State::Closed,
+                    open_for: None,
+                    trips,
+                })
+            }
+            Verdict::Failure => self.trip(cfg, gen_, mode(w), now()),
+        }
+    }
+
+    fn reset_counters(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        if let Some(w) = &self.window {
+            w.clear();
+        }
+    }
+
+    /// Opens (or degrades) the circuit if it is still in `from` of
+    /// generation `gen_`.
+    fn trip(&self, cfg: &Config, gen_: u64, from: u64, now: Instant) -> Option<Transition> {
+        let mut slow = self.lock();
+        if self.word.load(Ordering::Acquire) != pack(from, gen_) {
+            return None;
+        }
+        slow.trips = slow.trips.saturating_add(1);
+        slow.probes = 0;
+        let open_for = cfg.open_duration(slow.trips);
+        let now_n = nanos(self.base, now);
+        self.open_until
+            .store(now_n.saturating_add(crate::time::duration_nanos(open_for)), Ordering::Release);
+        let to = match cfg.action {
+            TripAction::Open => OPEN,
+            TripAction::Degrade(_) => {
+                if from != DEGRADED {
+                    self.next_slot.store(now_n, Ordering::Release);
+                }
+                DEGRADED
+            }
+        };
+        self.reset_counters();
+        self.word.store(pack(to, gen_ + 1), Ordering::Release);
+        Some(Transition {
+            from: state_of(from),
+            to: state_of(to),
+            open_for: Some(open_for),
+            trips: slow.trips,
+        })
+    }
+
+    /// Forces a state (from a handle): `ForcedOpen`, `ForcedClosed`, or
+    /// `Closed` (release: back to normal, counters cleared).
+    pub(crate) fn force(&self, to: State) -> Option<Transition> {
+        let to_mode = match to {
+            State::ForcedOpen => FORCED_OPEN,
+            State::ForcedClosed => FORCED_CLOSED,
+            _ => CLOSED,
+        };
+        let mut slow = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        if mode(w) == to_mode && to_mode != CLOSED {
+            return None;
+        }
+        self.reset_counters();
+        slow.probes = 0;
+        if to_mode == CLOSED {
+            slow.trips = 0;
+        }
+        self.word
+            .store(pack(to_mode, generation(w) + 1), Ordering::Release);
+        (mode(w) != to_mode).then(|| Transition {
+            from: state_of(mode(w)),
+            to: state_of(to_mode),
+            open_for: None,
+            trips: slow.trips,
+        })
+    }
+
+    /// Calls and failures in the sliding window, and the consecutive
+    /// failures.
+    pub(crate) fn counts(&self) -> (u64, u64, u32) {
+        let (calls, failures) = self.window.as_ref().map_or((0, 0), Window::counts);
+        (calls, failures, self.consecutive.load(Ordering::Relaxed))
+    }
+
+    /// When an open or degraded circuit starts probing, as a wait from
+    /// `now`.
+    pub(crate) fn open_remaining(&self, now: Instant) -> Option<Duration> {
+        let w = self.word.load(Ordering::Acquire);
+        if !matches!(mode(w), OPEN | DEGRADED) {
+            return None;
+        }
+        let until = self.open_until.load(Ordering::Acquire);
+        Some(Duration::from_nanos(
+            until.saturating_sub(nanos(self.base, now)),
+        ))
+    }
+
+    /// Whether the circuit holds nothing worth keeping (closed, no failure
+    /// counted): a keyed map may evict it.
+    pub(crate) fn is_idle(&self) -> bool {
+        let w = self.word.load(Ordering::Acquire);
+        mode(w) == CLOSED && self.consecutive.load(Ordering::Relaxed) == 0 && {
+            let (_, failures) = self.window.as_ref().map_or((0, 0), Window::counts);
+            failures == 0
+        }
+    }
+}
+
+impl fmt::Debug for Circuit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (calls, failures, consecutive) = self.counts();
+        f.debug_struct("Circuit")
+            .field("state", &self.state())
+            .field("calls", &calls)
+            .field("failures", &failures)
+            .field("consecutive", &consecutive)
+            .finish()
+    }
+}
