@@ -595,3 +595,360 @@ impl fmt::Debug for Circuit {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::circuit_breaker::config::FailureRate;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn cfg() -> Config {
+        let mut c = Config::default();
+        c.set_jitter(0.0);
+        c
+    }
+
+    fn pass(c: &Circuit, cfg: &Config, now: Instant) -> Ticket {
+        match c.admit(cfg, || now).0 {
+            Admit::Pass(t) => t,
+            other => panic!("expected pass, got {other:?}"),
+        }
+    }
+
+    fn rejected(c: &Circuit, cfg: &Config, now: Instant) -> Option<Duration> {
+        match c.admit(cfg, || now).0 {
+            Admit::Reject { retry_after, .. } => retry_after,
+            other => panic!("expected reject, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn three_consecutive_failures_open_then_a_probe_closes() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        for i in 0..3 {
+            let t = pass(&c, &cfg, t0);
+            let tr = c.record(&cfg, t, Verdict::Failure, || t0);
+            assert_eq!(tr.is_some(), i == 2);
+        }
+        assert_eq!(c.state(), State::Open);
+        assert_eq!(rejected(&c, &cfg, t0 + S), Some(4 * S));
+        // Time up: one probe passes, a second one waits.
+        let (admit, tr) = c.admit(&cfg, || t0 + 5 * S);
+        assert_eq!(tr.unwrap().to, State::HalfOpen);
+        let Admit::Pass(probe) = admit else { panic!() };
+        assert!(matches!(probe, Ticket::Probe(_)));
+        assert_eq!(rejected(&c, &cfg, t0 + 5 * S), None);
+        let tr = c.record(&cfg, probe, Verdict::Success, || t0 + 6 * S).unwrap();
+        assert_eq!((tr.from, tr.to, tr.trips), (State::HalfOpen, State::Closed, 1));
+        assert_eq!(c.counts(), (0, 0, 0));
+    }
+
+    #[test]
+    fn failed_probe_reopens_for_longer_capped() {
+        let mut cfg = cfg();
+        cfg.open_max = Duration::from_secs(12);
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        for _ in 0..3 {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, Verdict::Failure, || t0);
+        }
+        let mut now = t0;
+        for expected in [5, 10, 12, 12] {
+            assert_eq!(c.open_remaining(now), Some(Duration::from_secs(expected)));
+            now += Duration::from_secs(expected);
+            let probe = pass(&c, &cfg, now);
+            let tr = c.record(&cfg, probe, Verdict::Failure, || now).unwrap();
+            assert_eq!(tr.from, State::HalfOpen);
+            assert_eq!(tr.to, State::Open);
+        }
+    }
+
+    #[test]
+    fn throttled_is_ignored_and_success_resets_the_streak() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let seq = [
+            Verdict::Failure,
+            Verdict::Failure,
+            Verdict::Success,
+            Verdict::Failure,
+            Verdict::Ignore,
+            Verdict::Ignore,
+            Verdict::Failure,
+        ];
+        for v in seq {
+            let t = pass(&c, &cfg, t0);
+            assert!(c.record(&cfg, t, v, || t0).is_none());
+        }
+        assert_eq!(c.state(), State::Closed);
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_some());
+    }
+
+    #[test]
+    fn verdicts() {
+        use crate::classify::{PermanentReason, ThrottleCause};
+        let f = Outcome::is_transient as fn(&Outcome) -> bool;
+        assert_eq!(Verdict::of(&Outcome::TRANSIENT, f, false), Verdict::Failure);
+        assert_eq!(
+            Verdict::of(&Outcome::throttled(ThrottleCause::Requests), f, false),
+            Verdict::Ignore
+        );
+        let perm = Outcome::Permanent {
+            reason: PermanentReason::InvalidRequest,
+        };
+        assert_eq!(Verdict::of(&perm, f, false), Verdict::Success);
+        assert_eq!(Verdict::of(&Outcome::Success, f, true), Verdict::Failure);
+        let g = |o: &Outcome| o.is_transient() || o.is_throttled();
+        assert_eq!(
+            Verdict::of(&Outcome::throttled(ThrottleCause::Burst), g, false),
+            Verdict::Failure
+        );
+    }
+
+    #[test]
+    fn failure_rate_over_the_window() {
+        let mut cfg = cfg();
+        cfg.consecutive_failures = None;
+        cfg.failure_rate = Some(
+            FailureRate::new(0.5)
+                .unwrap()
+                .window(NonZeroU32::new(10).unwrap())
+                .min_calls(6),
+        );
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        // 20 successes fill the window; then S,F alternating.
+        for _ in 0..20 {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, Verdict::Success, || t0);
+        }
+        let mut tripped_at = None;
+        for i in 0..10 {
+            let v = if i % 2 == 0 { Verdict::Success } else { Verdict::Failure };
+            let t = pass(&c, &cfg, t0);
+            if c.record(&cfg, t, v, || t0).is_some() {
+                tripped_at = Some(i);
+                break;
+            }
+        }
+        // Failures in the last 10: 1,2,3,4,5 at i = 1,3,5,7,9.
+        assert_eq!(tripped_at, Some(9));
+        assert_eq!(c.state(), State::Open);
+    }
+
+    #[test]
+    fn min_calls_holds_the_rate_back() {
+        let mut cfg = cfg();
+        cfg.consecutive_failures = None;
+        cfg.failure_rate = Some(FailureRate::new(0.5).unwrap().min_calls(5));
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        for i in 0..5 {
+            let t = pass(&c, &cfg, t0);
+            let tr = c.record(&cfg, t, Verdict::Failure, || t0);
+            assert_eq!(tr.is_some(), i == 4);
+        }
+    }
+
+    #[test]
+    fn stale_outcomes_are_ignored() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let old: Vec<_> = (0..5).map(|_| pass(&c, &cfg, t0)).collect();
+        for t in &old[..3] {
+            c.record(&cfg, *t, Verdict::Failure, || t0);
+        }
+        assert_eq!(c.state(), State::Open);
+        // Late failures from before the trip change nothing.
+        for t in &old[3..] {
+            assert!(c.record(&cfg, *t, Verdict::Failure, || t0).is_none());
+        }
+        assert_eq!(c.open_remaining(t0), Some(5 * S));
+        // A probe closes; a late success from the old generation is ignored.
+        let probe = pass(&c, &cfg, t0 + 5 * S);
+        c.record(&cfg, probe, Verdict::Success, || t0 + 5 * S);
+        assert_eq!(c.state(), State::Closed);
+        assert!(c.record(&cfg, probe, Verdict::Failure, || t0 + 5 * S).is_none());
+        assert_eq!(c.counts(), (0, 0, 0));
+    }
+
+    #[test]
+    fn abandoned_probe_frees_its_slot() {
+        let mut cfg = cfg();
+        cfg.half_open_probes = 2;
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        for _ in 0..3 {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, Verdict::Failure, || t0);
+        }
+        let now = t0 + 5 * S;
+        let a = pass(&c, &cfg, now);
+        let _b = pass(&c, &cfg, now);
+        assert_eq!(rejected(&c, &cfg, now), None);
+        assert!(c.record(&cfg, a, Verdict::Ignore, || now).is_none());
+        let _c = pass(&c, &cfg, now);
+        assert_eq!(c.state(), State::HalfOpen);
+    }
+
+    #[test]
+    fn degrade_admits_at_the_rate_then_probes() {
+        let mut cfg = cfg();
+        cfg.action = TripAction::degrade();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        for _ in 0..3 {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, Verdict::Failure, || t0);
+        }
+        assert_eq!(c.state(), State::Degraded);
+        // 5 per second: one now, the next 200 ms later.
+        assert_eq!(pass(&c, &cfg, t0), Ticket::Quiet);
+        assert_eq!(rejected(&c, &cfg, t0), Some(Duration::from_millis(200)));
+        let mut admitted = 0;
+        let mut now = t0;
+        while now < t0 + 5 * S {
+            if let (Admit::Pass(t), _) = c.admit(&cfg, || now) {
+                assert_eq!(t, Ticket::Quiet);
+                // Failures of non-probe calls change nothing.
+                assert!(c.record(&cfg, t, Verdict::Failure, || now).is_none());
+                admitted += 1;
+            }
+            now += Duration::from_millis(50);
+        }
+        assert_eq!(admitted, 24);
+        // Past the open duration calls are probes; a failure degrades again
+        // for twice as long, a success closes.
+        let p = pass(&c, &cfg, now);
+        assert!(matches!(p, Ticket::Probe(_)));
+        let tr = c.record(&cfg, p, Verdict::Failure, || now).unwrap();
+        assert_eq!((tr.from, tr.to, tr.open_for), (State::Degraded, State::Degraded, Some(10 * S)));
+        now += 10 * S;
+        let p = pass(&c, &cfg, now);
+        let tr = c.record(&cfg, p, Verdict::Success, || now).unwrap();
+        assert_eq!((tr.from, tr.to), (State::Degraded, State::Closed));
+    }
+
+    #[test]
+    fn forcing() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        assert_eq!(c.force(State::ForcedOpen).unwrap().to, State::ForcedOpen);
+        assert!(c.force(State::ForcedOpen).is_none());
+        assert_eq!(rejected(&c, &cfg, t0 + 1000 * S), None);
+        c.force(State::ForcedClosed);
+        for _ in 0..10 {
+            let t = pass(&c, &cfg, t0);
+            assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_none());
+        }
+        assert_eq!(c.state(), State::ForcedClosed);
+        assert_eq!(c.force(State::Closed).unwrap().to, State::Closed);
+        assert_eq!(c.state(), State::Closed);
+    }
+
+    #[test]
+    fn jitter_only_shortens() {
+        let mut cfg = Config::default();
+        cfg.set_rng(crate::util::rng::SeededRng::new(3));
+        for trips in 1..10 {
+            let d = cfg.open_duration(trips);
+            let full = Duration::from_secs(5)
+                .saturating_mul(1 << (trips - 1))
+                .min(Duration::from_secs(60));
+            assert!(d <= full && d >= full.mul_f64(0.8), "{d:?} {full:?}");
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Admit,
+        Finish(usize, u8),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Admit),
+            4 => (0usize..16, 0u8..3).prop_map(|(i, v)| Op::Finish(i, v)),
+            1 => (0u64..20_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn invariants(ops in proptest::collection::vec(op(), 1..200), degrade in any::<bool>(), probes in 1u32..4) {
+            let mut cfg = cfg();
+            cfg.half_open_probes = probes;
+            if degrade {
+                cfg.action = TripAction::degrade();
+            }
+            let t0 = Instant::now();
+            let c = Circuit::new(&cfg, t0);
+            let mut now = t0;
+            let mut in_flight: Vec<Ticket> = Vec::new();
+            let mut consecutive_closed_failures = 0;
+            for op in ops {
+                match op {
+                    Op::Admit => {
+                        let before = c.state();
+                        match c.admit(&cfg, || now).0 {
+                            Admit::Pass(t) => {
+                                prop_assert!(!matches!(before, State::ForcedOpen));
+                                in_flight.push(t);
+                            }
+                            Admit::Reject { retry_after, state } => {
+                                prop_assert!(state != State::Closed);
+                                if state == State::Open {
+                                    let r = retry_after.unwrap();
+                                    prop_assert!(r > Duration::ZERO && r <= cfg.open_max);
+                                }
+                            }
+                        }
+                    }
+                    Op::Finish(i, v) => {
+                        if in_flight.is_empty() { continue; }
+                        let t = in_flight.swap_remove(i % in_flight.len());
+                        let v = [Verdict::Success, Verdict::Failure, Verdict::Ignore][v as usize];
+                        let was_current_closed = matches!(t, Ticket::Closed(g) if c.closed_ticket() == Some(Ticket::Closed(g)));
+                        let tr = c.record(&cfg, t, v, || now);
+                        if was_current_closed {
+                            match v {
+                                Verdict::Failure => consecutive_closed_failures += 1,
+                                Verdict::Success => consecutive_closed_failures = 0,
+                                Verdict::Ignore => {}
+                            }
+                            if consecutive_closed_failures >= 3 {
+                                prop_assert!(tr.is_some());
+                            }
+                        }
+                        if let Some(tr) = tr {
+                            prop_assert!(tr.from != tr.to || tr.to == State::Degraded);
+                            consecutive_closed_failures = 0;
+                        }
+                    }
+                    Op::Advance(ms) => now += Duration::from_millis(ms),
+                }
+                let current = generation(c.word.load(Ordering::Acquire));
+                let probing = in_flight.iter().filter(|t| **t == Ticket::Probe(current)).count();
+                if c.state() == State::HalfOpen {
+                    prop_assert!(probing <= probes as usize);
+                }
+                let (calls, failures, consecutive) = c.counts();
+                prop_assert!(failures <= calls && calls <= 100);
+                prop_assert!(consecutive < 3 || c.state() != State::Closed);
+            }
+        }
+    }
+}
