@@ -4,7 +4,7 @@
 //!
 //! Each layer's error types live in its own `error` module (e.g.
 //! `rate_limit::error::RateLimited`); this module only maps them to an
-//! [`Outcome`](crate::classify::Outcome). Callers downcast:
+//! [`crate::classify::Outcome`]. Callers downcast:
 //! `err.is::<tower_qwen::timeout::error::HeaderTimeout>()`.
 //!
 //! # Example
@@ -32,11 +32,21 @@ pub(crate) trait KnownError {
 /// depend on the order layers are stacked.
 macro_rules! for_known_errors {
     ($check:ident) => {
-        // (types are added here as layers land)
+        // One line per error type, gated by its feature, e.g.
+        // #[cfg(feature = "timeout")]
+        // $check!(crate::timeout::error::HeaderTimeout);
+        #[cfg(feature = "coalesce")]
+        $check!(crate::coalesce::error::BatchFailed);
         #[cfg(feature = "concurrency")]
         $check!(crate::concurrency::error::Overloaded);
         #[cfg(feature = "circuit-breaker")]
         $check!(crate::circuit_breaker::error::CircuitOpen);
+        #[cfg(feature = "timeout")]
+        $check!(crate::timeout::error::HeaderTimeout);
+        #[cfg(feature = "timeout")]
+        $check!(crate::timeout::error::IdleTimeout);
+        #[cfg(feature = "timeout")]
+        $check!(crate::timeout::error::DeadlineExceeded);
     };
 }
 

@@ -154,10 +154,10 @@ impl RequestInfo {
         {
             info.stream = true;
         }
-        if let Some(body) = body {
-            if let Ok(raw) = serde_json::from_slice::<RawRequest<'_>>(body) {
-                raw.fill(&mut info);
-            }
+        if let Some(body) = body
+            && let Ok(raw) = serde_json::from_slice::<RawRequest<'_>>(body)
+        {
+            raw.fill(&mut info);
         }
         info
     }

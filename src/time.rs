@@ -1,7 +1,7 @@
 //! The crate's one clock.
 //!
 //! Every time read in tower-qwen goes through this module, so that
-//! `#[tokio::test(start_paused = true)]` plus [`tokio::time::advance`] drives
+//! `#[tokio::test(start_paused = true)]` plus `tokio::time::advance` drives
 //! both the decisions (buckets, breakers, backoff) and the waits. Pure cores
 //! take an [`Instant`] argument instead of reading the clock themselves.
 //!
@@ -34,12 +34,6 @@ pub fn now() -> Instant {
 /// This is the one place the crate reads the system clock.
 pub fn system_now() -> SystemTime {
     SystemTime::now()
-}
-
-/// Nanoseconds in a [`Duration`], saturating at `u64::MAX` (~584 years).
-#[inline]
-pub(crate) fn duration_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A request's total deadline, carried as a request extension.
@@ -101,4 +95,11 @@ impl Deadline {
 /// An instant about thirty years ahead, for "never" that still fits.
 pub(crate) fn far_future() -> Instant {
     now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// Nanoseconds in a [`Duration`], saturating at `u64::MAX` (~584 years).
+#[allow(dead_code)] // used by several optional layers
+#[inline]
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -217,10 +217,8 @@ impl<B, H: OnEnd> Observed<B, H> {
             inner: body,
             watch: Some(watch),
         };
-        if ended {
-            if let Some(w) = observed.watch.take() {
-                w.fire(EndKind::Complete);
-            }
+        if ended && let Some(w) = observed.watch.take() {
+            w.fire(EndKind::Complete);
         }
         Response::from_parts(parts, observed)
     }
@@ -344,16 +342,12 @@ fn scan_line(
     line: &[u8],
     meta: &crate::sse::EventMeta,
 ) {
-    if !*error {
-        if let Some(o) = classifier.classify_event(meta, line) {
-            *outcome = o;
-            *error = true;
-        }
+    if !*error && let Some(o) = classifier.classify_event(meta, line) {
+        *outcome = o;
+        *error = true;
     }
-    if want_usage {
-        if let Some(u) = Usage::find(line) {
-            *usage = Some(u);
-        }
+    if want_usage && let Some(u) = Usage::find(line) {
+        *usage = Some(u);
     }
 }
 
@@ -390,10 +384,10 @@ where
                 }
                 // Fire as soon as the last frame passes: a permit or a
                 // reservation should not wait for one more poll.
-                if this.inner.is_end_stream() {
-                    if let Some(w) = this.watch.take() {
-                        w.fire(EndKind::Complete);
-                    }
+                if this.inner.is_end_stream()
+                    && let Some(w) = this.watch.take()
+                {
+                    w.fire(EndKind::Complete);
                 }
             }
             Some(Err(_)) => {
