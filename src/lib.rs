@@ -29,6 +29,9 @@ pub mod circuit_breaker;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
+#[cfg(feature = "coalesce")]
+#[cfg_attr(docsrs, doc(cfg(feature = "coalesce")))]
+pub mod coalesce;
 #[cfg(feature = "concurrency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "concurrency")))]
 pub mod concurrency;
