@@ -19,8 +19,9 @@ use crate::util::rng::Rng;
 ///
 /// 1. A server-suggested wait (`Retry-After` / `retry-after-ms`, already
 ///    parsed and capped by the classifier; or the wait a local limit
-///    reported) takes precedence: the wait is that, plus up to 10 % jitter
-///    so that callers told the same thing do not come back together.
+///    reported) takes precedence: the wait is that, plus (with jitter on) up
+///    to 10 % more, so that callers told the same thing do not come back
+///    together.
 /// 2. A throttle with a known cause waits at least until that limit can have
 ///    refilled, then the jittered exponential part on top (so the retries of
 ///    many callers spread over the next window instead of landing on its
@@ -171,7 +172,12 @@ impl Backoff {
     /// clock; `rng` supplies the jitter.
     pub fn wait(&self, n: u32, outcome: &Outcome, rng: &mut dyn Rng) -> Duration {
         let wait = if let Some(server) = outcome.retry_after() {
-            server.saturating_add(self.jittered(server / 10, rng))
+            let extra = if self.jitter {
+                (server / 10).mul_f64(rng.next_f64())
+            } else {
+                Duration::ZERO
+            };
+            server.saturating_add(extra)
         } else {
             let exp = self.exponential_part(n);
             self.floor(n, outcome)
@@ -266,7 +272,9 @@ mod tests {
             cause: ThrottleCause::Burst,
             retry_after: Some(S(2)),
         };
-        assert_eq!(b.wait(1, &o, &mut SeededRng::new(1)), MS(2200));
+        assert_eq!(b.wait(1, &o, &mut SeededRng::new(1)), S(2));
+        let jittered = Backoff::new().wait(1, &o, &mut SeededRng::new(1));
+        assert!(jittered >= S(2) && jittered <= MS(2200), "{jittered:?}");
         let o = Outcome::Transient {
             retry_after: Some(S(3600)),
         };

@@ -220,6 +220,22 @@ where
                             let can_retry = this.template.is_some()
                                 && *this.retries < this.shared.config.policy.get_max_retries();
                             if !can_retry {
+                                // Nothing left to decide: hand the answer on
+                                // unread. Its head still tells the counters
+                                // whether a retry was wanted.
+                                let config = &this.shared.config;
+                                let head =
+                                    config.classifier.classify_head(res.status(), res.headers());
+                                if !head.is_success() && config.policy.retries(&head) {
+                                    let why = if *this.retries >= config.policy.get_max_retries() {
+                                        this.shared.stats.bump(Counter::Exhausted);
+                                        GiveUp::Exhausted
+                                    } else {
+                                        this.shared.stats.bump(Counter::NotReplayable);
+                                        GiveUp::NotReplayable
+                                    };
+                                    trace_give_up(*this.retries, &head, why);
+                                }
                                 this.state.set(State::Done);
                                 return Poll::Ready(Ok(res.map(PeekBody::new)));
                             }
