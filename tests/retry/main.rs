@@ -783,3 +783,335 @@ fn outcome_sanity() {
         Outcome::throttled(ThrottleCause::Tokens)
     );
 }
+
+// ---------------------------------------------------------------------------
+// Against the mock DashScope server (loopback, paused clock)
+
+#[cfg(feature = "mock")]
+mod against_the_mock {
+    use std::collections::BTreeMap;
+    use std::num::NonZeroU32;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::future::join_all;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::time::Instant;
+    use tower::{BoxError, Service, ServiceExt};
+    use tower_qwen::mock::{ApiError, Fault, FaultPlan, MockDashScope, MockHandle, Quota};
+    use tower_qwen::retry::{Backoff, Budget, Policy, RetryLayer};
+    use tower_qwen::util::rng::SeededRng;
+
+    const NATIVE: &str = "/api/v1/services/aigc/text-generation/generation";
+    const KEY: &str = "sk-retry";
+
+    /// One upstream call: which request, when, and what came back.
+    type Log = Arc<Mutex<Vec<(String, Instant, u16)>>>;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    async fn mock(quota: Quota, faults: FaultPlan) -> MockHandle {
+        MockDashScope::builder()
+            .key(KEY, "account")
+            .quota("qwen-plus", quota)
+            .faults(faults)
+            .seed(7)
+            .start()
+            .await
+            .expect("mock starts")
+    }
+
+    /// The hyper client, recording every upstream call.
+    fn upstream(
+        log: Log,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Incoming>,
+        Error = hyper_util::client::legacy::Error,
+        Future = impl Send,
+    > + Clone
+    + Send {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let client = client.clone();
+            let log = log.clone();
+            async move {
+                let id = req.headers()["x-test-id"].to_str().unwrap().to_owned();
+                let res = client.request(req).await?;
+                log.lock()
+                    .unwrap()
+                    .push((id, Instant::now(), res.status().as_u16()));
+                Ok(res)
+            }
+        })
+    }
+
+    fn request(
+        m: &MockHandle,
+        id: usize,
+        key: &str,
+        body: &'static str,
+        stream: bool,
+    ) -> Request<Full<Bytes>> {
+        let mut b = Request::post(format!("{}{NATIVE}", m.base_url()))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .header("x-test-id", id.to_string());
+        if stream {
+            b = b.header("x-dashscope-sse", "enable");
+        }
+        b.body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    const BODY: &str = r#"{"model":"qwen-plus","input":{"messages":[{"role":"user","content":"Hello"}]},"parameters":{"result_format":"message","incremental_output":true}}"#;
+
+    async fn read(res: Response<impl http_body::Body<Error = impl Into<BoxError>>>) -> String {
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(Into::into)
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_storm_heals_within_the_attempts_allowed() {
+        // 2 requests per second; 8 callers at once.
+        let m = mock(Quota::per_minute(nz(120)), FaultPlan::new()).await;
+        let log = Log::default();
+        let layer = RetryLayer::new()
+            .policy(Policy::new().max_retries(5))
+            .rng(SeededRng::new(3));
+        let stats = layer.stats();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(upstream(log.clone()));
+        let answers =
+            join_all((0..8).map(|i| svc.clone().oneshot(request(&m, i, KEY, BODY, false)))).await;
+        for a in answers {
+            let res = a.unwrap();
+            assert_eq!(res.status(), 200);
+            assert!(read(res).await.contains("\"finish_reason\":\"stop\""));
+        }
+        let log = log.lock().unwrap().clone();
+        let mut by_request: BTreeMap<String, Vec<(Instant, u16)>> = BTreeMap::new();
+        for (id, at, status) in &log {
+            by_request
+                .entry(id.clone())
+                .or_default()
+                .push((*at, *status));
+        }
+        let stats_m = m.stats();
+        assert!(stats_m.status(429) > 0, "the quota throttled some calls");
+        assert_eq!(stats_m.status(429), stats.retries());
+        assert_eq!(stats_m.requests, stats.attempts());
+        assert_eq!(stats_m.code("Throttling.RateQuota"), stats_m.status(429));
+        for (id, calls) in by_request {
+            assert!(calls.len() <= 6, "request {id}: {calls:?}");
+            assert_eq!(calls.last().unwrap().1, 200);
+            // Waits follow the cause: a requests throttle is retried no
+            // sooner than the next one-second window.
+            for w in calls.windows(2) {
+                assert_eq!(w[0].1, 429);
+                assert!(
+                    w[1].0 - w[0].0 >= Duration::from_secs(1),
+                    "request {id}: {calls:?}"
+                );
+            }
+        }
+        m.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unauthorized_and_invalid_requests_are_sent_once() {
+        let m = mock(Quota::unlimited(), FaultPlan::new()).await;
+        let log = Log::default();
+        let svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new().rng(SeededRng::new(1)))
+            .service(upstream(log.clone()));
+        let res = svc
+            .clone()
+            .oneshot(request(&m, 1, "sk-wrong", BODY, false))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert!(read(res).await.contains("InvalidApiKey"));
+        assert_eq!(m.stats().requests, 1);
+        let res = svc
+            .oneshot(request(&m, 2, KEY, "{not json", false))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+        assert!(read(res).await.contains("InvalidParameter"));
+        assert_eq!(m.stats().requests, 2);
+        assert_eq!(log.lock().unwrap().len(), 2);
+        m.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_throttled_in_its_first_frame_is_retried() {
+        // 1 request per second; throttled native streams answer 200 with an
+        // `event:error` first frame.
+        let m = mock(
+            Quota::per_minute(nz(60)),
+            FaultPlan::new().throttled_stream_as_sse(1.0),
+        )
+        .await;
+        let log = Log::default();
+        let svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new().rng(SeededRng::new(1)))
+            .service(upstream(log.clone()));
+        let answers =
+            join_all((0..2).map(|i| svc.clone().oneshot(request(&m, i, KEY, BODY, true)))).await;
+        for a in answers {
+            let res = a.unwrap();
+            assert_eq!(res.status(), 200);
+            let wire = read(res).await;
+            assert!(!wire.contains("event:error"), "{wire}");
+            assert!(wire.contains("\"finish_reason\":\"stop\""), "{wire}");
+        }
+        let s = m.stats();
+        assert_eq!(s.code("Throttling.RateQuota"), 1);
+        assert_eq!(s.requests, 3);
+        // Every upstream answer was a 200: the error was in the stream.
+        assert!(
+            log.lock()
+                .unwrap()
+                .iter()
+                .all(|(_, _, status)| *status == 200)
+        );
+        m.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_failing_after_its_first_frame_reaches_the_caller() {
+        let plan = FaultPlan::new().with(
+            Fault::StreamError {
+                after_tokens: 2,
+                error: ApiError::internal_error(),
+            },
+            1.0,
+        );
+        let m = mock(Quota::unlimited(), plan).await;
+        let svc = tower::ServiceBuilder::new()
+            .layer(RetryLayer::new().rng(SeededRng::new(1)))
+            .service(upstream(Log::default()));
+        let res = svc.oneshot(request(&m, 1, KEY, BODY, true)).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let wire = read(res).await;
+        assert!(wire.contains("event:result"), "{wire}");
+        assert!(
+            wire.contains("event:error") && wire.contains("InternalError"),
+            "{wire}"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(m.stats().requests, 1);
+        m.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_bounds_upstream_calls_in_a_503_outage() {
+        const N: u64 = 50;
+        let plan = FaultPlan::new().with(Fault::Error(ApiError::service_unavailable()), 1.0);
+        let m = mock(Quota::unlimited(), plan).await;
+        let budget = Budget::new(Duration::from_secs(10), 1, 0.2).unwrap();
+        let layer = RetryLayer::new()
+            .policy(Policy::new().max_retries(10))
+            .backoff(Backoff::new())
+            .budget(budget.clone())
+            .rng(SeededRng::new(5));
+        let stats = layer.stats();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(upstream(Log::default()));
+        let start = Instant::now();
+        let answers = join_all(
+            (0..N as usize).map(|i| svc.clone().oneshot(request(&m, i, KEY, BODY, false))),
+        )
+        .await;
+        let elapsed = start.elapsed();
+        for a in answers {
+            assert_eq!(a.unwrap().status(), 503);
+        }
+        let calls = m.stats().requests;
+        let windows = (elapsed.as_secs_f64() / 10.0).ceil() + 1.0;
+        let bound = N as f64 * 1.2 + 1.0 * 10.0 * windows;
+        assert!(
+            (calls as f64) <= bound,
+            "{calls} calls > {bound} ({elapsed:?})"
+        );
+        assert!(stats.budget_denied() > 0);
+        assert_eq!(stats.attempts(), calls);
+        m.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// With the timeout layer inside
+
+#[cfg(feature = "timeout")]
+mod with_timeouts {
+    use super::*;
+    use tower_qwen::timeout::TimeoutLayer;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_stalled_before_its_first_frame_is_cut_and_retried() {
+        let (mock_svc, mut h) = mock::pair::<Req, Res>();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer())
+            .layer(TimeoutLayer::new().idle(S(10)))
+            .service(mock_svc);
+        let call = tokio::spawn(svc.oneshot(req()));
+        let (_, send) = h.next_request().await.unwrap();
+        let (stalled, body) = live();
+        send.send_response(
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap(),
+        );
+        let t0 = Instant::now();
+        // Cut after 10 s of silence, then retried after 0.5 s.
+        let t1 = answer(&mut h, sse(&[SSE_FRAME_1, SSE_FRAME_2])).await;
+        assert_eq!(t1 - t0, MS(10_500));
+        assert!(stalled.is_closed());
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(text(res).await, format!("{SSE_FRAME_1}{SSE_FRAME_2}"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn header_timeouts_are_retried_and_the_deadline_bounds_all_attempts() {
+        let (mock_svc, mut h) = mock::pair::<Req, Res>();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer().deadline(S(25)).policy(Policy::new().max_retries(5)))
+            .layer(TimeoutLayer::new().header(S(10)))
+            .service(mock_svc);
+        let start = Instant::now();
+        let call = tokio::spawn(svc.oneshot(req()));
+        // Nothing answers: 10 s header timeout, 0.5 s wait, 10 s, 1 s wait,
+        // then the third attempt is cut by the 25 s deadline itself.
+        let mut pending = Vec::new();
+        for _ in 0..3 {
+            pending.push(h.next_request().await.unwrap());
+        }
+        let err = call.await.unwrap().unwrap_err();
+        assert!(
+            err.is::<tower_qwen::timeout::error::DeadlineExceeded>(),
+            "{err}"
+        );
+        assert_eq!(start.elapsed(), S(25));
+        drop(pending);
+    }
+}
