@@ -82,3 +82,27 @@ pub(crate) fn known_outcome_any(any: &dyn Any) -> Option<Outcome> {
     for_known_errors!(check);
     None
 }
+
+/// Whether `err` (of any type, boxed or not) is the circuit breaker's
+/// `CircuitOpen`.
+#[allow(unused_variables)]
+pub(crate) fn is_circuit_open<E: 'static>(err: &E) -> bool {
+    #[cfg(feature = "circuit-breaker")]
+    {
+        use crate::circuit_breaker::error::CircuitOpen;
+        let any = err as &dyn Any;
+        if any.is::<CircuitOpen>() {
+            return true;
+        }
+        if let Some(boxed) = any.downcast_ref::<crate::BoxError>() {
+            let mut cur: Option<&(dyn Error + 'static)> = Some(&**boxed);
+            while let Some(e) = cur {
+                if e.is::<CircuitOpen>() {
+                    return true;
+                }
+                cur = e.source();
+            }
+        }
+    }
+    false
+}
