@@ -37,6 +37,8 @@ macro_rules! for_known_errors {
         // $check!(crate::timeout::error::HeaderTimeout);
         #[cfg(feature = "coalesce")]
         $check!(crate::coalesce::error::BatchFailed);
+        #[cfg(feature = "rate-limit")]
+        $check!(crate::rate_limit::error::RateLimited);
         #[cfg(feature = "concurrency")]
         $check!(crate::concurrency::error::Overloaded);
         #[cfg(feature = "circuit-breaker")]

@@ -1,0 +1,229 @@
+//! The response future of [`RateLimit`](super::RateLimit), and the hook
+//! that reconciles tokens and feeds throttles back when a response ends.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use crate::BoxError;
+use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
+use crate::classify::{Classify, Outcome, ThrottleCause};
+use crate::time::{self, Instant};
+
+use super::error::RateLimited;
+use super::limiter::{Admitted, Ticket};
+
+pin_project! {
+    /// The response future of [`RateLimit`](super::RateLimit).
+    ///
+    /// A call that must wait holds its reservation here; dropping the
+    /// future before its slot cancels the reservation (given back when no
+    /// later call reserved after it). Once the inner service answers, the
+    /// response is wrapped by the classifier with a [`Reconcile`] hook.
+    pub struct ResponseFuture<F, S, Req, C> {
+        #[pin]
+        state: State<F, S, Req>,
+        admitted: Option<Admitted>,
+        classifier: C,
+        inspect: Inspect,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, Req> {
+        Waiting {
+            #[pin]
+            sleep: Sleep,
+            ticket: Option<Ticket>,
+            svc: Option<S>,
+            req: Option<Req>,
+        },
+        Called {
+            #[pin]
+            future: F,
+        },
+        Limited {
+            error: Option<RateLimited>,
+        },
+    }
+}
+
+impl<F, S, Req, C> ResponseFuture<F, S, Req, C> {
+    pub(crate) fn called(future: F, admitted: Admitted, classifier: C, inspect: Inspect) -> Self {
+        Self {
+            state: State::Called { future },
+            admitted: Some(admitted),
+            classifier,
+            inspect,
+        }
+    }
+
+    pub(crate) fn waiting(
+        ticket: Ticket,
+        at: Instant,
+        svc: S,
+        req: Req,
+        classifier: C,
+        inspect: Inspect,
+    ) -> Self {
+        Self {
+            state: State::Waiting {
+                sleep: tokio::time::sleep_until(at),
+                ticket: Some(ticket),
+                svc: Some(svc),
+                req: Some(req),
+            },
+            admitted: None,
+            classifier,
+            inspect,
+        }
+    }
+
+    pub(crate) fn limited(error: RateLimited, classifier: C) -> Self {
+        Self {
+            state: State::Limited { error: Some(error) },
+            admitted: None,
+            classifier,
+            inspect: Inspect::NOTHING,
+        }
+    }
+}
+
+impl<F, S, Req, C> fmt::Debug for ResponseFuture<F, S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting",
+            State::Called { .. } => "called",
+            State::Limited { .. } => "limited",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, S, Req, C, Res, E> Future for ResponseFuture<F, S, Req, C>
+where
+    F: Future<Output = Result<Res, E>>,
+    S: Service<Req, Future = F, Response = Res, Error = E>,
+    E: Into<BoxError>,
+    C: Classify<Res>,
+{
+    type Output = Result<C::Observed<Reconcile>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting {
+                    mut sleep,
+                    ticket,
+                    svc,
+                    req,
+                } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    let t = ticket.as_ref().expect("polled after completion");
+                    // An upstream throttle may have paused the key meanwhile.
+                    let at = t.ready_at();
+                    if at > sleep.deadline() {
+                        sleep.as_mut().reset(at);
+                        continue;
+                    }
+                    let s = svc.as_mut().expect("polled after completion");
+                    if let Err(e) = ready!(s.poll_ready(cx)) {
+                        // The call never went: dropping the ticket cancels it.
+                        ticket.take();
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let admitted = ticket.take().expect("polled after completion").admit();
+                    let mut s = svc.take().expect("polled after completion");
+                    let future = s.call(req.take().expect("polled after completion"));
+                    *this.admitted = Some(admitted);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Called { future } => {
+                    return match ready!(future.poll(cx)) {
+                        Ok(res) => {
+                            let hook = Reconcile {
+                                admitted: this.admitted.take(),
+                            };
+                            Poll::Ready(Ok(this.classifier.observe(res, *this.inspect, hook)))
+                        }
+                        Err(e) => {
+                            let e: BoxError = e.into();
+                            if let Some(a) = this.admitted.take() {
+                                if let Outcome::Throttled { cause, .. } =
+                                    this.classifier.classify_error(&e)
+                                {
+                                    feedback(&a, cause);
+                                }
+                            }
+                            Poll::Ready(Err(e))
+                        }
+                    };
+                }
+                StateProj::Limited { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion").into()));
+                }
+            }
+        }
+    }
+}
+
+fn feedback(a: &Admitted, cause: ThrottleCause) {
+    if cause != ThrottleCause::Local {
+        let now = a.handle.nanos(time::now());
+        a.handle.tighten(&a.state, cause, a.booking.slot, now);
+    }
+}
+
+/// Called when an admitted call's response ends: reconciles the token
+/// reservation with the real usage, and tightens the key when the upstream
+/// throttled the call.
+///
+/// * usage reported: refund the difference or charge the overrun (native
+///   streams report cumulative usage; the last one counts);
+/// * no usage, and the upstream refused the call (throttled or a permanent
+///   error): nothing was consumed, the reservation is refunded;
+/// * otherwise (a stream that failed or was dropped, a success without
+///   usage): the estimate stands.
+pub struct Reconcile {
+    admitted: Option<Admitted>,
+}
+
+impl fmt::Debug for Reconcile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reconcile")
+            .field("admitted", &self.admitted)
+            .finish()
+    }
+}
+
+impl OnEnd for Reconcile {
+    fn on_end(self, end: BodyEnd) {
+        let Some(a) = self.admitted else { return };
+        if let Outcome::Throttled { cause, .. } = end.outcome {
+            feedback(&a, cause);
+        }
+        if a.booking.tokens == 0 {
+            return;
+        }
+        let actual = match (end.usage, end.kind) {
+            (Some(u), _) => Some(u.total()),
+            (None, EndKind::Complete) if end.outcome.is_throttled() || end.outcome.is_permanent() => {
+                Some(0)
+            }
+            _ => None,
+        };
+        if let Some(actual) = actual {
+            let now = a.handle.nanos(time::now());
+            a.handle.reconcile(&a.state, &a.booking, actual, now);
+        }
+    }
+}
