@@ -191,7 +191,7 @@ where
                             template: shape.template,
                             texts: vec![text],
                             waiters: vec![waiter],
-                            deadline: time::now() + ctx.config.max_wait,
+                            deadline: deadline(ctx.config.max_wait),
                             cap,
                         };
                         if cap <= 1 {
@@ -219,6 +219,15 @@ where
         }
     }
     tracing::trace!("coalesce: batcher stopped");
+}
+
+/// When a batch opened now must be sent; a wait too long to represent
+/// means "a year from now" (the batch still goes when full or on drop).
+fn deadline(max_wait: std::time::Duration) -> Instant {
+    let now = time::now();
+    now.checked_add(max_wait)
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// Spawns the merged call for `batch`.

@@ -43,7 +43,6 @@ pin_project! {
         Queued { rx: oneshot::Receiver<Reply> },
         // A request over the cap, split and re-joined.
         Boxed { fut: BoxFuture<Reply> },
-        Failed { err: Option<BoxError> },
     }
 }
 
@@ -83,12 +82,6 @@ where
             state: State::Boxed { fut },
         }
     }
-
-    pub(crate) fn failed(err: BoxError) -> Self {
-        Self {
-            state: State::Failed { err: Some(err) },
-        }
-    }
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
@@ -102,7 +95,6 @@ where
             State::Acquire { .. } => "Acquire",
             State::Queued { .. } => "Queued",
             State::Boxed { .. } => "Split",
-            State::Failed { .. } => "Failed",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -152,7 +144,6 @@ where
                     return Poll::Ready(rebuilt(reply));
                 }
                 StateProj::Boxed { fut } => return fut.as_mut().poll(cx).map(rebuilt),
-                StateProj::Failed { err } => return Poll::Ready(Err(err.take().expect(DONE))),
             }
         }
     }

@@ -171,7 +171,6 @@ where
             // No tokio runtime to run the batcher on: send it alone.
             return self.pass(req);
         };
-        drop(req);
         let (reply, rx) = oneshot::channel();
         let mut item = Item {
             shape,
@@ -187,10 +186,13 @@ where
                 item.waiter.permit = Some(permit);
                 match tx.send(item) {
                     Ok(()) => ResponseFuture::queued(rx),
-                    Err(_) => ResponseFuture::failed(Box::new(BatchFailed::closed())),
+                    // The batcher is gone (it can only have panicked, in a
+                    // clone of the inner service): send this one alone.
+                    Err(_) => self.pass(req),
                 }
             }
             Err(_) => {
+                drop(req);
                 tracing::trace!("coalesce: queue full; waiting for a slot");
                 let (queue, tx) = (self.shared.queue.clone(), tx.clone());
                 ResponseFuture::acquire(

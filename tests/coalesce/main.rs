@@ -714,6 +714,61 @@ async fn a_full_queue_makes_callers_wait_for_a_slot() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_caller_that_drops_frees_its_slot() {
+    let fake = Arc::new(Fake::default());
+    let svc = stack(&fake, CoalesceLayer::new().queue_capacity(nz(2)));
+    let gone: Vec<_> = (0..2)
+        .map(|i| spawn_call(&svc, native("text-embedding-v4", &[&text(i)], "sk-a")))
+        .collect();
+    settle().await;
+    let waiting = spawn_call(&svc, native("text-embedding-v4", &["third"], "sk-a"));
+    settle().await;
+    gone.iter().for_each(JoinHandle::abort);
+    settle().await;
+    // The batch of the two callers that went away is dropped unsent, which
+    // frees their slots for the third.
+    tokio::time::advance(Duration::from_millis(5)).await;
+    settle().await;
+    tokio::time::advance(Duration::from_millis(5)).await;
+    let (_, v, _) = json_of(waiting.await.unwrap().unwrap()).await;
+    assert_eq!(embedding(&v, true), vector("third"));
+    assert_eq!(fake.sizes(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_max_wait_does_not_overflow() {
+    let fake = Arc::new(Fake::default());
+    let svc = stack(
+        &fake,
+        CoalesceLayer::new()
+            .max_wait(Duration::MAX)
+            .max_batch("text-embedding-v4", nz(2)),
+    );
+    let handles: Vec<_> = (0..2)
+        .map(|i| spawn_call(&svc, native("text-embedding-v4", &[&text(i)], "sk-a")))
+        .collect();
+    for r in join_all(handles).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(fake.sizes(), vec![2]);
+}
+
+#[test]
+fn outside_a_runtime_a_single_text_is_sent_alone() {
+    let fake = Arc::new(Fake::default());
+    let mut svc = stack(&fake, CoalesceLayer::new());
+    let fut = svc.call(native("text-embedding-v4", &["alone"], "sk-a"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let res = rt.block_on(fut).unwrap();
+    assert!(!res.body().is_rebuilt());
+    assert_eq!(fake.sizes(), vec![1]);
+    assert_eq!(svc.stats().passed_through, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiting_caller_is_woken_by_its_answer() {
     let fake = Arc::new(Fake::default());
     let mut svc = stack(&fake, CoalesceLayer::new());
