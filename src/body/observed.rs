@@ -256,7 +256,9 @@ impl<B, H: OnEnd> Observed<B, H> {
 }
 
 impl<H: OnEnd> Watch<H> {
-    fn on_data(&mut self, data: &[u8]) {
+    /// `last`: this is the body's last data, and all of it (a one-frame
+    /// JSON body is then classified in place, without a copy).
+    fn on_data(&mut self, data: &[u8], last: bool) {
         if self.data_frames == 0 && self.want_timing {
             self.first_frame_at = Some(time::now());
         }
@@ -275,7 +277,18 @@ impl<H: OnEnd> Watch<H> {
                 });
             }
             Mode::Json { buf, overflow } => {
-                if !*overflow {
+                if last && buf.is_empty() && !*overflow {
+                    if data.len() <= self.classifier.get_body_limit() {
+                        self.outcome =
+                            self.classifier
+                                .classify_with(self.status, false, self.facts, data);
+                        if self.want_usage && self.outcome.is_success() {
+                            self.usage = Usage::find(data);
+                        }
+                    }
+                    // Classified (or too long to be): nothing left to do.
+                    self.mode = Mode::Nothing;
+                } else if !*overflow {
                     if buf.len() + data.len() > self.classifier.get_body_limit() {
                         *overflow = true;
                         *buf = Vec::new();
@@ -373,12 +386,12 @@ where
                 if let Some(data) = frame.data_ref() {
                     use bytes::Buf;
                     if data.chunk().len() == data.remaining() {
-                        watch.on_data(data.chunk());
+                        watch.on_data(data.chunk(), this.inner.is_end_stream());
                     } else {
                         let mut slices = [std::io::IoSlice::new(&[]); 64];
                         let n = data.chunks_vectored(&mut slices);
                         for s in &slices[..n] {
-                            watch.on_data(s);
+                            watch.on_data(s, false);
                         }
                     }
                 }

@@ -340,6 +340,14 @@ impl Classifier {
         let outcome = if event_stream || looks_like_sse(trimmed) {
             self.classify_sse_body(status, body)
         } else if trimmed.starts_with(b"{") {
+            // Only a top-level `code` or `error` key can make a JSON body an
+            // error; a body that mentions neither (inside strings the quotes
+            // would be escaped) is read by its status without parsing it.
+            if memchr::memmem::find(body, b"\"code\"").is_none()
+                && memchr::memmem::find(body, b"\"error\"").is_none()
+            {
+                return facts.apply(by_status(status.as_u16()));
+            }
             match ErrorInfo::parse(body) {
                 Some(info) => self.classify_info(Some(status.as_u16()), &info),
                 None => by_status(status.as_u16()),
