@@ -364,3 +364,110 @@ async fn works_on_plain_services_with_a_fn_classifier() {
     s.ready().await.unwrap();
     assert_eq!(s.handle().in_flight(), 1);
 }
+
+/// The adaptive limit against the mock DashScope server over loopback, on
+/// tokio's paused clock: it settles under the quota (429s below 1 % of the
+/// calls once converged) and climbs again when the quota is raised.
+#[cfg(feature = "mock")]
+#[tokio::test(start_paused = true)]
+async fn adaptive_converges_under_the_mock_quota_and_recovers() {
+    use std::num::NonZeroU32;
+
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tower_qwen::mock::{Dist, FaultPlan, Latency, MockDashScope, Quota};
+
+    const MODEL: &str = "qwen-plus";
+    let rpm = |n| Quota::per_minute(NonZeroU32::new(n).unwrap());
+    let mock = MockDashScope::builder()
+        .key("sk-test", "acct")
+        .quota(MODEL, rpm(600)) // 10 per second
+        .faults(FaultPlan::new().latency(
+            Latency::none().time_to_headers(Dist::fixed(Duration::from_secs(1))),
+        ))
+        .start()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/compatible-mode/v1/chat/completions",
+        mock.base_url()
+    );
+    let client = Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+
+    let aimd = Aimd::new()
+        .bounds(nz(1), nz(5), nz(40))
+        .unwrap()
+        .increase(0.25)
+        .unwrap()
+        .decrease_factor(0.5)
+        .unwrap();
+    let layer = ConcurrencyLimitLayer::adaptive(aimd);
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(move |req| client.request(req)));
+
+    // (seconds since start, status) of every call.
+    let log: Arc<Mutex<Vec<(u64, u16)>>> = Arc::default();
+    let t0 = tokio::time::Instant::now();
+    let run_until = |end: u64| {
+        let workers: Vec<_> = (0..40)
+            .map(|_| {
+                let (svc, log, url) = (svc.clone(), log.clone(), url.clone());
+                tokio::spawn(async move {
+                    while t0.elapsed() < Duration::from_secs(end) {
+                        let body = format!(
+                            r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}]}}"#
+                        );
+                        let req = Request::post(url.as_str())
+                            .header("authorization", "Bearer sk-test")
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(Bytes::from(body)))
+                            .unwrap();
+                        let res = svc.clone().oneshot(req).await.unwrap();
+                        let status = res.status().as_u16();
+                        res.into_body().collect().await.unwrap();
+                        log.lock().unwrap().push((t0.elapsed().as_secs(), status));
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for w in workers {
+                w.await.unwrap();
+            }
+        }
+    };
+    let window = |from: u64, to: u64| {
+        let log = log.lock().unwrap();
+        let calls: Vec<_> = log.iter().filter(|(t, _)| (from..to).contains(t)).collect();
+        let throttled = calls.iter().filter(|(_, s)| *s == 429).count();
+        let ok = calls.iter().filter(|(_, s)| *s == 200).count();
+        (calls.len(), throttled, ok as f64 / (to - from) as f64)
+    };
+
+    // Phase 1: 10 calls per second allowed, 40 callers that want more.
+    run_until(240).await;
+    let (calls, throttled, goodput) = window(60, 240);
+    let limit_at_10 = handle.limit();
+    eprintln!("phase1 calls {calls} 429s {throttled} goodput {goodput} limit {limit_at_10}");
+    assert!(
+        (throttled as f64) < 0.01 * calls as f64,
+        "429s {throttled} of {calls} (limit {limit_at_10})"
+    );
+    assert!(goodput >= 6.0, "goodput {goodput}/s (limit {limit_at_10})");
+    assert!((3..=14).contains(&limit_at_10), "limit {limit_at_10}");
+
+    // Phase 2: the quota is doubled; the limit climbs to use it.
+    mock.set_quota(MODEL, rpm(1200));
+    run_until(480).await;
+    let (calls, throttled, goodput) = window(420, 480);
+    assert!(
+        goodput >= 13.0,
+        "goodput {goodput}/s after the raise (limit {})",
+        handle.limit()
+    );
+    assert!((throttled as f64) < 0.02 * calls as f64, "429s {throttled} of {calls}");
+    assert!(handle.limit() > limit_at_10, "{} <= {limit_at_10}", handle.limit());
+    eprintln!("phase2 calls {calls} 429s {throttled} goodput {goodput} limit {}", handle.limit());
+    mock.shutdown().await;
+}
