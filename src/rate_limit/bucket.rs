@@ -480,7 +480,10 @@ mod tests {
         assert_eq!(u, r);
         assert_eq!(Ramp::unpack(0), None);
         assert_eq!(u.rate_at(0, 1000 * MS), FULL_RATE / 4);
-        assert_eq!(u.rate_at(2_500 * MS, 1000 * MS), FULL_RATE / 4 + 3 * FULL_RATE / 8);
+        assert_eq!(
+            u.rate_at(2_500 * MS, 1000 * MS),
+            FULL_RATE / 4 + 3 * FULL_RATE / 8
+        );
         assert_eq!(u.rate_at(3_000 * MS, 1000 * MS), FULL_RATE);
         let g = Gcra::new(MS, 1);
         assert_eq!(g.charge(1, FULL_RATE / 2), 2 * MS);

@@ -216,7 +216,9 @@ impl OnEnd for Reconcile {
         }
         let actual = match (end.usage, end.kind) {
             (Some(u), _) => Some(u.total()),
-            (None, EndKind::Complete) if end.outcome.is_throttled() || end.outcome.is_permanent() => {
+            (None, EndKind::Complete)
+                if end.outcome.is_throttled() || end.outcome.is_permanent() =>
+            {
                 Some(0)
             }
             _ => None,

@@ -154,10 +154,8 @@ impl ByAccountModel {
     /// Declares that `api_key` belongs to `account` (keys of one account
     /// share its quota).
     pub fn account(mut self, api_key: impl AsRef<str>, account: impl AsRef<str>) -> Self {
-        Arc::make_mut(&mut self.accounts).insert(
-            api_key.as_ref().trim().into(),
-            Arc::from(account.as_ref()),
-        );
+        Arc::make_mut(&mut self.accounts)
+            .insert(api_key.as_ref().trim().into(), Arc::from(account.as_ref()));
         self
     }
 

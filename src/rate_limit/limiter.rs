@@ -367,7 +367,13 @@ pub(crate) struct Booking {
 
 /// Reserves `cost` in both dimensions at one common slot, at most
 /// `max_wait` ns after `now`.
-fn book(st: &KeyState, s: &Settings, now: u64, cost: Cost, max_wait: u64) -> Result<Booking, RateLimited> {
+fn book(
+    st: &KeyState,
+    s: &Settings,
+    now: u64,
+    cost: Cost,
+    max_wait: u64,
+) -> Result<Booking, RateLimited> {
     let shift = st.shift();
     let (gr, xr) = match st.req.gcra {
         Some(g) if cost.requests > 0 => (Some(g), g.charge(cost.requests, st.req.rate(now, s))),
@@ -507,15 +513,26 @@ impl RateLimiter<()> {
 }
 
 impl<K> RateLimiter<K> {
-    fn from_parts(b: RateLimiterBuilder, limits_for: LimitsFor<K>, single: Option<Arc<KeyState>>) -> Self
+    fn from_parts(
+        b: RateLimiterBuilder,
+        limits_for: LimitsFor<K>,
+        single: Option<Arc<KeyState>>,
+    ) -> Self
     where
         K: Hash + Eq,
     {
         let settings = Settings {
-            slow_start: b.slow_start.map(|s| (s.initial, duration_nanos(s.ramp), duration_nanos(s.idle))),
-            feedback: b
-                .feedback
-                .map(|f| (duration_nanos(f.pause), f.factor, f.floor, duration_nanos(f.recover))),
+            slow_start: b
+                .slow_start
+                .map(|s| (s.initial, duration_nanos(s.ramp), duration_nanos(s.idle))),
+            feedback: b.feedback.map(|f| {
+                (
+                    duration_nanos(f.pause),
+                    f.factor,
+                    f.floor,
+                    duration_nanos(f.recover),
+                )
+            }),
             max_keys: b.max_keys,
             sweep_every: duration_nanos(b.sweep_every),
         };
@@ -626,7 +643,11 @@ where
         if removed > 0 {
             sh.count.fetch_sub(removed, Ordering::Relaxed);
             sh.evicted.fetch_add(removed as u64, Ordering::Relaxed);
-            tracing::debug!(removed, keys = sh.count.load(Ordering::Relaxed), "evicted idle rate limit keys");
+            tracing::debug!(
+                removed,
+                keys = sh.count.load(Ordering::Relaxed),
+                "evicted idle rate limit keys"
+            );
         }
         removed
     }
@@ -708,16 +729,33 @@ where
     ///
     /// [`RateLimited`] when the slot would be further than `max_wait`;
     /// nothing is reserved then.
-    pub fn reserve(&self, key: &K, cost: Cost, max_wait: Duration) -> Result<Reservation, RateLimited> {
+    pub fn reserve(
+        &self,
+        key: &K,
+        cost: Cost,
+        max_wait: Duration,
+    ) -> Result<Reservation, RateLimited> {
         let now = self.nanos(time::now());
         let st = self.state(key, now);
-        let booking = book(&st, &self.shared.settings, now, cost, duration_nanos(max_wait))?;
+        let booking = book(
+            &st,
+            &self.shared.settings,
+            now,
+            cost,
+            duration_nanos(max_wait),
+        )?;
         Ok(Reservation {
             ticket: Ticket::new(self.erased(), st, booking),
         })
     }
 
-    pub(crate) fn book(&self, st: &KeyState, now: u64, cost: Cost, max_wait: u64) -> Result<Booking, RateLimited> {
+    pub(crate) fn book(
+        &self,
+        st: &KeyState,
+        now: u64,
+        cost: Cost,
+        max_wait: u64,
+    ) -> Result<Booking, RateLimited> {
         book(st, &self.shared.settings, now, cost, max_wait)
     }
 
@@ -774,9 +812,16 @@ impl Handle {
         if actual < b.tokens {
             let back = g.charge(b.tokens - actual, b.tok_rate);
             let got = st.tok.bucket.refund(&grant, back, now);
-            tracing::trace!(estimated = b.tokens, actual, refunded_ns = got, "token reservation reconciled");
+            tracing::trace!(
+                estimated = b.tokens,
+                actual,
+                refunded_ns = got,
+                "token reservation reconciled"
+            );
         } else if actual > b.tokens {
-            st.tok.bucket.charge_more(g.charge(actual - b.tokens, FULL_RATE));
+            st.tok
+                .bucket
+                .charge_more(g.charge(actual - b.tokens, FULL_RATE));
             tracing::trace!(estimated = b.tokens, actual, "token overrun charged");
         }
     }
@@ -790,7 +835,13 @@ impl Handle {
 
     /// Tightens `st` after an upstream throttle of a call admitted at
     /// `admitted`. Returns whether it did.
-    pub(crate) fn tighten(&self, st: &KeyState, cause: ThrottleCause, admitted: u64, now: u64) -> bool {
+    pub(crate) fn tighten(
+        &self,
+        st: &KeyState,
+        cause: ThrottleCause,
+        admitted: u64,
+        now: u64,
+    ) -> bool {
         let Some((pause, factor, floor, recover)) = self.settings.feedback else {
             return false;
         };
@@ -801,7 +852,7 @@ impl Handle {
             _ => (true, true),
         };
         let last = st.tightened.load(Ordering::Acquire);
-        if last > 0 && admitted < last - 1 {
+        if last > 0 && admitted < last {
             return false;
         }
         if st
@@ -904,7 +955,11 @@ impl Snapshot {
         for (name, d) in [("requests", self.requests), ("tokens", self.tokens)] {
             let Some(d) = d else { continue };
             let reset = d.reset.as_secs() + u64::from(d.reset.subsec_nanos() > 0);
-            for (what, v) in [("limit", u64::from(d.limit)), ("remaining", d.remaining), ("reset", reset)] {
+            for (what, v) in [
+                ("limit", u64::from(d.limit)),
+                ("remaining", d.remaining),
+                ("reset", reset),
+            ] {
                 if let Ok(n) = HeaderName::try_from(format!("x-ratelimit-{what}-{name}")) {
                     headers.insert(n, HeaderValue::from(v));
                 }

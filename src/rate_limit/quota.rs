@@ -73,7 +73,9 @@ impl Quota {
     pub fn new(n: NonZeroU32, period: Duration) -> Result<Self, InvalidQuota> {
         let p = crate::time::duration_nanos(period);
         if p < u64::from(n.get()) {
-            return Err(InvalidQuota::new("the period must be at least n nanoseconds"));
+            return Err(InvalidQuota::new(
+                "the period must be at least n nanoseconds",
+            ));
         }
         Ok(Self::per_nanos(n, p))
     }

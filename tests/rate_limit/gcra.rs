@@ -1,0 +1,176 @@
+//! Property tests of the pure GCRA core: whatever the arrivals, costs,
+//! waits, cancellations and refunds, the cost admitted over any window of
+//! length `T` is at most `max(burst, largest cost) + T / interval`.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tower_qwen::rate_limit::bucket::{Bucket, FULL_RATE, Gcra, Grant};
+use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimiter};
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A call of `cost` units that may wait up to `wait` intervals.
+    Reserve { cost: u32, wait: u64 },
+    /// The caller of reservation `idx` goes away (if it still waits).
+    Cancel { idx: usize },
+    /// Reservation `idx` used only `pct` % of its cost (once it went).
+    Refund { idx: usize, pct: u32 },
+}
+
+fn op(max_cost: u32) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1..=max_cost, prop_oneof![Just(0u64), 0..20u64])
+            .prop_map(|(cost, wait)| Op::Reserve { cost, wait }),
+        1 => any::<usize>().prop_map(|idx| Op::Cancel { idx }),
+        2 => (any::<usize>(), 0..=100u32).prop_map(|(idx, pct)| Op::Refund { idx, pct }),
+    ]
+}
+
+struct Call {
+    grant: Grant,
+    cost: u32,
+    used: u32,
+    cancelled: bool,
+    refunded: bool,
+}
+
+/// Runs `ops` (each after a pause of `gaps[i]` nanoseconds) and returns
+/// the calls that went: (slot, units used).
+fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
+    let b = Bucket::new();
+    let mut now = 0u64;
+    let mut calls: Vec<Call> = Vec::new();
+    for (gap, op) in ops {
+        now += gap;
+        match *op {
+            Op::Reserve { cost, wait } => {
+                let x = g.charge(cost, FULL_RATE);
+                if let Ok(grant) = b.reserve(g, now, x, wait * g.interval()) {
+                    assert!(grant.slot >= now && grant.slot - now <= wait * g.interval());
+                    calls.push(Call {
+                        grant,
+                        cost,
+                        used: cost,
+                        cancelled: false,
+                        refunded: false,
+                    });
+                }
+            }
+            Op::Cancel { idx } if !calls.is_empty() => {
+                let n = calls.len();
+                let c = &mut calls[idx % n];
+                if !c.cancelled && now < c.grant.slot {
+                    b.give_back(&c.grant);
+                    c.cancelled = true;
+                }
+            }
+            Op::Refund { idx, pct } if !calls.is_empty() => {
+                let n = calls.len();
+                let c = &mut calls[idx % n];
+                if !c.cancelled && !c.refunded && now >= c.grant.slot {
+                    let used = c.cost * pct / 100;
+                    b.refund(&c.grant, g.charge(c.cost - used, FULL_RATE), now);
+                    c.used = used;
+                    c.refunded = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut went: Vec<(u64, u64)> = calls
+        .iter()
+        .filter(|c| !c.cancelled)
+        .map(|c| (c.grant.slot, u64::from(c.used)))
+        .collect();
+    went.sort_unstable();
+    went
+}
+
+/// Checks every window `[s_i, s_j]` between two slots.
+fn check_windows(went: &[(u64, u64)], interval: u64, allowance: u64) -> Result<(), TestCaseError> {
+    for i in 0..went.len() {
+        let mut sum = 0u64;
+        for j in i..went.len() {
+            sum += went[j].1;
+            let span = went[j].0 - went[i].0;
+            prop_assert!(
+                sum * interval <= allowance * interval + span,
+                "{sum} units in [{}, {}] (interval {interval}, allowance {allowance})",
+                went[i].0,
+                went[j].0,
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn admitted_cost_over_any_window_is_at_most_burst_plus_rate_times_t(
+        interval in 1u64..1_000,
+        burst in 1u32..6,
+        ops in prop::collection::vec((0u64..3_000, op(5)), 1..120),
+    ) {
+        // Costs at most the burst here (clamped), so the bound is burst + T/interval.
+        let g = Gcra::new(interval, burst);
+        let ops: Vec<_> = ops
+            .into_iter()
+            .map(|(gap, op)| match op {
+                Op::Reserve { cost, wait } => (gap, Op::Reserve { cost: cost.min(burst), wait }),
+                other => (gap, other),
+            })
+            .collect();
+        let went = run(&g, &ops);
+        check_windows(&went, interval, u64::from(burst))?;
+    }
+
+    #[test]
+    fn costs_above_the_burst_never_hang_and_keep_the_bound(
+        interval in 1u64..1_000,
+        burst in 1u32..4,
+        ops in prop::collection::vec((0u64..3_000, op(12)), 1..120),
+    ) {
+        let g = Gcra::new(interval, burst);
+        let max_cost = ops
+            .iter()
+            .filter_map(|(_, o)| match o { Op::Reserve { cost, .. } => Some(*cost), _ => None })
+            .max()
+            .unwrap_or(1);
+        let went = run(&g, &ops);
+        check_windows(&went, interval, u64::from(burst.max(max_cost)))?;
+        // Never stuck: on a full bucket any cost is admitted at once.
+        let b = Bucket::new();
+        prop_assert!(b.reserve(&g, 0, g.charge(max_cost * 100, FULL_RATE), 0).is_ok());
+    }
+
+    #[test]
+    fn two_dimensions_each_keep_their_bound(
+        burst_r in 1u32..4,
+        burst_t in 1u32..50,
+        calls in prop::collection::vec((0u64..400, 1u32..80), 1..150),
+    ) {
+        // 10 requests/s and 1,000 tokens/s (1 ms per token).
+        let limits = Limits::requests(Quota::per_second(std::num::NonZeroU32::new(10).unwrap())
+                .allow_burst(std::num::NonZeroU32::new(burst_r).unwrap()))
+            .and_tokens(Quota::per_second(std::num::NonZeroU32::new(1_000).unwrap())
+                .allow_burst(std::num::NonZeroU32::new(burst_t).unwrap()));
+        let limiter = RateLimiter::builder(limits).feedback(None).build();
+        let t0 = tokio::time::Instant::now();
+        let mut t = 0u64;
+        let mut max_tok = 1u32;
+        let (mut reqs, mut toks) = (Vec::new(), Vec::new());
+        for (gap_ms, tokens) in calls {
+            t += gap_ms * 1_000_000;
+            if limiter.check_at(&(), Cost::call(tokens), t0 + Duration::from_nanos(t)).is_ok() {
+                reqs.push((t, 1));
+                toks.push((t, u64::from(tokens)));
+                max_tok = max_tok.max(tokens);
+            }
+        }
+        check_windows(&reqs, 100_000_000, u64::from(burst_r))?;
+        check_windows(&toks, 1_000_000, u64::from(burst_t.max(max_tok)))?;
+    }
+}
