@@ -87,6 +87,7 @@ pub(crate) fn known_outcome_any(any: &dyn Any) -> Option<Outcome> {
 
 /// Whether `err` (of any type, boxed or not) is the circuit breaker's
 /// `CircuitOpen`.
+#[cfg(feature = "fallback")]
 #[allow(unused_variables)]
 pub(crate) fn is_circuit_open<E: 'static>(err: &E) -> bool {
     #[cfg(feature = "circuit-breaker")]
