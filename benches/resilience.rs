@@ -40,11 +40,16 @@ impl Service<Request<()>> for Upstream {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
     type Future = Ready<Result<Self::Response, Infallible>>;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, _: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")))))
+        ready(Ok(Response::new(Full::new(Bytes::from_static(
+            b"{\"ok\":true}",
+        )))))
     }
 }
 
@@ -56,7 +61,10 @@ impl Service<u32> for Plain {
     type Response = u32;
     type Error = Infallible;
     type Future = Ready<Result<u32, Infallible>>;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, n: u32) -> Self::Future {
@@ -71,7 +79,13 @@ where
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let res = svc.ready().await.unwrap().call(Request::new(())).await.unwrap();
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
     let body = res.into_body().collect().await.unwrap();
     std::hint::black_box(body);
 }
@@ -109,7 +123,11 @@ fn run<S: Clone + Send>(
                 scope.spawn(move || one_thread(svc, iters, barrier))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
     })
 }
 
@@ -147,8 +165,11 @@ where
     start.elapsed()
 }
 
-fn bench_http<S, B>(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, svc: S)
-where
+fn bench_http<S, B>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+) where
     S: Service<Request<()>, Response = Response<B>> + Clone + Send + 'static,
     S::Error: std::fmt::Debug,
     S::Future: Send,
@@ -156,22 +177,29 @@ where
     B::Error: std::fmt::Debug,
 {
     for threads in [1usize, 2] {
-        c.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &threads, |b, &threads| {
-            b.iter_custom(|iters| run(&svc, threads, iters, thread_http::<S, B>))
-        });
+        c.bench_with_input(
+            BenchmarkId::new(name, format!("{threads}t")),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run(&svc, threads, iters, thread_http::<S, B>)),
+        );
     }
 }
 
-fn bench_plain<S>(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, svc: S)
-where
+fn bench_plain<S>(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    svc: S,
+) where
     S: Service<u32> + Clone + Send + 'static,
     S::Error: std::fmt::Debug,
     S::Future: Send,
 {
     for threads in [1usize, 2] {
-        c.bench_with_input(BenchmarkId::new(name, format!("{threads}t")), &threads, |b, &threads| {
-            b.iter_custom(|iters| run(&svc, threads, iters, thread_plain::<S>))
-        });
+        c.bench_with_input(
+            BenchmarkId::new(name, format!("{threads}t")),
+            &threads,
+            |b, &threads| b.iter_custom(|iters| run(&svc, threads, iters, thread_plain::<S>)),
+        );
     }
 }
 
@@ -222,7 +250,11 @@ fn concurrency(c: &mut Criterion) {
 fn breaker(c: &mut Criterion) {
     let mut g = c.benchmark_group("breaker");
     bench_http(&mut g, "none", Upstream);
-    bench_http(&mut g, "tower-qwen", CircuitBreakerLayer::new().layer(Upstream));
+    bench_http(
+        &mut g,
+        "tower-qwen",
+        CircuitBreakerLayer::new().layer(Upstream),
+    );
     bench_http(
         &mut g,
         "tower-resilience",
@@ -238,7 +270,11 @@ fn breaker(c: &mut Criterion) {
         "plain tower-qwen",
         CircuitBreakerLayer::new()
             .classifier(FnClassifier::new(|n: &u32| {
-                if *n < 500 { Outcome::Success } else { Outcome::TRANSIENT }
+                if *n < 500 {
+                    Outcome::Success
+                } else {
+                    Outcome::TRANSIENT
+                }
             }))
             .layer(Plain),
     );

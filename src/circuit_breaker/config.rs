@@ -11,12 +11,13 @@ use crate::util::rng::{Rng, SeededRng};
 use super::error::InvalidConfig;
 
 /// What a tripped circuit does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TripAction {
     /// Fail every call fast with
     /// [`CircuitOpen`](super::error::CircuitOpen) for the open duration,
     /// then let probes through (half-open). Default.
+    #[default]
     Open,
     /// Keep admitting calls, at most this many per second (the rest fail
     /// fast); once the open duration has passed, admitted calls are probes:
@@ -30,12 +31,6 @@ impl TripAction {
     /// "degrade a key to 5 QPS").
     pub const fn degrade() -> Self {
         TripAction::Degrade(NonZeroU32::new(5).unwrap())
-    }
-}
-
-impl Default for TripAction {
-    fn default() -> Self {
-        TripAction::Open
     }
 }
 
@@ -154,7 +149,11 @@ impl Config {
     }
 
     pub(crate) fn set_jitter(&mut self, fraction: f64) {
-        self.jitter = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        self.jitter = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
     }
 
     pub(crate) fn set_rng(&mut self, rng: impl Rng) {

@@ -77,7 +77,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Record<K> {
         let cfg = &self.shared.cfg;
         match &self.keyed {
             None => {
-                if let Some(t) = self.shared.global.record(cfg, self.ticket, verdict, time::now) {
+                if let Some(t) = self
+                    .shared
+                    .global
+                    .record(cfg, self.ticket, verdict, time::now)
+                {
                     self.shared.emit_global(t);
                 }
             }
@@ -103,15 +107,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> OnEnd for Record<K> {
 
 impl<K> Drop for Record<K> {
     fn drop(&mut self) {
-        if !self.done {
-            if let Ticket::Probe(_) = self.ticket {
-                let circuit = match &self.keyed {
-                    None => &self.shared.global,
-                    Some((c, _)) => &**c,
-                };
-                // A probe slot freed without a verdict never changes state.
-                let _ = circuit.record(&self.shared.cfg, self.ticket, Verdict::Ignore, time::now);
-            }
+        if !self.done
+            && let Ticket::Probe(_) = self.ticket
+        {
+            let circuit = match &self.keyed {
+                None => &self.shared.global,
+                Some((c, _)) => &**c,
+            };
+            // A probe slot freed without a verdict never changes state.
+            let _ = circuit.record(&self.shared.cfg, self.ticket, Verdict::Ignore, time::now);
         }
     }
 }
@@ -176,10 +180,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Rejected { error } => Poll::Ready(Err(error
-                .take()
-                .expect("polled after completion")
-                .into())),
+            KindProj::Rejected { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion").into()))
+            }
             KindProj::Called { future } => match ready!(future.poll(cx)) {
                 Ok(res) => {
                     let record = this.record.take().expect("polled after completion");

@@ -47,7 +47,12 @@ impl<S> CircuitBreaker<S> {
 }
 
 impl<S, C, P: Keys> CircuitBreaker<S, C, P> {
-    pub(crate) fn from_parts(inner: S, shared: Arc<Shared<P::Key>>, keys: P, classifier: C) -> Self {
+    pub(crate) fn from_parts(
+        inner: S,
+        shared: Arc<Shared<P::Key>>,
+        keys: P,
+        classifier: C,
+    ) -> Self {
         let inspect = if shared.cfg.slow_call.is_some() {
             Inspect {
                 outcome: true,

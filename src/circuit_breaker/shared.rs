@@ -155,7 +155,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
         let now = time::now();
         let secs = now.saturating_duration_since(self.base).as_secs();
         {
-            let m = map.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let m = map
+                .map
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(e) = m.get(key) {
                 if e.used.load(Ordering::Relaxed) != secs {
                     e.used.store(secs, Ordering::Relaxed);
@@ -186,7 +189,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
 
     fn existing(&self, key: &K) -> Option<Arc<Circuit>> {
         let map = self.keyed.as_ref()?;
-        let m = map.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = map
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.get(key).map(|e| e.circuit.clone())
     }
 
@@ -194,7 +200,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
     pub(crate) fn emit_global(&self, t: Transition) {
         match &self.global_key {
             Some(k) => self.emit(k, t),
-            None => tracing::info!(from = ?t.from, to = ?t.to, "unkeyed circuit of a keyed breaker changed"),
+            None => {
+                tracing::info!(from = ?t.from, to = ?t.to, "unkeyed circuit of a keyed breaker changed")
+            }
         }
     }
 

@@ -428,11 +428,11 @@ impl Circuit {
                 }
                 let streak = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut trip = cfg.consecutive_failures.is_some_and(|n| streak >= n.get());
-                if let (Some(w), Some(rate)) = (&self.window, cfg.failure_rate) {
-                    if let Some((calls, failures)) = w.push(true) {
-                        trip |= calls >= u64::from(rate.min_calls)
-                            && failures as f64 >= rate.ratio * calls as f64;
-                    }
+                if let (Some(w), Some(rate)) = (&self.window, cfg.failure_rate)
+                    && let Some((calls, failures)) = w.push(true)
+                {
+                    trip |= calls >= u64::from(rate.min_calls)
+                        && failures as f64 >= rate.ratio * calls as f64;
                 }
                 if trip {
                     self.trip(cfg, gen_, CLOSED, now())
@@ -504,8 +504,10 @@ impl Circuit {
         slow.probes = 0;
         let open_for = cfg.open_duration(slow.trips);
         let now_n = nanos(self.base, now);
-        self.open_until
-            .store(now_n.saturating_add(crate::time::duration_nanos(open_for)), Ordering::Release);
+        self.open_until.store(
+            now_n.saturating_add(crate::time::duration_nanos(open_for)),
+            Ordering::Release,
+        );
         let to = match cfg.action {
             TripAction::Open => OPEN,
             TripAction::Degrade(_) => {
@@ -645,8 +647,13 @@ mod tests {
         let Admit::Pass(probe) = admit else { panic!() };
         assert!(matches!(probe, Ticket::Probe(_)));
         assert_eq!(rejected(&c, &cfg, t0 + 5 * S), None);
-        let tr = c.record(&cfg, probe, Verdict::Success, || t0 + 6 * S).unwrap();
-        assert_eq!((tr.from, tr.to, tr.trips), (State::HalfOpen, State::Closed, 1));
+        let tr = c
+            .record(&cfg, probe, Verdict::Success, || t0 + 6 * S)
+            .unwrap();
+        assert_eq!(
+            (tr.from, tr.to, tr.trips),
+            (State::HalfOpen, State::Closed, 1)
+        );
         assert_eq!(c.counts(), (0, 0, 0));
     }
 
@@ -734,7 +741,11 @@ mod tests {
         }
         let mut tripped_at = None;
         for i in 0..10 {
-            let v = if i % 2 == 0 { Verdict::Success } else { Verdict::Failure };
+            let v = if i % 2 == 0 {
+                Verdict::Success
+            } else {
+                Verdict::Failure
+            };
             let t = pass(&c, &cfg, t0);
             if c.record(&cfg, t, v, || t0).is_some() {
                 tripped_at = Some(i);
@@ -779,7 +790,10 @@ mod tests {
         let probe = pass(&c, &cfg, t0 + 5 * S);
         c.record(&cfg, probe, Verdict::Success, || t0 + 5 * S);
         assert_eq!(c.state(), State::Closed);
-        assert!(c.record(&cfg, probe, Verdict::Failure, || t0 + 5 * S).is_none());
+        assert!(
+            c.record(&cfg, probe, Verdict::Failure, || t0 + 5 * S)
+                .is_none()
+        );
         assert_eq!(c.counts(), (0, 0, 0));
     }
 
@@ -833,7 +847,10 @@ mod tests {
         let p = pass(&c, &cfg, now);
         assert!(matches!(p, Ticket::Probe(_)));
         let tr = c.record(&cfg, p, Verdict::Failure, || now).unwrap();
-        assert_eq!((tr.from, tr.to, tr.open_for), (State::Degraded, State::Degraded, Some(10 * S)));
+        assert_eq!(
+            (tr.from, tr.to, tr.open_for),
+            (State::Degraded, State::Degraded, Some(10 * S))
+        );
         now += 10 * S;
         let p = pass(&c, &cfg, now);
         let tr = c.record(&cfg, p, Verdict::Success, || now).unwrap();

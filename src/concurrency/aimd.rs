@@ -89,7 +89,9 @@ impl Aimd {
     ) -> Result<Self, InvalidLimit> {
         let (min, initial, max) = (min.get(), initial.get(), max.get());
         if !(min <= initial && initial <= max) {
-            return Err(InvalidLimit::new("bounds must satisfy min <= initial <= max"));
+            return Err(InvalidLimit::new(
+                "bounds must satisfy min <= initial <= max",
+            ));
         }
         if max > i32::MAX as usize {
             return Err(InvalidLimit::new("max must fit in an i32"));
@@ -340,7 +342,10 @@ mod tests {
             Signal::of(&Outcome::throttled(ThrottleCause::Local), false, true),
             Signal::Nothing
         );
-        assert_eq!(Signal::of(&Outcome::TRANSIENT, false, false), Signal::Shrink);
+        assert_eq!(
+            Signal::of(&Outcome::TRANSIENT, false, false),
+            Signal::Shrink
+        );
         assert_eq!(
             Signal::of(
                 &Outcome::Permanent {

@@ -69,10 +69,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Shed { error } => Poll::Ready(Err(error
-                .take()
-                .expect("polled after completion")
-                .into())),
+            KindProj::Shed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion").into()))
+            }
             KindProj::Called { future } => match ready!(future.poll(cx)) {
                 Ok(res) => {
                     let release = this.release.take().expect("polled after completion");
@@ -80,10 +79,10 @@ where
                 }
                 Err(e) => {
                     let e: BoxError = e.into();
-                    if let Some(release) = this.release.take() {
-                        if release.is_adaptive() {
-                            release.on_error(this.classifier.classify_error(&e));
-                        }
+                    if let Some(release) = this.release.take()
+                        && release.is_adaptive()
+                    {
+                        release.on_error(this.classifier.classify_error(&e));
                     }
                     Poll::Ready(Err(e))
                 }

@@ -230,8 +230,7 @@ impl Semaphore {
     /// Shrinks the capacity by `n` permits: free ones disappear at once,
     /// permits in use disappear as they are released.
     pub(crate) fn remove_permits(&self, n: u32) {
-        self.state
-            .fetch_sub(u64::from(n) << 32, Ordering::AcqRel);
+        self.state.fetch_sub(u64::from(n) << 32, Ordering::AcqRel);
     }
 
     /// Sets the queue bound (callers already queued stay queued).

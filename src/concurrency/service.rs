@@ -128,7 +128,10 @@ impl<S, C> ConcurrencyLimit<S, C> {
                 None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
         }
-        tracing::trace!(waiting = self.shared.sem.waiting(), "waiting for a concurrency permit");
+        tracing::trace!(
+            waiting = self.shared.sem.waiting(),
+            "waiting for a concurrency permit"
+        );
         self.state = State::Waiting {
             ticket: Ticket {
                 shared: self.shared.clone(),
@@ -202,7 +205,10 @@ where
                         Some(permit) => State::Ready(permit),
                         None => {
                             let waited = time::now().saturating_duration_since(since);
-                            tracing::debug!(?waited, "no concurrency permit within the maximum wait: shedding the call");
+                            tracing::debug!(
+                                ?waited,
+                                "no concurrency permit within the maximum wait: shedding the call"
+                            );
                             State::Shed(Overloaded::waited(self.max_wait.unwrap_or(waited)))
                         }
                     };

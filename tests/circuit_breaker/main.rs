@@ -65,7 +65,12 @@ impl Upstream {
         let me = self.clone();
         service_fn(move |_req: Req| {
             me.calls.fetch_add(1, Ordering::SeqCst);
-            let (status, body) = me.answers.lock().unwrap().pop_front().unwrap_or((200, "{}"));
+            let (status, body) = me
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or((200, "{}"));
             let ct = if body.starts_with("id:") || body.starts_with("data:") {
                 "text/event-stream"
             } else {
@@ -273,7 +278,13 @@ async fn errors_from_the_inner_service_count_as_transient() {
         Err::<Response<String>, _>(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
     }));
     for _ in 0..3 {
-        assert!(svc.clone().oneshot(req()).await.unwrap_err().is::<std::io::Error>());
+        assert!(
+            svc.clone()
+                .oneshot(req())
+                .await
+                .unwrap_err()
+                .is::<std::io::Error>()
+        );
     }
     assert_eq!(handle.state(), State::Open);
 }
@@ -288,7 +299,10 @@ async fn an_open_unkeyed_breaker_rejects_in_poll_ready_without_polling_inner() {
     // The inner service is not ready, yet the breaker answers at once.
     assert_ready_ok!(svc.poll_ready());
     let err = svc.call(req()).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<CircuitOpen>().unwrap().state(), State::ForcedOpen);
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().state(),
+        State::ForcedOpen
+    );
     handle.release();
     assert_pending!(svc.poll_ready());
     mock.allow(1);
@@ -330,7 +344,10 @@ async fn a_dropped_probe_future_frees_its_slot() {
     let mut other = svc.clone();
     assert_ready_ok!(other.poll_ready());
     let err = other.call(req()).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<CircuitOpen>().unwrap().state(), State::HalfOpen);
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().state(),
+        State::HalfOpen
+    );
 
     // The probe's caller gives up: its slot is free for the next caller.
     drop(probe);
@@ -391,7 +408,10 @@ async fn degrade_admits_five_per_second_and_reports_each_transition_once() {
     let path: Vec<_> = changes.iter().map(|t| (t.from, t.to)).collect();
     assert_eq!(
         path,
-        vec![(State::Closed, State::Degraded), (State::Degraded, State::Closed)]
+        vec![
+            (State::Closed, State::Degraded),
+            (State::Degraded, State::Closed)
+        ]
     );
     assert_eq!(changes[0].open_for, Some(5 * S));
 }
@@ -428,7 +448,9 @@ async fn keyed_breakers_are_independent_and_bounded() {
             },
             NonZeroUsize::new(2).unwrap(),
         )
-        .on_state_change(move |k: &String, t: &Transition| seen.lock().unwrap().push((k.clone(), t.to)));
+        .on_state_change(move |k: &String, t: &Transition| {
+            seen.lock().unwrap().push((k.clone(), t.to))
+        });
     let handle = layer.handle();
     let svc = layer.layer(up.service());
 
@@ -437,7 +459,12 @@ async fn keyed_breakers_are_independent_and_bounded() {
         send(&svc, req_for("a")).await.unwrap();
     }
     assert_eq!(handle.state_of(&"a".to_owned()), Some(State::Open));
-    assert!(send(&svc, req_for("a")).await.unwrap_err().is::<CircuitOpen>());
+    assert!(
+        send(&svc, req_for("a"))
+            .await
+            .unwrap_err()
+            .is::<CircuitOpen>()
+    );
     assert_eq!(send(&svc, req_for("b")).await.unwrap(), 200);
     assert_eq!(handle.state_of(&"b".to_owned()), Some(State::Closed));
     assert_eq!(handle.keys(), 2);
@@ -450,7 +477,12 @@ async fn keyed_breakers_are_independent_and_bounded() {
 
     // Forcing one key.
     handle.force_open_key(&"c".to_owned());
-    assert!(send(&svc, req_for("c")).await.unwrap_err().is::<CircuitOpen>());
+    assert!(
+        send(&svc, req_for("c"))
+            .await
+            .unwrap_err()
+            .is::<CircuitOpen>()
+    );
     handle.release_key(&"c".to_owned());
     assert_eq!(send(&svc, req_for("c")).await.unwrap(), 200);
     assert_eq!(
@@ -483,12 +515,14 @@ async fn forced_closed_never_trips() {
 #[tokio::test(start_paused = true)]
 async fn failure_rate_trips_on_interleaved_failures() {
     let up = Upstream::default();
-    let layer = breaker().consecutive_failures(NonZeroU32::new(3)).failure_rate(
-        tower_qwen::circuit_breaker::FailureRate::new(0.5)
-            .unwrap()
-            .window(NonZeroU32::new(20).unwrap())
-            .min_calls(10),
-    );
+    let layer = breaker()
+        .consecutive_failures(NonZeroU32::new(3))
+        .failure_rate(
+            tower_qwen::circuit_breaker::FailureRate::new(0.5)
+                .unwrap()
+                .window(NonZeroU32::new(20).unwrap())
+                .min_calls(10),
+        );
     let handle = layer.handle();
     let svc = layer.layer(up.service());
     // 200, 503, 200, 503...: never 3 in a row, but half fail; the rate is
@@ -523,15 +557,27 @@ async fn slow_calls_can_count_as_failures() {
 #[tokio::test(start_paused = true)]
 async fn works_on_plain_services_with_a_fn_classifier() {
     let layer = breaker().classifier(FnClassifier::new(|code: &u16| {
-        if *code >= 500 { Outcome::TRANSIENT } else { Outcome::Success }
+        if *code >= 500 {
+            Outcome::TRANSIENT
+        } else {
+            Outcome::Success
+        }
     }));
     let handle = layer.handle();
-    let svc = layer.layer(service_fn(|code: u16| async move { Ok::<_, Infallible>(code) }));
+    let svc = layer.layer(service_fn(
+        |code: u16| async move { Ok::<_, Infallible>(code) },
+    ));
     for _ in 0..3 {
         assert_eq!(svc.clone().oneshot(500).await.unwrap(), 500);
     }
     assert_eq!(handle.state(), State::Open);
-    assert!(svc.clone().oneshot(200).await.unwrap_err().is::<CircuitOpen>());
+    assert!(
+        svc.clone()
+            .oneshot(200)
+            .await
+            .unwrap_err()
+            .is::<CircuitOpen>()
+    );
 }
 
 #[cfg(feature = "concurrency")]

@@ -124,8 +124,9 @@ async fn dropping_the_body_or_the_future_releases_the_permit() {
     assert_eq!(handle.in_flight(), 0);
 
     // A response future dropped before it resolves releases too.
-    let (mut mock_svc, mut mock) =
-        tower_test::mock::spawn_layer::<Req, Response<String>, _>(ConcurrencyLimitLayer::new(nz(1)));
+    let (mut mock_svc, mut mock) = tower_test::mock::spawn_layer::<Req, Response<String>, _>(
+        ConcurrencyLimitLayer::new(nz(1)),
+    );
     assert_ready_ok!(mock_svc.poll_ready());
     let fut = mock_svc.call(req());
     let _ = mock.next_request().await.unwrap();
@@ -142,8 +143,10 @@ async fn clones_share_the_limit_but_never_a_permit() {
     let handle = layer.handle();
     // Two services from two `layer` calls share one limit (tower's
     // ConcurrencyLimitLayer would give each its own semaphore).
-    let (mut a, _ha) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
-    let (mut b, _hb) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut a, _ha) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut b, _hb) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(a.poll_ready());
     assert_eq!(handle.in_flight(), 1);
     assert_pending!(b.poll_ready());
@@ -160,7 +163,8 @@ async fn clones_share_the_limit_but_never_a_permit() {
 #[tokio::test(start_paused = true)]
 async fn waiters_are_served_in_order() {
     let layer = ConcurrencyLimitLayer::new(nz(1));
-    let (mut first, _h) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut first, _h) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(first.poll_ready());
     let mut waiters: Vec<_> = (0..3).map(|_| first.clone()).collect();
     for w in waiters.iter_mut() {
@@ -186,7 +190,8 @@ async fn waiters_are_served_in_order() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_sheds_with_overloaded() {
     let layer = ConcurrencyLimitLayer::new(nz(1)).max_waiting(1);
-    let (mut a, _h) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut a, _h) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(a.poll_ready());
     let mut b = a.clone();
     assert_pending!(b.poll_ready());
@@ -203,7 +208,8 @@ async fn a_full_queue_sheds_with_overloaded() {
     );
     // max_waiting(0): pure load shedding.
     let layer = ConcurrencyLimitLayer::new(nz(1)).max_waiting(0);
-    let (mut a, _h) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut a, _h) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(a.poll_ready());
     let mut b = a.clone();
     assert_ready_ok!(b.poll_ready());
@@ -213,7 +219,8 @@ async fn a_full_queue_sheds_with_overloaded() {
 #[tokio::test(start_paused = true)]
 async fn max_wait_sheds_after_the_wait() {
     let layer = ConcurrencyLimitLayer::new(nz(1)).max_wait(Duration::from_secs(2));
-    let (mut a, _h) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut a, _h) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(a.poll_ready());
     let mut b = a.clone();
     assert_pending!(b.poll_ready());
@@ -235,7 +242,8 @@ async fn max_wait_sheds_after_the_wait() {
 async fn a_dropped_waiter_leaves_the_queue() {
     let layer = ConcurrencyLimitLayer::new(nz(1));
     let handle = layer.handle();
-    let (mut a, _h) = tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let (mut a, _h) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
     assert_ready_ok!(a.poll_ready());
     let mut b = a.clone();
     let mut c = a.clone();
@@ -342,7 +350,10 @@ async fn adaptive_ignores_local_refusals_and_shrinks_on_errors() {
             Ok(Response::new(String::new()))
         }
     }));
-    let reset = Request::builder().uri("/reset").body(String::new()).unwrap();
+    let reset = Request::builder()
+        .uri("/reset")
+        .body(String::new())
+        .unwrap();
     assert!(svc.clone().oneshot(reset).await.is_err());
     assert_eq!(handle.limit(), 6);
     assert_eq!(handle.in_flight(), 0);
@@ -350,10 +361,17 @@ async fn adaptive_ignores_local_refusals_and_shrinks_on_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn works_on_plain_services_with_a_fn_classifier() {
-    let layer = ConcurrencyLimitLayer::new(nz(1))
-        .classifier(FnClassifier::new(|n: &u32| if *n < 10 { Outcome::Success } else { Outcome::TRANSIENT }));
+    let layer = ConcurrencyLimitLayer::new(nz(1)).classifier(FnClassifier::new(|n: &u32| {
+        if *n < 10 {
+            Outcome::Success
+        } else {
+            Outcome::TRANSIENT
+        }
+    }));
     let handle = layer.handle();
-    let svc = layer.layer(service_fn(|n: u32| async move { Ok::<_, Infallible>(n * 2) }));
+    let svc = layer.layer(service_fn(
+        |n: u32| async move { Ok::<_, Infallible>(n * 2) },
+    ));
     // The permit is released as soon as a non-HTTP response arrives.
     assert_eq!(svc.clone().oneshot(3).await.unwrap(), 6);
     assert_eq!(handle.in_flight(), 0);
@@ -382,18 +400,15 @@ async fn adaptive_converges_under_the_mock_quota_and_recovers() {
     let mock = MockDashScope::builder()
         .key("sk-test", "acct")
         .quota(MODEL, rpm(600)) // 10 per second
-        .faults(FaultPlan::new().latency(
-            Latency::none().time_to_headers(Dist::fixed(Duration::from_secs(1))),
-        ))
+        .faults(
+            FaultPlan::new()
+                .latency(Latency::none().time_to_headers(Dist::fixed(Duration::from_secs(1)))),
+        )
         .start()
         .await
         .unwrap();
-    let url = format!(
-        "{}/compatible-mode/v1/chat/completions",
-        mock.base_url()
-    );
-    let client = Client::builder(TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
+    let url = format!("{}/compatible-mode/v1/chat/completions", mock.base_url());
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
 
     let aimd = Aimd::new()
         .bounds(nz(1), nz(5), nz(40))
@@ -466,8 +481,18 @@ async fn adaptive_converges_under_the_mock_quota_and_recovers() {
         "goodput {goodput}/s after the raise (limit {})",
         handle.limit()
     );
-    assert!((throttled as f64) < 0.02 * calls as f64, "429s {throttled} of {calls}");
-    assert!(handle.limit() > limit_at_10, "{} <= {limit_at_10}", handle.limit());
-    eprintln!("phase2 calls {calls} 429s {throttled} goodput {goodput} limit {}", handle.limit());
+    assert!(
+        (throttled as f64) < 0.02 * calls as f64,
+        "429s {throttled} of {calls}"
+    );
+    assert!(
+        handle.limit() > limit_at_10,
+        "{} <= {limit_at_10}",
+        handle.limit()
+    );
+    eprintln!(
+        "phase2 calls {calls} 429s {throttled} goodput {goodput} limit {}",
+        handle.limit()
+    );
     mock.shutdown().await;
 }
