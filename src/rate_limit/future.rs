@@ -157,12 +157,11 @@ where
                         }
                         Err(e) => {
                             let e: BoxError = e.into();
-                            if let Some(a) = this.admitted.take() {
-                                if let Outcome::Throttled { cause, .. } =
+                            if let Some(a) = this.admitted.take()
+                                && let Outcome::Throttled { cause, .. } =
                                     this.classifier.classify_error(&e)
-                                {
-                                    feedback(&a, cause);
-                                }
+                            {
+                                feedback(&a, cause);
                             }
                             Poll::Ready(Err(e))
                         }

@@ -163,17 +163,17 @@ impl ByAccountModel {
         let Some(v) = parts.headers.get(http::header::AUTHORIZATION) else {
             return Account::Anonymous;
         };
-        if !self.accounts.is_empty() {
-            if let Ok(s) = v.to_str() {
-                let s = s.trim();
-                let token = s
-                    .strip_prefix("Bearer ")
-                    .or_else(|| s.strip_prefix("bearer "))
-                    .unwrap_or(s)
-                    .trim();
-                if let Some(a) = self.accounts.get(token) {
-                    return Account::Named(a.clone());
-                }
+        if !self.accounts.is_empty()
+            && let Ok(s) = v.to_str()
+        {
+            let s = s.trim();
+            let token = s
+                .strip_prefix("Bearer ")
+                .or_else(|| s.strip_prefix("bearer "))
+                .unwrap_or(s)
+                .trim();
+            if let Some(a) = self.accounts.get(token) {
+                return Account::Named(a.clone());
             }
         }
         Account::Hashed(self.hasher.hash_one(v.as_bytes()))

@@ -265,16 +265,16 @@ impl Dim {
     #[inline]
     fn rate(&self, now: u64, s: &Settings) -> u32 {
         let word = self.ramp.load(Ordering::Relaxed);
-        if let Some((initial, _, idle)) = s.slow_start {
-            if word == 0 || self.bucket.tat().saturating_add(idle) <= now {
-                let r = Ramp {
-                    start: now,
-                    from: initial,
-                    kind: RampKind::SlowStart,
-                };
-                self.ramp.store(r.pack(), Ordering::Relaxed);
-                return initial;
-            }
+        if let Some((initial, _, idle)) = s.slow_start
+            && (word == 0 || self.bucket.tat().saturating_add(idle) <= now)
+        {
+            let r = Ramp {
+                start: now,
+                from: initial,
+                kind: RampKind::SlowStart,
+            };
+            self.ramp.store(r.pack(), Ordering::Relaxed);
+            return initial;
         }
         Self::rate_of(word, now, s)
     }

@@ -452,17 +452,17 @@ async fn a_call_without_max_tokens_reserves_the_default_output() {
     assert_eq!(token_reset(&limiter), 200 * MS);
 }
 
+type Frames = std::pin::Pin<
+    Box<dyn futures_core::Stream<Item = Result<http_body::Frame<Bytes>, BoxError>> + Send>,
+>;
+
 /// A native SSE response whose frames are sent through a channel.
 fn sse_channel() -> (
     tokio::sync::mpsc::UnboundedSender<&'static str>,
-    Response<
-        http_body_util::StreamBody<
-            impl futures_core::Stream<Item = Result<http_body::Frame<Bytes>, BoxError>> + Unpin,
-        >,
-    >,
+    Response<http_body_util::StreamBody<Frames>>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    let stream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+    let stream: Frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|s| {
             (
                 Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(s.as_bytes()))),
