@@ -116,6 +116,14 @@ fn decision(c: &mut Criterion) {
             black_box(gov_fake.check())
         })
     });
+    // What the clocks alone cost.
+    g.bench_function("clock: tower_qwen::time::now() (tokio)", |b| {
+        b.iter(|| black_box(tower_qwen::time::now()))
+    });
+    let quanta = governor::clock::DefaultClock::default();
+    g.bench_function("clock: governor DefaultClock::now() (quanta)", |b| {
+        b.iter(|| black_box(governor::clock::Clock::now(&quanta)))
+    });
     g.finish();
 }
 
@@ -149,6 +157,27 @@ fn contended(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters, || {
                 black_box(gov.check()).ok();
+            })
+        })
+    });
+    let gcra = Gcra::new(1, u32::MAX);
+    let bucket = Bucket::new();
+    let now = AtomicU64::new(1);
+    g.bench_function("ours Bucket::reserve manual", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let t = now.fetch_add(1, Ordering::Relaxed);
+                black_box(bucket.reserve(&gcra, t, gcra.charge(1, FULL_RATE), 0)).ok();
+            })
+        })
+    });
+    let clock = FakeRelativeClock::default();
+    let gov_fake = governor::RateLimiter::direct_with_clock(gov_huge(), clock.clone());
+    g.bench_function("governor check() manual", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                clock.advance(Duration::from_nanos(1));
+                black_box(gov_fake.check()).ok();
             })
         })
     });

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -12,8 +13,8 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
-use crate::classify::{Classify, Outcome, ThrottleCause};
-use crate::time::{self, Instant};
+use crate::classify::{Classify, Outcome};
+use crate::time::Instant;
 
 use super::error::RateLimited;
 use super::limiter::{Admitted, Ticket};
@@ -25,10 +26,18 @@ pin_project! {
     /// future before its slot cancels the reservation (given back when no
     /// later call reserved after it). Once the inner service answers, the
     /// response is wrapped by the classifier with a [`Reconcile`] hook.
-    pub struct ResponseFuture<F, S, Req, C> {
+    pub struct ResponseFuture<F, S, Req, C, K>
+    where
+        K: Hash,
+        K: Eq,
+        K: Clone,
+        K: Send,
+        K: Sync,
+        K: 'static,
+    {
         #[pin]
-        state: State<F, S, Req>,
-        admitted: Option<Admitted>,
+        state: State<F, S, Req, K>,
+        admitted: Option<Admitted<K>>,
         classifier: C,
         inspect: Inspect,
     }
@@ -36,11 +45,19 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, S, Req> {
+    enum State<F, S, Req, K>
+    where
+        K: Hash,
+        K: Eq,
+        K: Clone,
+        K: Send,
+        K: Sync,
+        K: 'static,
+    {
         Waiting {
             #[pin]
             sleep: Sleep,
-            ticket: Option<Ticket>,
+            ticket: Option<Ticket<K>>,
             svc: Option<S>,
             req: Option<Req>,
         },
@@ -54,8 +71,16 @@ pin_project! {
     }
 }
 
-impl<F, S, Req, C> ResponseFuture<F, S, Req, C> {
-    pub(crate) fn called(future: F, admitted: Admitted, classifier: C, inspect: Inspect) -> Self {
+impl<F, S, Req, C, K> ResponseFuture<F, S, Req, C, K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn called(
+        future: F,
+        admitted: Admitted<K>,
+        classifier: C,
+        inspect: Inspect,
+    ) -> Self {
         Self {
             state: State::Called { future },
             admitted: Some(admitted),
@@ -65,7 +90,7 @@ impl<F, S, Req, C> ResponseFuture<F, S, Req, C> {
     }
 
     pub(crate) fn waiting(
-        ticket: Ticket,
+        ticket: Ticket<K>,
         at: Instant,
         svc: S,
         req: Req,
@@ -95,7 +120,10 @@ impl<F, S, Req, C> ResponseFuture<F, S, Req, C> {
     }
 }
 
-impl<F, S, Req, C> fmt::Debug for ResponseFuture<F, S, Req, C> {
+impl<F, S, Req, C, K> fmt::Debug for ResponseFuture<F, S, Req, C, K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Waiting { .. } => "waiting",
@@ -108,14 +136,15 @@ impl<F, S, Req, C> fmt::Debug for ResponseFuture<F, S, Req, C> {
     }
 }
 
-impl<F, S, Req, C, Res, E> Future for ResponseFuture<F, S, Req, C>
+impl<F, S, Req, C, K, Res, E> Future for ResponseFuture<F, S, Req, C, K>
 where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Res, E>>,
     S: Service<Req, Future = F, Response = Res, Error = E>,
     E: Into<BoxError>,
     C: Classify<Res>,
 {
-    type Output = Result<C::Observed<Reconcile>, BoxError>;
+    type Output = Result<C::Observed<Reconcile<K>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -161,7 +190,7 @@ where
                                 && let Outcome::Throttled { cause, .. } =
                                     this.classifier.classify_error(&e)
                             {
-                                feedback(&a, cause);
+                                a.throttled(cause);
                             }
                             Poll::Ready(Err(e))
                         }
@@ -175,13 +204,6 @@ where
     }
 }
 
-fn feedback(a: &Admitted, cause: ThrottleCause) {
-    if cause != ThrottleCause::Local {
-        let now = a.handle.nanos(time::now());
-        a.handle.tighten(&a.state, cause, a.booking.slot, now);
-    }
-}
-
 /// Called when an admitted call's response ends: reconciles the token
 /// reservation with the real usage, and tightens the key when the upstream
 /// throttled the call.
@@ -192,11 +214,17 @@ fn feedback(a: &Admitted, cause: ThrottleCause) {
 ///   error): nothing was consumed, the reservation is refunded;
 /// * otherwise (a stream that failed or was dropped, a success without
 ///   usage): the estimate stands.
-pub struct Reconcile {
-    admitted: Option<Admitted>,
+pub struct Reconcile<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    admitted: Option<Admitted<K>>,
 }
 
-impl fmt::Debug for Reconcile {
+impl<K> fmt::Debug for Reconcile<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconcile")
             .field("admitted", &self.admitted)
@@ -204,14 +232,14 @@ impl fmt::Debug for Reconcile {
     }
 }
 
-impl OnEnd for Reconcile {
+impl<K> OnEnd for Reconcile<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn on_end(self, end: BodyEnd) {
         let Some(a) = self.admitted else { return };
         if let Outcome::Throttled { cause, .. } = end.outcome {
-            feedback(&a, cause);
-        }
-        if a.booking.tokens == 0 {
-            return;
+            a.throttled(cause);
         }
         let actual = match (end.usage, end.kind) {
             (Some(u), _) => Some(u.total()),
@@ -222,9 +250,6 @@ impl OnEnd for Reconcile {
             }
             _ => None,
         };
-        if let Some(actual) = actual {
-            let now = a.handle.nanos(time::now());
-            a.handle.reconcile(&a.state, &a.booking, actual, now);
-        }
+        a.reconcile(actual);
     }
 }

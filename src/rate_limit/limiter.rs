@@ -3,9 +3,9 @@
 
 use std::fmt;
 use std::hash::Hash;
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -202,7 +202,7 @@ impl RateLimiterBuilder {
 
     /// One limiter for everything (key `()`).
     pub fn build(self) -> RateLimiter<()> {
-        let single = Arc::new(KeyState::new(self.limits));
+        let single = KeyState::new(self.limits);
         RateLimiter::from_parts(self, Box::new(|_: &()| Limits::UNLIMITED), Some(single))
     }
 
@@ -446,14 +446,26 @@ fn book(
 
 type LimitsFor<K> = Box<dyn Fn(&K) -> Limits + Send + Sync>;
 
+/// Where a key's state lives, so that later operations (cancel, reconcile,
+/// feedback) find the state the booking used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Single,
+    Map,
+    Overflow,
+}
+
 pub(crate) struct Shared<K> {
     epoch: Instant,
     settings: Settings,
     limits_for: LimitsFor<K>,
-    single: Option<Arc<KeyState>>,
-    map: DashMap<K, Arc<KeyState>>,
+    single: Option<KeyState>,
+    /// Per-key state, inline: one cache miss per decision, no allocation
+    /// per key beyond the map's own.
+    map: DashMap<K, KeyState>,
     count: AtomicUsize,
-    overflow: OnceLock<Arc<KeyState>>,
+    overflow: OnceLock<KeyState>,
+    tokens_seen: AtomicBool,
     last_sweep: AtomicU64,
     evicted: AtomicU64,
     overflowed: AtomicU64,
@@ -466,6 +478,10 @@ pub(crate) struct Shared<K> {
 /// it can also be used directly ([`RateLimiter::check`],
 /// [`RateLimiter::reserve`]) and read ([`RateLimiter::snapshot`]), e.g. by
 /// a gateway writing `x-ratelimit-*` headers.
+///
+/// Keyed state lives inline in a [`dashmap`](https://docs.rs/dashmap)
+/// `DashMap` (the sharded, read-locked map governor also uses): a decision
+/// takes one shard read lock and one CAS, and a key costs its map slot.
 ///
 /// See the [module docs](super) for an example.
 ///
@@ -513,11 +529,7 @@ impl RateLimiter<()> {
 }
 
 impl<K> RateLimiter<K> {
-    fn from_parts(
-        b: RateLimiterBuilder,
-        limits_for: LimitsFor<K>,
-        single: Option<Arc<KeyState>>,
-    ) -> Self
+    fn from_parts(b: RateLimiterBuilder, limits_for: LimitsFor<K>, single: Option<KeyState>) -> Self
     where
         K: Hash + Eq,
     {
@@ -536,6 +548,7 @@ impl<K> RateLimiter<K> {
             max_keys: b.max_keys,
             sweep_every: duration_nanos(b.sweep_every),
         };
+        let tokens_seen = single.as_ref().is_some_and(KeyState::has_tokens);
         Self {
             shared: Arc::new(Shared {
                 epoch: time::now(),
@@ -545,6 +558,7 @@ impl<K> RateLimiter<K> {
                 map: DashMap::new(),
                 count: AtomicUsize::new(0),
                 overflow: OnceLock::new(),
+                tokens_seen: AtomicBool::new(tokens_seen),
                 last_sweep: AtomicU64::new(0),
                 evicted: AtomicU64::new(0),
                 overflowed: AtomicU64::new(0),
@@ -558,9 +572,20 @@ impl<K> RateLimiter<K> {
         duration_nanos(t.saturating_duration_since(self.shared.epoch))
     }
 
+    /// The instant of a nanosecond count.
+    pub(crate) fn instant(&self, nanos: u64) -> Instant {
+        self.shared.epoch + Duration::from_nanos(nanos)
+    }
+
     /// Whether this limiter has no keys (one state for everything).
     pub fn is_keyed(&self) -> bool {
         self.shared.single.is_none()
+    }
+
+    /// Whether some key limits tokens (so the service should estimate them
+    /// before booking).
+    pub(crate) fn tokens_seen(&self) -> bool {
+        self.shared.tokens_seen.load(Ordering::Relaxed)
     }
 }
 
@@ -568,25 +593,43 @@ impl<K> RateLimiter<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    /// A builder for a keyed limiter (the same as [`RateLimiter::builder`];
-    /// finish it with [`RateLimiterBuilder::build_keyed`]).
-    pub fn keyed_builder(limits: Limits) -> RateLimiterBuilder {
-        RateLimiter::builder(limits)
+    /// Runs `f` on the state of `key`, created if new. The map's shard lock
+    /// is held (for reading) while `f` runs: `f` must not touch the map.
+    #[inline]
+    pub(crate) fn with_state<R>(
+        &self,
+        key: &K,
+        now: u64,
+        f: impl FnOnce(&KeyState, Slot) -> R,
+    ) -> R {
+        let sh = &*self.shared;
+        if let Some(s) = &sh.single {
+            return f(s, Slot::Single);
+        }
+        if let Some(s) = sh.map.get(key) {
+            return f(&s, Slot::Map);
+        }
+        self.with_new(key, now, f)
     }
 
-    /// The state of `key`, created if new.
-    pub(crate) fn state(&self, key: &K, now: u64) -> Arc<KeyState> {
-        if let Some(s) = &self.shared.single {
-            return s.clone();
+    /// Runs `f` on the existing state a booking used; `None` if it was
+    /// evicted meanwhile.
+    pub(crate) fn with_slot<R>(
+        &self,
+        key: &K,
+        slot: Slot,
+        f: impl FnOnce(&KeyState) -> R,
+    ) -> Option<R> {
+        let sh = &*self.shared;
+        match slot {
+            Slot::Single => sh.single.as_ref().map(f),
+            Slot::Overflow => sh.overflow.get().map(f),
+            Slot::Map => sh.map.get(key).map(|s| f(&s)),
         }
-        if let Some(s) = self.shared.map.get(key) {
-            return s.clone();
-        }
-        self.insert(key, now)
     }
 
     #[cold]
-    fn insert(&self, key: &K, now: u64) -> Arc<KeyState> {
+    fn with_new<R>(&self, key: &K, now: u64, f: impl FnOnce(&KeyState, Slot) -> R) -> R {
         let sh = &*self.shared;
         let last = sh.last_sweep.load(Ordering::Relaxed);
         let full = sh.count.load(Ordering::Relaxed) >= sh.settings.max_keys;
@@ -602,7 +645,7 @@ where
         }
         if sh.count.load(Ordering::Relaxed) >= sh.settings.max_keys {
             if let Some(s) = sh.map.get(key) {
-                return s.clone();
+                return f(&s, Slot::Map);
             }
             let n = sh.overflowed.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
@@ -612,31 +655,34 @@ where
                     "rate limiter key map is full; new keys share one overflow state"
                 );
             }
-            return sh
-                .overflow
-                .get_or_init(|| Arc::new(KeyState::new((sh.limits_for)(key))))
-                .clone();
+            let st = sh.overflow.get_or_init(|| self.new_state(key));
+            return f(st, Slot::Overflow);
         }
         let mut created = false;
-        let state = sh
-            .map
-            .entry(key.clone())
-            .or_insert_with(|| {
-                created = true;
-                Arc::new(KeyState::new((sh.limits_for)(key)))
-            })
-            .clone();
+        let entry = sh.map.entry(key.clone()).or_insert_with(|| {
+            created = true;
+            self.new_state(key)
+        });
         if created {
             sh.count.fetch_add(1, Ordering::Relaxed);
         }
-        state
+        let r = entry.downgrade();
+        f(&r, Slot::Map)
+    }
+
+    fn new_state(&self, key: &K) -> KeyState {
+        let st = KeyState::new((self.shared.limits_for)(key));
+        if st.has_tokens() {
+            self.shared.tokens_seen.store(true, Ordering::Relaxed);
+        }
+        st
     }
 
     fn sweep(&self, now: u64) -> usize {
         let sh = &*self.shared;
         let mut removed = 0;
         sh.map.retain(|_, st| {
-            let drop = Arc::strong_count(st) == 1 && st.is_idle(now, &sh.settings);
+            let drop = st.is_idle(now, &sh.settings);
             removed += usize::from(drop);
             !drop
         });
@@ -652,9 +698,10 @@ where
         removed
     }
 
-    /// Removes every idle key now (a key whose buckets are full and that is
-    /// not recovering from a throttle is indistinguishable from a new one)
-    /// and returns how many were removed. Keyed limiters also do this on
+    /// Removes every idle key now and returns how many were removed. A key
+    /// is idle when its buckets are full (so no call is waiting on it) and
+    /// it is not recovering from an upstream throttle: it is then
+    /// indistinguishable from a new key. Keyed limiters also do this on
     /// their own; see [`RateLimiterBuilder::sweep_every`].
     pub fn evict_idle(&self) -> usize {
         let now = self.nanos(time::now());
@@ -681,14 +728,11 @@ where
         self.shared.evicted.load(Ordering::Relaxed)
     }
 
-    /// The bytes one key takes: the map entry (key, pointer, control byte)
-    /// and the shared state. Heap data owned by the key itself (a string's
-    /// bytes) comes on top.
+    /// The bytes one key takes in the map: the slot (key and state) and its
+    /// control byte, at hashbrown's 7/8 load factor. Heap data owned by
+    /// the key itself (a string's bytes) comes on top.
     pub fn bytes_per_key() -> usize {
-        std::mem::size_of::<(K, Arc<KeyState>)>()
-            + 1
-            + 2 * std::mem::size_of::<usize>()
-            + std::mem::size_of::<KeyState>()
+        (std::mem::size_of::<(K, KeyState)>() + 1) * 8 / 7
     }
 
     /// Decides a call of `cost` for `key` now, without waiting: admitted
@@ -710,14 +754,7 @@ where
     pub fn check_at(&self, key: &K, cost: Cost, now: Instant) -> Result<(), RateLimited> {
         let now = self.nanos(now);
         let s = &self.shared.settings;
-        if let Some(st) = &self.shared.single {
-            return book(st, s, now, cost, 0).map(drop);
-        }
-        if let Some(st) = self.shared.map.get(key) {
-            return book(&st, s, now, cost, 0).map(drop);
-        }
-        let st = self.insert(key, now);
-        book(&st, s, now, cost, 0).map(drop)
+        self.with_state(key, now, |st, _| book(st, s, now, cost, 0).map(drop))
     }
 
     /// Reserves a slot for a call of `cost`, at most `max_wait` from now.
@@ -734,18 +771,20 @@ where
         key: &K,
         cost: Cost,
         max_wait: Duration,
-    ) -> Result<Reservation, RateLimited> {
+    ) -> Result<Reservation<K>, RateLimited> {
         let now = self.nanos(time::now());
-        let st = self.state(key, now);
-        let booking = book(
-            &st,
-            &self.shared.settings,
-            now,
-            cost,
-            duration_nanos(max_wait),
-        )?;
+        let (booking, slot) = self.with_state(key, now, |st, slot| {
+            book(
+                st,
+                &self.shared.settings,
+                now,
+                cost,
+                duration_nanos(max_wait),
+            )
+            .map(|b| (b, slot))
+        })?;
         Ok(Reservation {
-            ticket: Ticket::new(self.erased(), st, booking),
+            ticket: Ticket::new(self.clone(), key.clone(), slot, booking),
         })
     }
 
@@ -763,11 +802,11 @@ where
     /// evicted): its buckets are full.
     pub fn snapshot(&self, key: &K) -> Option<Snapshot> {
         let now = self.nanos(time::now());
-        let st = match &self.shared.single {
-            Some(s) => s.clone(),
-            None => self.shared.map.get(key)?.clone(),
-        };
-        Some(self.erased().snapshot(&st, now))
+        let sh = &*self.shared;
+        match &sh.single {
+            Some(s) => Some(self.snapshot_of(s, now)),
+            None => sh.map.get(key).map(|s| self.snapshot_of(&s, now)),
+        }
     }
 
     /// Tells the limiter the upstream throttled a call for `key` that it
@@ -775,33 +814,7 @@ where
     /// Returns whether the key was tightened.
     pub fn throttled(&self, key: &K, cause: ThrottleCause) -> bool {
         let now = self.nanos(time::now());
-        let st = self.state(key, now);
-        self.erased().tighten(&st, cause, now, now)
-    }
-
-    pub(crate) fn erased(&self) -> Handle {
-        Handle {
-            epoch: self.shared.epoch,
-            settings: self.shared.settings,
-        }
-    }
-}
-
-/// What a key-independent part of the limiter needs after the decision:
-/// the epoch and the settings (copied, so hooks hold no generic type).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Handle {
-    epoch: Instant,
-    settings: Settings,
-}
-
-impl Handle {
-    pub(crate) fn nanos(&self, t: Instant) -> u64 {
-        duration_nanos(t.saturating_duration_since(self.epoch))
-    }
-
-    pub(crate) fn instant(&self, nanos: u64) -> Instant {
-        self.epoch + Duration::from_nanos(nanos)
+        self.with_state(key, now, |st, _| self.tighten(st, cause, now, now))
     }
 
     /// Reconciles a booking's tokens with what the call really used.
@@ -827,7 +840,7 @@ impl Handle {
     }
 
     /// Gives a booking back (the waiter was cancelled before its slot).
-    pub(crate) fn cancel(&self, st: &KeyState, b: &Booking) {
+    fn cancel(&self, st: &KeyState, b: &Booking) {
         let r = b.req.is_none_or(|g| st.req.bucket.give_back(&g));
         let t = b.tok.is_none_or(|g| st.tok.bucket.give_back(&g));
         tracing::trace!(given_back = r && t, "rate limit reservation cancelled");
@@ -842,7 +855,8 @@ impl Handle {
         admitted: u64,
         now: u64,
     ) -> bool {
-        let Some((pause, factor, floor, recover)) = self.settings.feedback else {
+        let settings = &self.shared.settings;
+        let Some((pause, factor, floor, recover)) = settings.feedback else {
             return false;
         };
         let (req, tok) = match cause {
@@ -880,7 +894,7 @@ impl Handle {
         let mut new_rate = FULL_RATE;
         for (on, d) in [(req, &st.req), (tok, &st.tok)] {
             if on && d.gcra.is_some() {
-                let cur = Dim::rate_of(d.ramp.load(Ordering::Relaxed), now, &self.settings);
+                let cur = Dim::rate_of(d.ramp.load(Ordering::Relaxed), now, settings);
                 let from = ((u64::from(cur) * u64::from(factor)) >> 16) as u32;
                 let from = from.max(floor).clamp(1, FULL_RATE);
                 new_rate = new_rate.min(from);
@@ -904,11 +918,12 @@ impl Handle {
         true
     }
 
-    pub(crate) fn snapshot(&self, st: &KeyState, now: u64) -> Snapshot {
+    fn snapshot_of(&self, st: &KeyState, now: u64) -> Snapshot {
+        let settings = &self.shared.settings;
         let paused = st.tightened.load(Ordering::Acquire);
         Snapshot {
-            requests: st.req.state(now, &self.settings),
-            tokens: st.tok.state(now, &self.settings),
+            requests: st.req.state(now, settings),
+            tokens: st.tok.state(now, settings),
             throttles: st.throttles.load(Ordering::Relaxed),
             last_throttle: (paused > 0).then(|| self.instant(paused - 1)),
         }
@@ -972,11 +987,17 @@ impl Snapshot {
 ///
 /// Dropping it before [`Reservation::ready`] completes cancels it.
 #[derive(Debug)]
-pub struct Reservation {
-    ticket: Ticket,
+pub struct Reservation<K = ()>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    ticket: Ticket<K>,
 }
 
-impl Reservation {
+impl<K> Reservation<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     /// When the call may go.
     pub fn ready_at(&self) -> Instant {
         self.ticket.ready_at()
@@ -984,7 +1005,7 @@ impl Reservation {
 
     /// Waits for the slot (moved later if an upstream throttle paused the
     /// key meanwhile). Dropping the future cancels the reservation.
-    pub async fn ready(self) -> Admission {
+    pub async fn ready(self) -> Admission<K> {
         loop {
             let at = self.ticket.ready_at();
             tokio::time::sleep_until(at).await;
@@ -1001,88 +1022,138 @@ impl Reservation {
 /// An admitted call: tell the limiter what it really used, or that the
 /// upstream throttled it.
 #[derive(Debug)]
-pub struct Admission {
-    ticket: Admitted,
+pub struct Admission<K = ()>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    ticket: Admitted<K>,
 }
 
-impl Admission {
+impl<K> Admission<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     /// Reconciles the token estimate with the `tokens` the call really
     /// used: refunds the difference or charges the overrun.
     pub fn reconcile(self, tokens: u32) {
-        let t = &self.ticket;
-        let now = t.handle.nanos(time::now());
-        t.handle.reconcile(&t.state, &t.booking, tokens, now);
+        self.ticket.reconcile(Some(tokens));
     }
 
     /// Reports an upstream throttle of this call; returns whether the key
     /// was tightened.
     pub fn throttled(self, cause: ThrottleCause) -> bool {
-        let t = &self.ticket;
-        let now = t.handle.nanos(time::now());
-        t.handle.tighten(&t.state, cause, t.booking.slot, now)
+        self.ticket.throttled(cause)
     }
 }
 
 /// A booking not yet admitted; cancels on drop.
-pub(crate) struct Ticket {
-    handle: Handle,
-    state: Arc<KeyState>,
-    booking: Booking,
-    done: bool,
+pub(crate) struct Ticket<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    inner: Option<Admitted<K>>,
 }
 
-impl Ticket {
-    pub(crate) fn new(handle: Handle, state: Arc<KeyState>, booking: Booking) -> Self {
+impl<K> Ticket<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(limiter: RateLimiter<K>, key: K, slot: Slot, booking: Booking) -> Self {
         Self {
-            handle,
-            state,
-            booking,
-            done: false,
+            inner: Some(Admitted {
+                limiter,
+                key,
+                slot,
+                booking,
+            }),
         }
     }
 
     /// The slot, moved by any pause added since booking.
     pub(crate) fn ready_at(&self) -> Instant {
-        let moved = self.state.shift().saturating_sub(self.booking.shift);
-        self.handle.instant(self.booking.slot.saturating_add(moved))
+        let a = self.inner.as_ref().expect("ticket already admitted");
+        let shift = a
+            .limiter
+            .with_slot(&a.key, a.slot, KeyState::shift)
+            .unwrap_or(a.booking.shift);
+        let moved = shift.saturating_sub(a.booking.shift);
+        a.limiter.instant(a.booking.slot.saturating_add(moved))
     }
 
     /// The call goes: no cancellation any more.
-    pub(crate) fn admit(mut self) -> Admitted {
-        self.done = true;
-        Admitted {
-            handle: self.handle,
-            state: self.state.clone(),
-            booking: self.booking,
-        }
+    pub(crate) fn admit(mut self) -> Admitted<K> {
+        self.inner.take().expect("ticket already admitted")
     }
 }
 
-impl Drop for Ticket {
+impl<K> Drop for Ticket<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn drop(&mut self) {
-        if !self.done {
-            self.handle.cancel(&self.state, &self.booking);
+        if let Some(a) = self.inner.take() {
+            a.limiter
+                .with_slot(&a.key, a.slot, |st| a.limiter.cancel(st, &a.booking));
         }
     }
 }
 
-impl fmt::Debug for Ticket {
+impl<K> fmt::Debug for Ticket<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ticket")
-            .field("slot", &self.booking.slot)
-            .field("tokens", &self.booking.tokens)
-            .finish_non_exhaustive()
+            .field("admitted", &self.inner)
+            .finish()
     }
 }
 
 /// An admitted call's booking, for reconciliation and feedback.
-pub(crate) struct Admitted {
-    pub(crate) handle: Handle,
-    pub(crate) state: Arc<KeyState>,
+pub(crate) struct Admitted<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    limiter: RateLimiter<K>,
+    key: K,
+    slot: Slot,
     pub(crate) booking: Booking,
 }
 
-impl fmt::Debug for Admitted {
+impl<K> Admitted<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    /// Reconciles tokens with `actual` (`None`: the estimate stands).
+    pub(crate) fn reconcile(&self, actual: Option<u32>) {
+        let Some(actual) = actual else { return };
+        if self.booking.tokens == 0 {
+            return;
+        }
+        let now = self.limiter.nanos(time::now());
+        self.limiter.with_slot(&self.key, self.slot, |st| {
+            self.limiter.reconcile(st, &self.booking, actual, now)
+        });
+    }
+
+    /// Feeds an upstream throttle back.
+    pub(crate) fn throttled(&self, cause: ThrottleCause) -> bool {
+        if cause == ThrottleCause::Local {
+            return false;
+        }
+        let now = self.limiter.nanos(time::now());
+        self.limiter
+            .with_slot(&self.key, self.slot, |st| {
+                self.limiter.tighten(st, cause, self.booking.slot, now)
+            })
+            .unwrap_or(false)
+    }
+}
+
+impl<K> fmt::Debug for Admitted<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admitted")
             .field("slot", &self.booking.slot)

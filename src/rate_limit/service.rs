@@ -108,18 +108,20 @@ where
     C: Classify<S::Response>,
     B: BufferedBody,
 {
-    type Response = C::Observed<Reconcile>;
+    type Response = C::Observed<Reconcile<KF::Key>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S, Request<B>, C>;
+    type Future = ResponseFuture<S::Future, S, Request<B>, C, KF::Key>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if self.key_fn.needs_request_info() {
-            RequestInfo::of(&mut req);
-        }
+        let estimate = if self.key_fn.needs_request_info() || self.limiter.tokens_seen() {
+            Some(RequestInfo::of(&mut req).estimated_tokens(self.default_output))
+        } else {
+            None
+        };
         let key = {
             let (parts, body) = req.into_parts();
             let key = self.key_fn.key(&parts);
@@ -128,21 +130,27 @@ where
         };
         let t = time::now();
         let now = self.limiter.nanos(t);
-        let state = self.limiter.state(&key, now);
-        let tokens = if state.has_tokens() {
-            RequestInfo::of(&mut req).estimated_tokens(self.default_output)
-        } else {
-            0
-        };
-        let booking = match self
-            .limiter
-            .book(&state, now, Cost::call(tokens), self.max_wait)
-        {
+        let default_output = self.default_output;
+        let max_wait = self.max_wait;
+        let limiter = &self.limiter;
+        let decided = limiter.with_state(&key, now, |state, slot| {
+            let tokens = if state.has_tokens() {
+                // Estimated before the lookup unless this is the first key
+                // with a token quota.
+                estimate
+                    .unwrap_or_else(|| RequestInfo::of(&mut req).estimated_tokens(default_output))
+            } else {
+                0
+            };
+            limiter
+                .book(state, now, Cost::call(tokens), max_wait)
+                .map(|b| (b, slot))
+        });
+        let (booking, slot) = match decided {
             Ok(b) => b,
             Err(e) => {
                 tracing::debug!(
                     retry_after_ms = e.retry_after().unwrap_or_default().as_millis() as u64,
-                    tokens,
                     "local rate limit refused a call"
                 );
                 return ResponseFuture::limited(e, self.classifier.clone());
@@ -153,7 +161,7 @@ where
             usage: booking.tokens > 0,
             timing: false,
         };
-        let ticket = Ticket::new(self.limiter.erased(), state, booking);
+        let ticket = Ticket::new(self.limiter.clone(), key, slot, booking);
         if booking.slot <= now {
             let admitted = ticket.admit();
             let fut = self.inner.call(req);
@@ -162,7 +170,7 @@ where
             let at = ticket.ready_at();
             tracing::debug!(
                 wait_ms = at.saturating_duration_since(t).as_millis() as u64,
-                tokens,
+                tokens = booking.tokens,
                 "waiting for a rate limit slot"
             );
             // The ready inner service stays here for the next call; the

@@ -223,19 +223,23 @@ async fn idle_keys_are_evicted_and_the_key_count_is_bounded() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn keys_held_by_waiters_are_not_evicted() {
+async fn keys_with_waiters_are_not_evicted() {
     let limiter: RateLimiter<u32> =
         RateLimiter::builder(Limits::requests(smooth(10))).build_keyed();
     limiter.check(&1, Cost::ONE).unwrap();
     let r = limiter
         .reserve(&1, Cost::ONE, Duration::from_secs(1))
         .unwrap();
-    tokio::time::advance(Duration::from_secs(5)).await;
-    // The bucket is full again, but a reservation still points at the
-    // state: evicting it would lose the reservation's accounting.
+    // A call waits on the key: its bucket is not full, it is not idle.
+    tokio::time::advance(150 * MS).await;
     assert_eq!(limiter.evict_idle(), 0);
-    drop(r);
+    let admitted = r.ready().await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // Evicting a key a call still holds loses nothing that matters: the
+    // bucket is full, and a reconciliation of an evicted key is a no-op.
     assert_eq!(limiter.evict_idle(), 1);
+    admitted.reconcile(0);
+    assert!(limiter.is_empty());
 }
 
 // ---------------------------------------------------------------------------
