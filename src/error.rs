@@ -49,6 +49,8 @@ macro_rules! for_known_errors {
         $check!(crate::timeout::error::IdleTimeout);
         #[cfg(feature = "timeout")]
         $check!(crate::timeout::error::DeadlineExceeded);
+        #[cfg(feature = "gateway")]
+        $check!(crate::gateway::error::UpstreamBusy);
     };
 }
 

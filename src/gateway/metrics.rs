@@ -1,0 +1,242 @@
+//! Prometheus metrics through the `metrics` facade, recorded into a
+//! recorder owned by the gateway (never the process-global one), so several
+//! gateways (and tests) in one process do not mix their numbers.
+//!
+//! Metric handles are registered once per label set and cached: the request
+//! path does a hash-map lookup and an atomic add, no allocation. Bucket
+//! levels and degraded states are read when `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use metrics::{Counter, Gauge, Histogram, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::request::Endpoint;
+
+use super::respond::Refusal;
+
+pub(crate) const REQUESTS: &str = "gateway_requests_total";
+pub(crate) const REFUSALS: &str = "gateway_refusals_total";
+pub(crate) const RATE_LIMITED: &str = "gateway_rate_limited_total";
+pub(crate) const UPSTREAM_LATENCY: &str = "gateway_upstream_latency_seconds";
+pub(crate) const BUCKET_REMAINING: &str = "gateway_key_bucket_remaining";
+pub(crate) const KEY_DEGRADED: &str = "gateway_key_degraded";
+pub(crate) const DEGRADED_KEYS: &str = "gateway_degraded_keys";
+pub(crate) const DEGRADATIONS: &str = "gateway_degradations_total";
+pub(crate) const CANCELLED: &str = "gateway_streams_cancelled_total";
+pub(crate) const IN_FLIGHT: &str = "gateway_requests_in_flight";
+
+/// The route label of an endpoint.
+pub(crate) fn route_label(e: Option<Endpoint>) -> &'static str {
+    match e {
+        Some(Endpoint::NativeGeneration) => "native_generation",
+        Some(Endpoint::NativeMultimodal) => "native_multimodal",
+        Some(Endpoint::CompatibleChat) => "compatible_chat",
+        Some(Endpoint::NativeEmbedding) => "native_embedding",
+        Some(Endpoint::CompatibleEmbedding) => "compatible_embedding",
+        Some(Endpoint::Task) => "task",
+        Some(_) => "native_other",
+        None => "unknown",
+    }
+}
+
+/// Which client key a metric is about: an index into the configured keys,
+/// or none (unauthenticated).
+pub(crate) type KeyIdx = Option<u32>;
+
+pub(crate) struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Labels of the configured keys, by index.
+    key_labels: Arc<[String]>,
+    requests: DashMap<(KeyIdx, &'static str, u16), Counter>,
+    refusals: DashMap<(KeyIdx, Refusal), (Counter, Option<Counter>)>,
+    latency: DashMap<&'static str, Histogram>,
+    pub(crate) bucket_remaining: Vec<Gauge>,
+    pub(crate) key_degraded: Vec<Gauge>,
+    pub(crate) degradations: Vec<Counter>,
+    pub(crate) degraded_keys: Gauge,
+    pub(crate) cancelled: Counter,
+    pub(crate) in_flight: Gauge,
+    samples: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn new(key_labels: Vec<String>) -> Self {
+        const BUCKETS: [f64; 16] = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 120.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(UPSTREAM_LATENCY.to_owned()), &BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<metrics::Unit>, what: &'static str| {
+            recorder.describe_counter(name.into(), unit, what.into());
+        };
+        describe(
+            REQUESTS,
+            None,
+            "Requests answered, by route, status and client key.",
+        );
+        describe(
+            REFUSALS,
+            None,
+            "Requests the gateway answered itself, by client key and reason.",
+        );
+        describe(
+            RATE_LIMITED,
+            None,
+            "429s issued by the gateway, by client key and reason.",
+        );
+        describe(
+            DEGRADATIONS,
+            None,
+            "Times a client key was degraded after upstream failures.",
+        );
+        describe(
+            CANCELLED,
+            None,
+            "Responses whose client went away before their end.",
+        );
+        recorder.describe_histogram(
+            UPSTREAM_LATENCY.into(),
+            Some(metrics::Unit::Seconds),
+            "Time from sending a request upstream to its response headers, by route.".into(),
+        );
+        recorder.describe_gauge(
+            BUCKET_REMAINING.into(),
+            None,
+            "Requests a client key may send at once now (its token bucket level).".into(),
+        );
+        recorder.describe_gauge(
+            KEY_DEGRADED.into(),
+            None,
+            "1 while a client key is degraded, else 0.".into(),
+        );
+        recorder.describe_gauge(
+            DEGRADED_KEYS.into(),
+            None,
+            "Client keys degraded now.".into(),
+        );
+        recorder.describe_gauge(IN_FLIGHT.into(), None, "Requests being served now.".into());
+        let key_labels: Arc<[String]> = key_labels.into();
+        let (bucket_remaining, key_degraded, degradations) =
+            metrics::with_local_recorder(&recorder, || {
+                let mut b = Vec::new();
+                let mut d = Vec::new();
+                let mut c = Vec::new();
+                for k in key_labels.iter() {
+                    b.push(metrics::gauge!(BUCKET_REMAINING, "key" => k.clone()));
+                    d.push(metrics::gauge!(KEY_DEGRADED, "key" => k.clone()));
+                    c.push(metrics::counter!(DEGRADATIONS, "key" => k.clone()));
+                }
+                (b, d, c)
+            });
+        let (degraded_keys, cancelled, in_flight) = metrics::with_local_recorder(&recorder, || {
+            (
+                metrics::gauge!(DEGRADED_KEYS),
+                metrics::counter!(CANCELLED),
+                metrics::gauge!(IN_FLIGHT),
+            )
+        });
+        Self {
+            recorder,
+            handle,
+            key_labels,
+            requests: DashMap::new(),
+            refusals: DashMap::new(),
+            latency: DashMap::new(),
+            bucket_remaining,
+            key_degraded,
+            degradations,
+            degraded_keys,
+            cancelled,
+            in_flight,
+            samples: AtomicU64::new(0),
+        }
+    }
+
+    fn key_label(&self, key: KeyIdx) -> String {
+        key.and_then(|i| self.key_labels.get(i as usize).cloned())
+            .unwrap_or_else(|| "none".to_owned())
+    }
+
+    /// Counts one answered request.
+    pub(crate) fn request(&self, key: KeyIdx, route: &'static str, status: u16) {
+        if let Some(c) = self.requests.get(&(key, route, status)) {
+            c.increment(1);
+            return;
+        }
+        let label = self.key_label(key);
+        let c = metrics::with_local_recorder(
+            &self.recorder,
+            || metrics::counter!(REQUESTS, "route" => route, "status" => status.to_string(), "key" => label),
+        );
+        c.increment(1);
+        self.requests.insert((key, route, status), c);
+    }
+
+    /// Counts one refusal (and, for 429s, one rate-limited answer).
+    pub(crate) fn refusal(&self, key: KeyIdx, refusal: Refusal) {
+        let bump = |c: &(Counter, Option<Counter>)| {
+            c.0.increment(1);
+            if let Some(r) = &c.1 {
+                r.increment(1);
+            }
+        };
+        if let Some(c) = self.refusals.get(&(key, refusal)) {
+            bump(&c);
+            return;
+        }
+        let label = self.key_label(key);
+        let c = metrics::with_local_recorder(&self.recorder, || {
+            let limited = (refusal.status() == http::StatusCode::TOO_MANY_REQUESTS).then(|| {
+                metrics::counter!(RATE_LIMITED, "key" => label.clone(), "reason" => refusal.label())
+            });
+            (
+                metrics::counter!(REFUSALS, "key" => label, "reason" => refusal.label()),
+                limited,
+            )
+        });
+        bump(&c);
+        self.refusals.insert((key, refusal), c);
+    }
+
+    /// Records the time to upstream response headers.
+    pub(crate) fn upstream_latency(&self, route: &'static str, d: Duration) {
+        // Histogram samples wait in a buffer until drained; drain it now and
+        // then from the request path, so that memory stays bounded without a
+        // background task even when nobody scrapes.
+        if self.samples.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.upkeep();
+        }
+        if let Some(h) = self.latency.get(route) {
+            h.record(d.as_secs_f64());
+            return;
+        }
+        let h = metrics::with_local_recorder(
+            &self.recorder,
+            || metrics::histogram!(UPSTREAM_LATENCY, "route" => route),
+        );
+        h.record(d.as_secs_f64());
+        self.latency.insert(route, h);
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; call now and then.
+    pub(crate) fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}

@@ -1,0 +1,449 @@
+//! A ready gateway: a local proxy in front of DashScope with per-client-key
+//! token buckets, 429s with `Retry-After`, degradation of failing keys,
+//! SSE pass-through, and metrics.
+//!
+//! [`Gateway`] (or [`router`]) is an axum [`Router`](axum::Router) that
+//! speaks DashScope's own paths, so the official SDKs and OpenAI-compatible
+//! clients work by changing only their base URL:
+//!
+//! | path | |
+//! |---|---|
+//! | `POST /api/v1/services/...` | native text, multimodal, embeddings, async task submission |
+//! | `POST /compatible-mode/v1/chat/completions`, `POST /compatible-mode/v1/embeddings` | OpenAI-compatible |
+//! | `GET /api/v1/tasks`, `GET /api/v1/tasks/{id}`, `POST /api/v1/tasks/{id}/cancel` | task polling |
+//! | `GET /healthz`, `GET /metrics` | operations |
+//!
+//! Every request goes through, in order:
+//!
+//! 1. **Header cap** (431) and **client key**: `Authorization: Bearer
+//!    <gateway key>`. Keys are configured as SHA-256 digests (or hashed at
+//!    load) and never stored, logged or shown: logs and metrics name a key
+//!    by its name or an 8-hex-digit redacted id. A missing or unknown key
+//!    gets 401 `InvalidApiKey` in the endpoint's error shape.
+//! 2. **The key's token bucket** (default capacity 50, refill 30 per
+//!    second; per key overrides): empty means an immediate 429 with
+//!    `Retry-After` (whole seconds, rounded up) and
+//!    `x-ratelimit-limit/remaining/reset`, the body in DashScope's shape for
+//!    the endpoint (`Throttling.RateQuota` natively, `limit_requests` in
+//!    compatible mode). Every proxied answer carries the same three
+//!    headers.
+//! 3. **The body**, read up to a cap (413) and a read timeout (408), then
+//!    parsed once for the model, streaming and a token estimate
+//!    ([`RequestInfo`](crate::request::RequestInfo)).
+//! 4. **Degradation**: a [`CircuitBreaker`](crate::circuit_breaker) per key
+//!    with [`TripAction::Degrade`](crate::circuit_breaker::TripAction):
+//!    after 3 consecutive upstream failures (5xx, timeouts, resets, an SSE
+//!    error frame mid-stream; not 429s, not 4xx) the key is limited to
+//!    5 calls per second (429 beyond that) and a `warn` event names it by
+//!    its redacted id; after the probe delay (5 s, doubling up to 60 s),
+//!    admitted calls are probes and the first success restores the key.
+//! 5. **Upstream admission**: the key maps to a pool of upstream accounts
+//!    (DashScope's quotas belong to accounts, not keys). Each account has
+//!    a [`RateLimiter`](crate::rate_limit::RateLimiter) per model with RPM
+//!    and TPM (the Qwen defaults or configured), in reject mode; the pool
+//!    tries its accounts in turn and answers 429 (`Throttling.RateQuota` or
+//!    `Throttling.AllocationQuota`) with `Retry-After` and
+//!    `x-ratelimit-*-requests/tokens` when all are out of budget. Token
+//!    reservations are reconciled with the real `usage` when the answer
+//!    ends, and an upstream 429 tightens the account.
+//! 6. **The upstream call**, to the configured base URL only (no open
+//!    proxying), with the account's key, hop-by-hop headers stripped both
+//!    ways, and the configured connect, header, idle and total timeouts
+//!    (504 / 502 when the upstream cannot answer).
+//!
+//! The answer streams back frame by frame: nothing is buffered, an SSE
+//! stream reaches the client as the upstream sends it, and when the client
+//! goes away the gateway drops the upstream body, which closes the upstream
+//! connection and so cancels the generation.
+//!
+//! **Operations.** `/healthz`; `/metrics` in Prometheus text through the
+//! `metrics` facade and a recorder owned by the gateway (requests by route,
+//! status and key, 429s and other refusals by reason, upstream latency,
+//! bucket levels, degraded keys, cancelled streams, requests in flight);
+//! `tracing` events (a `warn` per degradation and per upstream failure,
+//! `debug` per request); [`Gateway::serve`] with a graceful shutdown that
+//! lets in-flight streams finish up to a deadline.
+//!
+//! # Configuration
+//!
+//! TOML ([`GatewayConfig`]), every scalar of `[server]`, `[upstream]`,
+//! `[limits]` and `[degrade]` overridable by `QWEN_GATEWAY_<SECTION>_<FIELD>`
+//! (e.g. `QWEN_GATEWAY_SERVER_LISTEN`), secrets read from variables named
+//! by `*_env` fields. A bad file gets a [`ConfigError`](error::ConfigError)
+//! naming every bad or unknown field. `examples/gateway.toml` documents
+//! every field with its default:
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:8080"
+//! max_body_bytes = 8388608        # 413 above
+//! max_header_bytes = 16384        # 431 above
+//! body_read_timeout = "30s"       # 408
+//! shutdown_grace = "30s"
+//!
+//! [upstream]
+//! region = "singapore"            # or base_url = "https://dashscope.aliyuncs.com"
+//! connect_timeout = "5s"
+//! header_timeout = "off"
+//! idle_timeout = "60s"            # silence between stream frames
+//! total_timeout = "300s"
+//!
+//! [limits]                        # each client key's bucket, unless overridden
+//! capacity = 50
+//! refill_per_second = 30
+//!
+//! [degrade]
+//! consecutive_failures = 3
+//! rate_per_second = 5
+//! probe_after = "5s"
+//! probe_after_max = "60s"
+//!
+//! [[accounts]]
+//! name = "main"
+//! api_key_env = "DASHSCOPE_API_KEY"
+//! quotas = "qwen"                 # the published defaults per model, or "unlimited"
+//! [accounts.models."qwen-plus"]
+//! rpm = 15000
+//! tpm = 1200000
+//!
+//! [[keys]]
+//! name = "team-a"
+//! sha256 = "<64 hex digits: printf %s KEY | sha256sum>"
+//! accounts = ["main"]
+//! capacity = 100
+//! ```
+//!
+//! # How it differs
+//!
+//! Compared with LiteLLM's or Helicone's proxies (QWEN-API.md), the
+//! limits here are admission control before the request leaves (GCRA,
+//! tokens reserved and reconciled), 429s carry `Retry-After` and
+//! `x-ratelimit-*` (DashScope sends neither), errors are classified from
+//! bodies and SSE frames too, and a failing key is slowed rather than
+//! ejected. It is built from this crate's layers, so the same behaviour is
+//! available in-process without the gateway.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use tower::ServiceExt;
+//! use tower_qwen::gateway::{Gateway, GatewayConfig};
+//!
+//! let config = GatewayConfig::from_toml(r#"
+//!     [upstream]
+//!     base_url = "http://127.0.0.1:9"
+//!     [[accounts]]
+//!     name = "main"
+//!     api_key = "sk-upstream"
+//!     [[keys]]
+//!     name = "alice"
+//!     key = "gw-alice-0001"
+//!     capacity = 1
+//! "#).unwrap();
+//! let app = Gateway::new(config).router();
+//!
+//! // No key: 401 in the compatible (OpenAI) shape.
+//! let req = http::Request::post("/compatible-mode/v1/chat/completions")
+//!     .body(axum::body::Body::from("{}"))
+//!     .unwrap();
+//! let res = app.clone().oneshot(req).await.unwrap();
+//! assert_eq!(res.status(), 401);
+//!
+//! // The health check needs no key.
+//! let res = app.oneshot(http::Request::get("/healthz").body(axum::body::Body::empty()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! # }
+//! ```
+
+mod auth;
+mod config;
+pub mod error;
+mod metrics;
+mod proxy;
+mod respond;
+mod serve;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tower_layer::Layer;
+
+use crate::circuit_breaker::{CircuitBreakerLayer, State as BreakerState, TripAction};
+use crate::client::TransportConfig;
+use crate::rate_limit::{ByModel, Limits, RateLimitLayer, RateLimiter, SlowStart};
+use crate::timeout::TimeoutLayer;
+
+pub use auth::key_sha256;
+pub use config::{ENV_PREFIX, GatewayConfig};
+
+use proxy::{Account, ClientKey, Inner, Pool};
+
+/// A configured gateway. Cheap to clone (shared state). See the
+/// [module docs](self) for an example.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+    max_header_bytes: usize,
+    grace: std::time::Duration,
+    listen: std::net::SocketAddr,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The gateway's [`Router`] for `config`: the same as
+/// `Gateway::new(config).router()`.
+pub fn router(config: GatewayConfig) -> Router {
+    Gateway::new(config).router()
+}
+
+impl Gateway {
+    /// Builds the gateway: the upstream client, one rate limiter per
+    /// account, one bucket and one breaker per client key, the metrics
+    /// recorder. Needs no runtime; nothing is sent until a request comes.
+    pub fn new(config: GatewayConfig) -> Self {
+        let up = &config.upstream;
+        let client = TransportConfig::new()
+            .connect_timeout(up.connect_timeout)
+            .pool_max_idle_per_host(up.pool_max_idle_per_host)
+            .build();
+        let upstream = TimeoutLayer::new()
+            .header(up.header_timeout)
+            .idle(up.idle_timeout)
+            .total(up.total_timeout)
+            .layer(client);
+        let accounts: Vec<Arc<Account>> = config
+            .accounts
+            .iter()
+            .map(|a| {
+                let table = a.quotas.clone();
+                let limiter = RateLimiter::builder(Limits::UNLIMITED)
+                    .slow_start(a.slow_start.map(SlowStart::new))
+                    .build_keyed_with(move |model: &Option<Arc<str>>| match (&table, model) {
+                        (Some(t), Some(m)) => t.get(Some(m)),
+                        _ => Limits::UNLIMITED,
+                    });
+                let svc = RateLimitLayer::keyed(limiter.clone(), ByModel)
+                    .reject()
+                    .layer(upstream.clone());
+                Arc::new(Account {
+                    name: a.name.clone(),
+                    keys: a.keys.clone(),
+                    next_key: AtomicUsize::new(0),
+                    workspace: a.workspace.clone(),
+                    svc,
+                    limiter,
+                })
+            })
+            .collect();
+        let labels: Vec<String> = config.keys.iter().map(|k| k.name.clone()).collect();
+        let metrics = metrics::Metrics::new(labels);
+        let degrade = config.degrade;
+        let mut clients = Vec::with_capacity(config.keys.len());
+        let mut by_digest = HashMap::with_capacity(config.keys.len());
+        for (idx, k) in config.keys.iter().enumerate() {
+            let pool = Pool {
+                accounts: k.accounts.iter().map(|&i| accounts[i].clone()).collect(),
+                next: Arc::new(AtomicUsize::new(0)),
+            };
+            let id = k.digest.redacted_id();
+            let degradations = metrics.degradations[idx].clone();
+            let (log_id, log_name) = (id.clone(), k.name.clone());
+            let rate = degrade.rate_per_second;
+            let failures = degrade.consecutive_failures;
+            let mut breaker = CircuitBreakerLayer::new()
+                .failure_rate(None)
+                .trip_action(TripAction::Degrade(rate))
+                .open_duration(degrade.probe_after, degrade.probe_after_max)
+                .jitter(degrade.jitter);
+            breaker = if degrade.enabled {
+                breaker.consecutive_failures(failures)
+            } else {
+                breaker.consecutive_failures(None)
+            };
+            let breaker = breaker.on_state_change(move |_: &(), t| match (t.from, t.to) {
+                (from, BreakerState::Degraded) if from != BreakerState::Degraded => {
+                    degradations.increment(1);
+                    tracing::warn!(
+                        key = %log_id,
+                        key_name = %log_name,
+                        consecutive_failures = failures.get(),
+                        rate_per_second = rate.get(),
+                        probe_in_ms = t.open_for.map_or(0, |d| d.as_millis() as u64),
+                        "gateway key degraded after consecutive upstream failures"
+                    );
+                }
+                (BreakerState::Degraded, BreakerState::Degraded) => {
+                    tracing::info!(
+                        key = %log_id,
+                        key_name = %log_name,
+                        probe_in_ms = t.open_for.map_or(0, |d| d.as_millis() as u64),
+                        "gateway key probe failed; still degraded"
+                    );
+                }
+                (_, BreakerState::Closed) => {
+                    tracing::info!(key = %log_id, key_name = %log_name, "gateway key recovered");
+                }
+                _ => {}
+            });
+            let handle = breaker.handle();
+            let svc = breaker.layer(pool);
+            let bucket = RateLimiter::builder(k.bucket.limits())
+                .feedback(None)
+                .build();
+            let client = Arc::new(ClientKey {
+                idx: idx as u32,
+                name: k.name.clone(),
+                id,
+                bucket,
+                svc,
+                breaker: handle,
+            });
+            by_digest.insert(k.digest, client.clone());
+            clients.push(client);
+        }
+        tracing::info!(
+            upstream = %config.upstream.base_url,
+            accounts = accounts.len(),
+            keys = clients.len(),
+            "gateway configured"
+        );
+        let inner = Inner {
+            base: config.upstream.base_url.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            max_header_bytes: config.server.max_header_bytes,
+            body_read_timeout: config.server.body_read_timeout,
+            degrade_rate: degrade.rate_per_second.get(),
+            keys: by_digest,
+            clients,
+            metrics,
+        };
+        Self {
+            inner: Arc::new(inner),
+            max_header_bytes: config.server.max_header_bytes,
+            grace: config.server.shutdown_grace,
+            listen: config.server.listen,
+        }
+    }
+
+    /// The axum router: mount it in your app, or run it with
+    /// [`Gateway::serve`].
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(proxy::healthz))
+            .route("/metrics", get(proxy::metrics))
+            .route("/api/v1/services/{*path}", post(proxy::proxy))
+            .route("/compatible-mode/v1/chat/completions", post(proxy::proxy))
+            .route("/compatible-mode/v1/embeddings", post(proxy::proxy))
+            .route("/api/v1/tasks", get(proxy::proxy))
+            .route("/api/v1/tasks/{id}", get(proxy::proxy))
+            .route("/api/v1/tasks/{id}/cancel", post(proxy::proxy))
+            .fallback(proxy::not_found)
+            .with_state(self.inner.clone())
+    }
+
+    /// The Prometheus text of the gateway's metrics (what `/metrics`
+    /// answers, without refreshing the bucket and degradation gauges).
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render()
+    }
+
+    /// Whether the client key named `name` is degraded now; `None` for an
+    /// unknown name.
+    pub fn is_degraded(&self, name: &str) -> Option<bool> {
+        self.inner
+            .clients
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.is_degraded())
+    }
+
+    /// Serves on `listener` (HTTP/1.1) until `shutdown` completes; then
+    /// stops accepting connections and lets in-flight requests, streams
+    /// included, finish for up to the configured `shutdown_grace` before
+    /// dropping them.
+    ///
+    /// Requests whose head is over the header cap get 431 from hyper
+    /// before the router sees them.
+    ///
+    /// # Errors
+    ///
+    /// None so far (accept errors are logged and retried); the `Result`
+    /// leaves room for setup errors.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let router = self.router();
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "gateway listening");
+        }
+        serve::serve(
+            listener,
+            router,
+            self.max_header_bytes,
+            self.grace,
+            shutdown,
+        )
+        .await
+    }
+
+    /// Binds the configured `server.listen` address and serves until
+    /// Ctrl-C or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound.
+    pub async fn serve_on(self) -> io::Result<()> {
+        let listener = TcpListener::bind(self.listen).await?;
+        self.serve(listener, shutdown_signal()).await
+    }
+}
+
+/// Completes on Ctrl-C, or SIGTERM on Unix.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Gateway>();
+    let _ = NonZeroU32::MIN;
+}

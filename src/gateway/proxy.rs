@@ -1,0 +1,676 @@
+//! The request path: authenticate, charge the client key's bucket, read the
+//! body (capped), pass the key's degrade breaker, pick an upstream account
+//! of the key's pool whose (account, model) budget admits the call, and
+//! stream the answer back.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::BoxError;
+use crate::body::{Body, BufferedBody};
+use crate::circuit_breaker::error::CircuitOpen;
+use crate::circuit_breaker::{BreakerHandle, CircuitBreaker, State as BreakerState};
+use crate::client::{ApiKey, BaseUrl, HttpClient};
+use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::{ByModel, Cost, RateLimit, RateLimiter};
+use crate::request::{Endpoint, Protocol, RequestInfo};
+use crate::time;
+use crate::timeout::Timeout;
+use crate::timeout::error::{DeadlineExceeded, HeaderTimeout};
+
+use super::auth::{KeyDigest, bearer, digest_of};
+use super::error::UpstreamBusy;
+use super::metrics::{KeyIdx, Metrics, route_label};
+use super::respond::{Refusal, ceil_secs, refuse};
+
+/// The client toward DashScope, with the upstream timeouts.
+pub(crate) type Upstream = Timeout<HttpClient>;
+/// One account's admission (reject mode, keyed by model) over the client.
+pub(crate) type AccountSvc = RateLimit<Upstream, ByModel>;
+/// What an account answers (named through the service, so that it follows
+/// the rate limiter's own response type).
+pub(crate) type PoolResponse = <AccountSvc as Service<http::Request<Body>>>::Response;
+/// A client key's path: its degrade breaker over its pool.
+pub(crate) type KeySvc = CircuitBreaker<Pool>;
+
+/// An upstream account: its keys (used in turn), its workspace, and its
+/// admission service.
+pub(crate) struct Account {
+    pub(crate) name: String,
+    pub(crate) keys: Vec<ApiKey>,
+    pub(crate) next_key: AtomicUsize,
+    pub(crate) workspace: Option<HeaderValue>,
+    pub(crate) svc: AccountSvc,
+    pub(crate) limiter: RateLimiter<Option<Arc<str>>>,
+}
+
+impl fmt::Debug for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Account")
+            .field("name", &self.name)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Account {
+    fn authorize(&self, headers: &mut HeaderMap) {
+        let i = if self.keys.len() == 1 {
+            0
+        } else {
+            self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len()
+        };
+        headers.insert(header::AUTHORIZATION, self.keys[i].header_value().clone());
+        if let Some(ws) = &self.workspace {
+            headers.insert("x-dashscope-workspace", ws.clone());
+        }
+    }
+}
+
+/// A request extension: send only to the pool's first account (task polls,
+/// async submissions: a task lives in the account that created it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sticky;
+
+/// A client key's pool of upstream accounts. Tries them in turn, starting
+/// at a rotating one, and moves on when an account's budget refuses the
+/// call locally; fails with [`UpstreamBusy`] when all refuse.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    pub(crate) accounts: Arc<[Arc<Account>]>,
+    pub(crate) next: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("accounts", &self.accounts.len())
+            .finish()
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl Service<http::Request<Body>> for Pool {
+    type Response = PoolResponse;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let accounts = self.accounts.clone();
+        let sticky = req.extensions().get::<Sticky>().is_some();
+        let n = accounts.len();
+        let (start, tries) = if sticky || n == 1 {
+            (0, 1)
+        } else {
+            (self.next.fetch_add(1, Ordering::Relaxed) % n, n)
+        };
+        Box::pin(async move {
+            let mut req = Some(req);
+            let mut busy: Option<UpstreamBusy> = None;
+            for i in 0..tries {
+                let account = &accounts[(start + i) % n];
+                let mut r = if i + 1 == tries {
+                    req.take().expect("the last try takes the request")
+                } else {
+                    clone_request(req.as_ref().expect("kept for the next try"))
+                };
+                account.authorize(r.headers_mut());
+                let model = RequestInfo::of(&mut r).model.clone();
+                match oneshot(account.svc.clone(), r).await {
+                    Ok(res) => return Ok(res),
+                    Err(e) => match e.downcast::<RateLimited>() {
+                        Ok(limited) => {
+                            let wait = limited.retry_after().unwrap_or(Duration::from_secs(1));
+                            tracing::debug!(
+                                account = %account.name,
+                                model = model.as_deref().unwrap_or(""),
+                                retry_after_ms = wait.as_millis() as u64,
+                                "upstream account budget refused the call"
+                            );
+                            if busy.as_ref().is_none_or(|b| wait < b.retry_after) {
+                                let mut headers = HeaderMap::new();
+                                if let Some(s) = account.limiter.snapshot(&model) {
+                                    s.write_headers(&mut headers);
+                                }
+                                busy = Some(UpstreamBusy {
+                                    retry_after: wait,
+                                    tokens: limited.is_tokens(),
+                                    headers,
+                                });
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    },
+                }
+            }
+            Err(busy
+                .unwrap_or(UpstreamBusy {
+                    retry_after: Duration::from_secs(1),
+                    tokens: false,
+                    headers: HeaderMap::new(),
+                })
+                .into())
+        })
+    }
+}
+
+/// `poll_ready` then `call` (tower's `oneshot`, without depending on
+/// `tower` for it).
+async fn oneshot<S, R>(mut svc: S, req: R) -> Result<S::Response, S::Error>
+where
+    S: Service<R>,
+{
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+    svc.call(req).await
+}
+
+fn clone_request(req: &http::Request<Body>) -> http::Request<Body> {
+    let mut r = http::Request::new(req.body().try_clone().unwrap_or_default());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    *r.extensions_mut() = req.extensions().clone();
+    r
+}
+
+/// A configured client key.
+pub(crate) struct ClientKey {
+    pub(crate) idx: u32,
+    pub(crate) name: String,
+    pub(crate) id: String,
+    pub(crate) bucket: RateLimiter<()>,
+    pub(crate) svc: KeySvc,
+    pub(crate) breaker: BreakerHandle<()>,
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientKey {
+    /// `x-ratelimit-limit/remaining/reset` of the key's bucket (reset: whole
+    /// seconds until the bucket is full, rounded up).
+    fn write_bucket_headers(&self, headers: &mut HeaderMap) {
+        if let Some(d) = self.bucket.snapshot(&()).and_then(|s| s.requests) {
+            headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
+            headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
+            let reset = d.reset.as_secs() + u64::from(d.reset.subsec_nanos() > 0);
+            headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+        }
+    }
+
+    pub(crate) fn is_degraded(&self) -> bool {
+        matches!(self.breaker.state(), BreakerState::Degraded)
+    }
+}
+
+/// Everything the handlers share.
+pub(crate) struct Inner {
+    pub(crate) base: BaseUrl,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) body_read_timeout: Duration,
+    pub(crate) degrade_rate: u32,
+    pub(crate) keys: HashMap<KeyDigest, Arc<ClientKey>>,
+    pub(crate) clients: Vec<Arc<ClientKey>>,
+    pub(crate) metrics: Metrics,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("base", &self.base)
+            .field("clients", &self.clients)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn refuse(
+        &self,
+        key: KeyIdx,
+        route: &'static str,
+        protocol: Protocol,
+        refusal: Refusal,
+        retry_after: Option<Duration>,
+        extra: Option<HeaderMap>,
+    ) -> Response {
+        self.metrics.refusal(key, refusal);
+        self.metrics.request(key, route, refusal.status().as_u16());
+        refuse(protocol, refusal, retry_after, extra)
+    }
+}
+
+/// The headers never forwarded in either direction (RFC 9110 7.6.1), plus
+/// `proxy-connection`.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request headers the gateway replaces or drops on top of the hop-by-hop
+/// ones: the client's key and host, the length (recomputed), compression
+/// (the gateway reads error frames and usage in the answer), `expect`
+/// (answered here), and the workspace (the account's).
+const REQUEST_DROPPED: [&str; 6] = [
+    "host",
+    "authorization",
+    "content-length",
+    "accept-encoding",
+    "expect",
+    "x-dashscope-workspace",
+];
+
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The client's headers as sent upstream.
+pub(crate) fn forward_request_headers(from: &HeaderMap) -> HeaderMap {
+    let listed = if from.contains_key(header::CONNECTION) {
+        connection_listed(from)
+    } else {
+        Vec::new()
+    };
+    let mut out = HeaderMap::with_capacity(from.len());
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || REQUEST_DROPPED.contains(&n) || listed.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Removes the hop-by-hop headers of an upstream answer.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        for n in connection_listed(headers) {
+            headers.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+fn is_async(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-dashscope-async")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"enable"))
+}
+
+/// The handler of every proxied route.
+pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+    let endpoint = Endpoint::from_path(req.uri().path());
+    let protocol = endpoint.protocol();
+    let route = route_label(Some(endpoint));
+
+    if header_bytes(req.headers()) > gw.max_header_bytes {
+        return gw.refuse(None, route, protocol, Refusal::HeadersTooLarge, None, None);
+    }
+    let Some(client) = bearer(req.headers()).and_then(|t| gw.keys.get(&digest_of(t))) else {
+        tracing::debug!(route, "refused: missing or unknown client key");
+        return gw.refuse(None, route, protocol, Refusal::Unauthorized, None, None);
+    };
+    let client = client.clone();
+    let key = Some(client.idx);
+    if let Err(limited) = client.bucket.check(&(), Cost::ONE) {
+        let mut h = HeaderMap::new();
+        client.write_bucket_headers(&mut h);
+        tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key bucket empty");
+        return gw.refuse(
+            key,
+            route,
+            protocol,
+            Refusal::KeyRateLimited,
+            limited.retry_after(),
+            Some(h),
+        );
+    }
+
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > gw.max_body_bytes as u64) {
+        return gw.refuse(key, route, protocol, Refusal::BodyTooLarge, None, None);
+    }
+    let limited = http_body_util::Limited::new(body, gw.max_body_bytes);
+    let bytes: Bytes = match tokio::time::timeout(gw.body_read_timeout, limited.collect()).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return gw.refuse(key, route, protocol, Refusal::BodyTooLarge, None, None);
+        }
+        Ok(Err(_)) => return gw.refuse(key, route, protocol, Refusal::BadBody, None, None),
+        Err(_) => return gw.refuse(key, route, protocol, Refusal::BodyTimeout, None, None),
+    };
+
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Ok(uri) = gw.base.resolve(pq) else {
+        return gw.refuse(key, route, protocol, Refusal::NotFound, None, None);
+    };
+    let mut up = http::Request::new(Body::from(bytes));
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = forward_request_headers(&parts.headers);
+    if endpoint == Endpoint::Task || is_async(&parts.headers) {
+        up.extensions_mut().insert(Sticky);
+    }
+    let info = RequestInfo::of(&mut up);
+
+    let t0 = time::now();
+    gw.metrics.in_flight.increment(1.0);
+    let guard = InFlight(gw.clone());
+    let result = oneshot(client.svc.clone(), up).await;
+    match result {
+        Ok(res) => {
+            gw.metrics.upstream_latency(route, t0.elapsed());
+            let (mut parts, body) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            client.write_bucket_headers(&mut parts.headers);
+            let status = parts.status.as_u16();
+            gw.metrics.request(key, route, status);
+            tracing::debug!(
+                key = %client.id,
+                key_name = %client.name,
+                route,
+                model = info.model.as_deref().unwrap_or(""),
+                stream = info.stream,
+                status,
+                latency_us = t0.elapsed().as_micros() as u64,
+                "proxied"
+            );
+            let body = GatewayBody {
+                inner: body,
+                guard: Some(guard),
+                done: false,
+            };
+            Response::from_parts(parts, axum::body::Body::new(body))
+        }
+        Err(e) => {
+            drop(guard);
+            upstream_error(&gw, &client, route, protocol, &info, e)
+        }
+    }
+}
+
+fn upstream_error(
+    gw: &Inner,
+    client: &ClientKey,
+    route: &'static str,
+    protocol: Protocol,
+    info: &RequestInfo,
+    e: BoxError,
+) -> Response {
+    let key = Some(client.idx);
+    if let Some(open) = e.downcast_ref::<CircuitOpen>() {
+        let wait = open
+            .retry_after()
+            .unwrap_or(Duration::from_secs(1) / gw.degrade_rate.max(1));
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit", HeaderValue::from(gw.degrade_rate));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
+        h.insert("x-ratelimit-reset", HeaderValue::from(ceil_secs(wait)));
+        tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key degraded");
+        return gw.refuse(key, route, protocol, Refusal::Degraded, Some(wait), Some(h));
+    }
+    if let Some(busy) = e.downcast_ref::<UpstreamBusy>() {
+        let refusal = if busy.tokens {
+            Refusal::UpstreamTokens
+        } else {
+            Refusal::UpstreamRequests
+        };
+        tracing::debug!(
+            key = %client.id,
+            key_name = %client.name,
+            route,
+            model = info.model.as_deref().unwrap_or(""),
+            retry_after_ms = busy.retry_after.as_millis() as u64,
+            "refused: upstream budget exhausted"
+        );
+        return gw.refuse(
+            key,
+            route,
+            protocol,
+            refusal,
+            Some(busy.retry_after),
+            Some(busy.headers.clone()),
+        );
+    }
+    let timed_out = e.is::<HeaderTimeout>() || e.is::<DeadlineExceeded>();
+    tracing::warn!(
+        key = %client.id,
+        key_name = %client.name,
+        route,
+        model = info.model.as_deref().unwrap_or(""),
+        error = %e,
+        "upstream call failed"
+    );
+    let refusal = if timed_out {
+        Refusal::UpstreamTimeout
+    } else {
+        Refusal::UpstreamUnreachable
+    };
+    gw.refuse(key, route, protocol, refusal, None, None)
+}
+
+/// Keeps the in-flight gauge up until the response (body) is over.
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.decrement(1.0);
+    }
+}
+
+pin_project! {
+    /// The answer's body on its way to the client: passes frames through as
+    /// they come; notes a client that went away before the end (dropping
+    /// this body drops the upstream body, which cancels the upstream
+    /// request).
+    struct GatewayBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlight>,
+        done: bool,
+    }
+
+    impl<B> PinnedDrop for GatewayBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.done
+                && let Some(g) = this.guard.as_ref()
+            {
+                g.0.metrics.cancelled.increment(1);
+                tracing::debug!("client went away before the end of the answer; upstream request cancelled");
+            }
+        }
+    }
+}
+
+impl<B> http_body::Body for GatewayBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &r {
+            *this.done = true;
+            this.guard.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `GET /healthz`.
+pub(crate) async fn healthz() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(State(gw): State<Arc<Inner>>) -> Response {
+    let mut degraded = 0u32;
+    for c in &gw.clients {
+        let d = c.is_degraded();
+        degraded += u32::from(d);
+        gw.metrics.key_degraded[c.idx as usize].set(f64::from(u8::from(d)));
+        let level = c
+            .bucket
+            .snapshot(&())
+            .and_then(|s| s.requests)
+            .map_or_else(|| f64::from(u32::MAX), |r| r.remaining as f64);
+        gw.metrics.bucket_remaining[c.idx as usize].set(level);
+    }
+    gw.metrics.degraded_keys.set(f64::from(degraded));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Any other path: 404 in the dialect the path suggests.
+pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+    let protocol = if req.uri().path().starts_with("/compatible-mode/") {
+        Protocol::Compatible
+    } else {
+        Protocol::Native
+    };
+    gw.refuse(
+        None,
+        route_label(None),
+        protocol,
+        Refusal::NotFound,
+        None,
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_forwarded_and_stripped() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("authorization", "Bearer gw-secret"),
+            ("host", "gateway.local"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "12"),
+            ("accept-encoding", "gzip"),
+            ("content-type", "application/json"),
+            ("x-dashscope-sse", "enable"),
+            ("x-dashscope-workspace", "ws-client"),
+            ("user-agent", "openai-python"),
+        ] {
+            h.append(n, v.parse().unwrap());
+        }
+        h.append("x-multi", "a".parse().unwrap());
+        h.append("x-multi", "b".parse().unwrap());
+        let out = forward_request_headers(&h);
+        let names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "x-dashscope-sse", "user-agent", "x-multi"]
+        );
+        assert_eq!(out.get_all("x-multi").iter().count(), 2);
+
+        let mut res = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/event-stream"),
+            ("x-request-id", "abc"),
+            ("upgrade", "h2c"),
+        ] {
+            res.append(n, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut res);
+        let names: Vec<&str> = res.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-request-id"]);
+    }
+}

@@ -1,0 +1,983 @@
+#![cfg(all(feature = "gateway", feature = "mock"))]
+//! The gateway against the mock DashScope server, over loopback: client
+//! keys, buckets and 429s, degradation, streaming, cancellation, limits,
+//! metrics, shutdown, logs. Time-dependent tests run on tokio's paused
+//! clock: nothing sleeps for real.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, advance};
+use tower_qwen::gateway::{Gateway, GatewayConfig, key_sha256};
+use tower_qwen::mock::{
+    ApiError, Dist, Fault, FaultPlan, Latency, MockDashScope, MockDashScopeBuilder, MockHandle,
+};
+
+const NATIVE: &str = "/api/v1/services/aigc/text-generation/generation";
+const CHAT: &str = "/compatible-mode/v1/chat/completions";
+const IMAGE: &str = "/api/v1/services/aigc/text2image/image-synthesis";
+const ALICE: &str = "gw-alice-key-0001";
+const BOB: &str = "gw-bob-key-0002";
+const UPSTREAM: &str = "sk-upstream-main";
+const UPSTREAM2: &str = "sk-upstream-backup";
+
+// ---------------------------------------------------------------------------
+// Harness
+
+struct Env {
+    mock: MockHandle,
+    gateway: Gateway,
+    addr: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+}
+
+fn mock() -> MockDashScopeBuilder {
+    MockDashScope::builder()
+        .key(UPSTREAM, "acct-main")
+        .key(UPSTREAM2, "acct-backup")
+}
+
+/// The base configuration: one upstream account, two client keys; `extra`
+/// is appended (more sections, or fields of the last `[[keys]]`).
+fn config(mock: &MockHandle, extra: &str) -> String {
+    format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        [degrade]
+        jitter = 0
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        quotas = "unlimited"
+        [[keys]]
+        name = "bob"
+        sha256 = "{bob}"
+        [[keys]]
+        name = "alice"
+        key = "{ALICE}"
+        {extra}
+        "#,
+        base = mock.base_url(),
+        bob = key_sha256(BOB),
+    )
+}
+
+async fn start(mock: MockDashScopeBuilder, extra: &str) -> Env {
+    let mock = mock.start().await.expect("mock starts");
+    let text = config(&mock, extra);
+    start_with(mock, &text).await
+}
+
+async fn start_with(mock: MockHandle, text: &str) -> Env {
+    let cfg = GatewayConfig::from_toml_with_env(text, |_| None).expect("valid config");
+    let gateway = Gateway::new(cfg);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(gateway.clone().serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Env {
+        mock,
+        gateway,
+        addr,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        stop: Some(tx),
+        server: Some(server),
+    }
+}
+
+fn chat(model: &str, stream: bool) -> String {
+    format!(
+        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"Hello, world"}}]}}"#
+    )
+}
+
+fn native(model: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","input":{{"messages":[{{"role":"user","content":"Hello, world"}}]}},"parameters":{{"incremental_output":true}}}}"#
+    )
+}
+
+impl Env {
+    fn request(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Request<Full<Bytes>> {
+        let mut b = Request::post(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Answer {
+        let res = self.client.request(req).await.expect("gateway answers");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .expect("whole body")
+            .to_bytes();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn post(&self, path: &str, key: Option<&str>, body: &str) -> Answer {
+        self.send(self.request(path, key, &[], body)).await
+    }
+
+    async fn open(&self, req: Request<Full<Bytes>>) -> http::Response<Incoming> {
+        self.client.request(req).await.expect("gateway answers")
+    }
+
+    async fn get(&self, path: &str, key: Option<&str>) -> Answer {
+        let mut b = Request::get(format!("http://{}{path}", self.addr));
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        self.send(b.body(Full::new(Bytes::new())).unwrap()).await
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            s.await.unwrap().unwrap();
+        }
+    }
+}
+
+fn count(answers: &[Answer], status: u16) -> usize {
+    answers
+        .iter()
+        .filter(|a| a.status.as_u16() == status)
+        .count()
+}
+
+/// Asserts a gateway-made error in the compatible (OpenAI) shape.
+fn assert_compat(a: &Answer, status: u16, code: &str) {
+    assert_eq!(a.status.as_u16(), status, "{:?}", a.body);
+    let v = a.json();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"].is_string() && v["error"]["type"].is_string(),
+        "{v}"
+    );
+    assert!(v["error"].get("param").is_some(), "{v}");
+    assert!(v["request_id"].as_str().unwrap().starts_with("gw-"), "{v}");
+}
+
+/// Asserts a gateway-made error in the native shape.
+fn assert_native(a: &Answer, status: u16, code: &str) {
+    assert_eq!(a.status.as_u16(), status, "{:?}", a.body);
+    let v = a.json();
+    assert_eq!(v["code"], code, "{v}");
+    assert!(v["message"].is_string(), "{v}");
+    assert_eq!(v["request_id"].as_str(), Some(a.header("x-request-id")));
+}
+
+/// Collects the data frames of a body with the (paused) instant each
+/// arrived.
+async fn frames(res: http::Response<Incoming>) -> Vec<(Instant, Bytes)> {
+    let mut body = res.into_body();
+    let mut out = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.expect("frame").into_data() {
+            out.push((Instant::now(), d));
+        }
+    }
+    out
+}
+
+/// The text deltas of a compatible SSE body.
+fn compat_deltas(wire: &[u8]) -> (Vec<String>, Option<String>, bool) {
+    let text = std::str::from_utf8(wire).unwrap();
+    let mut deltas = Vec::new();
+    let mut finish = None;
+    let mut done = false;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str()
+            && !c.is_empty()
+        {
+            deltas.push(c.to_owned());
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_owned());
+        }
+    }
+    (deltas, finish, done)
+}
+
+/// Log lines written while the guard lives (thread-local subscriber: the
+/// tests run on a current-thread runtime, so every task logs here).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let buf = self.0.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(buf.clone()))
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Keys, buckets, 429s
+
+#[tokio::test(start_paused = true)]
+async fn keys_are_isolated_and_an_empty_bucket_answers_429_then_refills() {
+    let env = start(mock(), "capacity = 3\nrefill_per_second = 1").await;
+    for _ in 0..3 {
+        let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("x-ratelimit-limit"), "3");
+    }
+    // Alice's bucket is empty: 429 at once, in the compatible shape.
+    let t0 = Instant::now();
+    let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+    assert_eq!(Instant::now(), t0, "refused without waiting");
+    assert_compat(&a, 429, "limit_requests");
+    assert_eq!(a.header("retry-after"), "1");
+    assert_eq!(a.header("x-ratelimit-limit"), "3");
+    assert_eq!(a.header("x-ratelimit-remaining"), "0");
+    assert_eq!(a.header("x-ratelimit-reset"), "3");
+    // ... and in the native shape on a native path.
+    let a = env.post(NATIVE, Some(ALICE), &native("qwen-plus")).await;
+    assert_native(&a, 429, "Throttling.RateQuota");
+    assert_eq!(a.header("retry-after"), "1");
+
+    // Bob's bucket (the default 50) is untouched by Alice's.
+    let body = chat("qwen-plus", false);
+    let answers = join_all((0..20).map(|_| env.post(CHAT, Some(BOB), &body))).await;
+    assert_eq!(count(&answers, 200), 20);
+    assert_eq!(answers[19].header("x-ratelimit-limit"), "50");
+
+    // One second refills one request for Alice.
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        429
+    );
+    // Only admitted requests reached the upstream.
+    assert_eq!(env.mock.stats().requests, 3 + 20 + 1);
+}
+
+#[tokio::test]
+async fn missing_or_unknown_keys_get_401_in_the_endpoint_shape() {
+    let env = start(mock(), "").await;
+    let a = env.post(CHAT, None, &chat("qwen-plus", false)).await;
+    assert_compat(&a, 401, "invalid_api_key");
+    let a = env
+        .post(CHAT, Some("gw-not-a-key"), &chat("qwen-plus", false))
+        .await;
+    assert_compat(&a, 401, "invalid_api_key");
+    let a = env.post(NATIVE, Some(UPSTREAM), &native("qwen-plus")).await;
+    assert_native(&a, 401, "InvalidApiKey");
+    // Unknown paths are not proxied anywhere.
+    let a = env.post("/v1/anything", Some(ALICE), "{}").await;
+    assert_native(&a, 404, "InvalidURL");
+    assert_eq!(env.mock.stats().requests, 0);
+    // Both configured forms of a key work (plain and SHA-256).
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        env.post(CHAT, Some(BOB), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_account_budgets_spill_over_the_pool_then_answer_429() {
+    let m = mock().start().await.unwrap();
+    let text = format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        [accounts.models.qwen-plus]
+        rpm = 60
+        [[accounts]]
+        name = "backup"
+        api_key = "{UPSTREAM2}"
+        [accounts.models.qwen-plus]
+        rpm = 60
+        [[keys]]
+        name = "alice"
+        key = "{ALICE}"
+        accounts = ["main", "backup"]
+        "#,
+        base = m.base_url()
+    );
+    let env = start_with(m, &text).await;
+    // 60 RPM = one request a second per account: two pass (one on each
+    // account), the third is refused by both.
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+    let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+    assert_compat(&a, 429, "limit_requests");
+    assert_eq!(a.header("retry-after"), "1");
+    assert_eq!(a.header("x-ratelimit-limit-requests"), "1");
+    assert_eq!(a.header("x-ratelimit-remaining-requests"), "0");
+    let a = env.post(NATIVE, Some(ALICE), &native("qwen-plus")).await;
+    assert_native(&a, 429, "Throttling.RateQuota");
+    // Another model has its own budget (the Qwen defaults).
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-turbo", false))
+            .await
+            .status,
+        200
+    );
+    let s = env.mock.stats();
+    assert_eq!(s.requests, 3);
+    assert_eq!(s.status(200), 3);
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Degradation
+
+#[tokio::test(start_paused = true)]
+async fn a_key_degrades_after_three_upstream_failures_and_recovers_through_probes() {
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    let env = start(
+        mock().faults(FaultPlan::new().with(Fault::Error(ApiError::service_unavailable()), 1.0)),
+        "capacity = 100",
+    )
+    .await;
+    for _ in 0..3 {
+        let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+        assert_eq!(a.status, 503, "upstream answers pass through");
+    }
+    assert_eq!(env.gateway.is_degraded("alice"), Some(true));
+    assert_eq!(env.gateway.is_degraded("bob"), Some(false));
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("gateway key degraded"))
+        .unwrap_or_else(|| panic!("no degrade warning in:\n{text}"));
+    assert!(line.contains("WARN"), "{line}");
+    let id = &key_sha256(ALICE)[..8];
+    assert!(
+        line.contains(id),
+        "the warning names the key by its redacted id: {line}"
+    );
+
+    // Degraded: 5 per second. A burst of 10 at one instant: one call goes
+    // (and fails upstream), nine are refused with 429 at once.
+    let before = env.mock.stats().requests;
+    let body = chat("qwen-plus", false);
+    let answers = join_all((0..10).map(|_| env.post(CHAT, Some(ALICE), &body))).await;
+    assert_eq!(count(&answers, 503), 1);
+    assert_eq!(count(&answers, 429), 9);
+    let refused = answers.iter().find(|a| a.status == 429).unwrap();
+    assert_compat(refused, 429, "limit_requests");
+    assert_eq!(refused.header("retry-after"), "1");
+    assert_eq!(refused.header("x-ratelimit-limit"), "5");
+    assert_eq!(env.mock.stats().requests, before + 1);
+    // Over a second, five get through.
+    let mut passed = 0;
+    for _ in 0..10 {
+        advance(Duration::from_millis(100)).await;
+        let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+        passed += usize::from(a.status != 429);
+    }
+    assert_eq!(passed, 5);
+    // Bob is not affected by Alice's state.
+    assert_eq!(
+        env.post(CHAT, Some(BOB), &chat("qwen-plus", false))
+            .await
+            .status,
+        503
+    );
+    assert_eq!(env.gateway.is_degraded("bob"), Some(false));
+
+    // The upstream heals; after the probe delay (5 s, doubled by each
+    // failed probe, at most 60 s) a probe succeeds and the key recovers.
+    env.mock.set_faults(FaultPlan::new());
+    let mut recovered = false;
+    for _ in 0..130 {
+        advance(Duration::from_millis(500)).await;
+        let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+        if a.status == 200 && env.gateway.is_degraded("alice") == Some(false) {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(recovered, "the key recovered through a probe");
+    let body = chat("qwen-plus", false);
+    let answers = join_all((0..10).map(|_| env.post(CHAT, Some(ALICE), &body))).await;
+    assert_eq!(count(&answers, 200), 10);
+    assert!(logs.text().contains("gateway key recovered"));
+}
+
+// ---------------------------------------------------------------------------
+// Streaming and cancellation
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_arrives_intact_and_frame_by_frame() {
+    let latency = Latency::none().per_token(Dist::fixed(Duration::from_millis(100)));
+    let env = start(mock().faults(FaultPlan::new().latency(latency)), "").await;
+
+    // The same completion directly from the mock, for comparison.
+    let direct = env
+        .client
+        .request(
+            Request::post(format!("{}{CHAT}", env.mock.base_url()))
+                .header("authorization", format!("Bearer {UPSTREAM}"))
+                .body(Full::new(Bytes::from(chat("qwen-plus", true))))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let direct = frames(direct).await;
+    let direct_wire: Vec<u8> = direct.iter().flat_map(|(_, b)| b.to_vec()).collect();
+
+    let t0 = Instant::now();
+    let res = env
+        .open(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let via = frames(res).await;
+    let wire: Vec<u8> = via.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    let (deltas, finish, done) = compat_deltas(&wire);
+    assert_eq!(
+        (deltas.len(), finish.as_deref(), done),
+        (20, Some("stop"), true)
+    );
+    assert_eq!(compat_deltas(&direct_wire), (deltas, finish, done));
+    assert_eq!(wire.len(), direct_wire.len(), "same bytes, ids aside");
+
+    // Incremental: the first frame arrived at once, the last 19 token
+    // delays later; frames arrived at many distinct instants.
+    let first = via.first().unwrap().0;
+    let last = via.last().unwrap().0;
+    assert_eq!(first, t0, "the first frame is not held back");
+    assert_eq!(last - first, Duration::from_millis(1900));
+    let mut instants: Vec<Instant> = via.iter().map(|(t, _)| *t).collect();
+    instants.dedup();
+    assert!(
+        instants.len() >= 20,
+        "{} distinct arrival instants",
+        instants.len()
+    );
+
+    // The native dialect streams too.
+    let res = env
+        .open(env.request(
+            NATIVE,
+            Some(ALICE),
+            &[("x-dashscope-sse", "enable")],
+            &native("qwen-plus"),
+        ))
+        .await;
+    assert_eq!(res.status(), 200);
+    let via = frames(res).await;
+    let wire = String::from_utf8(via.iter().flat_map(|(_, b)| b.to_vec()).collect()).unwrap();
+    assert_eq!(wire.matches("event:result").count(), 20);
+    assert!(via.len() >= 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_goes_away_cancels_the_upstream_request() {
+    let latency = Latency::none().per_token(Dist::fixed(Duration::from_millis(100)));
+    let env = start(
+        mock()
+            .output_tokens(std::num::NonZeroU32::new(1000).unwrap())
+            .faults(FaultPlan::new().latency(latency)),
+        "",
+    )
+    .await;
+    let res = env
+        .open(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await;
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    let s = env.mock.stats();
+    assert_eq!(
+        (s.in_flight, s.streams_started, s.streams_cancelled),
+        (1, 1, 0)
+    );
+    // The client hangs up mid-stream.
+    drop(body);
+    let mut cancelled = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = env.mock.stats();
+        if s.streams_cancelled == 1 && s.in_flight == 0 {
+            cancelled = true;
+            break;
+        }
+    }
+    let s = env.mock.stats();
+    assert!(cancelled, "upstream still streaming: {s:?}");
+    assert_eq!(s.streams_completed, 0);
+    let metrics = env.get("/metrics", None).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("gateway_streams_cancelled_total 1"), "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// Limits
+
+#[tokio::test]
+async fn an_oversized_body_gets_413_and_never_reaches_the_upstream() {
+    let m = mock().start().await.unwrap();
+    let text = config(&m, "").replace("[degrade]", "[server]\nmax_body_bytes = 1024\n[degrade]");
+    let env = start_with(m, &text).await;
+    let big = format!(
+        r#"{{"model":"qwen-plus","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(2000)
+    );
+    let a = env.post(CHAT, Some(ALICE), &big).await;
+    assert_compat(&a, 413, "request_too_large");
+    let a = env.post(NATIVE, Some(ALICE), &big).await;
+    assert_native(&a, 413, "InvalidParameter");
+    // Without a content-length (chunked), the cap applies while reading.
+    let chunks = futures_util::stream::iter((0..4).map(|_| {
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![b' '; 400])))
+    }));
+    let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
+    let req = Request::post(format!("http://{}{CHAT}", env.addr))
+        .header("authorization", format!("Bearer {ALICE}"))
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 413);
+    // Just under the cap passes.
+    let ok = format!(
+        r#"{{"model":"qwen-plus","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(900)
+    );
+    assert_eq!(env.post(CHAT, Some(ALICE), &ok).await.status, 200);
+    assert_eq!(env.mock.stats().requests, 1);
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let env = start(mock(), "").await;
+    let big = "v".repeat(20_000);
+    let a = env
+        .send(env.request(
+            CHAT,
+            Some(ALICE),
+            &[("x-big", big.as_str())],
+            &chat("qwen-plus", false),
+        ))
+        .await;
+    assert_eq!(a.status, 431);
+    let mid = "v".repeat(12_000); // above hyper's 8 KiB floor, below the 16 KiB cap
+    let a = env
+        .send(env.request(
+            CHAT,
+            Some(ALICE),
+            &[("x-mid", mid.as_str())],
+            &chat("qwen-plus", false),
+        ))
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(env.mock.stats().requests, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_timeouts_answer_504_and_cut_stalled_streams() {
+    let m = mock()
+        .faults(FaultPlan::new().with(
+            Fault::Stall {
+                after_tokens: 2,
+                duration: None,
+            },
+            1.0,
+        ))
+        .start()
+        .await
+        .unwrap();
+    // The timeouts come from the environment here.
+    let text = config(&m, "");
+    let cfg = GatewayConfig::from_toml_with_env(&text, |n| match n {
+        "QWEN_GATEWAY_UPSTREAM_HEADER_TIMEOUT" => Some("2s".into()),
+        "QWEN_GATEWAY_UPSTREAM_IDLE_TIMEOUT" => Some("3s".into()),
+        _ => None,
+    })
+    .unwrap();
+    let gateway = Gateway::new(cfg);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway.clone().serve(listener, std::future::pending()));
+    let env = Env {
+        mock: m,
+        gateway,
+        addr,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        stop: None,
+        server: None,
+    };
+    // A non-stream call whose headers never come: 504 after 2 s.
+    let t0 = Instant::now();
+    let a = env.post(NATIVE, Some(ALICE), &native("qwen-plus")).await;
+    assert_native(&a, 504, "RequestTimeOut");
+    assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+    // A stream that stalls after two tokens is cut after 3 s of silence.
+    let res = env
+        .open(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await;
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut data = 0;
+    let ended_with_error = loop {
+        match body.frame().await {
+            Some(Ok(_)) => data += 1,
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(
+        ended_with_error,
+        "the cut stream is not passed off as complete"
+    );
+    assert!(data >= 1);
+}
+
+// ---------------------------------------------------------------------------
+// Tasks, operations, shutdown, config, logs
+
+#[tokio::test]
+async fn async_tasks_are_submitted_and_polled_through_the_gateway() {
+    let env = start(mock(), "").await;
+    let a = env
+        .send(env.request(
+            IMAGE,
+            Some(ALICE),
+            &[("x-dashscope-async", "enable")],
+            r#"{"model":"wanx-v1","input":{"prompt":"a cat"}}"#,
+        ))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let id = a.json()["output"]["task_id"].as_str().unwrap().to_owned();
+    let a = env.get(&format!("/api/v1/tasks/{id}"), Some(ALICE)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["output"]["task_id"], id.as_str());
+    let a = env.get(&format!("/api/v1/tasks/{id}"), None).await;
+    assert_native(&a, 401, "InvalidApiKey");
+}
+
+#[tokio::test]
+async fn healthz_and_metrics() {
+    let env = start(mock(), "capacity = 2").await;
+    let h = env.get("/healthz", None).await;
+    assert_eq!(
+        (h.status.as_u16(), &h.body[..]),
+        (200, &br#"{"status":"ok"}"#[..])
+    );
+    for _ in 0..3 {
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+    }
+    env.post(CHAT, Some("gw-wrong-key-1"), &chat("qwen-plus", false))
+        .await;
+    let m = env.get("/metrics", None).await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    for needle in [
+        r#"gateway_requests_total{route="compatible_chat",status="200",key="alice"} 2"#,
+        r#"gateway_requests_total{route="compatible_chat",status="429",key="alice"} 1"#,
+        r#"gateway_requests_total{route="compatible_chat",status="401",key="none"} 1"#,
+        r#"gateway_rate_limited_total{key="alice",reason="key_bucket"} 1"#,
+        r#"gateway_refusals_total{key="none",reason="unauthorized"} 1"#,
+        r#"gateway_upstream_latency_seconds_count{route="compatible_chat"} 2"#,
+        r#"gateway_key_bucket_remaining{key="alice"} 0"#,
+        r#"gateway_key_bucket_remaining{key="bob"} 50"#,
+        r#"gateway_key_degraded{key="alice"} 0"#,
+        "gateway_degraded_keys 0",
+        "gateway_requests_in_flight 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+    assert!(!text.contains(ALICE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_shutdown_finishes_streams_up_to_the_deadline() {
+    let latency = Latency::none().per_token(Dist::fixed(Duration::from_millis(100)));
+    let m = mock()
+        .output_tokens(std::num::NonZeroU32::new(30).unwrap())
+        .faults(FaultPlan::new().latency(latency))
+        .start()
+        .await
+        .unwrap();
+    let text = config(&m, "").replace("[degrade]", "[server]\nshutdown_grace = \"2s\"\n[degrade]");
+    let mut env = start_with(m, &text).await;
+    // A stream of 30 tokens (2.9 s) and one of 10 tokens (0.9 s).
+    let long = env
+        .open(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await;
+    let short_body = r#"{"model":"qwen-plus","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let short = env
+        .open(env.request(CHAT, Some(BOB), &[], short_body))
+        .await;
+    let (long_tx, long_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut body = long.into_body();
+        let mut failed = false;
+        let mut n = 0;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(_) => n += 1,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let _ = long_tx.send((n, failed));
+    });
+    let t0 = Instant::now();
+    let stop = env.stop.take().unwrap();
+    stop.send(()).unwrap();
+    // The short stream finishes in full during the grace period.
+    let wire: Vec<u8> = frames(short)
+        .await
+        .iter()
+        .flat_map(|(_, b)| b.to_vec())
+        .collect();
+    let (deltas, finish, done) = compat_deltas(&wire);
+    assert_eq!(
+        (deltas.len(), finish.as_deref(), done),
+        (10, Some("length"), true)
+    );
+    // New connections are refused once the gateway stopped accepting.
+    tokio::task::yield_now().await;
+    let fresh = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    assert!(
+        fresh
+            .request(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", false)))
+            .await
+            .is_err()
+    );
+    // The long one is cut at the deadline, not completed.
+    env.server.take().unwrap().await.unwrap().unwrap();
+    assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+    let (n, failed) = long_rx.await.unwrap();
+    assert!(n > 1 && n < 30, "{n} frames");
+    assert!(failed, "the cut stream ends with an error, not a clean end");
+    env.shutdown().await;
+}
+
+#[test]
+fn a_bad_config_names_every_bad_field() {
+    let text = r#"
+        [server]
+        listen = "nowhere"
+        max_body_bytes = -1
+        [upstream]
+        base_url = "ftp://x"
+        idle_timeout = "soon"
+        [limits]
+        capacity = 0
+        refill_per_second = "fast"
+        [degrade]
+        consecutive_failures = 0
+        probe_after = "10s"
+        probe_after_max = "5s"
+        [[accounts]]
+        name = "main"
+        api_key_env = "NOT_SET_ANYWHERE"
+        quotas = "lots"
+        [accounts.models.qwen-plus]
+        rpm = 0
+        [[keys]]
+        key = "short"
+        accounts = ["main", "nope"]
+        [[keys]]
+        sha256 = "abc"
+        colour = "blue"
+        [[keys]]
+        key = "gw-secret-key-42"
+        [[keys]]
+        key = "gw-secret-key-42"
+        [extra]
+    "#;
+    let err = GatewayConfig::from_toml_with_env(text, |_| None).unwrap_err();
+    let fields: Vec<&str> = err.fields().collect();
+    for f in [
+        "server.listen",
+        "server.max_body_bytes",
+        "upstream.base_url",
+        "upstream.idle_timeout",
+        "limits.capacity",
+        "limits.refill_per_second",
+        "degrade.consecutive_failures",
+        "degrade.probe_after_max",
+        "accounts[0].api_key_env",
+        "accounts[0].quotas",
+        "accounts[0].models.qwen-plus.rpm",
+        "keys[0].key",
+        "keys[0].accounts[1]",
+        "keys[1].sha256",
+        "keys[1].colour",
+        "keys[3]",
+        "extra",
+    ] {
+        assert!(fields.contains(&f), "{f} not named in:\n{err}");
+    }
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("invalid gateway configuration"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("gw-secret-key-42"),
+        "no key in errors:\n{shown}"
+    );
+    assert!(shown.contains("unknown account \"nope\""), "{shown}");
+    // A TOML syntax error names where.
+    let err = GatewayConfig::from_toml_with_env("[server\nlisten=1", |_| None).unwrap_err();
+    assert_eq!(err.fields().collect::<Vec<_>>(), ["toml"]);
+    assert!(err.to_string().contains("line"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_key_material_in_logs() {
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    let env = start(
+        mock().faults(FaultPlan::new().with(Fault::Error(ApiError::internal_error()), 0.5)),
+        "capacity = 5",
+    )
+    .await;
+    let wrong = "gw-wrong-key-9999";
+    env.post(CHAT, Some(wrong), &chat("qwen-plus", false)).await;
+    for _ in 0..12 {
+        env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
+        env.post(NATIVE, Some(BOB), &native("qwen-plus")).await;
+        advance(Duration::from_millis(300)).await;
+    }
+    let res = env
+        .open(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await;
+    drop(res);
+    let text = logs.text();
+    assert!(text.lines().count() > 20, "logs were captured:\n{text}");
+    assert!(
+        text.contains(&key_sha256(ALICE)[..8]),
+        "keys are named by id"
+    );
+    for secret in [ALICE, BOB, wrong, UPSTREAM, &key_sha256(ALICE)] {
+        assert!(!text.contains(secret), "{secret} leaked into:\n{text}");
+    }
+}
