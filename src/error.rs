@@ -43,6 +43,8 @@ macro_rules! for_known_errors {
         $check!(crate::concurrency::error::Overloaded);
         #[cfg(feature = "circuit-breaker")]
         $check!(crate::circuit_breaker::error::CircuitOpen);
+        #[cfg(feature = "pool")]
+        $check!(crate::pool::error::Exhausted);
         #[cfg(feature = "timeout")]
         $check!(crate::timeout::error::HeaderTimeout);
         #[cfg(feature = "timeout")]
