@@ -40,9 +40,9 @@ pub fn system_now() -> SystemTime {
 ///
 /// The retry layer never starts a wait that would end past it and gives up
 /// with the last answer instead; the timeout layer cuts the exchange
-/// (response body included) when it passes. Either layer inserts it when it
-/// is configured with a total deadline, keeping the earlier of its own and
-/// one already present, so layers further in see the tightest deadline.
+/// (response body included) when it passes. The retry layer inserts it when
+/// it is configured with a total deadline (keeping an earlier one already
+/// present), so a timeout layer further in bounds every attempt by it.
 ///
 /// # Example
 ///

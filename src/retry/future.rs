@@ -39,16 +39,18 @@ pin_project! {
 }
 
 pin_project! {
+    // The states off the happy path box what they hold, so that the future
+    // every request moves around stays small.
     #[project = StateProj]
     enum State<F, B, ResB: http_body::Body> {
         // Reading a streamed request body into memory before the first
         // attempt.
-        Buffering { buffering: BufferFuture<B>, parts: Option<Parts> },
+        Buffering { buffering: BufferFuture<B>, parts: Option<Box<Parts>> },
         // Waiting for the service to be ready to send `req`.
-        Ready { req: Option<Request<B>> },
+        Ready { req: Option<Box<Request<B>>> },
         Calling { #[pin] future: F },
         Peeking { peek: Peek<ResB> },
-        Waiting { #[pin] sleep: Sleep, req: Option<Request<B>> },
+        Waiting { sleep: Pin<Box<Sleep>>, req: Option<Box<Request<B>>> },
         Done,
     }
 }
@@ -86,7 +88,7 @@ where
         Self {
             state: State::Buffering {
                 buffering,
-                parts: Some(parts),
+                parts: Some(Box::new(parts)),
             },
             service,
             template: None,
@@ -142,21 +144,21 @@ fn decide<B: ReplayBody>(
     let n = retries + 1;
     let wait = shared.jitter_source(|rng| config.backoff.wait(n, outcome, rng));
     let now = time::now();
-    if let Some(Deadline(at)) = deadline {
-        if now.checked_add(wait).is_none_or(|end| end >= at) {
-            shared.stats.bump(Counter::Deadline);
-            return Err(GiveUp::Deadline);
-        }
+    if let Some(Deadline(at)) = deadline
+        && now.checked_add(wait).is_none_or(|end| end >= at)
+    {
+        shared.stats.bump(Counter::Deadline);
+        return Err(GiveUp::Deadline);
     }
     let Some(copy) = body.try_clone() else {
         shared.stats.bump(Counter::NotReplayable);
         return Err(GiveUp::NotReplayable);
     };
-    if let Some(budget) = &shared.budget {
-        if !budget.withdraw(now) {
-            shared.stats.bump(Counter::BudgetDenied);
-            return Err(GiveUp::Budget);
-        }
+    if let Some(budget) = &shared.budget
+        && !budget.withdraw(now)
+    {
+        shared.stats.bump(Counter::BudgetDenied);
+        return Err(GiveUp::Budget);
     }
     shared.stats.bump(Counter::Retries);
     Ok((wait, Request::from_parts(parts.clone(), copy)))
@@ -177,7 +179,7 @@ where
             let outcome = match this.state.as_mut().project() {
                 StateProj::Buffering { buffering, parts } => {
                     let buffered = ready!(buffering.as_mut().poll(cx));
-                    let parts = parts.take().expect("buffering completes once");
+                    let parts = *parts.take().expect("buffering completes once");
                     if buffered.replayable {
                         if let Some(copy) = buffered.body.try_clone() {
                             *this.template = Some((parts.clone(), copy));
@@ -191,7 +193,9 @@ where
                         );
                     }
                     let req = Request::from_parts(parts, buffered.body);
-                    this.state.set(State::Ready { req: Some(req) });
+                    this.state.set(State::Ready {
+                        req: Some(Box::new(req)),
+                    });
                     continue;
                 }
                 StateProj::Ready { req } => {
@@ -199,7 +203,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(e));
                     }
-                    let req = req.take().expect("a request is ready to send");
+                    let req = *req.take().expect("a request is ready to send");
                     if *this.retries > 0 {
                         this.shared.stats.bump(Counter::RetryAttempts);
                     }
@@ -294,7 +298,7 @@ where
                     }
                 }
                 StateProj::Waiting { sleep, req } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     let req = req.take();
                     *this.retries += 1;
                     *this.span = tracing::debug_span!(
@@ -308,10 +312,10 @@ where
                 StateProj::Done => panic!("retry ResponseFuture polled after completion"),
             };
             let (wait, req) = outcome;
-            let sleep = tokio::time::sleep_until(time::now() + wait);
+            let sleep = Box::pin(tokio::time::sleep_until(time::now() + wait));
             this.state.set(State::Waiting {
                 sleep,
-                req: Some(req),
+                req: Some(Box::new(req)),
             });
         }
     }

@@ -109,7 +109,7 @@ impl RetryLayer {
     /// response: no wait is started that would end past it. It is also
     /// stored in the request as a [`Deadline`](crate::time::Deadline)
     /// extension (keeping an earlier one), so a
-    /// [`Timeout`](crate::timeout) layer further in can cut an attempt at
+    /// `timeout::Timeout` layer further in can cut an attempt at
     /// it. A `Deadline` already in the request is honoured either way.
     /// Default is none.
     pub fn deadline(mut self, total: impl Into<Option<Duration>>) -> Self {

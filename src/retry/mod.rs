@@ -53,8 +53,8 @@
 //!
 //! # With other layers
 //!
-//! Put it outermost (inside a model [fallback](crate), if any): retry →
-//! circuit breaker → rate limit → concurrency → [timeout](crate::timeout) →
+//! Put it outermost (inside a model fallback, if any): retry →
+//! circuit breaker → rate limit → concurrency → `timeout` →
 //! client. The rate limiter then admits each retry like any other request,
 //! a retried attempt releases its concurrency permit when its failed answer
 //! is dropped (before the wait), the breaker sees every attempt, and the

@@ -57,7 +57,7 @@ use http::Response;
 use http::response::Parts;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::classify::{Classifier, Outcome, is_event_stream};
+use crate::classify::{Classifier, Outcome};
 use crate::sse::SseScanner;
 
 /// A future that reads the start of a response body until the response can
@@ -76,7 +76,7 @@ impl<B: Body + Unpin> Unpin for Peek<B> {}
 struct State<B: Body> {
     parts: Parts,
     body: B,
-    frames: VecDeque<Frame<B::Data>>,
+    frames: Frames<B::Data>,
     error: Option<B::Error>,
     read: usize,
     mode: Mode,
@@ -106,21 +106,19 @@ impl<B: Body + Unpin> Peek<B> {
     /// Starts peeking at `res`.
     pub fn new(res: Response<B>, classifier: &Classifier) -> Self {
         let (parts, body) = res.into_parts();
-        let success = parts.status.is_success();
-        let mode = if success && is_event_stream(&parts.headers) {
-            Mode::Sse(SseScanner::new())
-        } else if classifier.needs_body(parts.status, &parts.headers)
-            || (success && !parts.headers.contains_key(http::header::CONTENT_TYPE))
-        {
-            Mode::Whole
-        } else {
-            Mode::Skip
+        let mode = match (parts.status.is_success(), content_kind(&parts.headers)) {
+            (true, Kind::EventStream) => Mode::Sse(SseScanner::new()),
+            // A business error may hide in a 2xx JSON (or untyped) body.
+            (true, Kind::Json | Kind::Untyped) => Mode::Whole,
+            (true, Kind::Other) => Mode::Skip,
+            // Any other status: the (small) error body decides.
+            (false, _) => Mode::Whole,
         };
         Self {
             state: Some(State {
                 parts,
                 body,
-                frames: VecDeque::new(),
+                frames: Frames::new(),
                 error: None,
                 read: 0,
                 mode,
@@ -128,6 +126,65 @@ impl<B: Body + Unpin> Peek<B> {
             }),
         }
     }
+}
+
+enum Kind {
+    Json,
+    EventStream,
+    Untyped,
+    Other,
+}
+
+/// The kind of body, from `content-type`, read once and without allocating
+/// (the same rules as the classifier's).
+fn content_kind(headers: &http::HeaderMap) -> Kind {
+    let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
+        return Kind::Untyped;
+    };
+    let ct = ct.as_bytes();
+    let essence = ct[..memchr::memchr(b';', ct).unwrap_or(ct.len())].trim_ascii();
+    if essence.eq_ignore_ascii_case(b"text/event-stream") {
+        Kind::EventStream
+    } else if essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
+    {
+        Kind::Json
+    } else {
+        Kind::Other
+    }
+}
+
+/// Finders built once: `memmem::find` builds a searcher on every call.
+fn finders() -> &'static (
+    memchr::memmem::Finder<'static>,
+    memchr::memmem::Finder<'static>,
+) {
+    static FINDERS: std::sync::OnceLock<(
+        memchr::memmem::Finder<'static>,
+        memchr::memmem::Finder<'static>,
+    )> = std::sync::OnceLock::new();
+    FINDERS.get_or_init(|| {
+        (
+            memchr::memmem::Finder::new(b"\"code\""),
+            memchr::memmem::Finder::new(b"\"error\""),
+        )
+    })
+}
+
+/// Whether `bytes` may carry an error: a `"code"` or `"error"` key. The
+/// classifier's own test, with prebuilt finders; when false, the bytes are
+/// a success whatever else they hold.
+fn may_be_error(bytes: &[u8]) -> bool {
+    let (code, error) = finders();
+    code.find(bytes).is_some() || error.find(bytes).is_some()
+}
+
+/// [`Classifier::classify_event`], skipped for lines that cannot be errors.
+fn classify_line(c: &Classifier, meta: &crate::sse::EventMeta, line: &[u8]) -> Option<Outcome> {
+    if !meta.is_error() && !may_be_error(line) {
+        return None;
+    }
+    c.classify_event(meta, line)
 }
 
 impl<B: Body> State<B> {
@@ -155,22 +212,58 @@ impl<B: Body> State<B> {
     fn whole_outcome(&self) -> Outcome {
         let bytes = contiguous(&self.frames, self.read);
         let status = self.parts.status;
-        if status.is_success() {
-            // Most 2xx bodies are plain successes: skip the JSON parse unless
-            // an error key could be there.
-            let finder = |needle: &[u8]| memchr::memmem::find(&bytes, needle).is_some();
-            if !finder(b"\"code\"") && !finder(b"\"error\"") {
-                return Outcome::Success;
-            }
+        if status.is_success() && !may_be_error(&bytes) {
+            // Most 2xx bodies are plain successes: no JSON parse.
+            return Outcome::Success;
         }
         self.classifier
             .classify(status, &self.parts.headers, &bytes)
     }
 }
 
+/// Frames read ahead: the first inline (most peeks read one frame), more in
+/// a queue that allocates only when needed.
+struct Frames<D> {
+    first: Option<Frame<D>>,
+    rest: VecDeque<Frame<D>>,
+}
+
+impl<D> Frames<D> {
+    const fn new() -> Self {
+        Self {
+            first: None,
+            rest: VecDeque::new(),
+        }
+    }
+
+    fn push_back(&mut self, frame: Frame<D>) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Frame<D>> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Frame<D>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
 /// The frames' data as one slice, copying only when there is more than one
 /// chunk.
-fn contiguous<D: Buf>(frames: &VecDeque<Frame<D>>, len: usize) -> Cow<'_, [u8]> {
+fn contiguous<D: Buf>(frames: &Frames<D>, len: usize) -> Cow<'_, [u8]> {
     let mut datas = frames.iter().filter_map(Frame::data_ref);
     match (datas.next(), datas.next()) {
         (None, _) => Cow::Borrowed(&[]),
@@ -251,7 +344,7 @@ impl<B: Body + Unpin> Future for Peek<B> {
                         for_each_chunk(data, |chunk| {
                             scanner.feed(chunk, |line, meta| {
                                 if decided.is_none() {
-                                    decided = Some(c.classify_event(meta, line));
+                                    decided = Some(classify_line(&c, meta, line));
                                 }
                             })
                         });
@@ -285,7 +378,7 @@ fn sse_end<B: Body>(st: &mut State<B>) -> Outcome {
     let c = st.classifier;
     scanner.finish(|line, meta| {
         if found.is_none() {
-            found = Some(c.classify_event(meta, line));
+            found = Some(classify_line(&c, meta, line));
         }
     });
     match found.flatten() {
@@ -305,7 +398,7 @@ impl<B: Body> fmt::Debug for Peek<B> {
 /// A response body that first replays the frames a [`Peek`] read, then
 /// yields the rest of the original body.
 pub struct PeekBody<B: Body> {
-    frames: VecDeque<Frame<B::Data>>,
+    frames: Frames<B::Data>,
     error: Option<B::Error>,
     inner: B,
     failed: bool,
@@ -317,7 +410,7 @@ impl<B: Body> PeekBody<B> {
     /// A body with nothing read ahead: passes `inner` through.
     pub fn new(inner: B) -> Self {
         Self {
-            frames: VecDeque::new(),
+            frames: Frames::new(),
             error: None,
             inner,
             failed: false,

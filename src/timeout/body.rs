@@ -16,13 +16,17 @@ use crate::BoxError;
 use crate::time::{self, Instant};
 
 pin_project! {
-    /// A response body cut with [`IdleTimeout`] when no frame arrives for the
-    /// idle timeout, or with [`DeadlineExceeded`] when the request's total
-    /// deadline passes. See the [module docs](super) for an example.
+    /// A response body cut with [`IdleTimeout`] when the upstream sends no
+    /// frame for the idle timeout, or with [`DeadlineExceeded`] when the
+    /// request's total deadline passes. See the [module docs](super) for an
+    /// example.
     ///
-    /// One timer serves both and is re-armed in place only when it fires
-    /// early (frames merely record when they passed), so a fast stream costs
-    /// one clock read per frame and no timer operations. The body is `Unpin`
+    /// Idle time is counted while the body waits for the upstream: from the
+    /// first poll that finds no frame ready until a frame arrives (time the
+    /// caller spends between polls is not the upstream's silence). One timer
+    /// serves both limits; it is re-armed in place, and only when it fires
+    /// early. Frames that are ready when polled cost no clock read and no
+    /// timer operation; each wait costs one clock read. The body is `Unpin`
     /// when the inner body is.
     pub struct TimeoutBody<B> {
         #[pin]
@@ -32,10 +36,13 @@ pin_project! {
 }
 
 struct Timer {
-    sleep: Pin<Box<Sleep>>,
+    // Taken over from the response future when it had one; otherwise made
+    // at the first wait.
+    sleep: Option<Pin<Box<Sleep>>>,
     idle: Option<Duration>,
     deadline: Option<Instant>,
-    last_frame: Instant,
+    // When the current wait for a frame began; `None` while frames flow.
+    waiting_since: Option<Instant>,
     expired: bool,
 }
 
@@ -49,22 +56,13 @@ impl<B> TimeoutBody<B> {
         if idle.is_none() && deadline.is_none() {
             return Self { inner, timer: None };
         }
-        let now = time::now();
-        let at = next_wake(now, idle, deadline);
-        let sleep = match sleep {
-            Some(mut s) => {
-                s.as_mut().reset(at);
-                s
-            }
-            None => Box::pin(tokio::time::sleep_until(at)),
-        };
         Self {
             inner,
             timer: Some(Timer {
                 sleep,
                 idle,
                 deadline,
-                last_frame: now,
+                waiting_since: None,
                 expired: false,
             }),
         }
@@ -91,6 +89,41 @@ fn next_wake(from: Instant, idle: Option<Duration>, deadline: Option<Instant>) -
     }
 }
 
+impl Timer {
+    /// The timer fired: cut the body, or re-arm it for the next limit.
+    fn fired(&mut self) -> Option<BoxError> {
+        let now = time::now();
+        if self.deadline.is_some_and(|at| now >= at) {
+            self.expired = true;
+            tracing::debug!(
+                target: "tower_qwen::timeout",
+                "deadline passed while reading the response body"
+            );
+            return Some(Box::new(DeadlineExceeded::new(true)));
+        }
+        if let (Some(idle), Some(since)) = (self.idle, self.waiting_since)
+            && now >= since.checked_add(idle).unwrap_or_else(time::far_future)
+        {
+            self.expired = true;
+            tracing::debug!(
+                target: "tower_qwen::timeout",
+                idle_ms = idle.as_millis() as u64,
+                "response body stalled"
+            );
+            return Some(Box::new(IdleTimeout::new(idle)));
+        }
+        // Early (armed for the headers, or frames came since): re-arm.
+        let at = match self.waiting_since {
+            Some(since) => next_wake(since, self.idle, self.deadline),
+            None => self.deadline.unwrap_or_else(time::far_future),
+        };
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(at);
+        }
+        None
+    }
+}
+
 impl<B> Body for TimeoutBody<B>
 where
     B: Body,
@@ -104,47 +137,41 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = self.project();
-        if this.timer.as_ref().is_some_and(|t| t.expired) {
+        let Some(t) = this.timer.as_mut() else {
+            return this.inner.poll_frame(cx).map_err(Into::into);
+        };
+        if t.expired {
             return Poll::Ready(None);
+        }
+        // A limit may have passed while frames kept coming without a wait.
+        if t.sleep.as_ref().is_some_and(|s| s.is_elapsed())
+            && let Some(err) = t.fired()
+        {
+            return Poll::Ready(Some(Err(err)));
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = this.timer.as_mut() {
-                    if t.idle.is_some() {
-                        t.last_frame = time::now();
-                    }
-                }
+                t.waiting_since = None;
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }
-        let Some(t) = this.timer.as_mut() else {
-            return Poll::Pending;
-        };
+        let since = *t.waiting_since.get_or_insert_with(time::now);
+        let wake = next_wake(since, t.idle, t.deadline);
+        match t.sleep.as_mut() {
+            // Armed no later than needed: it re-arms itself if early.
+            Some(sleep) if sleep.deadline() <= wake => {}
+            Some(sleep) => sleep.as_mut().reset(wake),
+            None => t.sleep = Some(Box::pin(tokio::time::sleep_until(wake))),
+        }
         loop {
-            ready!(t.sleep.as_mut().poll(cx));
-            let now = time::now();
-            if t.deadline.is_some_and(|at| now >= at) {
-                t.expired = true;
-                tracing::debug!(target: "tower_qwen::timeout", "deadline passed while reading the response body");
-                return Poll::Ready(Some(Err(Box::new(DeadlineExceeded::new(true)))));
+            let sleep = t.sleep.as_mut().expect("armed above");
+            ready!(sleep.as_mut().poll(cx));
+            if let Some(err) = t.fired() {
+                return Poll::Ready(Some(Err(err)));
             }
-            if let Some(idle) = t.idle {
-                if now
-                    >= t.last_frame
-                        .checked_add(idle)
-                        .unwrap_or_else(time::far_future)
-                {
-                    t.expired = true;
-                    tracing::debug!(target: "tower_qwen::timeout", idle_ms = idle.as_millis() as u64, "response body stalled");
-                    return Poll::Ready(Some(Err(Box::new(IdleTimeout::new(idle)))));
-                }
-            }
-            // Fired early: frames came since it was armed. Re-arm in place.
-            let at = next_wake(t.last_frame, t.idle, t.deadline);
-            t.sleep.as_mut().reset(at);
         }
     }
 

@@ -21,11 +21,12 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // Boxed so that it can move into the response body and be reset
-        // there, in place, for the idle timeout and the deadline.
+        // When the head must have arrived (header timeout or deadline).
+        wake: Option<Instant>,
+        // Made at the first wait only, and boxed so that it can move into the
+        // response body and be reset there, in place, for the idle timeout
+        // and the deadline. An answer that is ready at once costs no timer.
         sleep: Option<Pin<Box<Sleep>>>,
-        // Whether `sleep` is armed for the head (header timeout or deadline).
-        armed: bool,
         header: Option<Duration>,
         idle: Option<Duration>,
         deadline: Option<Instant>,
@@ -41,18 +42,14 @@ impl<F> ResponseFuture<F> {
         now: Instant,
     ) -> Self {
         let header_at = header.map(|h| now.checked_add(h).unwrap_or_else(time::far_future));
-        let first = match (header_at, deadline) {
+        let wake = match (header_at, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sleep = match first {
-            Some(at) => Some(Box::pin(tokio::time::sleep_until(at))),
-            None => None,
-        };
         Self {
             inner,
-            armed: sleep.is_some(),
-            sleep,
+            wake,
+            sleep: None,
             header,
             idle,
             deadline,
@@ -78,20 +75,22 @@ where
                 Err(e) => Err(e.into()),
             });
         }
-        if *this.armed {
-            if let Some(sleep) = this.sleep.as_mut() {
-                if sleep.as_mut().poll(cx).is_ready() {
-                    *this.armed = false;
-                    let now = time::now();
-                    let err: BoxError = match (*this.header, *this.deadline) {
-                        (_, Some(at)) if now >= at => Box::new(DeadlineExceeded::new(false)),
-                        (Some(h), _) => Box::new(HeaderTimeout::new(h)),
-                        (None, _) => Box::new(DeadlineExceeded::new(false)),
-                    };
-                    tracing::debug!(target: "tower_qwen::timeout", error = %err, "request timed out");
-                    return Poll::Ready(Err(err));
-                }
-            }
+        let Some(wake) = *this.wake else {
+            return Poll::Pending;
+        };
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            *this.wake = None;
+            let now = time::now();
+            let err: BoxError = match (*this.header, *this.deadline) {
+                (_, Some(at)) if now >= at => Box::new(DeadlineExceeded::new(false)),
+                (Some(h), _) => Box::new(HeaderTimeout::new(h)),
+                (None, _) => Box::new(DeadlineExceeded::new(false)),
+            };
+            tracing::debug!(target: "tower_qwen::timeout", error = %err, "request timed out");
+            return Poll::Ready(Err(err));
         }
         Poll::Pending
     }

@@ -35,10 +35,11 @@ impl TimeoutLayer {
         self
     }
 
-    /// The longest silence of the response body: from the headers to the
-    /// first frame, and between frames. A stream that stalls this long ends
-    /// with an [`IdleTimeout`](super::error::IdleTimeout) error; a slow but
-    /// steady one is never cut. `None` turns it off. Default is none.
+    /// The longest the response body waits for the upstream's next frame
+    /// (the first one included), counted while the caller is polling it. A
+    /// stream that stalls this long ends with an
+    /// [`IdleTimeout`](super::error::IdleTimeout) error; a slow but steady
+    /// one is never cut. `None` turns it off. Default is none.
     pub fn idle(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.idle = timeout.into();
         self

@@ -8,8 +8,8 @@
 //!
 //! * **header**: the longest wait from the call to the response headers
 //!   ([`HeaderTimeout`](error::HeaderTimeout));
-//! * **idle**: the longest silence of the response body, from the headers to
-//!   the first frame and between frames. A stalled SSE stream is cut with an
+//! * **idle**: the longest the response body waits for the upstream's next
+//!   frame (the first one included). A stalled SSE stream is cut with an
 //!   [`IdleTimeout`](error::IdleTimeout) error *in the body*, so the caller
 //!   (and every body-watching layer outside: concurrency permits, breaker,
 //!   token reconciliation) sees the stream fail; a slow but steady stream is
@@ -17,13 +17,13 @@
 //!   would kill every long generation as a total timeout.)
 //! * **total**: a deadline for the whole exchange, body included
 //!   ([`DeadlineExceeded`](error::DeadlineExceeded)). An earlier
-//!   [`Deadline`](crate::time::Deadline) already in the request is honoured
-//!   even when this is off, and this one is stored there for layers further
-//!   in.
+//!   [`Deadline`](crate::time::Deadline) already in the request (a
+//!   `retry` layer outside puts its deadline there) is
+//!   honoured even when this is off.
 //!
 //! The errors are opaque, downcastable (`err.is::<IdleTimeout>()`) and
 //! [classified](crate::classify) as transient, so a
-//! [retry](crate::retry) layer outside retries a header timeout or a stream
+//! `retry` layer outside retries a header timeout or a stream
 //! that stalled before its first frame, and never one whose frames already
 //! reached the caller.
 //!
@@ -33,15 +33,15 @@
 //! tower-http's `TimeoutBody` bounds the gap between frames but creates a new
 //! `Sleep` after every frame. Here one boxed timer per request serves the
 //! header timeout, then moves into the body for the idle timeout and the
-//! deadline; frames only record the time they passed, and the timer is reset
-//! in place only when it fires early, so a fast stream costs one clock read
-//! per frame and no timer work. The layer's error type is
+//! deadline, and is reset in place only when it fires early: frames that are
+//! ready when polled cost no clock read and no timer work, and each wait for
+//! the upstream costs one clock read. The layer's error type is
 //! [`BoxError`](crate::BoxError), and the response body's too.
 //!
 //! # With other layers
 //!
 //! Put it innermost, just around the client: every attempt of a
-//! [retry](crate::retry) layer outside gets its own header and idle timeout,
+//! `retry` layer outside gets its own header and idle timeout,
 //! and a retry layer's deadline (a `Deadline` extension) bounds them all.
 //!
 //! # Example

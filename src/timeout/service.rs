@@ -51,21 +51,20 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let now = time::now();
-        let deadline = match self.config.total {
-            Some(total) => Some(
-                Deadline(now.checked_add(total).unwrap_or_else(time::far_future)).tighten(&mut req),
-            ),
-            None => Deadline::of(&req),
+        // The earlier of the configured total and a deadline in the request
+        // (a retry layer outside puts one there). Not stored back: this
+        // layer sits just above the client, where nothing reads it.
+        let own = self
+            .config
+            .total
+            .map(|t| now.checked_add(t).unwrap_or_else(time::far_future));
+        let deadline = match (own, Deadline::of(&req)) {
+            (Some(a), Some(Deadline(b))) => Some(a.min(b)),
+            (a, b) => a.or(b.map(|d| d.0)),
         };
         let future = self.inner.call(req);
-        ResponseFuture::new(
-            future,
-            self.config.header,
-            self.config.idle,
-            deadline.map(|d| d.0),
-            now,
-        )
+        ResponseFuture::new(future, self.config.header, self.config.idle, deadline, now)
     }
 }

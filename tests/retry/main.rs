@@ -476,7 +476,7 @@ async fn peeked_bytes_are_replayed_in_order_whatever_the_split() {
         );
         // Byte by byte up to the split: no complete data line yet unless the
         // split is past the first one.
-        for b in whole[..split].as_bytes().chunks(1) {
+        for b in whole.as_bytes()[..split].chunks(1) {
             feed.data(std::str::from_utf8(b).unwrap());
         }
         let first_data_line_end = SSE_FRAME_1.find("}\n").unwrap() + 2;

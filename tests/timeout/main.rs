@@ -148,9 +148,7 @@ async fn the_total_deadline_covers_the_body() {
     let (svc, mut h) = setup(TimeoutLayer::new().idle(S(10)).total(S(60)));
     let start = Instant::now();
     let call = tokio::spawn(svc.oneshot(req()));
-    let (r, send) = h.next_request().await.unwrap();
-    // The deadline is stored in the request for the layers further in.
-    assert_eq!(Deadline::of(&r).unwrap().remaining(), S(60));
+    let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
     send.send_response(stream(body));
     let mut body = call.await.unwrap().unwrap().into_body();
@@ -178,6 +176,49 @@ async fn the_total_deadline_covers_the_body() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_total_deadline_cuts_even_frames_that_are_always_ready() {
+    let (svc, mut h) = setup(TimeoutLayer::new().total(S(10)));
+    let mut call = task::spawn(svc.oneshot(req()));
+    assert_pending!(call.poll()); // the deadline timer is armed
+    let (_, send) = h.next_request().await.unwrap();
+    send.send_response(stream(chunks(&["a", "b", "c"])));
+    let mut body = assert_ready_ok!(call.poll()).into_body();
+    assert!(body.frame().await.unwrap().is_ok());
+    // The caller dawdles past the deadline; frames are still ready.
+    advance(S(11)).await;
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert!(
+        err.downcast_ref::<DeadlineExceeded>()
+            .unwrap()
+            .is_during_body()
+    );
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_time_counts_only_while_waiting_for_the_upstream() {
+    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(10)));
+    let call = tokio::spawn(svc.oneshot(req()));
+    let (_, send) = h.next_request().await.unwrap();
+    let (feed, body) = live();
+    send.send_response(stream(body));
+    let mut body = call.await.unwrap().unwrap().into_body();
+    // The caller takes a minute before its first poll: not the upstream's
+    // silence.
+    advance(S(60)).await;
+    let mut next = task::spawn(body.frame());
+    assert_pending!(next.poll());
+    advance(S(9)).await;
+    assert_pending!(next.poll());
+    feed.data("data: {}\n\n");
+    assert!(assert_ready!(next.poll()).unwrap().is_ok());
+    drop(next);
+    let start = Instant::now();
+    assert!(body.frame().await.unwrap().unwrap_err().is::<IdleTimeout>());
+    assert_eq!(start.elapsed(), S(10));
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_total_deadline_before_headers_wins_over_the_header_timeout() {
     let (svc, mut h) = setup(TimeoutLayer::new().header(S(30)).total(S(10)));
     let start = Instant::now();
@@ -202,14 +243,18 @@ async fn a_deadline_in_the_request_is_honoured() {
     assert!(err.is::<DeadlineExceeded>());
     assert_eq!(start.elapsed(), S(3));
 
-    // A later configured total does not loosen an earlier request deadline.
-    let (svc, mut h) = setup(TimeoutLayer::new().total(S(100)));
-    let mut r = req();
-    Deadline::after(S(3)).tighten(&mut r);
-    let call = tokio::spawn(svc.oneshot(r));
-    let (r, _send) = h.next_request().await.unwrap();
-    assert_eq!(Deadline::of(&r).unwrap().remaining(), S(3));
-    assert!(call.await.unwrap().unwrap_err().is::<DeadlineExceeded>());
+    // A later configured total does not loosen an earlier request deadline,
+    // and an earlier configured total wins over a later request deadline.
+    for (total, in_request) in [(S(100), S(3)), (S(3), S(100))] {
+        let (svc, mut h) = setup(TimeoutLayer::new().total(total));
+        let mut r = req();
+        Deadline::after(in_request).tighten(&mut r);
+        let start = Instant::now();
+        let call = tokio::spawn(svc.oneshot(r));
+        let _pending = h.next_request().await.unwrap();
+        assert!(call.await.unwrap().unwrap_err().is::<DeadlineExceeded>());
+        assert_eq!(start.elapsed(), S(3));
+    }
 }
 
 #[tokio::test(start_paused = true)]
