@@ -4,10 +4,17 @@
 //! requests from 50 concurrent callers.
 //!
 //! Contestants: no retry; tower's `Retry` with its `ExponentialBackoff` and
-//! `TpsBudget` at their defaults; tower's `Retry` tuned like this crate's
-//! defaults (same attempts, same budget, 0.5 s..8 s backoff); and
-//! tower-qwen's `Retry` at its defaults. Every tower policy retries `429`,
-//! `5xx` and transport errors (tower has no classifier of its own).
+//! `TpsBudget` at their defaults (retries bounded by the budget only);
+//! tower's `Retry` tuned like this crate's defaults (same attempts, same
+//! budget, 0.5 s..8 s backoff); tower-qwen's `Retry` at its defaults; and
+//! tower-qwen's `Retry` with a 50 % budget. Every tower policy retries
+//! `429`, `5xx` and transport errors (tower has no classifier of its own)
+//! and deposits on every final answer, as in tower's budget docs.
+//!
+//! Two workloads: requests arriving at 8 per second (under the quota, so
+//! failures are mostly the injected 503s and collisions within a second),
+//! and the same requests back to back from the 50 callers (far over the
+//! quota: retries alone cannot save it; that is the rate limiter's job).
 //!
 //! Real HTTP/1 over loopback to the real mock server, on tokio's paused clock:
 //! every wait (mock latency, backoff) is virtual, so the run takes seconds of
@@ -41,7 +48,7 @@ use tower::{BoxError, Service, ServiceExt};
 use tower_qwen::mock::{
     ApiError, Dist, Fault, FaultPlan, Latency, MockDashScope, MockHandle, Quota,
 };
-use tower_qwen::retry::{Policy as QwenPolicy, RetryLayer};
+use tower_qwen::retry::{Budget, Policy as QwenPolicy, RetryLayer};
 use tower_qwen::util::rng::SeededRng;
 
 const PATH: &str = "/api/v1/services/aigc/text-generation/generation";
@@ -338,6 +345,14 @@ async fn scenario(args: Args) -> Vec<Row> {
         .rng(SeededRng::new(args.seed));
     let svc = tower::ServiceBuilder::new().layer(layer).service(client());
     rows.push(contest("tower-qwen Retry", svc, mock, args).await);
+
+    let mock = start_mock(args).await;
+    let layer = RetryLayer::new()
+        .policy(QwenPolicy::new().max_retries(args.max_retries))
+        .budget(Budget::new(Duration::from_secs(10), 1, 0.5).expect("valid budget"))
+        .rng(SeededRng::new(args.seed));
+    let svc = tower::ServiceBuilder::new().layer(layer).service(client());
+    rows.push(contest("tower-qwen Retry, 50% budget", svc, mock, args).await);
     rows
 }
 
