@@ -55,6 +55,8 @@ pub(crate) struct UpstreamConfig {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) total_timeout: Option<Duration>,
     pub(crate) pool_max_idle_per_host: usize,
+    /// How long a call may wait for its account's (account, model) budget.
+    pub(crate) admission_wait: Option<Duration>,
 }
 
 /// A client key's token bucket: `capacity` requests at once, refilled at
@@ -633,6 +635,7 @@ fn parse_upstream(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<UpstreamConf
     let idle_timeout = s.duration("idle_timeout", Some(Duration::from_secs(60)), true);
     let total_timeout = s.duration("total_timeout", Some(Duration::from_secs(300)), true);
     let pool_max_idle_per_host = s.int("pool_max_idle_per_host", 64, 0, 100_000) as usize;
+    let admission_wait = s.duration("admission_wait", Some(Duration::from_secs(2)), true);
     s.finish();
     Some(UpstreamConfig {
         base_url: base_url?,
@@ -641,6 +644,7 @@ fn parse_upstream(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<UpstreamConf
         idle_timeout,
         total_timeout,
         pool_max_idle_per_host,
+        admission_wait,
     })
 }
 

@@ -40,10 +40,13 @@
 //! 5. **Upstream admission**: the key maps to a pool of upstream accounts
 //!    (DashScope's quotas belong to accounts, not keys). Each account has
 //!    a [`RateLimiter`](crate::rate_limit::RateLimiter) per model with RPM
-//!    and TPM (the Qwen defaults or configured), in reject mode; the pool
-//!    tries its accounts in turn and answers 429 (`Throttling.RateQuota` or
+//!    and TPM (the Qwen defaults or configured, smoothed per second as
+//!    DashScope enforces them). The pool takes the first account with room
+//!    now; when none has, the call waits for the account that frees up
+//!    first if that is within `admission_wait` (default 2 s: smoothing, not
+//!    queueing), else it gets 429 (`Throttling.RateQuota` or
 //!    `Throttling.AllocationQuota`) with `Retry-After` and
-//!    `x-ratelimit-*-requests/tokens` when all are out of budget. Token
+//!    `x-ratelimit-*-requests/tokens`. Token
 //!    reservations are reconciled with the real `usage` when the answer
 //!    ends, and an upstream 429 tightens the account.
 //! 6. **The upstream call**, to the configured base URL only (no open
@@ -87,6 +90,7 @@
 //! header_timeout = "off"
 //! idle_timeout = "60s"            # silence between stream frames
 //! total_timeout = "300s"
+//! admission_wait = "2s"           # longest wait for an account's budget, else 429
 //!
 //! [limits]                        # each client key's bucket, unless overridden
 //! capacity = 50
@@ -241,12 +245,18 @@ impl Gateway {
                 let svc = RateLimitLayer::keyed(limiter.clone(), ByModel)
                     .reject()
                     .layer(upstream.clone());
+                let wait_svc = up.admission_wait.map(|wait| {
+                    RateLimitLayer::keyed(limiter.clone(), ByModel)
+                        .wait(wait)
+                        .layer(upstream.clone())
+                });
                 Arc::new(Account {
                     name: a.name.clone(),
                     keys: a.keys.clone(),
                     next_key: AtomicUsize::new(0),
                     workspace: a.workspace.clone(),
                     svc,
+                    wait_svc,
                     limiter,
                 })
             })

@@ -56,7 +56,10 @@ pub(crate) struct Account {
     pub(crate) keys: Vec<ApiKey>,
     pub(crate) next_key: AtomicUsize,
     pub(crate) workspace: Option<HeaderValue>,
+    /// Admission in reject mode.
     pub(crate) svc: AccountSvc,
+    /// Admission that waits up to the configured admission wait, if any.
+    pub(crate) wait_svc: Option<AccountSvc>,
     pub(crate) limiter: RateLimiter<Option<Arc<str>>>,
 }
 
@@ -126,52 +129,93 @@ impl Service<http::Request<Body>> for Pool {
             (self.next.fetch_add(1, Ordering::Relaxed) % n, n)
         };
         Box::pin(async move {
-            let mut req = Some(req);
-            let mut busy: Option<UpstreamBusy> = None;
-            for i in 0..tries {
-                let account = &accounts[(start + i) % n];
-                let mut r = if i + 1 == tries {
-                    req.take().expect("the last try takes the request")
-                } else {
-                    clone_request(req.as_ref().expect("kept for the next try"))
+            if tries == 1 {
+                // One account: wait for its budget (up to the admission
+                // wait) or refuse.
+                let account = &accounts[start];
+                let mut req = req;
+                account.authorize(req.headers_mut());
+                let svc = account.wait_svc.as_ref().unwrap_or(&account.svc).clone();
+                let model = RequestInfo::of(&mut req).model.clone();
+                return match oneshot(svc, req).await {
+                    Err(e) => Err(refused(e, account, &model)),
+                    ok => ok,
                 };
+            }
+            // A pool: the first account with room now takes the call; when
+            // none has, wait on the one that frees up first (if that is
+            // within the admission wait).
+            let mut req = req;
+            let model = RequestInfo::of(&mut req).model.clone();
+            let mut busy: Option<(UpstreamBusy, usize)> = None;
+            for i in 0..tries {
+                let idx = (start + i) % n;
+                let account = &accounts[idx];
+                let mut r = clone_request(&req);
                 account.authorize(r.headers_mut());
-                let model = RequestInfo::of(&mut r).model.clone();
                 match oneshot(account.svc.clone(), r).await {
                     Ok(res) => return Ok(res),
-                    Err(e) => match e.downcast::<RateLimited>() {
-                        Ok(limited) => {
-                            let wait = limited.retry_after().unwrap_or(Duration::from_secs(1));
-                            tracing::debug!(
-                                account = %account.name,
-                                model = model.as_deref().unwrap_or(""),
-                                retry_after_ms = wait.as_millis() as u64,
-                                "upstream account budget refused the call"
-                            );
-                            if busy.as_ref().is_none_or(|b| wait < b.retry_after) {
-                                let mut headers = HeaderMap::new();
-                                if let Some(s) = account.limiter.snapshot(&model) {
-                                    s.write_headers(&mut headers);
-                                }
-                                busy = Some(UpstreamBusy {
-                                    retry_after: wait,
-                                    tokens: limited.is_tokens(),
-                                    headers,
-                                });
-                            }
-                        }
+                    Err(e) => match busy_or(e, account, &model, busy.as_ref().map(|b| &b.0)) {
+                        Ok(Some(b)) => busy = Some((b, idx)),
+                        Ok(None) => {}
                         Err(e) => return Err(e),
                     },
                 }
             }
-            Err(busy
-                .unwrap_or(UpstreamBusy {
-                    retry_after: Duration::from_secs(1),
-                    tokens: false,
-                    headers: HeaderMap::new(),
-                })
-                .into())
+            let (b, idx) = busy.expect("every account refused");
+            let account = &accounts[idx];
+            if let Some(svc) = &account.wait_svc {
+                account.authorize(req.headers_mut());
+                return match oneshot(svc.clone(), req).await {
+                    Err(e) => Err(refused(e, account, &model)),
+                    ok => ok,
+                };
+            }
+            Err(b.into())
         })
+    }
+}
+
+/// Reads a local refusal of `account`: `Ok(Some(busy))` when it frees up
+/// sooner than `best` (or there is no best yet), `Ok(None)` when not, and
+/// `Err` for any other error.
+fn busy_or(
+    e: BoxError,
+    account: &Account,
+    model: &Option<Arc<str>>,
+    best: Option<&UpstreamBusy>,
+) -> Result<Option<UpstreamBusy>, BoxError> {
+    let limited = e.downcast::<RateLimited>()?;
+    let wait = limited.retry_after().unwrap_or(Duration::from_secs(1));
+    tracing::debug!(
+        account = %account.name,
+        model = model.as_deref().unwrap_or(""),
+        retry_after_ms = wait.as_millis() as u64,
+        "upstream account budget refused the call"
+    );
+    if best.is_some_and(|b| b.retry_after <= wait) {
+        return Ok(None);
+    }
+    let mut headers = HeaderMap::new();
+    if let Some(s) = account.limiter.snapshot(model) {
+        s.write_headers(&mut headers);
+    }
+    Ok(Some(UpstreamBusy {
+        retry_after: wait,
+        tokens: limited.is_tokens(),
+        headers,
+    }))
+}
+
+/// The error for a call refused after its last try.
+fn refused(e: BoxError, account: &Account, model: &Option<Arc<str>>) -> BoxError {
+    match busy_or(e, account, model, None) {
+        Ok(b) => Box::new(b.unwrap_or(UpstreamBusy {
+            retry_after: Duration::from_secs(1),
+            tokens: false,
+            headers: HeaderMap::new(),
+        })),
+        Err(e) => e,
     }
 }
 
@@ -554,9 +598,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &r {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        // The server may stop polling once a sized body has all its bytes:
+        // the end is then known from the body, not from a final `None`.
+        let ended = match &r {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
             *this.done = true;
             this.guard.take();
         }

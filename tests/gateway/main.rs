@@ -387,6 +387,7 @@ async fn upstream_account_budgets_spill_over_the_pool_then_answer_429() {
         r#"
         [upstream]
         base_url = "{base}"
+        admission_wait = "off"
         [[accounts]]
         name = "main"
         api_key = "{UPSTREAM}"
@@ -443,6 +444,47 @@ async fn upstream_account_budgets_spill_over_the_pool_then_answer_429() {
             .status,
         200
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_wait_for_the_upstream_budget_is_waited_not_refused() {
+    let m = mock().start().await.unwrap();
+    let text = format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        admission_wait = "3s"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        [accounts.models.qwen-plus]
+        rpm = 30
+        [[keys]]
+        name = "alice"
+        key = "{ALICE}"
+        "#,
+        base = m.base_url()
+    );
+    let env = start_with(m, &text).await;
+    // 30 RPM: one call every 2 s. Three at once: the first goes now, the
+    // second waits 2 s, the third would wait 4 s > 3 s and is refused now.
+    let t0 = Instant::now();
+    let body = chat("qwen-plus", false);
+    let calls = (0..3).map(|_| async {
+        let a = env.post(CHAT, Some(ALICE), &body).await;
+        (a.status.as_u16(), Instant::now() - t0)
+    });
+    let mut got = join_all(calls).await;
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (200, Duration::ZERO),
+            (200, Duration::from_secs(2)),
+            (429, Duration::ZERO)
+        ]
+    );
+    assert_eq!(env.mock.stats().requests, 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -805,6 +847,7 @@ async fn healthz_and_metrics() {
         r#"gateway_key_degraded{key="alice"} 0"#,
         "gateway_degraded_keys 0",
         "gateway_requests_in_flight 0",
+        "gateway_streams_cancelled_total 0",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
