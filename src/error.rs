@@ -39,6 +39,8 @@ macro_rules! for_known_errors {
         $check!(crate::coalesce::error::BatchFailed);
         #[cfg(feature = "rate-limit")]
         $check!(crate::rate_limit::error::RateLimited);
+        #[cfg(feature = "redis")]
+        $check!(crate::redis::error::StoreUnavailable);
         #[cfg(feature = "concurrency")]
         $check!(crate::concurrency::error::Overloaded);
         #[cfg(feature = "circuit-breaker")]

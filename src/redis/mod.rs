@@ -1,0 +1,145 @@
+//! Distributed rate limits on Redis: many replicas share one account's
+//! quota.
+//!
+//! DashScope's quota belongs to the account, so N gateway replicas (or N
+//! services) each running the in-memory [`RateLimiter`] would send N times
+//! the quota. [`RedisLimiter`] keeps the limiter's state in Redis instead,
+//! and [`RedisRateLimitLayer`] is the [`RateLimitLayer`] on top of it:
+//! the same key functions ([`KeyFn`]), the same [`Mode`]s (wait for a
+//! reserved slot, or reject with the exact `retry_after`), the same token
+//! estimate, reconciliation from the response's `usage` and feedback from
+//! upstream throttles, and the same error,
+//! [`RateLimited`](crate::rate_limit::error::RateLimited).
+//!
+//! * **One atomic script per decision** ([`script`](self) source in
+//!   `src/redis/script.rs`): the in-memory GCRA operation for operation (a
+//!   weighted cost in the request and token dimensions booked at one common
+//!   slot, reservations up to a maximum wait with give-back, refunds and
+//!   overruns with the same safety rules), run with `EVALSHA` (falling back
+//!   to `EVAL`, which also caches it). A property test checks that the
+//!   script and the in-memory core decide alike for the same arrivals.
+//! * **Keys** are the limiter's keys written with [`StoreKey`] under a
+//!   prefix; each is one small hash that expires (`PEXPIRE`) when its
+//!   buckets would be full again (plus a slack), so idle keys vanish.
+//! * **One clock.** By default the script reads Redis's `TIME`
+//!   ([`Clock::Server`]), so replicas whose clocks differ still decide on
+//!   one clock; a wait is counted locally from when the answer arrived
+//!   (late by at most one network latency, never early). [`Clock::Local`]
+//!   passes the caller's tokio time instead, for tests and one-process use.
+//! * **Failure policy** ([`FailurePolicy`]): every Redis call has its own
+//!   timeout ([`RedisLimiterBuilder::timeout`]); when Redis fails or is
+//!   slow, the limiter fails open to an in-memory limiter at `1/N` of the
+//!   quota (`N` replicas) or fails closed with
+//!   [`StoreUnavailable`](error::StoreUnavailable). While Redis is down,
+//!   one call per [`probe_every`](RedisLimiterBuilder::probe_every) tries
+//!   it again (the others do not wait for it), and the first success
+//!   switches back. Each transition is a `tracing::warn!`. Connections are
+//!   the `redis` crate's tokio [`ConnectionManager`], which reconnects on
+//!   its own ([`manager_config`], [`connect_lazy`]).
+//! * **Leases** ([`Lease`], optional): book a small slice of budget with a
+//!   round trip that happens anyway and spend it locally, so most calls
+//!   need no round trip. The overshoot across all replicas is bounded by
+//!   `slice + rate × ttl` per quota (see [`Lease`] for the proof).
+//!
+//! # How it differs
+//!
+//! From the in-memory limiter: a decision costs a round trip (or none with
+//! a lease); slow start and the reduced-rate recovery after a throttle are
+//! not replicated (a throttle pauses the key for every replica, see
+//! [`RedisLimiterBuilder::feedback`]); a waiter keeps its slot when another
+//! replica pauses the key. From a fixed-window `INCR` + `EXPIRE` counter
+//! (the usual Redis limiter): no double burst at window edges, weighted
+//! costs, waiting in FIFO order with exact slots, and refunds. From
+//! redis-cell: no server module to install, two dimensions at once,
+//! reservations and refunds.
+//!
+//! Unknown API keys are keyed by a per-process hash in
+//! [`ByAccountModel`](crate::rate_limit::ByAccountModel) and
+//! [`ByHeader`](crate::rate_limit::ByHeader): replicas do not share those
+//! (see [`StoreKey`]); name accounts, or use a key function of your own.
+//!
+//! # With other layers
+//!
+//! As the in-memory [`RateLimitLayer`]: inside `Retry` and the circuit
+//! breaker, outside the concurrency limit and timeouts.
+//! [`StoreUnavailable`](error::StoreUnavailable) is classified as
+//! transient (with the time until Redis is tried again), so a retry waits
+//! and a breaker outside it counts it.
+//!
+//! # Example
+//!
+//! Three replicas (three limiters with their own connections) share 2
+//! requests per hour:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! # use std::io::BufRead;
+//! # let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+//! # let mut server = std::process::Command::new("redis-server")
+//! #     .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+//! #     .stdout(std::process::Stdio::piped())
+//! #     .spawn()
+//! #     .expect("redis-server is installed");
+//! # let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+//! # let mut line = String::new();
+//! # while out.read_line(&mut line).unwrap() > 0 && !line.contains("Ready to accept") { line.clear(); }
+//! # let url = format!("redis://127.0.0.1:{port}");
+//! use std::num::NonZeroU32;
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_qwen::rate_limit::{Limits, Quota};
+//! use tower_qwen::rate_limit::error::RateLimited;
+//! use tower_qwen::redis::{FailurePolicy, RedisLimiter, RedisRateLimitLayer, connect_lazy};
+//!
+//! let limits = Limits::requests(Quota::per_hour(NonZeroU32::new(2).unwrap()));
+//! let replica = || {
+//!     let conn = connect_lazy(&url, None).unwrap();
+//!     let limiter = RedisLimiter::builder(limits)
+//!         .prefix("example:")
+//!         .on_failure(FailurePolicy::fail_open(NonZeroU32::new(3).unwrap()))
+//!         .build(conn);
+//!     ServiceBuilder::new()
+//!         .layer(RedisRateLimitLayer::new(limiter).reject())
+//!         .service_fn(|_req: http::Request<Full<Bytes>>| async {
+//!             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+//!         })
+//! };
+//! let (a, b, c) = (replica(), replica(), replica());
+//! let req = || http::Request::new(Full::new(Bytes::new()));
+//! assert!(a.oneshot(req()).await.is_ok());
+//! assert!(b.oneshot(req()).await.is_ok());
+//! // The third replica finds the shared budget spent.
+//! let err = c.oneshot(req()).await.unwrap_err();
+//! assert!(err.downcast_ref::<RateLimited>().unwrap().retry_after().unwrap().as_secs() > 1700);
+//! # server.kill().unwrap();
+//! # server.wait().unwrap();
+//! # }
+//! ```
+//!
+//! [`RateLimiter`]: crate::rate_limit::RateLimiter
+//! [`RateLimitLayer`]: crate::rate_limit::RateLimitLayer
+//! [`KeyFn`]: crate::rate_limit::KeyFn
+//! [`Mode`]: crate::rate_limit::Mode
+//! [`ConnectionManager`]: ::redis::aio::ConnectionManager
+
+pub mod error;
+mod fallback;
+pub mod future;
+mod key;
+mod layer;
+mod lease;
+mod limiter;
+mod script;
+mod service;
+
+pub use fallback::FailurePolicy;
+pub use key::StoreKey;
+pub use layer::RedisRateLimitLayer;
+pub use lease::Lease;
+pub use limiter::{
+    Admission, Clock, DEFAULT_TIMEOUT, RedisLimiter, RedisLimiterBuilder, Reservation, Stats,
+    connect_lazy, manager_config,
+};
+pub use service::RedisRateLimit;

@@ -1,0 +1,174 @@
+//! The Redis script decides exactly like the in-memory GCRA for the same
+//! arrival sequence: reservations with and without waits (slots and
+//! refusals to the nanosecond, and which quota refused), give-backs of
+//! cancelled reservations, refunds and overruns from reconciliation, in
+//! one or two dimensions.
+//!
+//! Both sides run on one paused tokio clock: the in-memory limiter reads it,
+//! the script is handed the same instants ([`Clock::Local`]). There is no
+//! Redis timeout, so no timer races the I/O and paused time only moves when
+//! the test advances it.
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use tower_qwen::rate_limit;
+
+use super::*;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve {
+        dt_ms: u64,
+        requests: u32,
+        tokens: u32,
+        max_wait_ms: u64,
+    },
+    Cancel(usize),
+    Reconcile(usize, u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..400, 0u32..3, 0u32..3_000, prop_oneof![Just(0u64), 0u64..3_000]).prop_map(
+            |(dt_ms, requests, tokens, max_wait_ms)| Op::Reserve {
+                dt_ms,
+                requests,
+                tokens,
+                max_wait_ms,
+            }
+        ),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        2 => (any::<usize>(), 0u32..5_000).prop_map(|(i, t)| Op::Reconcile(i, t)),
+    ]
+}
+
+fn limits() -> impl Strategy<Value = Limits> {
+    (
+        prop::option::of((1u32..20, 1u32..5)),
+        prop::option::of((1_000u32..200_000, 1u32..5_000)),
+    )
+        .prop_map(|(r, t)| {
+            let mut l = Limits::UNLIMITED;
+            if let Some((n, b)) = r {
+                l = l.and_requests(Quota::per_second(nz(n)).allow_burst(nz(b)));
+            }
+            if let Some((n, b)) = t {
+                l = l.and_tokens(Quota::tokens_per_minute(nz(n)).allow_burst(nz(b)));
+            }
+            l
+        })
+}
+
+type Pair = (
+    rate_limit::Reservation<()>,
+    tower_qwen::redis::Reservation<()>,
+);
+
+async fn run_case(
+    conn: redis::aio::ConnectionManager,
+    case: usize,
+    limits: Limits,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let t0 = Instant::now();
+    let memory = RateLimiter::new(limits);
+    let redis = RedisLimiter::builder(limits)
+        .prefix(format!("test:prop{case}:"))
+        .clock(Clock::Local(t0))
+        .timeout(None)
+        .expiry_slack(HOUR)
+        .build(conn);
+    let mut pending: Vec<Pair> = Vec::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Reserve {
+                dt_ms,
+                requests,
+                tokens,
+                max_wait_ms,
+            } => {
+                tokio::time::advance(Duration::from_millis(dt_ms)).await;
+                let now = Instant::now();
+                let cost = Cost::new(requests, tokens);
+                let max_wait = Duration::from_millis(max_wait_ms);
+                let m = memory.reserve(&(), cost, max_wait);
+                let r = redis.reserve_at(&(), cost, max_wait, now).await;
+                match (m, r) {
+                    (Ok(m), Ok(r)) => {
+                        prop_assert_eq!(
+                            m.ready_at() - now,
+                            r.ready_at() - now,
+                            "op {}: slots differ",
+                            i
+                        );
+                        pending.push((m, r));
+                    }
+                    (Err(me), Err(re)) => {
+                        let re = limited(&re);
+                        prop_assert_eq!(
+                            me.retry_after(),
+                            re.retry_after(),
+                            "op {}: waits differ",
+                            i
+                        );
+                        prop_assert_eq!(me.is_tokens(), re.is_tokens(), "op {}: quotas differ", i);
+                    }
+                    (m, r) => {
+                        return Err(TestCaseError::fail(format!(
+                            "op {i}: in-memory {:?}, redis {:?}",
+                            m.map(|x| x.ready_at() - now),
+                            r.map(|x| x.ready_at() - now).map_err(|e| e.to_string())
+                        )));
+                    }
+                }
+            }
+            Op::Cancel(k) => {
+                if pending.is_empty() {
+                    continue;
+                }
+                let (m, r) = pending.swap_remove(k % pending.len());
+                drop(m);
+                r.cancel().await;
+            }
+            Op::Reconcile(k, actual) => {
+                let now = Instant::now();
+                let due: Vec<usize> = (0..pending.len())
+                    .filter(|&j| pending[j].0.ready_at() <= now)
+                    .collect();
+                if due.is_empty() {
+                    continue;
+                }
+                let (m, r) = pending.swap_remove(due[k % due.len()]);
+                m.ready().await.reconcile(actual);
+                r.ready().await.reconcile_at(actual, now).await;
+            }
+        }
+    }
+    let s = redis.stats();
+    prop_assert_eq!((s.errors, s.fallback), (0, 0));
+    Ok(())
+}
+
+#[test]
+fn script_decides_like_the_in_memory_core() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let conn = rt.block_on(async { conn(&server) });
+    let mut runner = TestRunner::new(Config {
+        cases: 96,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&(limits(), vec(op(), 1..60)), |(limits, ops)| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(run_case(conn.clone(), n, limits, ops))
+        })
+        .unwrap();
+}
