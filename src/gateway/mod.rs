@@ -2,7 +2,7 @@
 //! token buckets, 429s with `Retry-After`, degradation of failing keys,
 //! SSE pass-through, and metrics.
 //!
-//! [`Gateway`] (or [`router`]) is an axum [`Router`](axum::Router) that
+//! [`Gateway`] (or [`router`]) is an axum [`Router`] that
 //! speaks DashScope's own paths, so the official SDKs and OpenAI-compatible
 //! clients work by changing only their base URL:
 //!
@@ -39,7 +39,7 @@
 //!    admitted calls are probes and the first success restores the key.
 //! 5. **Upstream admission**: the key maps to a pool of upstream accounts
 //!    (DashScope's quotas belong to accounts, not keys). Each account has
-//!    a [`RateLimiter`](crate::rate_limit::RateLimiter) per model with RPM
+//!    a [`RateLimiter`] per model with RPM
 //!    and TPM (the Qwen defaults or configured, smoothed per second as
 //!    DashScope enforces them). The pool takes the first account with room
 //!    now; when none has, the call waits for the account that frees up
