@@ -2,7 +2,118 @@
 //! Cloud Model Studio) quota: no 429 storms, no hung requests, no retry
 //! avalanches, no lost work.
 //!
-//! (Crate documentation is completed as the layers land.)
+//! DashScope limits each (root account, model) by requests and tokens per
+//! minute, enforces both **per second** (RPM/60, TPM/60), adds a dynamic
+//! "request rate increased too quickly" guard, and sends no `Retry-After`
+//! or `x-ratelimit-*` headers. Errors hide in HTTP 200 bodies and in SSE
+//! frames. Retrying harder makes all of it worse. tower-qwen puts admission
+//! control, stream-aware limits and a DashScope-literate classifier in
+//! front of any `Service<http::Request<B>>`: a hyper-util client, an axum
+//! handler's upstream, a tonic channel.
+//!
+//! | module | what it does | feature |
+//! |---|---|---|
+//! | [`classify`] | one [`Outcome`](classify::Outcome) for every way DashScope reports trouble | always |
+//! | [`rate_limit`] | GCRA buckets for requests **and tokens** (reserve, then reconcile with real `usage`), keyed per (account, model), wait or reject, slow start, feedback | `rate-limit` |
+//! | [`retry`] | retry what heals, never what can't, never a stream already flowing; cause-aware backoff, shared budget, deadlines | `retry` |
+//! | [`timeout`] | time to headers, idle time between body frames, total deadline | `timeout` |
+//! | [`concurrency`] | fixed or adaptive (AIMD) limit held until a streamed body ends; FIFO, bounded waiting | `concurrency` |
+//! | [`circuit_breaker`] | fail fast or degrade to a low rate; half-open probes; keyed | `circuit-breaker` |
+//! | [`fallback`] | on throttling or an open circuit, ask the next model of a chain | `fallback` |
+//! | [`coalesce`] | merge single-text embedding calls into batched requests | `coalesce` |
+//! | [`pool`] | spread load over several accounts (quotas are per account) | `pool` |
+//! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
+//! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
+//! | [`redis`] | the same GCRA decision in Redis, shared by many replicas | `redis` |
+//! | [`mock`] | a faithful mock DashScope server for tests, benches and demos | `mock` |
+//!
+//! # Order
+//!
+//! The recommended stack, outermost first:
+//!
+//! ```text
+//! fallback → retry (budget) → circuit_breaker → coalesce → rate_limit → concurrency → timeout → client
+//! ```
+//!
+//! * **retry outside everything else**, so each attempt passes the breaker
+//!   and the limiter again, and the budget bounds the total;
+//! * **the breaker outside the limiter**, so a call refused fast does not
+//!   spend a rate-limit slot;
+//! * **coalesce outside the limiter and the concurrency limit**, so those
+//!   count the merged upstream calls, not the callers;
+//! * **the concurrency limit inside the rate limiter**: calls wait for
+//!   their rate slot without holding a connection-bound permit; the permit
+//!   is then held until the response body ends;
+//! * **timeouts innermost**, per attempt.
+//!
+//! [`client::QwenClient`] builds exactly this with Qwen defaults.
+//!
+//! # Example
+//!
+//! ```
+//! # #[cfg(not(all(feature = "client", feature = "mock")))] fn main() {}
+//! # #[cfg(all(feature = "client", feature = "mock"))]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_qwen::BoxError> {
+//! use std::num::NonZeroUsize;
+//! use std::time::Duration;
+//! use http_body_util::BodyExt;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_qwen::client::{ApiKey, ChatRequest, SetUpstreamLayer, TransportConfig};
+//! use tower_qwen::{circuit_breaker, concurrency, rate_limit, retry, timeout};
+//!
+//! // A mock DashScope on loopback (a real base URL works the same way).
+//! let mock = tower_qwen::mock::MockDashScope::builder().key("sk-demo", "acct").start().await?;
+//!
+//! let client = ServiceBuilder::new()
+//!     .layer(retry::RetryLayer::new())
+//!     .map_err(tower_qwen::BoxError::from)
+//!     .layer(circuit_breaker::CircuitBreakerLayer::new())
+//!     .layer(rate_limit::RateLimitLayer::qwen())
+//!     .layer(concurrency::ConcurrencyLimitLayer::new(NonZeroUsize::new(20).unwrap()))
+//!     .layer(timeout::TimeoutLayer::new().idle(Duration::from_secs(60)).total(Duration::from_secs(300)))
+//!     .layer(SetUpstreamLayer::new(mock.base_url().parse()?, ApiKey::new("sk-demo")?))
+//!     .service(TransportConfig::new().build());
+//!
+//! let res = client.oneshot(ChatRequest::new("qwen-plus").user("Hello").into_request()).await?;
+//! assert_eq!(res.status(), 200);
+//! let body = res.into_body().collect().await?.to_bytes();
+//! assert!(body.starts_with(b"{"));
+//! # Ok(()) }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `rate-limit` | yes | [`rate_limit`] |
+//! | `retry` | yes | [`retry`] |
+//! | `timeout` | yes | [`timeout`] |
+//! | `concurrency` | yes | [`concurrency`] |
+//! | `circuit-breaker` | yes | [`circuit_breaker`] |
+//! | `fallback` | no | [`fallback`] (pulls `retry`) |
+//! | `coalesce` | no | [`coalesce`] |
+//! | `pool` | no | [`pool`] |
+//! | `client` | no | [`client`]: hyper-util, hyper-rustls (ring), and the default layers |
+//! | `mock` | no | [`mock`]: axum + hyper server |
+//! | `gateway` | no | [`gateway`]: axum, metrics, TOML config |
+//! | `redis` | no | [`redis`]: the `redis` crate with its tokio connection manager |
+//! | `full` | no | all of the above |
+//!
+//! The core ([`classify`], [`body`], [`request`], [`sse`], [`usage`],
+//! [`tokens`], [`time`]) is always there and depends only on `http`,
+//! `http-body`, `tokio` (time), `serde_json` and `tracing`.
+//!
+//! # Time and determinism
+//!
+//! Every clock read goes through [`time::now`], tokio's clock, and every
+//! wait through tokio's timer, so tests run with
+//! `#[tokio::test(start_paused = true)]` and never sleep. Jitter comes from
+//! an injectable [`util::rng::Rng`].
+//!
+//! # MSRV
+//!
+//! Rust 1.88 (edition 2024). Raising it is a minor-version change.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -14,6 +125,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod builder;
 pub mod classify;
 pub mod error;
 pub mod request;

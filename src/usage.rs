@@ -50,7 +50,9 @@ impl Usage {
     /// JSON string the quotes would be escaped, so text content cannot fake
     /// it.
     pub fn find(json: &[u8]) -> Option<Usage> {
-        let finder = memchr::memmem::Finder::new(b"\"usage\"");
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+        let finder = &*FINDER;
         let mut from = 0;
         while let Some(i) = finder.find(&json[from..]) {
             let after = &json[from + i + 7..];

@@ -144,24 +144,32 @@ pin_project! {
     }
 }
 
+/// What every observed body keeps: small, and allocation-free when the
+/// body is not inspected.
 struct Watch<H> {
     hook: H,
+    outcome: Outcome,
+    data_frames: u32,
+    want_timing: bool,
+    first_frame_at: Option<Instant>,
+    /// Present only when the body is inspected (an SSE stream, or a JSON /
+    /// error body with an outcome or usage asked for).
+    deep: Option<Box<Deep>>,
+}
+
+struct Deep {
     classifier: Classifier,
     status: StatusCode,
     facts: HeadFacts,
-    outcome: Outcome,
     usage: Option<Usage>,
     mode: Mode,
     want_usage: bool,
-    want_timing: bool,
-    first_frame_at: Option<Instant>,
-    data_frames: u32,
 }
 
 enum Mode {
-    Nothing,
     Sse { scanner: SseScanner, error: bool },
     Json { buf: Vec<u8>, overflow: bool },
+    Done,
 }
 
 impl<B, H: OnEnd> Observed<B, H> {
@@ -184,35 +192,39 @@ impl<B, H: OnEnd> Observed<B, H> {
             classifier.facts(&parts.headers)
         };
         let outcome = facts.apply(crate::classify::by_status(status.as_u16()));
-        let mode = if !(inspect.outcome || inspect.usage) {
-            Mode::Nothing
+        let ended = body.is_end_stream();
+        let mode = if !(inspect.outcome || inspect.usage) || ended {
+            None
         } else if is_event_stream(&parts.headers) {
-            Mode::Sse {
+            Some(Mode::Sse {
                 scanner: SseScanner::new(),
                 error: false,
-            }
+            })
         } else if !status.is_success() || is_json_or_untyped(&parts.headers) {
-            Mode::Json {
+            Some(Mode::Json {
                 buf: Vec::new(),
                 overflow: false,
-            }
+            })
         } else {
-            Mode::Nothing
+            None
         };
         let watch = Watch {
             hook,
-            classifier: *classifier,
-            status,
-            facts,
             outcome,
-            usage: None,
-            mode,
-            want_usage: inspect.usage,
+            data_frames: 0,
             want_timing: inspect.timing,
             first_frame_at: None,
-            data_frames: 0,
+            deep: mode.map(|mode| {
+                Box::new(Deep {
+                    classifier: *classifier,
+                    status,
+                    facts,
+                    usage: None,
+                    mode,
+                    want_usage: inspect.usage,
+                })
+            }),
         };
-        let ended = body.is_end_stream();
         let mut observed = Observed {
             inner: body,
             watch: Some(watch),
@@ -230,16 +242,11 @@ impl<B, H: OnEnd> Observed<B, H> {
             inner: body,
             watch: Some(Watch {
                 hook,
-                classifier: Classifier::new(),
-                status: StatusCode::OK,
-                facts: HeadFacts::default(),
                 outcome,
-                usage: None,
-                mode: Mode::Nothing,
-                want_usage: false,
+                data_frames: 0,
                 want_timing: false,
                 first_frame_at: None,
-                data_frames: 0,
+                deep: None,
             }),
         }
     }
@@ -263,15 +270,37 @@ impl<H: OnEnd> Watch<H> {
             self.first_frame_at = Some(time::now());
         }
         self.data_frames = self.data_frames.saturating_add(1);
+        if let Some(deep) = self.deep.as_deref_mut() {
+            deep.on_data(&mut self.outcome, data, last);
+        }
+    }
+
+    fn fire(mut self, kind: EndKind) {
+        let mut usage = None;
+        if let Some(deep) = self.deep.take() {
+            usage = deep.finish(&mut self.outcome, kind);
+        }
+        if kind == EndKind::Failed && self.outcome.is_success() {
+            self.outcome = Outcome::TRANSIENT;
+        }
+        let end = BodyEnd {
+            outcome: self.outcome,
+            usage,
+            kind,
+            first_frame_at: self.first_frame_at,
+            data_frames: self.data_frames,
+        };
+        self.hook.on_end(end);
+    }
+}
+
+impl Deep {
+    fn on_data(&mut self, outcome: &mut Outcome, data: &[u8], last: bool) {
         match &mut self.mode {
-            Mode::Nothing => {}
+            Mode::Done => {}
             Mode::Sse { scanner, error } => {
-                let (classifier, outcome, usage, want_usage) = (
-                    &self.classifier,
-                    &mut self.outcome,
-                    &mut self.usage,
-                    self.want_usage,
-                );
+                let (classifier, usage, want_usage) =
+                    (&self.classifier, &mut self.usage, self.want_usage);
                 scanner.feed(data, |line, meta| {
                     scan_line(classifier, outcome, usage, want_usage, error, line, meta)
                 });
@@ -279,15 +308,15 @@ impl<H: OnEnd> Watch<H> {
             Mode::Json { buf, overflow } => {
                 if last && buf.is_empty() && !*overflow {
                     if data.len() <= self.classifier.get_body_limit() {
-                        self.outcome =
+                        *outcome =
                             self.classifier
                                 .classify_with(self.status, false, self.facts, data);
-                        if self.want_usage && self.outcome.is_success() {
+                        if self.want_usage && outcome.is_success() {
                             self.usage = Usage::find(data);
                         }
                     }
                     // Classified (or too long to be): nothing left to do.
-                    self.mode = Mode::Nothing;
+                    self.mode = Mode::Done;
                 } else if !*overflow {
                     if buf.len() + data.len() > self.classifier.get_body_limit() {
                         *overflow = true;
@@ -300,20 +329,18 @@ impl<H: OnEnd> Watch<H> {
         }
     }
 
-    fn fire(mut self, kind: EndKind) {
-        match std::mem::replace(&mut self.mode, Mode::Nothing) {
-            Mode::Nothing => {}
+    /// The body is over: finish the parse, settle the outcome, return the
+    /// usage seen.
+    fn finish(mut self, outcome: &mut Outcome, kind: EndKind) -> Option<Usage> {
+        match std::mem::replace(&mut self.mode, Mode::Done) {
+            Mode::Done => {}
             Mode::Sse {
                 mut scanner,
                 mut error,
             } => {
                 if kind == EndKind::Complete {
-                    let (classifier, outcome, usage, want_usage) = (
-                        &self.classifier,
-                        &mut self.outcome,
-                        &mut self.usage,
-                        self.want_usage,
-                    );
+                    let (classifier, usage, want_usage) =
+                        (&self.classifier, &mut self.usage, self.want_usage);
                     scanner.finish(|line, meta| {
                         scan_line(
                             classifier, outcome, usage, want_usage, &mut error, line, meta,
@@ -323,26 +350,16 @@ impl<H: OnEnd> Watch<H> {
             }
             Mode::Json { buf, overflow } => {
                 if kind == EndKind::Complete && !overflow {
-                    self.outcome =
-                        self.classifier
-                            .classify_with(self.status, false, self.facts, &buf);
-                    if self.want_usage && self.outcome.is_success() {
+                    *outcome = self
+                        .classifier
+                        .classify_with(self.status, false, self.facts, &buf);
+                    if self.want_usage && outcome.is_success() {
                         self.usage = Usage::find(&buf);
                     }
                 }
             }
         }
-        if kind == EndKind::Failed && self.outcome.is_success() {
-            self.outcome = Outcome::TRANSIENT;
-        }
-        let end = BodyEnd {
-            outcome: self.outcome,
-            usage: self.usage,
-            kind,
-            first_frame_at: self.first_frame_at,
-            data_frames: self.data_frames,
-        };
-        self.hook.on_end(end);
+        self.usage
     }
 }
 

@@ -343,9 +343,7 @@ impl Classifier {
             // Only a top-level `code` or `error` key can make a JSON body an
             // error; a body that mentions neither (inside strings the quotes
             // would be escaped) is read by its status without parsing it.
-            if memchr::memmem::find(body, b"\"code\"").is_none()
-                && memchr::memmem::find(body, b"\"error\"").is_none()
-            {
+            if !mentions_code_or_error(body) {
                 return facts.apply(by_status(status.as_u16()));
             }
             match ErrorInfo::parse(body) {
@@ -363,9 +361,7 @@ impl Classifier {
     /// `:HTTP_STATUS/` of 400 or more, a compatible `{"error":{...}}`, or a
     /// native top-level `code`.
     pub fn classify_event(&self, meta: &EventMeta, data: &[u8]) -> Option<Outcome> {
-        let maybe_error = meta.is_error()
-            || memchr::memmem::find(data, b"\"error\"").is_some()
-            || memchr::memmem::find(data, b"\"code\"").is_some();
+        let maybe_error = meta.is_error() || mentions_code_or_error(data);
         if !maybe_error {
             return None;
         }
@@ -652,6 +648,16 @@ fn content_type(headers: &HeaderMap) -> ContentType {
 /// Whether a response's content type is `text/event-stream`.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
     content_type(headers) == ContentType::EventStream
+}
+
+/// Whether `json` mentions a `"code"` or `"error"` key (or string): the
+/// only bodies worth parsing for an error. The searchers are built once.
+fn mentions_code_or_error(json: &[u8]) -> bool {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static CODE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"code\""));
+    static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+    CODE.find(json).is_some() || ERROR.find(json).is_some()
 }
 
 fn looks_like_sse(body: &[u8]) -> bool {

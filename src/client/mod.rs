@@ -34,6 +34,7 @@
 mod auth;
 mod endpoint;
 mod requests;
+mod stack;
 mod transport;
 
 pub use auth::{ApiKey, InvalidApiKey, SetUpstream, SetUpstreamLayer};
@@ -42,4 +43,5 @@ pub use requests::{
     COMPATIBLE_CHAT, COMPATIBLE_EMBEDDING, ChatRequest, EmbeddingRequest, NATIVE_EMBEDDING,
     NATIVE_GENERATION, NATIVE_MULTIMODAL, TASKS, set_async,
 };
+pub use stack::{QwenClient, QwenClientBuilder, ResponseBody};
 pub use transport::{HttpClient, TransportConfig};

@@ -260,8 +260,9 @@ impl Dim {
         }
     }
 
-    /// The rate factor at `now`, starting a slow-start ramp if the bucket
-    /// has been idle.
+    /// The rate factor for a call booked at `now` (evaluated where its slot
+    /// can start: at the bucket's latest reservation), starting a
+    /// slow-start ramp if the bucket has been idle.
     #[inline]
     fn rate(&self, now: u64, s: &Settings) -> u32 {
         let word = self.ramp.load(Ordering::Relaxed);
@@ -276,7 +277,11 @@ impl Dim {
             self.ramp.store(r.pack(), Ordering::Relaxed);
             return initial;
         }
-        Self::rate_of(word, now, s)
+        // A call queued behind others goes out when the bucket's latest
+        // reservation has passed, not now: charge it at the rate the ramp
+        // has reached by then, or a burst that arrives at idle would be
+        // spaced at the initial rate for its whole length.
+        Self::rate_of(word, self.bucket.tat().max(now), s)
     }
 
     #[inline]

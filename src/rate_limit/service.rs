@@ -22,8 +22,9 @@ use super::limiter::{Cost, RateLimiter, Ticket};
 ///
 /// `poll_ready` is the inner service's. In [`Mode::Wait`], a call that has
 /// to wait gets a fresh clone of the inner service, which its response
-/// future drives (`poll_ready` then `call`) when its slot comes, so no
-/// inner capacity is held while waiting.
+/// future drives (`poll_ready` then `call`) when its slot comes, and the
+/// ready inner service is dropped, so no inner capacity (a concurrency
+/// permit) is held while waiting.
 ///
 /// # Clone
 ///
@@ -173,8 +174,15 @@ where
                 tokens = booking.tokens,
                 "waiting for a rate limit slot"
             );
-            // The ready inner service stays here for the next call; the
-            // waiter drives a fresh clone when its slot comes.
+            // The waiter drives a fresh clone when its slot comes. The ready
+            // inner service is dropped, not kept: whatever capacity its
+            // `poll_ready` reserved (a concurrency permit, say) must not sit
+            // idle while this call waits, or a caller that keeps this
+            // service (a retry future does) could starve the very waiters
+            // that need it. `self` must be polled ready again, as the
+            // `Service` contract says.
+            let fresh = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, fresh));
             let svc = self.inner.clone();
             ResponseFuture::waiting(ticket, at, svc, req, self.classifier.clone(), inspect)
         }

@@ -593,6 +593,41 @@ async fn slow_start_ramps_up_after_idle() {
     );
 }
 
+/// A burst that arrives all at once at idle is spaced along the ramp, not at
+/// the initial rate for its whole length: each reservation is charged at the
+/// rate the ramp will have reached by its slot. (Regression: reservations
+/// were charged at the rate of their booking instant, so 60 calls booked at
+/// t = 0 took 24 s instead of about 10.)
+#[tokio::test(start_paused = true)]
+async fn a_burst_at_idle_is_spaced_along_the_ramp() {
+    let limiter = RateLimiter::builder(Limits::requests(smooth(10)))
+        .slow_start(SlowStart::new(Duration::from_secs(10)))
+        .build();
+    let start = tokio::time::Instant::now();
+    let slots: Vec<Duration> = (0..60)
+        .map(|_| {
+            let r = limiter
+                .reserve(&(), Cost::ONE, Duration::from_secs(60))
+                .unwrap();
+            let at = r.ready_at() - start;
+            std::mem::forget(r); // keep the reservation
+            at
+        })
+        .collect();
+    // The gaps shrink from 400 ms towards 100 ms, never grow, never go below
+    // the full rate's 100 ms.
+    let gaps: Vec<Duration> = slots.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= 390 * MS && gaps[0] <= 400 * MS, "{:?}", gaps[0]);
+    assert!(gaps.windows(2).all(|w| w[1] <= w[0]), "{gaps:?}");
+    assert!(gaps.iter().all(|g| *g >= 100 * MS), "{gaps:?}");
+    // The ramp area over 10 s is 62.5 calls: the 60th slot is near 10 s.
+    let last = *slots.last().unwrap();
+    assert!(
+        last >= Duration::from_secs(9) && last <= Duration::from_secs(11),
+        "{last:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_upstream_throttle_pauses_and_slows_the_key_then_it_recovers() {
     let limiter = RateLimiter::builder(Limits::requests(smooth(10)))

@@ -1,0 +1,161 @@
+#![cfg(all(feature = "client", feature = "mock"))]
+//! The client preset end to end against the mock DashScope server.
+
+use std::num::{NonZeroU32, NonZeroU64};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_qwen::client::{ChatRequest, EmbeddingRequest, QwenClient};
+use tower_qwen::mock::{MockDashScope, Quota};
+use tower_qwen::rate_limit::{Limits, Quota as RlQuota};
+use tower_qwen::sse::parse_events;
+
+async fn mock_with_quota(rpm: u32) -> tower_qwen::mock::MockHandle {
+    MockDashScope::builder()
+        .key("sk-client-test", "acct")
+        .quota(
+            "qwen-plus",
+            Quota::new(
+                NonZeroU32::new(rpm).unwrap(),
+                NonZeroU64::new(10_000_000).unwrap(),
+            ),
+        )
+        .start()
+        .await
+        .unwrap()
+}
+
+fn client(mock: &tower_qwen::mock::MockHandle, rpm: u32) -> QwenClient {
+    QwenClient::builder()
+        .base_url(mock.base_url().parse().unwrap())
+        .api_key("sk-client-test")
+        .unwrap()
+        .quota(
+            "qwen-plus",
+            Limits::requests(
+                RlQuota::per_minute(NonZeroU32::new(rpm).unwrap()).allow_burst(NonZeroU32::MIN),
+            )
+            .and_tokens(RlQuota::per_minute(NonZeroU32::new(10_000_000).unwrap())),
+        )
+        .build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn chat_and_streams_in_both_dialects() {
+    let mock = mock_with_quota(6000).await;
+    let client = client(&mock, 6000);
+    // Non-streamed, compatible.
+    let res = client
+        .clone()
+        .oneshot(
+            ChatRequest::new("qwen-plus")
+                .user("Hello")
+                .max_tokens(5)
+                .into_request(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    // Streamed, compatible: include_usage was set by the request builder.
+    let res = client
+        .clone()
+        .oneshot(
+            ChatRequest::new("qwen-plus")
+                .user("Hello")
+                .max_tokens(4)
+                .stream(true)
+                .into_request(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let events = parse_events(&body);
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let tail: serde_json::Value = serde_json::from_str(&events[events.len() - 2].data).unwrap();
+    assert_eq!(tail["choices"], serde_json::json!([]));
+    assert_eq!(tail["usage"]["completion_tokens"], 4);
+    // Streamed, native.
+    let res = client
+        .clone()
+        .oneshot(
+            ChatRequest::new("qwen-plus")
+                .user("Hello")
+                .max_tokens(3)
+                .stream(true)
+                .native()
+                .into_request(),
+        )
+        .await
+        .unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let events = parse_events(&body);
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.http_status == Some(200)));
+    // Embeddings.
+    let res = client
+        .clone()
+        .oneshot(
+            EmbeddingRequest::new("text-embedding-v4")
+                .inputs(["a", "b"])
+                .dimension(64)
+                .into_request(),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(mock.stats().status(200), 4);
+}
+
+/// A burst far above the quota: the stack spaces the calls out, so every
+/// call succeeds and the upstream never says 429.
+#[tokio::test(start_paused = true)]
+async fn a_burst_is_admitted_at_the_quota_without_429s() {
+    let mock = mock_with_quota(600).await; // 10 per second, enforced per second
+    let client = client(&mock, 600);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = ChatRequest::new("qwen-plus")
+                .user(format!("q{i}"))
+                .max_tokens(8)
+                .stream(i % 3 == 0)
+                .into_request();
+            let res = client.oneshot(req).await.unwrap();
+            let status = res.status();
+            res.into_body().collect().await.unwrap();
+            status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let s = mock.stats();
+    assert_eq!(s.status(429), 0, "{s:?}");
+    assert_eq!(s.requests, 60);
+    // 60 requests at 10/s take about 6 s (slow start makes it a little
+    // longer), never much more.
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took <= Duration::from_secs(12),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn the_key_never_shows() {
+    let b = QwenClient::builder()
+        .api_key("sk-very-secret-0123")
+        .unwrap();
+    let shown = format!("{b:?}");
+    assert!(!shown.contains("very-secret"), "{shown}");
+    assert!(QwenClient::builder().api_key("bad key\n").is_err());
+}
