@@ -1,7 +1,10 @@
 //! Local pre-reservation: lease a small slice of budget from Redis per
 //! round trip and hand it out locally.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::rate_limit::Cost;
 
@@ -57,6 +60,55 @@ impl Lease {
     /// How long a slice may be spent.
     pub const fn ttl(&self) -> Duration {
         self.ttl
+    }
+}
+
+/// One key's slice and the calls waiting for its renewal.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseCell {
+    state: Mutex<LeaseState>,
+    renewed: Notify,
+}
+
+impl LeaseCell {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Woken when a renewal ends.
+    pub(crate) fn renewed(&self) -> &Notify {
+        &self.renewed
+    }
+}
+
+/// A new slice: what it holds, when it expires, the booking it came with
+/// and the time one unit is worth in each dimension.
+pub(crate) type Slice = (Cost, u64, Grant, u64, u64);
+
+/// A renewal in flight. Dropping it ends the renewal (with the slice set by
+/// [`Renewal::granted`], if any) and wakes the calls waiting for it, also
+/// when the call that renews is cancelled.
+#[derive(Debug)]
+pub(crate) struct Renewal {
+    cell: Arc<LeaseCell>,
+    slice: Option<Slice>,
+}
+
+impl Renewal {
+    pub(crate) fn new(cell: Arc<LeaseCell>) -> Self {
+        Self { cell, slice: None }
+    }
+
+    /// Redis booked the slice too.
+    pub(crate) fn granted(&mut self, slice: Slice) {
+        self.slice = Some(slice);
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.cell.lock().end_renewal(self.slice.take());
+        self.cell.renewed.notify_waiters();
     }
 }
 
@@ -118,7 +170,7 @@ impl LeaseState {
     }
 
     /// Ends a renewal; `slice` is the new slice if one was booked.
-    pub(crate) fn end_renewal(&mut self, slice: Option<(Cost, u64, Grant, u64, u64)>) {
+    pub(crate) fn end_renewal(&mut self, slice: Option<Slice>) {
         self.renewing = false;
         if let Some((left, expires, grant, ir, it)) = slice {
             self.generation += 1;

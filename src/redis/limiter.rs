@@ -4,8 +4,8 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::RedisError;
@@ -23,7 +23,7 @@ use crate::time::{self, Instant, duration_nanos};
 use super::error::StoreUnavailable;
 use super::fallback::{FailurePolicy, Health, scale};
 use super::key::StoreKey;
-use super::lease::{Lease, LeaseState};
+use super::lease::{Lease, LeaseCell, Renewal};
 use super::script::{Booked, Call, DimArgs, Grant, Now, Refund};
 
 /// Whose clock the script decides on.
@@ -184,10 +184,14 @@ impl RedisLimiterBuilder {
                 lease: self.lease,
                 leases: DashMap::new(),
                 max_keys: self.max_keys,
+                last_sweep: AtomicU64::new(0),
             }),
         }
     }
 }
+
+/// How many renewals in flight a call waits for before it books alone.
+const LEASE_WAITS: usize = 4;
 
 type LimitsFor<K> = Arc<dyn Fn(&K) -> Limits + Send + Sync>;
 
@@ -288,8 +292,15 @@ impl Core {
     }
 
     /// Runs `fut` in the background (a give-back or reconciliation from a
-    /// synchronous context), counted for [`RedisLimiter::settle`].
+    /// synchronous context), counted for [`RedisLimiter::settle`]. Skipped
+    /// while Redis is known to be down: a give-back or refund is then lost
+    /// (capacity, never a burst), and so is an overrun (the fallback
+    /// decides meanwhile anyway).
     fn spawn(self: &Arc<Self>, fut: impl Future<Output = ()> + Send + 'static) {
+        if self.health.is_down() {
+            tracing::debug!("redis is down; a rate limit give-back or reconciliation is dropped");
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::debug!(
                 "no tokio runtime; a rate limit give-back or reconciliation is dropped"
@@ -339,8 +350,9 @@ struct Shared<K> {
     limits_for: LimitsFor<K>,
     fallback: Option<RateLimiter<K>>,
     lease: Option<Lease>,
-    leases: DashMap<K, Arc<Mutex<LeaseState>>>,
+    leases: DashMap<K, Arc<LeaseCell>>,
     max_keys: usize,
+    last_sweep: AtomicU64,
 }
 
 /// A GCRA rate limiter for requests and tokens whose state lives in Redis,
@@ -656,10 +668,7 @@ where
         let cost = Self::effective(limits, cost);
         let state = self.shared.leases.get(key)?.clone();
         let ln = self.shared.core.nanos(now);
-        let generation = state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(cost, ln)?;
+        let generation = state.lock().take(cost, ln)?;
         self.shared
             .core
             .counters
@@ -681,20 +690,29 @@ where
         })
     }
 
-    fn lease_state(&self, key: &K, now: u64) -> Arc<Mutex<LeaseState>> {
-        if let Some(s) = self.shared.leases.get(key) {
-            return s.clone();
+    /// `key`'s lease, created if new. `None` when the map is full of live
+    /// leases (swept at most once a second): that key goes without a lease.
+    fn lease_cell(&self, key: &K, now: u64) -> Option<Arc<LeaseCell>> {
+        let sh = &*self.shared;
+        if let Some(s) = sh.leases.get(key) {
+            return Some(s.clone());
         }
-        if self.shared.leases.len() >= self.shared.max_keys {
-            self.shared.leases.retain(|_, s| {
-                Arc::strong_count(s) > 1
-                    || !s
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .is_idle(now)
-            });
+        if sh.leases.len() >= sh.max_keys {
+            let last = sh.last_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000_000_000
+                && sh
+                    .last_sweep
+                    .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                sh.leases
+                    .retain(|_, s| Arc::strong_count(s) > 1 || !s.lock().is_idle(now));
+            }
+            if sh.leases.len() >= sh.max_keys {
+                return None;
+            }
         }
-        self.shared.leases.entry(key.clone()).or_default().clone()
+        Some(sh.leases.entry(key.clone()).or_default().clone())
     }
 
     pub(crate) async fn decide(
@@ -720,18 +738,34 @@ where
         let (r, t) = dims(&limits, cost);
         let redis_key = self.redis_key(key);
         let now = core.script_now(at);
-        // With leases on, ask for a slice too (one renewal per key at a time).
-        let lease = match self.shared.lease {
-            Some(l) => {
-                let state = self.lease_state(key, ln);
-                let begun = state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .begin_renewal();
-                begun.map(|refund| (l, state, refund))
+        // With leases on, ask for a slice too. One renewal per key at a
+        // time: a call that finds one in flight waits for it and tries its
+        // slice (a few times: many callers may be waiting), then books
+        // alone.
+        let mut lease = None;
+        if let Some(l) = self.shared.lease
+            && let Some(cell) = self.lease_cell(key, ln)
+        {
+            for attempt in 0..=LEASE_WAITS {
+                let renewed = cell.renewed().notified();
+                tokio::pin!(renewed);
+                renewed.as_mut().enable();
+                let begun = cell.lock().begin_renewal();
+                match begun {
+                    Some(refund) => {
+                        lease = Some((l, Renewal::new(cell.clone()), refund));
+                        break;
+                    }
+                    None if attempt < LEASE_WAITS => {
+                        renewed.await;
+                        if let Some(a) = self.try_lease(key, &limits, cost, at) {
+                            return Ok(Reservation::now(a));
+                        }
+                    }
+                    None => {}
+                }
             }
-            None => None,
-        };
+        }
         let (call, slice) = match &lease {
             Some((l, _, refund)) => {
                 let slice = Self::effective(&limits, l.slice());
@@ -761,12 +795,7 @@ where
         let booked = match booked {
             Ok(b) => b,
             Err(e) => {
-                if let Some((_, state, _)) = &lease {
-                    state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .end_renewal(None);
-                }
+                drop(lease);
                 return self.fail(key, cost, max_wait, at, Some(&e));
             }
         };
@@ -778,12 +807,7 @@ where
         };
         match booked {
             Booked::Refused { wait, tokens } => {
-                if let Some((_, state, _)) = &lease {
-                    state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .end_renewal(None);
-                }
+                drop(lease);
                 let dim = if tokens {
                     Dimension::Tokens
                 } else {
@@ -796,17 +820,14 @@ where
                 grant,
                 leased,
             } => {
-                if let (Some((l, state, _)), Some((slice, _, _))) = (&lease, slice) {
-                    let new = leased.then(|| {
-                        let (ir, it) = (r.interval.max(1), t.interval.max(1));
-                        let expires = core.nanos(base).saturating_add(duration_nanos(l.ttl()));
-                        (slice, expires, grant, ir, it)
-                    });
-                    state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .end_renewal(new);
+                if let (Some((l, renewal, _)), Some((slice, _, _))) = (&mut lease, slice)
+                    && leased
+                {
+                    let (ir, it) = (r.interval.max(1), t.interval.max(1));
+                    let expires = core.nanos(base).saturating_add(duration_nanos(l.ttl()));
+                    renewal.granted((slice, expires, grant, ir, it));
                 }
+                drop(lease);
                 let admission = Admission {
                     inner: AdmissionInner::Redis {
                         redis: RedisCall {
@@ -938,7 +959,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Reservation<K> {
 
     /// Gives the slot back now and waits for Redis to confirm; returns
     /// whether it was given back (false when a later call was booked after
-    /// it: the slot then stays consumed, capacity lost, never a burst).
+    /// it: the slot then stays consumed, capacity lost, never a burst). A
+    /// reservation of the local fallback is given back as when dropped (and
+    /// this returns true).
     pub async fn cancel(self) -> bool {
         match self.inner {
             ReservationInner::Now(_) => false,
@@ -993,7 +1016,7 @@ enum AdmissionInner<K: Hash + Eq + Clone + Send + Sync + 'static> {
         tokens: u32,
     },
     Leased {
-        lease: Arc<Mutex<LeaseState>>,
+        lease: Arc<LeaseCell>,
         generation: u64,
         tokens: u32,
         redis: RedisCall,
@@ -1043,7 +1066,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Admission<K> {
             } => {
                 let ln = redis.core.nanos(now);
                 let over = {
-                    let mut l = lease.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut l = lease.lock();
                     if tokens < est {
                         l.give_back_tokens(generation, est - tokens, ln);
                         0
@@ -1110,7 +1133,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Admission<K> {
             AdmissionInner::Local(a) => return a.throttled(cause),
             AdmissionInner::Redis { redis, grant, .. } => (redis, grant.epoch, grant.slot),
             AdmissionInner::Leased { redis, lease, .. } => {
-                let l = lease.lock().unwrap_or_else(PoisonError::into_inner);
+                let l = lease.lock();
                 match l.granted_at() {
                     Some((e, s)) => {
                         drop(l);

@@ -16,9 +16,10 @@
 //! rebased to the current second. Grants handed to clients carry the epoch
 //! they were made in, and the script shifts them when the key has been
 //! rebased since. Charges, tolerances and waits sent to the script are
-//! capped at 2^53 - 1 ns (104 days). Values are stored with
-//! `string.format('%.0f')`: Redis would otherwise convert Lua numbers to
-//! strings with 14 significant digits.
+//! capped at 2^53 - 1 ns (104 days). Redis converts Lua numbers to strings
+//! with 14 significant digits, which is exact for integers below 10^14 (27
+//! hours of nanoseconds); larger values are written with
+//! `string.format('%.0f')`.
 //!
 //! # Clock
 //!
@@ -87,15 +88,17 @@ local function shift_of(ge)
   return (ge - e) * 1e9
 end
 
+-- Redis writes Lua numbers with 14 significant digits: exact below 1e14
+-- (27 hours of nanoseconds), formatted in full above. '' reads back as nil.
+local function enc(v)
+  if v == nil then return '' end
+  if v < 1e14 and v > -1e14 then return v end
+  return string.format('%.0f', v)
+end
+
 local function save()
-  local args = {'e', string.format('%.0f', e)}
-  for _, f in ipairs(FIELDS) do
-    if st[f] then
-      args[#args + 1] = f
-      args[#args + 1] = string.format('%.0f', st[f])
-    end
-  end
-  redis.call('HSET', key, unpack(args))
+  redis.call('HSET', key, 'e', e, 'r', enc(st.r), 't', enc(st.t), 'lr', enc(st.lr),
+             'lt', enc(st.lt), 'p', enc(st.p))
   local hi = now
   if st.r and st.r > hi then hi = st.r end
   if st.t and st.t > hi then hi = st.t end

@@ -25,7 +25,8 @@ use super::limiter::RedisLimiter;
 /// goes to the ready inner service at once; any other call gets a fresh
 /// clone of the inner service, which its response future drives
 /// (`poll_ready` then `call`) once Redis (or the failure policy) admitted
-/// it and its slot came, so no inner capacity is held meanwhile.
+/// it and its slot came, and the ready inner service is dropped, so no
+/// inner capacity (a concurrency permit) is held meanwhile.
 ///
 /// # Clone
 ///
@@ -166,8 +167,15 @@ where
             }
             Ok(reservation.ready().await)
         });
-        // The ready inner service stays here for the next call; the decided
-        // call drives a fresh clone.
+        // The decided call drives a fresh clone. The ready inner service is
+        // dropped, not kept: whatever capacity its `poll_ready` reserved (a
+        // concurrency permit, say) must not sit idle during the round trip
+        // and the wait, or a caller that keeps this service (a retry future
+        // does) could starve the calls that need it. `self` must be polled
+        // ready again, as the `Service` contract says (as in the in-memory
+        // layer).
+        let fresh = self.inner.clone();
+        drop(std::mem::replace(&mut self.inner, fresh));
         let svc = self.inner.clone();
         ResponseFuture::admitting(decision, svc, req, tokens, self.classifier.clone(), inspect)
     }

@@ -571,3 +571,25 @@ async fn layer_fails_closed_with_a_typed_transient_error_when_redis_is_gone() {
     assert!(Classifier::new().classify_error(&e).is_transient());
     assert!(log.lock().unwrap().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn layer_holds_no_inner_capacity_while_deciding_or_waiting() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
+    let limiter = local(limits, "layer-permit", t0).build(conn(&server));
+    let inner = tower::limit::ConcurrencyLimit::new(upstream(Log::default(), || usage(10)), 1);
+    let mut svc = RedisRateLimitLayer::new(limiter).layer(inner);
+    // poll_ready takes the only permit ...
+    svc.ready().await.unwrap();
+    let call = svc.call(chat(10, 0));
+    // ... and the call, which must ask Redis first, gave it up: another
+    // user of the inner service gets it while this call is decided (a
+    // caller that keeps `svc`, like a retry future, cannot starve it).
+    let mut probe = svc.get_ref().clone();
+    let mut ready = tokio_test::task::spawn(probe.ready());
+    tokio_test::assert_ready_ok!(ready.poll());
+    drop(ready);
+    drop(probe);
+    drain(call.await.unwrap()).await;
+}

@@ -172,3 +172,95 @@ fn script_decides_like_the_in_memory_core() {
         })
         .unwrap();
 }
+
+/// Keys store times relative to an epoch second and are rebased when it is
+/// more than a day old; grants made before a rebase (a give-back, a refund)
+/// must still land exactly. A debt of 100,000 s (beyond 10^14 ns, so also
+/// the full-precision encoding) spans the rebase.
+#[tokio::test(start_paused = true)]
+async fn grants_survive_the_daily_epoch_rebase_exactly() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    // One token a second, burst 1.
+    let limits = Limits::tokens(Quota::per_second(nz(1)).allow_burst(nz(1)));
+    let memory = RateLimiter::new(limits);
+    let redis = RedisLimiter::builder(limits)
+        .prefix("test:rebase:")
+        .clock(Clock::Local(t0))
+        .timeout(None)
+        .expiry_slack(HOUR)
+        .build(conn(&server));
+    let day = Duration::from_secs(86_400);
+    async fn both(
+        memory: &RateLimiter,
+        redis: &RedisLimiter,
+        tokens: u32,
+        max_wait: Duration,
+    ) -> (
+        rate_limit::Reservation<()>,
+        tower_qwen::redis::Reservation<()>,
+    ) {
+        let now = Instant::now();
+        let m = memory.reserve(&(), Cost::new(0, tokens), max_wait).unwrap();
+        let r = redis
+            .reserve_at(&(), Cost::new(0, tokens), max_wait, now)
+            .await
+            .unwrap();
+        assert_eq!(m.ready_at() - now, r.ready_at() - now);
+        (m, r)
+    }
+    async fn same_wait(memory: &RateLimiter, redis: &RedisLimiter) -> Duration {
+        let now = Instant::now();
+        let m = memory.reserve(&(), Cost::new(0, 1), Duration::ZERO);
+        let r = redis
+            .reserve_at(&(), Cost::new(0, 1), Duration::ZERO, now)
+            .await;
+        let m = match m {
+            Ok(x) => panic!("in-memory admitted, ready in {:?}", x.ready_at() - now),
+            Err(e) => e.retry_after().unwrap(),
+        };
+        let r = match r {
+            Ok(x) => panic!("redis admitted, ready in {:?}", x.ready_at() - now),
+            Err(e) => limited(&e).retry_after().unwrap(),
+        };
+        assert_eq!(m, r);
+        m
+    }
+    tokio::time::advance(Duration::from_millis(10_250)).await;
+    // a: 100,000 tokens at once (admit when full), b waits behind it.
+    let (ma, ra) = both(&memory, &redis, 100_000, Duration::ZERO).await;
+    let (mb, rb) = both(&memory, &redis, 50, 2 * day).await;
+    // More than a day later the key is rebased by the next write (c).
+    tokio::time::advance(day + Duration::from_secs(7)).await;
+    let (mc, rc) = both(&memory, &redis, 20, 2 * day).await;
+    // The next token waits behind a, b and c.
+    let behind_c = same_wait(&memory, &redis).await;
+    assert_eq!(
+        behind_c,
+        mc.ready_at() - Instant::now() + Duration::from_secs(20)
+    );
+    // c is the tail: its give-back (epoch after the rebase) is exact; then
+    // b's (epoch before the rebase) too.
+    drop(mc);
+    assert!(rc.cancel().await);
+    drop(mb);
+    assert!(rb.cancel().await);
+    let w = same_wait(&memory, &redis).await;
+    assert_eq!(w, behind_c - Duration::from_secs(70));
+    // a used 99,000 tokens: the refund of 1,000 (a grant from before the
+    // rebase) lands exactly.
+    ma.ready().await.reconcile(99_000);
+    ra.ready().await.reconcile_at(99_000, Instant::now()).await;
+    assert_eq!(
+        same_wait(&memory, &redis).await,
+        w - Duration::from_secs(1_000)
+    );
+    let mut c = conn(&server);
+    let e: i64 = redis::cmd("HGET")
+        .arg("test:rebase:*")
+        .arg("e")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(e > 86_400, "the key was rebased: epoch second {e}");
+}

@@ -1,0 +1,282 @@
+//! Distributed limiter decisions through a private loopback redis-server:
+//! decisions per second and decision latency (p50, p99) for
+//!
+//! * the tower-qwen GCRA script, one round trip per decision;
+//! * the same with local pre-reservation (leases);
+//! * a naive fixed-window limiter (`INCR` + `PEXPIRE` in one pipelined
+//!   round trip), the usual Redis rate limiter;
+//! * the in-memory limiter, for reference (no network).
+//!
+//! With 1 task (sequential decisions: pure latency) and 32 concurrent tasks
+//! (requests pipelined on one multiplexed connection). Every decision admits
+//! (quotas far above the load), so what is measured is the decision path.
+//! Bounded: a few thousand decisions per run, three rounds, medians
+//! reported. Run: `cargo bench --bench redis --features redis`.
+
+#[path = "../tests/redis/server.rs"]
+mod server;
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimiter};
+use tower_qwen::redis::{Lease, RedisLimiter, connect_lazy};
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+/// A million requests and a billion tokens a second: nothing is refused.
+fn limits() -> Limits {
+    Limits::requests(Quota::per_second(nz(1_000_000)))
+        .and_tokens(Quota::per_second(nz(1_000_000_000)))
+}
+
+const COST: Cost = Cost::call(500);
+
+struct Run {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Runs `per_task` decisions in each of `tasks` tasks; `decide` returns
+/// whether the decision admitted.
+async fn measure<F, Fut>(tasks: usize, per_task: usize, decide: F) -> Run
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..tasks {
+        let decide = decide.clone();
+        set.spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                assert!(decide().await, "the bench quota must admit everything");
+                lat.push(t.elapsed());
+            }
+            lat
+        });
+    }
+    let mut all = Vec::with_capacity(tasks * per_task);
+    while let Some(lat) = set.join_next().await {
+        all.extend(lat.unwrap());
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    let q = |p: f64| all[((all.len() - 1) as f64 * p) as usize];
+    Run {
+        per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: q(0.50),
+        p99: q(0.99),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: &'static str,
+    tasks: usize,
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    trips: String,
+}
+
+async fn scenario<F, Fut>(
+    name: &'static str,
+    tasks: usize,
+    per_task: usize,
+    decide: F,
+    trips: impl Fn() -> Option<u64>,
+) -> Row
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    // Warm-up (connections, script cache), then three measured rounds.
+    measure(tasks, per_task / 4 + 1, decide.clone()).await;
+    let before = trips();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(measure(tasks, per_task, decide.clone()).await);
+    }
+    let total = (3 * tasks * per_task) as f64;
+    let trips = match (before, trips()) {
+        (Some(a), Some(b)) => format!("{:.2}", (b - a) as f64 / total),
+        _ => "-".to_owned(),
+    };
+    let nanos = |f: fn(&Run) -> Duration| {
+        Duration::from_nanos(median(runs.iter().map(|r| f(r).as_nanos() as f64).collect()) as u64)
+    };
+    Row {
+        name,
+        tasks,
+        per_sec: median(runs.iter().map(|r| r.per_sec).collect()),
+        p50: nanos(|r| r.p50),
+        p99: nanos(|r| r.p99),
+        trips,
+    }
+}
+
+async fn run(url: String) {
+    let mut rows = Vec::new();
+    for (tasks, per_task) in [(1usize, 2_000usize), (32, 250)] {
+        // The GCRA script, one round trip per decision.
+        let lim = RedisLimiter::builder(limits())
+            .prefix(format!("bench:gcra{tasks}:"))
+            .timeout(Duration::from_secs(5))
+            .build(connect_lazy(&url, Duration::from_secs(5)).unwrap());
+        let l = lim.clone();
+        let decide = move || {
+            let l = l.clone();
+            async move { l.check(&(), COST).await.is_ok() }
+        };
+        let l = lim.clone();
+        rows.push(
+            scenario(
+                "tower-qwen GCRA script, per request",
+                tasks,
+                per_task,
+                decide,
+                move || Some(l.stats().redis),
+            )
+            .await,
+        );
+
+        // The same with leases: 20 requests / 10,000 tokens per slice, 50 ms.
+        let lim = RedisLimiter::builder(limits())
+            .prefix(format!("bench:lease{tasks}:"))
+            .timeout(Duration::from_secs(5))
+            .lease(Lease::new(Cost::new(20, 10_000), Duration::from_millis(50)))
+            .build(connect_lazy(&url, Duration::from_secs(5)).unwrap());
+        let l = lim.clone();
+        let decide = move || {
+            let l = l.clone();
+            async move { l.check(&(), COST).await.is_ok() }
+        };
+        let l = lim.clone();
+        rows.push(
+            scenario(
+                "tower-qwen GCRA script + lease",
+                tasks,
+                per_task,
+                decide,
+                move || Some(l.stats().redis),
+            )
+            .await,
+        );
+
+        // Naive fixed window: INCR + PEXPIRE (one pipelined round trip).
+        let conn = connect_lazy(&url, Duration::from_secs(5)).unwrap();
+        let key: Arc<str> = Arc::from(format!("bench:naive{tasks}"));
+        let decide = move || {
+            let mut c = conn.clone();
+            let key = key.clone();
+            async move {
+                let (n,): (u64,) = redis::pipe()
+                    .incr(&*key, 1)
+                    .cmd("PEXPIRE")
+                    .arg(&*key)
+                    .arg(1000)
+                    .arg("NX")
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                n <= 1_000_000
+            }
+        };
+        rows.push(
+            scenario(
+                "naive INCR+PEXPIRE fixed window",
+                tasks,
+                per_task,
+                decide,
+                || Some(0),
+            )
+            .await,
+        );
+
+        // The in-memory limiter, for reference.
+        let mem = RateLimiter::new(limits());
+        let decide = move || {
+            let m = mem.clone();
+            async move { m.check(&(), COST).is_ok() }
+        };
+        rows.push(
+            scenario(
+                "in-memory RateLimiter (reference)",
+                tasks,
+                per_task * 10,
+                decide,
+                || None,
+            )
+            .await,
+        );
+    }
+    // Server-side cost per call (Redis is single-threaded: this caps the
+    // decisions per second of one Redis).
+    let mut c = connect_lazy(&url, Duration::from_secs(5)).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut server_us = Vec::new();
+    for line in info.lines() {
+        for cmd in ["evalsha", "incr", "pexpire", "eval"] {
+            if let Some(rest) = line.strip_prefix(&format!("cmdstat_{cmd}:"))
+                && let Some(us) = rest
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("usec_per_call="))
+            {
+                server_us.push(format!("{} {us} µs", cmd.to_uppercase()));
+            }
+        }
+    }
+    let naive = |tasks: usize| {
+        rows.iter()
+            .find(|r| r.tasks == tasks && r.name.starts_with("naive"))
+            .map(|r| r.per_sec)
+            .unwrap()
+    };
+    println!();
+    println!("| scenario | tasks | decisions/s | vs naive | p50 | p99 | round trips/decision |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.2}x | {:.1} µs | {:.1} µs | {} |",
+            r.name,
+            r.tasks,
+            r.per_sec,
+            r.per_sec / naive(r.tasks),
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.trips
+        );
+    }
+    println!();
+    println!("Redis CPU per call: {}", server_us.join(", "));
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter would be ignored.
+    let server = server::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(server.url()));
+    drop(server);
+}
