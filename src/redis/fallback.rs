@@ -28,6 +28,11 @@ use crate::rate_limit::{Limits, Quota};
 /// goes back to Redis as soon as a call succeeds. Each transition is
 /// logged with `tracing::warn!`.
 ///
+/// A call whose Redis request timed out may still have been booked there
+/// once Redis got to it: that capacity is lost (never a burst). Give-backs
+/// and reconciliations are skipped while Redis is down (the estimates
+/// stand).
+///
 /// # Default
 ///
 /// Fail open with `N = 1`: each replica may then use the whole quota while

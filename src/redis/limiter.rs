@@ -150,7 +150,8 @@ impl RedisLimiterBuilder {
     }
 
     /// A keyed limiter whose limits depend on the key. Every replica must
-    /// give a key the same limits.
+    /// give a key the same limits. `limits_for` runs on every decision (the
+    /// limits travel with each script call): keep it cheap.
     pub fn build_keyed_with<K, F>(self, conn: ConnectionManager, limits_for: F) -> RedisLimiter<K>
     where
         K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,

@@ -11,13 +11,13 @@
 //! upstream throttles, and the same error,
 //! [`RateLimited`](crate::rate_limit::error::RateLimited).
 //!
-//! * **One atomic script per decision** ([`script`](self) source in
-//!   `src/redis/script.rs`): the in-memory GCRA operation for operation (a
-//!   weighted cost in the request and token dimensions booked at one common
-//!   slot, reservations up to a maximum wait with give-back, refunds and
-//!   overruns with the same safety rules), run with `EVALSHA` (falling back
-//!   to `EVAL`, which also caches it). A property test checks that the
-//!   script and the in-memory core decide alike for the same arrivals.
+//! * **One atomic script per decision** (Lua, in `src/redis/script.rs`):
+//!   the in-memory GCRA operation for operation (a weighted cost in the
+//!   request and token dimensions booked at one common slot, reservations
+//!   up to a maximum wait with give-back, refunds and overruns with the
+//!   same safety rules), run with `EVALSHA` (falling back to `EVAL`, which
+//!   also caches it). A property test checks that the script and the
+//!   in-memory core decide alike, to the nanosecond, for the same arrivals.
 //! * **Keys** are the limiter's keys written with [`StoreKey`] under a
 //!   prefix; each is one small hash that expires (`PEXPIRE`) when its
 //!   buckets would be full again (plus a slack), so idle keys vanish.
@@ -52,6 +52,12 @@
 //! costs, waiting in FIFO order with exact slots, and refunds. From
 //! redis-cell: no server module to install, two dimensions at once,
 //! reservations and refunds.
+//!
+//! Every decision touches exactly one key, so the keys could be spread over
+//! a Redis Cluster; this module talks to one Redis (a primary) through a
+//! [`ConnectionManager`]. After a failover to an asynchronously replicated
+//! Redis, the last decisions may be lost: a brief overshoot, at most what
+//! was admitted during the replication lag.
 //!
 //! Unknown API keys are keyed by a per-process hash in
 //! [`ByAccountModel`](crate::rate_limit::ByAccountModel) and
