@@ -164,11 +164,13 @@ impl<S> Account<S> {
     /// [`RequestInfo`](crate::request::RequestInfo) before it asks, so a key
     /// function may read it from the extensions.
     ///
-    /// With one limiter shared by the accounts and keyed by (account,
+    /// With one limiter shared by several accounts and keyed by (account,
     /// model), pass a closure that names this account, e.g.
-    /// `move |p: &Parts| (name.clone(), model_of(p))`. (The pool sets the
-    /// account's `Authorization` header only after the pick, so a key
-    /// function that reads it, such as
+    /// `move |p: &Parts| (name.clone(), p.extensions.get::<Arc<RequestInfo>>().and_then(|i| i.model.clone()))`,
+    /// and key the limiter layer inside on the [`Picked`](super::Picked)
+    /// extension the same way. (The pool sets the account's
+    /// `Authorization` header only after the pick, so a key function that
+    /// reads it, such as
     /// [`ByAccountModel`](crate::rate_limit::ByAccountModel), would see the
     /// caller's header.)
     ///

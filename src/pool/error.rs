@@ -16,7 +16,7 @@ enum Kind {
 ///
 /// Either every account's circuit refuses calls ([`Exhausted::is_circuit_open`]),
 /// or every account's rate limit would make the call wait longer than the
-/// pool allows ([`Pool::max_wait`](super::PoolBuilder::max_wait), or the
+/// pool allows ([`PoolBuilder::max_wait`](super::PoolBuilder::max_wait), or the
 /// request's [`Deadline`](crate::time::Deadline)) ([`Exhausted::is_rate_limited`]).
 ///
 /// The classifier reads the first as `Transient { retry_after }` (like the

@@ -9,6 +9,13 @@
 //! workspace) and its own service: typically a circuit breaker and a rate
 //! limiter of its own over the transport all accounts share.
 //!
+//! Add each root account once. Two keys of one account are one account:
+//! give them one [`Account`] (or, if both must be used, one shared
+//! limiter), never two accounts with a limiter each. Against the mock, two
+//! limiters that each believe in the account's quota send twice what it
+//! allows, draw 429s, and (with the limiters' feedback pausing each key)
+//! end *below* a single key's goodput (`benches/pool.rs`).
+//!
 //! # The pick
 //!
 //! For each request the pool parses its model and token estimate once

@@ -159,7 +159,7 @@ impl Score {
     }
 
     /// Compares two scores (greater is better).
-    pub(crate) fn cmp(&self, other: &Score) -> Ordering {
+    pub(crate) fn compare(&self, other: &Score) -> Ordering {
         match self.tier().cmp(&other.tier()) {
             Ordering::Equal => {}
             o => return o,
@@ -222,7 +222,7 @@ pub(crate) fn pick(n: usize, bits: u64, mut score: impl FnMut(usize) -> Score) -
     } else {
         let (i, j) = two_of(n, bits);
         let (si, sj) = (seen(i), seen(j));
-        if sj.cmp(&si) == Ordering::Greater {
+        if sj.compare(&si) == Ordering::Greater {
             (j, sj, (i, j))
         } else {
             (i, si, (i, j))
@@ -237,7 +237,7 @@ pub(crate) fn pick(n: usize, bits: u64, mut score: impl FnMut(usize) -> Score) -
                 continue;
             }
             let s = seen(k);
-            if s.cmp(&best_score) == Ordering::Greater {
+            if s.compare(&best_score) == Ordering::Greater {
                 best = k;
                 best_score = s;
             }
@@ -372,7 +372,7 @@ mod tests {
         ];
         for (a, x) in order.iter().enumerate() {
             for (b, y) in order.iter().enumerate() {
-                assert_eq!(x.cmp(y), a.cmp(&b), "{x:?} vs {y:?}");
+                assert_eq!(x.compare(y), a.cmp(&b), "{x:?} vs {y:?}");
             }
         }
     }
@@ -485,7 +485,7 @@ mod tests {
             let p = pick(scores.len(), bits, |k| { calls[k] += 1; scores[k] });
             prop_assert!(calls.iter().all(|&c| c <= 1));
             let any_healthy_ready = scores.iter().any(Score::is_healthy_ready);
-            let best = scores.iter().max_by(|a, b| a.cmp(b)).unwrap();
+            let best = scores.iter().max_by(|a, b| a.compare(b)).unwrap();
             match p {
                 Pick::Account { index, score } => {
                     prop_assert_eq!(score, scores[index]);
@@ -493,7 +493,7 @@ mod tests {
                         // Never worse in kind than the best account.
                         prop_assert!(score.is_healthy_ready());
                     } else {
-                        prop_assert_eq!(score.cmp(best), Ordering::Equal);
+                        prop_assert_eq!(score.compare(best), Ordering::Equal);
                     }
                 }
                 Pick::AllUnavailable { retry_after } => {
