@@ -11,7 +11,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use super::auth::{ApiKey, SetUpstreamLayer};
@@ -20,7 +20,7 @@ use super::transport::TransportConfig;
 use crate::BoxError;
 use crate::body::Body;
 use crate::circuit_breaker::{BreakerHandle, CircuitBreakerLayer};
-use crate::concurrency::{Aimd, ConcurrencyLimitLayer, LimitHandle};
+use crate::concurrency::{ConcurrencyLimitLayer, LimitHandle};
 use crate::rate_limit::{
     AccountModel, ByAccountModel, Limits, QuotaTable, RateLimitLayer, RateLimiter,
 };
@@ -48,8 +48,10 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// 4. a [rate limiter](crate::rate_limit) per (account, model) with the
 ///    published default quotas ([`QuotaTable::qwen`]), per-second
 ///    smoothing, slow start and feedback, waiting up to 30 s;
-/// 5. an adaptive [concurrency limit](crate::concurrency) (AIMD, starting
-///    at 10), held until a streamed body ends;
+/// 5. a [concurrency limit](crate::concurrency) of 64 calls in flight,
+///    held until a streamed body ends (the rate limiter is what paces the
+///    calls; this bounds connections and memory when the upstream slows
+///    down; [`Aimd`](crate::concurrency::Aimd) makes it adaptive);
 /// 6. [timeouts](crate::timeout): 60 s idle between body frames, 300 s in
 ///    all (the official SDK's request timeout), none on the headers alone
 ///    (a non-streamed generation sends its headers only when it is done);
@@ -88,7 +90,7 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// ```
 #[derive(Clone)]
 pub struct QwenClient {
-    inner: BoxCloneService<Request<Body>, Response<ResponseBody>, BoxError>,
+    inner: BoxCloneSyncService<Request<Body>, Response<ResponseBody>, BoxError>,
     handles: Arc<Handles>,
 }
 
@@ -191,7 +193,9 @@ impl Default for QwenClientBuilder {
             default_output_tokens: crate::rate_limit::DEFAULT_OUTPUT_TOKENS,
             retry: RetryLayer::new(),
             breaker_failures: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
-            concurrency: ConcurrencyLimitLayer::adaptive(Aimd::new()),
+            concurrency: ConcurrencyLimitLayer::new(
+                NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+            ),
             timeout: TimeoutLayer::new()
                 .idle(Duration::from_secs(60))
                 .total(Duration::from_secs(300)),
@@ -224,6 +228,12 @@ impl QwenClientBuilder {
     pub fn api_key(mut self, key: impl AsRef<str>) -> Result<Self, super::InvalidApiKey> {
         self.key = Some(ApiKey::new(key)?);
         Ok(self)
+    }
+
+    /// The API key, already validated. Default is `DASHSCOPE_API_KEY`.
+    pub fn key(mut self, key: ApiKey) -> Self {
+        self.key = Some(key);
+        self
     }
 
     /// Sends `X-DashScope-WorkSpace`. Default is none.
@@ -285,7 +295,9 @@ impl QwenClientBuilder {
         self
     }
 
-    /// The concurrency limit. Default is adaptive AIMD ([`Aimd::new`]).
+    /// The concurrency limit. Default is a fixed 64;
+    /// `ConcurrencyLimitLayer::adaptive(Aimd::new())` adapts it to 429s and
+    /// failures.
     pub fn concurrency(mut self, layer: ConcurrencyLimitLayer) -> Self {
         self.concurrency = layer;
         self
@@ -314,6 +326,31 @@ impl QwenClientBuilder {
     /// when it is unset requests go without `Authorization` (DashScope will
     /// answer 401, the mock only if it requires a key).
     pub fn build(self) -> QwenClient {
+        let http = self.transport.build();
+        self.build_with(http)
+    }
+
+    /// Builds the client around your own HTTP service instead of the
+    /// [`TransportConfig`] one (a custom connector, a proxy, a counting or
+    /// recording wrapper in tests). It receives absolute URIs with the
+    /// `Authorization` header set; the transport settings of this builder
+    /// are not used.
+    pub fn build_with<T, RB>(self, http: T) -> QwenClient
+    where
+        T: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
+        RB: http_body::Body<Data = Bytes> + Send + 'static,
+        RB::Error: Into<BoxError>,
+    {
+        let http: Transport = BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .map_err(Into::into)
+                .map_response(|res: Response<RB>| {
+                    res.map(|b| BodyExt::map_err(b, Into::into).boxed_unsync())
+                })
+                .service(http),
+        );
         let key = self.key.or_else(|| ApiKey::from_env().ok());
         let mut upstream = SetUpstreamLayer::new(self.base, key);
         if let Some(ws) = &self.workspace {
@@ -338,7 +375,6 @@ impl QwenClientBuilder {
             concurrency: self.concurrency.handle(),
             retry: self.retry.stats(),
         });
-        let http = self.transport.build();
         let stack = ServiceBuilder::new()
             .layer(self.retry)
             .map_err(BoxError::from)
@@ -361,7 +397,8 @@ impl QwenClientBuilder {
     }
 }
 
-type Stack = BoxCloneService<Request<Body>, Response<ResponseBody>, BoxError>;
+type Stack = BoxCloneSyncService<Request<Body>, Response<ResponseBody>, BoxError>;
+type Transport = BoxCloneSyncService<Request<Body>, Response<ResponseBody>, BoxError>;
 
 #[cfg(feature = "fallback")]
 fn wrap_fallback<S>(stack: S, chain: Option<Vec<String>>) -> Stack
@@ -369,6 +406,7 @@ where
     S: Service<Request<Body>, Response = Response<ResponseBody>, Error = BoxError>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
@@ -378,9 +416,9 @@ where
                 .map_response(|res: Response<_>| res.map(BodyExt::boxed_unsync))
                 .layer(crate::fallback::FallbackLayer::new(chain))
                 .service(stack);
-            BoxCloneService::new(svc)
+            BoxCloneSyncService::new(svc)
         }
-        None => BoxCloneService::new(stack),
+        None => BoxCloneSyncService::new(stack),
     }
 }
 
@@ -390,8 +428,9 @@ where
     S: Service<Request<Body>, Response = Response<ResponseBody>, Error = BoxError>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
-    BoxCloneService::new(stack)
+    BoxCloneSyncService::new(stack)
 }

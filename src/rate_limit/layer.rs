@@ -85,7 +85,8 @@ impl RateLimitLayer<Global> {
 impl RateLimitLayer<ByAccountModel> {
     /// The Qwen preset: one limiter per (account, model) with
     /// [`qwen_defaults`](super::qwen_defaults) (per-second smoothed RPM and
-    /// TPM), feedback on, a 10 s slow start, waiting up to 30 s. Every API
+    /// TPM), feedback on, a slow start from 50% over 5 s, waiting up to 30 s.
+    /// Every API
     /// key counts as its own account; see
     /// [`RateLimitLayer::qwen_with`] to group keys and override quotas.
     pub fn qwen() -> Self {
@@ -95,7 +96,7 @@ impl RateLimitLayer<ByAccountModel> {
     /// The Qwen preset with your quota table and key → account map.
     pub fn qwen_with(table: QuotaTable, accounts: ByAccountModel) -> Self {
         let limiter = RateLimiter::builder(Limits::UNLIMITED)
-            .slow_start(SlowStart::new(Duration::from_secs(10)))
+            .slow_start(SlowStart::new(Duration::from_secs(5)).initial_rate(0.5))
             .build_keyed_with(move |k: &super::key::AccountModel| table.get(k.model()));
         Self::keyed(limiter, accounts)
     }

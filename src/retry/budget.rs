@@ -1,6 +1,8 @@
 //! The retry budget: how many retries the recent traffic pays for.
 //!
-//! Every first attempt deposits `ratio` of a retry; every retry withdraws
+//! Every first attempt deposits `ratio` of a retry when its answer arrives
+//! (so a call that waited long in a rate limiter inside still finds its
+//! deposit in the window); every retry withdraws
 //! one; a reserve of `min_per_sec × window` retries lets a quiet client retry
 //! at all. Deposits and withdrawals expire after `window`, so during a
 //! complete outage the retries are at most `ratio × requests + reserve` per

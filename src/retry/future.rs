@@ -219,6 +219,16 @@ where
                         let _enter = this.span.enter();
                         ready!(future.poll(cx))
                     };
+                    // The budget is credited when a first attempt's answer
+                    // arrives, not when the call is made: a call may wait
+                    // long in a rate limiter inside, and a deposit made on
+                    // arrival would have expired by the time its failure
+                    // needs a retry.
+                    if *this.retries == 0
+                        && let Some(budget) = &this.shared.budget
+                    {
+                        budget.deposit(time::now());
+                    }
                     match result {
                         Ok(res) => {
                             let can_retry = this.template.is_some()

@@ -87,9 +87,6 @@ where
         let config = &shared.config;
         shared.stats.bump(Counter::Requests);
         let now = time::now();
-        if let Some(budget) = &shared.budget {
-            budget.deposit(now);
-        }
         let deadline = match config.deadline {
             Some(total) => Some(
                 Deadline(now.checked_add(total).unwrap_or_else(time::far_future)).tighten(&mut req),

@@ -364,6 +364,25 @@ async fn clones_share_the_budget() {
     assert_eq!(budget.denied(), 2);
 }
 
+/// The budget is credited when a first attempt's answer arrives: a call
+/// that waited longer than the budget's window inside (a rate limiter's
+/// queue, a slow upstream) can still be retried. (Regression: the deposit
+/// was made when the call arrived and had expired by then, so the demo's
+/// queued calls lost their retries.)
+#[tokio::test(start_paused = true)]
+async fn a_call_slower_than_the_window_keeps_its_deposit() {
+    let budget = Budget::new(S(10), 0, 1.0).unwrap();
+    let (svc, mut h) = setup(layer().budget(budget.clone()));
+    let stats = svc.stats();
+    let call = tokio::spawn(svc.oneshot(req()));
+    let (_, send) = h.next_request().await.unwrap();
+    tokio::time::sleep(S(20)).await;
+    send.send_response(json(503, UNAVAILABLE));
+    answer(&mut h, json(200, OK_BODY)).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!((stats.retries(), stats.budget_denied()), (1, 0));
+}
+
 // ---------------------------------------------------------------------------
 // Streams
 
