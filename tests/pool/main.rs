@@ -321,6 +321,38 @@ async fn the_tighter_quota_and_the_token_estimate_decide() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn when_both_choices_would_wait_every_account_is_considered() {
+    let up = Upstream::new();
+    let wait = Some(Duration::from_secs(30));
+    let (mut p, limiters, _) = pool(
+        vec![
+            acct("a", requests(1, 1), wait, &up),
+            acct("b", requests(1, 1), wait, &up),
+            acct("c", requests(1, 1), wait, &up),
+        ],
+        Fixed(0), // samples (a, b)
+    );
+    let m = model("qwen-plus");
+    limiters[0].check(&m, Cost::ONE).unwrap();
+    limiters[1].check(&m, Cost::ONE).unwrap();
+    // a and b would wait 1 s; c, outside the sample, has room now.
+    let t0 = Instant::now();
+    let res = send(&mut p, chat("qwen-plus", 10)).await.unwrap();
+    assert_eq!((picked(&res), Instant::now()), ("c".to_owned(), t0));
+    // All three would wait: the call waits on the one that frees first,
+    // c, although the sample is (a, b).
+    tokio::time::advance(Duration::from_secs(1)).await;
+    limiters[2].check(&m, Cost::ONE).unwrap();
+    tokio::time::advance(200 * MS).await;
+    limiters[0].check(&m, Cost::ONE).unwrap();
+    limiters[1].check(&m, Cost::ONE).unwrap();
+    let t1 = Instant::now();
+    let res = send(&mut p, chat("qwen-plus", 10)).await.unwrap();
+    assert_eq!(picked(&res), "c");
+    assert_eq!(Instant::now() - t1, 800 * MS);
+}
+
+#[tokio::test(start_paused = true)]
 async fn load_spreads_to_use_every_accounts_quota() {
     let up = Upstream::new();
     let accts = (0..4)
