@@ -316,7 +316,7 @@ fn transport(base: BaseUrl, key: ApiKey, wire: Arc<Wire>) -> Client {
     )
 }
 
-/// 1. Fire everything, retry at once on any error, up to 3 times.
+/// The naive client: fire everything, retry at once on any error, up to 3 times.
 fn naive_client(base: BaseUrl, key: ApiKey, wire: Arc<Wire>) -> Client {
     let inner = transport(base, key, wire);
     BoxCloneSyncService::new(tower::service_fn(move |req: Request<Body>| {
@@ -344,7 +344,7 @@ fn clone_request(req: &Request<Body>) -> Option<Request<Body>> {
     Some(r)
 }
 
-/// 2. tower's built-in layers, configured as their docs suggest: `Retry`
+/// tower's built-in layers, configured as their docs suggest: `Retry`
 /// with exponential backoff and a `TpsBudget` (retrying 429 and 5xx), a
 /// `Buffer` so every task shares one `ConcurrencyLimit` and `RateLimit` (at
 /// the quota's requests per second), and a `Timeout`.
@@ -421,7 +421,7 @@ fn tower_client(base: BaseUrl, key: ApiKey, wire: Arc<Wire>, args: &Args) -> Cli
     BoxCloneSyncService::new(svc.map_err(BoxError::from))
 }
 
-/// 3. The tower-qwen stack: `QwenClient` with the quota of the model set to
+/// The tower-qwen stack: `QwenClient` with the quota of the model set to
 /// the account's real one, around the same counting transport.
 fn qwen_client(base: BaseUrl, key: ApiKey, wire: Arc<Wire>, args: &Args) -> Client {
     let tpm = u32::try_from(args.tpm).unwrap_or(u32::MAX);

@@ -94,13 +94,14 @@
 //! | `fallback` | no | [`fallback`] (pulls `retry`) |
 //! | `coalesce` | no | [`coalesce`] |
 //! | `pool` | no | [`pool`] |
-//! | `client` | no | [`client`]: hyper-util, hyper-rustls (ring), and the default layers |
-//! | `mock` | no | [`mock`]: axum + hyper server |
+//! | `client` | yes | [`client`]: hyper-util, hyper-rustls (ring), and the default layers |
+//! | `mock` | yes | [`mock`]: axum + hyper server (for your tests, and the demo) |
 //! | `gateway` | no | [`gateway`]: axum, metrics, TOML config |
 //! | `redis` | no | [`redis`]: the `redis` crate with its tokio connection manager |
 //! | `full` | no | all of the above |
 //!
-//! The core ([`classify`], [`body`], [`request`], [`sse`], [`usage`],
+//! For a lean build, `default-features = false` and pick: each feature
+//! builds alone. The core ([`classify`], [`body`], [`request`], [`sse`], [`usage`],
 //! [`tokens`], [`time`]) is always there and depends only on `http`,
 //! `http-body`, `tokio` (time), `serde_json` and `tracing`.
 //!
