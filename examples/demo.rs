@@ -228,6 +228,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     draw_chart(&results, rps, &args.chart)?;
     println!("chart: {}", args.chart.display());
+    // Every request must end in a success or a counted, typed failure.
+    let lost: usize = results
+        .iter()
+        .map(|r| r.records.iter().filter(|x| x.end == End::Lost).count())
+        .sum();
+    if lost > 0 {
+        return Err(format!("{lost} requests were lost (no answer within the hard limit)").into());
+    }
     Ok(())
 }
 
