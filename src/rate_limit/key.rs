@@ -1,8 +1,9 @@
 //! Key extractors: which bucket a request is charged to.
 
 use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash};
 use std::sync::Arc;
 
 use http::HeaderName;
@@ -121,12 +122,19 @@ impl AccountModel {
 /// The account comes from an API key → account map you provide (keys are
 /// matched on the bearer token of the `Authorization` header); a key not in
 /// the map is its own account, identified by a hash of the header so the
-/// secret is never stored.
+/// secret is never stored. The hash is the same in every process running
+/// the same build, so replicas sharing a [`redis`](crate) limiter agree.
 #[derive(Clone)]
 pub struct ByAccountModel {
     accounts: Arc<HashMap<Box<str>, Arc<str>>>,
-    hasher: RandomState,
+    hasher: StableHasher,
 }
+
+/// Hashes client secrets into key ids: SipHash with fixed keys, so every
+/// process running the same build derives the same id for the same secret
+/// (replicas sharing a Redis limiter then share its keys), and the secret
+/// itself is never stored.
+type StableHasher = BuildHasherDefault<DefaultHasher>;
 
 impl Default for ByAccountModel {
     fn default() -> Self {
@@ -147,7 +155,7 @@ impl ByAccountModel {
     pub fn new() -> Self {
         Self {
             accounts: Arc::default(),
-            hasher: RandomState::new(),
+            hasher: StableHasher::default(),
         }
     }
 
@@ -201,7 +209,7 @@ impl KeyFn for ByAccountModel {
 #[derive(Clone)]
 pub struct ByHeader {
     name: HeaderName,
-    hasher: RandomState,
+    hasher: StableHasher,
 }
 
 impl fmt::Debug for ByHeader {
@@ -217,7 +225,7 @@ impl ByHeader {
     pub fn new(name: HeaderName) -> Self {
         Self {
             name,
-            hasher: RandomState::new(),
+            hasher: StableHasher::default(),
         }
     }
 }

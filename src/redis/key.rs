@@ -20,11 +20,12 @@ use crate::rate_limit::{Account, AccountModel};
 ///
 /// [`ByAccountModel`](crate::rate_limit::ByAccountModel) and
 /// [`ByHeader`](crate::rate_limit::ByHeader) identify keys they do not know
-/// by a hash seeded **per process**, so two replicas give the same unknown
-/// API key different Redis keys and do not share its budget. Name your
-/// accounts (`ByAccountModel::new().account(api_key, name)`) or use a key
-/// function of your own that yields a stable value when replicas must
-/// share a limit.
+/// by a SipHash of the secret with fixed keys: every replica running the
+/// same build gives the same unknown API key the same Redis key, so they
+/// share its budget. (Across different builds the standard library's hash
+/// may change; name your accounts with
+/// `ByAccountModel::new().account(api_key, name)` when replicas of
+/// different versions must share a limit.)
 pub trait StoreKey {
     /// Appends this key's encoding to `out`.
     fn write_key(&self, out: &mut String);
@@ -129,7 +130,7 @@ impl<A: StoreKey, B: StoreKey, C: StoreKey> StoreKey for (A, B, C) {
 
 impl StoreKey for Account {
     /// `a:<name>` for a named account, `h:<hash>` for a hashed one (see the
-    /// trait docs: that hash is per process), `anon` without a key.
+    /// trait docs), `anon` without a key.
     fn write_key(&self, out: &mut String) {
         match self {
             Account::Named(n) => {

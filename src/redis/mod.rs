@@ -59,10 +59,11 @@
 //! Redis, the last decisions may be lost: a brief overshoot, at most what
 //! was admitted during the replication lag.
 //!
-//! Unknown API keys are keyed by a per-process hash in
+//! Unknown API keys are keyed by a hash of the secret in
 //! [`ByAccountModel`](crate::rate_limit::ByAccountModel) and
-//! [`ByHeader`](crate::rate_limit::ByHeader): replicas do not share those
-//! (see [`StoreKey`]); name accounts, or use a key function of your own.
+//! [`ByHeader`](crate::rate_limit::ByHeader) that is the same in every
+//! replica running the same build (see [`StoreKey`]); name accounts when
+//! replicas of different versions must share a limit.
 //!
 //! # With other layers
 //!
