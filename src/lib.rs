@@ -46,6 +46,10 @@
 //!   is then held until the response body ends;
 //! * **timeouts innermost**, per attempt.
 //!
+//! With several accounts, a [`pool`] goes right inside retry and holds one
+//! stack per account (circuit breaker → rate limit → concurrency → timeout)
+//! over a shared client, so a retry can land on another account.
+//!
 //! [`client::QwenClient`] builds exactly this with Qwen defaults.
 //!
 //! # Example

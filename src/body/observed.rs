@@ -150,14 +150,15 @@ struct Watch<H> {
     hook: H,
     outcome: Outcome,
     data_frames: u32,
-    want_timing: bool,
-    first_frame_at: Option<Instant>,
     /// Present only when the body is inspected (an SSE stream, or a JSON /
-    /// error body with an outcome or usage asked for).
+    /// error body with an outcome or usage asked for), or timing is asked
+    /// for.
     deep: Option<Box<Deep>>,
 }
 
 struct Deep {
+    want_timing: bool,
+    first_frame_at: Option<Instant>,
     classifier: Classifier,
     status: StatusCode,
     facts: HeadFacts,
@@ -208,22 +209,25 @@ impl<B, H: OnEnd> Observed<B, H> {
         } else {
             None
         };
+        let deep = if mode.is_some() || (inspect.timing && !ended) {
+            Some(Box::new(Deep {
+                want_timing: inspect.timing,
+                first_frame_at: None,
+                classifier: *classifier,
+                status,
+                facts,
+                usage: None,
+                mode: mode.unwrap_or(Mode::Done),
+                want_usage: inspect.usage,
+            }))
+        } else {
+            None
+        };
         let watch = Watch {
             hook,
             outcome,
             data_frames: 0,
-            want_timing: inspect.timing,
-            first_frame_at: None,
-            deep: mode.map(|mode| {
-                Box::new(Deep {
-                    classifier: *classifier,
-                    status,
-                    facts,
-                    usage: None,
-                    mode,
-                    want_usage: inspect.usage,
-                })
-            }),
+            deep,
         };
         let mut observed = Observed {
             inner: body,
@@ -244,8 +248,6 @@ impl<B, H: OnEnd> Observed<B, H> {
                 hook,
                 outcome,
                 data_frames: 0,
-                want_timing: false,
-                first_frame_at: None,
                 deep: None,
             }),
         }
@@ -266,18 +268,19 @@ impl<H: OnEnd> Watch<H> {
     /// `last`: this is the body's last data, and all of it (a one-frame
     /// JSON body is then classified in place, without a copy).
     fn on_data(&mut self, data: &[u8], last: bool) {
-        if self.data_frames == 0 && self.want_timing {
-            self.first_frame_at = Some(time::now());
-        }
-        self.data_frames = self.data_frames.saturating_add(1);
         if let Some(deep) = self.deep.as_deref_mut() {
+            if self.data_frames == 0 && deep.want_timing {
+                deep.first_frame_at = Some(time::now());
+            }
             deep.on_data(&mut self.outcome, data, last);
         }
+        self.data_frames = self.data_frames.saturating_add(1);
     }
 
     fn fire(mut self, kind: EndKind) {
-        let mut usage = None;
+        let (mut usage, mut first_frame_at) = (None, None);
         if let Some(deep) = self.deep.take() {
+            first_frame_at = deep.first_frame_at;
             usage = deep.finish(&mut self.outcome, kind);
         }
         if kind == EndKind::Failed && self.outcome.is_success() {
@@ -287,7 +290,7 @@ impl<H: OnEnd> Watch<H> {
             outcome: self.outcome,
             usage,
             kind,
-            first_frame_at: self.first_frame_at,
+            first_frame_at,
             data_frames: self.data_frames,
         };
         self.hook.on_end(end);

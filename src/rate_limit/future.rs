@@ -44,6 +44,24 @@ pin_project! {
 }
 
 pin_project! {
+    struct Wait<S, Req, K>
+    where
+        K: Hash,
+        K: Eq,
+        K: Clone,
+        K: Send,
+        K: Sync,
+        K: 'static,
+    {
+        #[pin]
+        sleep: Sleep,
+        ticket: Option<Ticket<K>>,
+        svc: Option<S>,
+        req: Option<Req>,
+    }
+}
+
+pin_project! {
     #[project = StateProj]
     enum State<F, S, Req, K>
     where
@@ -54,12 +72,10 @@ pin_project! {
         K: Sync,
         K: 'static,
     {
+        // Boxed: only calls that wait pay for it, and the future every call
+        // moves around stays small.
         Waiting {
-            #[pin]
-            sleep: Sleep,
-            ticket: Option<Ticket<K>>,
-            svc: Option<S>,
-            req: Option<Req>,
+            wait: Pin<Box<Wait<S, Req, K>>>,
         },
         Called {
             #[pin]
@@ -99,10 +115,12 @@ where
     ) -> Self {
         Self {
             state: State::Waiting {
-                sleep: tokio::time::sleep_until(at),
-                ticket: Some(ticket),
-                svc: Some(svc),
-                req: Some(req),
+                wait: Box::pin(Wait {
+                    sleep: tokio::time::sleep_until(at),
+                    ticket: Some(ticket),
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
             },
             admitted: None,
             classifier,
@@ -150,12 +168,9 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Waiting {
-                    mut sleep,
-                    ticket,
-                    svc,
-                    req,
-                } => {
+                StateProj::Waiting { wait } => {
+                    let w = wait.as_mut().project();
+                    let (mut sleep, ticket, svc, req) = (w.sleep, w.ticket, w.svc, w.req);
                     ready!(sleep.as_mut().poll(cx));
                     let t = ticket.as_ref().expect("polled after completion");
                     // An upstream throttle may have paused the key meanwhile.
