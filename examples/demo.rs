@@ -584,17 +584,25 @@ fn end_of_error(e: &BoxError) -> End {
 }
 
 async fn progress(name: &'static str, total: u64, done: Arc<AtomicU64>, ok: Arc<AtomicU64>) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
     loop {
         let d = done.load(Ordering::Relaxed);
         let width = 30;
         let filled = (d * width / total.max(1)) as usize;
-        eprint!(
-            "\r{name:>10} [{}{}] {d}/{total} done, {} ok",
+        let line = format!(
+            "{name:>10} [{}{}] {d}/{total} done, {} ok",
             "#".repeat(filled),
             ".".repeat(width as usize - filled),
             ok.load(Ordering::Relaxed)
         );
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if tty {
+            eprint!("\r{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        // A terminal gets a live bar; a log gets a line every 10 s.
+        tokio::time::sleep(Duration::from_secs(if tty { 1 } else { 10 })).await;
     }
 }
 
