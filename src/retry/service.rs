@@ -86,10 +86,15 @@ where
         let shared = &self.shared;
         let config = &shared.config;
         shared.stats.bump(Counter::Requests);
-        let now = time::now();
+        // The clock is read only when a deadline is configured.
         let deadline = match config.deadline {
             Some(total) => Some(
-                Deadline(now.checked_add(total).unwrap_or_else(time::far_future)).tighten(&mut req),
+                Deadline(
+                    time::now()
+                        .checked_add(total)
+                        .unwrap_or_else(time::far_future),
+                )
+                .tighten(&mut req),
             ),
             None => Deadline::of(&req),
         };
