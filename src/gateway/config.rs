@@ -404,37 +404,34 @@ impl<'c, 'e> Section<'c, 'e> {
 
     /// A number in `(0, max]` (integers are accepted).
     fn positive(&mut self, name: &'static str, default: f64, max: f64) -> f64 {
-        let Some(raw) = self.raw(name) else {
-            return default;
-        };
-        let v = match &raw {
-            Raw::Toml(toml::Value::Integer(i)) => Some(*i as f64),
-            Raw::Toml(toml::Value::Float(f)) => Some(*f),
-            Raw::Env(s) => s.trim().parse::<f64>().ok(),
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected a number, found {}", v.type_str()),
-                );
-                return default;
-            }
-        };
-        match v {
-            Some(v) if v > 0.0 && v <= max => v,
-            _ => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("must be a number above 0 and at most {max}"),
-                );
-                default
-            }
-        }
+        self.number_in(
+            name,
+            default,
+            |v| v > 0.0 && v <= max,
+            || format!("must be a number above 0 and at most {max}"),
+        )
     }
 
     /// A fraction in `[0, 1]`.
     fn fraction(&mut self, name: &'static str, default: f64) -> f64 {
+        self.number_in(
+            name,
+            default,
+            |v| (0.0..=1.0).contains(&v),
+            || "must be a number from 0 to 1".to_owned(),
+        )
+    }
+
+    /// A number (integer or float in the file, any number in the
+    /// environment) that `ok` accepts; otherwise the field is reported with
+    /// `why` and `default` is used.
+    fn number_in(
+        &mut self,
+        name: &'static str,
+        default: f64,
+        ok: impl Fn(f64) -> bool,
+        why: impl Fn() -> String,
+    ) -> f64 {
         let Some(raw) = self.raw(name) else {
             return default;
         };
@@ -452,9 +449,9 @@ impl<'c, 'e> Section<'c, 'e> {
             }
         };
         match v {
-            Some(v) if (0.0..=1.0).contains(&v) => v,
+            Some(v) if ok(v) => v,
             _ => {
-                self.bad(name, &raw, "must be a number from 0 to 1");
+                self.bad(name, &raw, why());
                 default
             }
         }
