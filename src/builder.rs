@@ -12,6 +12,9 @@
 //! # Example
 //!
 //! ```
+//! # #[cfg(not(all(feature = "retry", feature = "circuit-breaker", feature = "rate-limit", feature = "concurrency", feature = "timeout")))]
+//! # fn main() {}
+//! # #[cfg(all(feature = "retry", feature = "circuit-breaker", feature = "rate-limit", feature = "concurrency", feature = "timeout"))]
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
 //! use std::num::NonZeroUsize;
