@@ -6,7 +6,7 @@ use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::classify::{Classifier, HeadFacts, Outcome, is_event_stream, is_json_or_untyped};
+use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome};
 use crate::sse::SseScanner;
 use crate::time::{self, Instant};
 use crate::usage::Usage;
@@ -196,18 +196,18 @@ impl<B, H: OnEnd> Observed<B, H> {
         let ended = body.is_end_stream();
         let mode = if !(inspect.outcome || inspect.usage) || ended {
             None
-        } else if is_event_stream(&parts.headers) {
-            Some(Mode::Sse {
-                scanner: SseScanner::new(),
-                error: false,
-            })
-        } else if !status.is_success() || is_json_or_untyped(&parts.headers) {
-            Some(Mode::Json {
-                buf: Vec::new(),
-                overflow: false,
-            })
         } else {
-            None
+            match (status.is_success(), ContentKind::of(&parts.headers)) {
+                (_, ContentKind::EventStream) => Some(Mode::Sse {
+                    scanner: SseScanner::new(),
+                    error: false,
+                }),
+                (false, _) | (true, ContentKind::Json | ContentKind::Untyped) => Some(Mode::Json {
+                    buf: Vec::new(),
+                    overflow: false,
+                }),
+                (true, ContentKind::Other) => None,
+            }
         };
         let deep = if mode.is_some() || (inspect.timing && !ended) {
             Some(Box::new(Deep {

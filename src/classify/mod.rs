@@ -315,7 +315,7 @@ impl Classifier {
     /// answer: any non-2xx status, and a 2xx JSON body (which may carry a
     /// business error). SSE bodies are watched frame by frame instead.
     pub fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        !status.is_success() || content_type(headers) == ContentType::Json
+        !status.is_success() || ContentKind::of(headers) == ContentKind::Json
     }
 
     /// Classifies a whole response: status, headers and (up to
@@ -615,44 +615,44 @@ impl HeadFacts {
     }
 }
 
-#[derive(PartialEq, Eq)]
-enum ContentType {
+/// The kind of a body, from its `content-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ContentKind {
     Json,
     EventStream,
+    /// No `content-type` header.
+    Untyped,
     Other,
 }
 
-pub(crate) fn is_json_or_untyped(headers: &HeaderMap) -> bool {
-    content_type(headers) == ContentType::Json || !headers.contains_key(http::header::CONTENT_TYPE)
-}
-
-fn content_type(headers: &HeaderMap) -> ContentType {
-    let Some(ct) = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return ContentType::Other;
-    };
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("text/event-stream") {
-        ContentType::EventStream
-    } else if essence.eq_ignore_ascii_case("application/json")
-        || essence.to_ascii_lowercase().ends_with("+json")
-    {
-        ContentType::Json
-    } else {
-        ContentType::Other
+impl ContentKind {
+    /// Reads `content-type` once, without allocating.
+    pub(crate) fn of(headers: &HeaderMap) -> ContentKind {
+        let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
+            return ContentKind::Untyped;
+        };
+        let ct = ct.as_bytes();
+        let essence = ct[..memchr::memchr(b';', ct).unwrap_or(ct.len())].trim_ascii();
+        if essence.eq_ignore_ascii_case(b"text/event-stream") {
+            ContentKind::EventStream
+        } else if essence.eq_ignore_ascii_case(b"application/json")
+            || (essence.len() >= 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
+        {
+            ContentKind::Json
+        } else {
+            ContentKind::Other
+        }
     }
 }
 
 /// Whether a response's content type is `text/event-stream`.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
-    content_type(headers) == ContentType::EventStream
+    ContentKind::of(headers) == ContentKind::EventStream
 }
 
 /// Whether `json` mentions a `"code"` or `"error"` key (or string): the
 /// only bodies worth parsing for an error. The searchers are built once.
-fn mentions_code_or_error(json: &[u8]) -> bool {
+pub(crate) fn mentions_code_or_error(json: &[u8]) -> bool {
     use memchr::memmem::Finder;
     use std::sync::LazyLock;
     static CODE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"code\""));

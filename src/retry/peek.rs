@@ -57,7 +57,7 @@ use http::Response;
 use http::response::Parts;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::classify::{Classifier, Outcome};
+use crate::classify::{Classifier, ContentKind, Outcome, mentions_code_or_error};
 use crate::sse::SseScanner;
 
 /// A future that reads the start of a response body until the response can
@@ -106,11 +106,11 @@ impl<B: Body + Unpin> Peek<B> {
     /// Starts peeking at `res`.
     pub fn new(res: Response<B>, classifier: &Classifier) -> Self {
         let (parts, body) = res.into_parts();
-        let mode = match (parts.status.is_success(), content_kind(&parts.headers)) {
-            (true, Kind::EventStream) => Mode::Sse(SseScanner::new()),
+        let mode = match (parts.status.is_success(), ContentKind::of(&parts.headers)) {
+            (true, ContentKind::EventStream) => Mode::Sse(SseScanner::new()),
             // A business error may hide in a 2xx JSON (or untyped) body.
-            (true, Kind::Json | Kind::Untyped) => Mode::Whole,
-            (true, Kind::Other) => Mode::Skip,
+            (true, ContentKind::Json | ContentKind::Untyped) => Mode::Whole,
+            (true, ContentKind::Other) => Mode::Skip,
             // Any other status: the (small) error body decides.
             (false, _) => Mode::Whole,
         };
@@ -126,65 +126,6 @@ impl<B: Body + Unpin> Peek<B> {
             }),
         }
     }
-}
-
-enum Kind {
-    Json,
-    EventStream,
-    Untyped,
-    Other,
-}
-
-/// The kind of body, from `content-type`, read once and without allocating
-/// (the same rules as the classifier's).
-fn content_kind(headers: &http::HeaderMap) -> Kind {
-    let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
-        return Kind::Untyped;
-    };
-    let ct = ct.as_bytes();
-    let essence = ct[..memchr::memchr(b';', ct).unwrap_or(ct.len())].trim_ascii();
-    if essence.eq_ignore_ascii_case(b"text/event-stream") {
-        Kind::EventStream
-    } else if essence.eq_ignore_ascii_case(b"application/json")
-        || (essence.len() >= 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json"))
-    {
-        Kind::Json
-    } else {
-        Kind::Other
-    }
-}
-
-/// Finders built once: `memmem::find` builds a searcher on every call.
-fn finders() -> &'static (
-    memchr::memmem::Finder<'static>,
-    memchr::memmem::Finder<'static>,
-) {
-    static FINDERS: std::sync::OnceLock<(
-        memchr::memmem::Finder<'static>,
-        memchr::memmem::Finder<'static>,
-    )> = std::sync::OnceLock::new();
-    FINDERS.get_or_init(|| {
-        (
-            memchr::memmem::Finder::new(b"\"code\""),
-            memchr::memmem::Finder::new(b"\"error\""),
-        )
-    })
-}
-
-/// Whether `bytes` may carry an error: a `"code"` or `"error"` key. The
-/// classifier's own test, with prebuilt finders; when false, the bytes are
-/// a success whatever else they hold.
-fn may_be_error(bytes: &[u8]) -> bool {
-    let (code, error) = finders();
-    code.find(bytes).is_some() || error.find(bytes).is_some()
-}
-
-/// [`Classifier::classify_event`], skipped for lines that cannot be errors.
-fn classify_line(c: &Classifier, meta: &crate::sse::EventMeta, line: &[u8]) -> Option<Outcome> {
-    if !meta.is_error() && !may_be_error(line) {
-        return None;
-    }
-    c.classify_event(meta, line)
 }
 
 impl<B: Body> State<B> {
@@ -212,7 +153,7 @@ impl<B: Body> State<B> {
     fn whole_outcome(&self) -> Outcome {
         let bytes = contiguous(&self.frames, self.read);
         let status = self.parts.status;
-        if status.is_success() && !may_be_error(&bytes) {
+        if status.is_success() && !mentions_code_or_error(&bytes) {
             // Most 2xx bodies are plain successes: no JSON parse.
             return Outcome::Success;
         }
@@ -344,7 +285,7 @@ impl<B: Body + Unpin> Future for Peek<B> {
                         for_each_chunk(data, |chunk| {
                             scanner.feed(chunk, |line, meta| {
                                 if decided.is_none() {
-                                    decided = Some(classify_line(&c, meta, line));
+                                    decided = Some(c.classify_event(meta, line));
                                 }
                             })
                         });
@@ -378,7 +319,7 @@ fn sse_end<B: Body>(st: &mut State<B>) -> Outcome {
     let c = st.classifier;
     scanner.finish(|line, meta| {
         if found.is_none() {
-            found = Some(classify_line(&c, meta, line));
+            found = Some(c.classify_event(meta, line));
         }
     });
     match found.flatten() {
