@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
+use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::BoxError;
@@ -137,7 +138,7 @@ impl Service<http::Request<Body>> for Pool {
                 account.authorize(req.headers_mut());
                 let svc = account.wait_svc.as_ref().unwrap_or(&account.svc).clone();
                 let model = RequestInfo::of(&mut req).model.clone();
-                return match oneshot(svc, req).await {
+                return match svc.oneshot(req).await {
                     Err(e) => Err(refused(e, account, &model)),
                     ok => ok,
                 };
@@ -153,7 +154,7 @@ impl Service<http::Request<Body>> for Pool {
                 let account = &accounts[idx];
                 let mut r = clone_request(&req);
                 account.authorize(r.headers_mut());
-                match oneshot(account.svc.clone(), r).await {
+                match account.svc.clone().oneshot(r).await {
                     Ok(res) => return Ok(res),
                     Err(e) => match busy_or(e, account, &model, busy.as_ref().map(|b| &b.0)) {
                         Ok(Some(b)) => busy = Some((b, idx)),
@@ -166,7 +167,7 @@ impl Service<http::Request<Body>> for Pool {
             let account = &accounts[idx];
             if let Some(svc) = &account.wait_svc {
                 account.authorize(req.headers_mut());
-                return match oneshot(svc.clone(), req).await {
+                return match svc.clone().oneshot(req).await {
                     Err(e) => Err(refused(e, account, &model)),
                     ok => ok,
                 };
@@ -217,16 +218,6 @@ fn refused(e: BoxError, account: &Account, model: &Option<Arc<str>>) -> BoxError
         })),
         Err(e) => e,
     }
-}
-
-/// `poll_ready` then `call` (tower's `oneshot`, without depending on
-/// `tower` for it).
-async fn oneshot<S, R>(mut svc: S, req: R) -> Result<S::Response, S::Error>
-where
-    S: Service<R>,
-{
-    std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
-    svc.call(req).await
 }
 
 fn clone_request(req: &http::Request<Body>) -> http::Request<Body> {
@@ -460,7 +451,7 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
     let t0 = time::now();
     gw.metrics.in_flight.increment(1.0);
     let guard = InFlight(gw.clone());
-    let result = oneshot(client.svc.clone(), up).await;
+    let result = client.svc.clone().oneshot(up).await;
     match result {
         Ok(res) => {
             gw.metrics.upstream_latency(route, t0.elapsed());
