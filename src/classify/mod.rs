@@ -502,7 +502,10 @@ impl Classifier {
         if overloaded && (code.starts_with("Throttling") || code.is_empty()) {
             return Some(Outcome::throttled(T::Overloaded));
         }
-        if has("Throttling.BurstRate") || msg.contains("rate increased too quickly") {
+        if has("Throttling.BurstRate")
+            || has("limit_burst_rate")
+            || msg.contains("rate increased too quickly")
+        {
             return Some(Outcome::throttled(T::Burst));
         }
         if has("Throttling.RateQuota") || has("limit_requests") || has("rate_limit_exceeded") {
@@ -525,7 +528,12 @@ impl Classifier {
         {
             return perm(P::AccessDenied);
         }
-        if has("Model.NotExist") || has("model_not_found") || has("ModelNotFound") {
+        if has("Model.NotExist")
+            || has("model_not_found")
+            || has("ModelNotFound")
+            // Native unknown models: `400 InvalidParameter` "Model not exist."
+            || (code.contains("InvalidParameter") && msg.starts_with("model not exist"))
+        {
             return perm(P::ModelNotFound);
         }
         if has("DataInspectionFailed") || has("data_inspection_failed") || has("content_filter") {
@@ -556,6 +564,7 @@ impl Classifier {
         if code.starts_with("InternalError")
             || has("ServiceUnavailable")
             || has("GatewayTimeout")
+            || has("gateway_timeout")
             || has("RequestTimeOut")
             || has("Timeout")
             || has("internal_error")

@@ -57,6 +57,16 @@ fn catalogue() {
         (403, r#"{"error":{"message":"The free tier of the model has been exhausted. If you wish to continue access the model on a paid basis, please disable the \"use free tier only\" mode in the management console.","type":"AllocationQuota.FreeTierOnly","param":null,"code":"AllocationQuota.FreeTierOnly"},"id":"chatcmpl-1","request_id":"2"}"#.into(), perm(P::FreeQuotaExhausted)),
         (404, native("Model.NotExist", "Model not exist."), perm(P::ModelNotFound)),
         (404, compat("model_not_found", "The model `qwen-foo` does not exist or you do not have access to it."), perm(P::ModelNotFound)),
+        // Native unknown model, as captured (A8): 400 InvalidParameter.
+        (400, native("InvalidParameter", "Model not exist."), perm(P::ModelNotFound)),
+        // The mock's compatible stand-ins where A2 has no compatible code
+        // (#15): read like their native codes, at any status.
+        (500, compat("internal_error", "An internal error has occured, please try again later or contact service support."), Outcome::TRANSIENT),
+        (503, compat("service_unavailable", "Service temporarily unavailable, possibly overloaded or not ready."), Outcome::TRANSIENT),
+        (504, compat("gateway_timeout", "Request timed out, please try again later."), Outcome::TRANSIENT),
+        (200, compat("gateway_timeout", "Request timed out, please try again later."), Outcome::TRANSIENT),
+        (200, native("GatewayTimeout", "Request timed out, please try again later."), Outcome::TRANSIENT),
+        (429, compat("limit_burst_rate", "Burst."), thr(T::Burst)),
         (429, native("Throttling", "Requests throttling triggered."), thr(T::Unknown)),
         (429, native("Throttling.RateQuota", "Requests rate limit exceeded, please try again later."), thr(T::Requests)),
         (429, compat("limit_requests", "You exceeded your current requests list."), thr(T::Requests)),

@@ -253,7 +253,8 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(Ok(res.map(PeekBody::new)));
                             }
-                            let peek = Peek::new(res, &this.shared.config.classifier);
+                            let config = &this.shared.config;
+                            let peek = Peek::with_hold(res, &config.classifier, config.hold);
                             this.state.set(State::Peeking { peek });
                             continue;
                         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::{Backoff, Budget, Policy, Retry};
+use super::{Backoff, Budget, Hold, Policy, Retry};
 use crate::classify::Classifier;
 use crate::util::rng::{Rng, SeededRng};
 
@@ -22,7 +22,8 @@ use crate::util::rng::{Rng, SeededRng};
 /// [`Policy::default`] (2 retries of throttled and transient failures),
 /// [`Backoff::default`], [`Budget::default`] (20 % of requests plus 1 per
 /// second), [`Classifier::default`], no deadline, streamed request bodies
-/// buffered up to 1 MiB, jitter from [`SeededRng::from_entropy`].
+/// buffered up to 1 MiB, output-less stream frames held per [`Hold::new`],
+/// jitter from [`SeededRng::from_entropy`].
 #[derive(Clone)]
 pub struct RetryLayer {
     pub(crate) config: Config,
@@ -38,6 +39,7 @@ pub(crate) struct Config {
     pub(crate) classifier: Classifier,
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
+    pub(crate) hold: Hold,
 }
 
 /// What every service made by one [`RetryLayer`] shares.
@@ -68,6 +70,7 @@ impl RetryLayer {
                 classifier: Classifier::new(),
                 deadline: None,
                 buffer_limit: 1 << 20,
+                hold: Hold::new(),
             },
             budget: Some(Budget::default()),
             rng: Arc::new(Mutex::new(SeededRng::from_entropy())),
@@ -125,6 +128,15 @@ impl RetryLayer {
         self
     }
 
+    /// How long the leading frames of an event stream that carry no output
+    /// are held back so that the stream stays retryable until its first
+    /// real token ([`Hold::NONE`]: the first `data:` line decides). Default
+    /// is [`Hold::new`] (16 KiB, 10 s).
+    pub fn hold(mut self, hold: Hold) -> Self {
+        self.config.hold = hold;
+        self
+    }
+
     /// The random source for jitter (pass a seeded one in tests). Default is
     /// [`SeededRng::from_entropy`].
     pub fn rng(mut self, rng: impl Rng) -> Self {
@@ -169,6 +181,7 @@ impl fmt::Debug for RetryLayer {
             .field("budget", &self.budget)
             .field("deadline", &self.config.deadline)
             .field("buffer_limit", &self.config.buffer_limit)
+            .field("hold", &self.config.hold)
             .finish_non_exhaustive()
     }
 }

@@ -9,12 +9,16 @@
 //! * **It classifies before the caller sees anything.** DashScope hides
 //!   errors in bodies, so each answer is [peeked](peek) at first: a non-2xx
 //!   body and a 2xx JSON body are read (up to the classifier's body limit)
-//!   and classified; an SSE stream is read up to its first `data:` line, and
-//!   an error frame there (`event:error` with `:HTTP_STATUS/429`, a
-//!   compatible `{"error":...}`) is a failed attempt that may be retried.
-//!   Otherwise the response is handed on with the bytes already read replayed
-//!   in front of the rest: nothing is lost or reordered. Once the first data
-//!   frame has reached the caller there is no retry; an error later in the
+//!   and classified; an SSE stream is read up to its first frame that
+//!   carries output, and an error frame before it (`event:error` with
+//!   `:HTTP_STATUS/429`, a compatible `{"error":...}`) is a failed attempt
+//!   that may be retried. Frames with no output (the compatible role-only
+//!   first chunk, empty deltas) are held back within a [`Hold`] bound (16
+//!   KiB, 10 s by default; [`RetryLayer::hold`]), so a stream stays
+//!   retryable until the caller would see its first real token. Otherwise
+//!   the response is handed on with the bytes already read replayed in
+//!   front of the rest: nothing is lost or reordered. Once a frame with
+//!   output has reached the caller there is no retry; an error later in the
 //!   stream reaches the caller as the stream's end.
 //! * **Waits follow the cause** ([`Backoff`]): exponential backoff with full
 //!   jitter for failures, and for throttles at least the time the limit needs
@@ -132,6 +136,6 @@ pub use backoff::{Backoff, InvalidBackoff};
 pub use body::{BufferFuture, Buffered, ReplayBody};
 pub use budget::{Budget, InvalidBudget};
 pub use layer::{RetryLayer, RetryStats};
-pub use peek::{Peek, PeekBody, Peeked};
+pub use peek::{Hold, Peek, PeekBody, Peeked};
 pub use policy::Policy;
 pub use service::Retry;

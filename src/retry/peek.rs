@@ -12,9 +12,15 @@
 //!   [`Classifier::classify`];
 //! * a 2xx JSON (or untyped) body: the same, since a business error may hide
 //!   in it;
-//! * a 2xx `text/event-stream`: up to the first complete `data:` line. An
-//!   error frame there means the call failed; anything else means the stream
-//!   is flowing and the response is handed on;
+//! * a 2xx `text/event-stream`: up to its first frame that carries output.
+//!   An error frame before it means the call failed. Frames that carry no
+//!   output (the compatible role-only first chunk
+//!   `{"delta":{"role":"assistant","content":""}}`, empty content or
+//!   reasoning, empty tool-call deltas, a `finish_reason`-only chunk, the
+//!   usage tail, `[DONE]`) are held back, within a [`Hold`] bound in bytes
+//!   and time, so that a stream stays retryable until the caller would see
+//!   its first real token. Past the bound, or with [`Hold::NONE`], the first
+//!   `data:` line decides;
 //! * any other 2xx body is not read at all.
 //!
 //! The result, [`Peeked`], carries the outcome and the response, whose
@@ -22,6 +28,13 @@
 //! the body (and a read error, if one happened while peeking, after them).
 //! A body longer than the limit is classified by its head and handed on with
 //! what was read replayed.
+//!
+//! A frame "carries output" when a caller would show something: non-empty
+//! `content` (text or parts), `reasoning_content`, or a tool-call delta with
+//! a non-empty `id`, `name` or `arguments`, in either dialect's chunk
+//! (`choices[].delta` / `choices[].message`, native `output.choices[].message`
+//! or `output.text`). A `data:` payload of any other shape counts as output,
+//! so unknown streams are handed on as soon as they flow.
 //!
 //! # Example
 //!
@@ -51,14 +64,92 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Buf;
 use http::Response;
 use http::response::Parts;
 use http_body::{Body, Frame, SizeHint};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tokio::time::Sleep;
 
 use crate::classify::{Classifier, ContentKind, Outcome, mentions_code_or_error};
 use crate::sse::SseScanner;
+use crate::time;
+
+/// How long [`Peek`] holds back the leading frames of an event stream that
+/// carry no output (see the [module docs](self)).
+///
+/// Holding them keeps the call retryable until its first real token: an
+/// error that arrives right after the compatible role-only first chunk is
+/// then retried like one in the first frame. The frames are held until one
+/// carries output (then they all go on, in order), an error frame arrives
+/// (then the attempt failed), the stream ends, more than
+/// [`bytes`](Hold::bytes) were held, or [`time`](Hold::time) passed since
+/// the first held frame; in the last two cases the response is handed on as
+/// flowing. The caller's headers are late by at most that time, and no
+/// byte is lost or reordered.
+///
+/// # Default
+///
+/// 16 KiB and 10 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    bytes: usize,
+    time: Duration,
+}
+
+impl Hold {
+    /// Hold nothing: the first `data:` line decides, whatever it carries.
+    pub const NONE: Hold = Hold {
+        bytes: 0,
+        time: Duration::ZERO,
+    };
+
+    /// The defaults: 16 KiB, 10 s.
+    pub const fn new() -> Self {
+        Self {
+            bytes: 16 * 1024,
+            time: Duration::from_secs(10),
+        }
+    }
+
+    /// The most bytes held (counted from the start of the body). Default is
+    /// 16 KiB; the classifier's [body limit](Classifier::body_limit) also
+    /// applies.
+    pub const fn bytes(mut self, bytes: usize) -> Self {
+        self.bytes = bytes;
+        self
+    }
+
+    /// The longest time frames are held, from the first held frame. Default
+    /// is 10 s.
+    pub const fn time(mut self, time: Duration) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// The configured byte bound.
+    pub const fn get_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The configured time bound.
+    pub const fn get_time(&self) -> Duration {
+        self.time
+    }
+
+    const fn holds(&self) -> bool {
+        self.bytes > 0 && !self.time.is_zero()
+    }
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A future that reads the start of a response body until the response can
 /// be classified. See the [module docs](self).
@@ -81,6 +172,9 @@ struct State<B: Body> {
     read: usize,
     mode: Mode,
     classifier: Classifier,
+    hold: Hold,
+    /// Set when the first output-less frame is held: the time bound.
+    holding: Option<Pin<Box<Sleep>>>,
 }
 
 enum Mode {
@@ -103,8 +197,15 @@ pub struct Peeked<B: Body> {
 }
 
 impl<B: Body + Unpin> Peek<B> {
-    /// Starts peeking at `res`.
+    /// Starts peeking at `res`, holding output-less stream frames within
+    /// the default [`Hold`].
     pub fn new(res: Response<B>, classifier: &Classifier) -> Self {
+        Self::with_hold(res, classifier, Hold::new())
+    }
+
+    /// Starts peeking at `res`, holding output-less stream frames within
+    /// `hold`.
+    pub fn with_hold(res: Response<B>, classifier: &Classifier, hold: Hold) -> Self {
         let (parts, body) = res.into_parts();
         let mode = match (parts.status.is_success(), ContentKind::of(&parts.headers)) {
             (true, ContentKind::EventStream) => Mode::Sse(SseScanner::new()),
@@ -123,6 +224,8 @@ impl<B: Body + Unpin> Peek<B> {
                 read: 0,
                 mode,
                 classifier: *classifier,
+                hold,
+                holding: None,
             }),
         }
     }
@@ -254,7 +357,17 @@ impl<B: Body + Unpin> Future for Peek<B> {
                 return Poll::Ready(this.state.take().expect("state").finish(outcome));
             }
             let frame = match Pin::new(&mut st.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(sleep) = st.holding.as_mut()
+                        && sleep.as_mut().poll(cx).is_ready()
+                    {
+                        // Held long enough: the stream is flowing.
+                        return Poll::Ready(
+                            this.state.take().expect("state").finish(Outcome::Success),
+                        );
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(None) => {
                     // Ended: the `is_end_stream` branch classifies on the
                     // next turn, but bodies that never report it need this.
@@ -282,24 +395,46 @@ impl<B: Body + Unpin> Future for Peek<B> {
                 match &mut st.mode {
                     Mode::Sse(scanner) => {
                         let c = st.classifier;
+                        let hold = st.hold.holds();
+                        let mut held = false;
                         for_each_chunk(data, |chunk| {
                             scanner.feed(chunk, |line, meta| {
-                                if decided.is_none() {
-                                    decided = Some(c.classify_event(meta, line));
+                                if decided.is_some() {
+                                    return;
+                                }
+                                match c.classify_event(meta, line) {
+                                    Some(o) if !o.is_success() => decided = Some(Some(o)),
+                                    _ if !hold || carries_output(line) => decided = Some(None),
+                                    _ => held = true,
                                 }
                             })
                         });
+                        if held && decided.is_none() && st.holding.is_none() {
+                            st.holding = Some(Box::pin(tokio::time::sleep_until(
+                                time::now() + st.hold.time,
+                            )));
+                        }
                     }
                     Mode::Whole | Mode::Skip => {}
                 }
             }
             st.frames.push_back(frame);
+            if decided.is_none()
+                && let Some(sleep) = &st.holding
+                && sleep.deadline() <= time::now()
+            {
+                return Poll::Ready(this.state.take().expect("state").finish(Outcome::Success));
+            }
             if let Some(found) = decided {
                 let outcome = match found {
                     Some(o) => st.classifier.facts(&st.parts.headers).apply(o),
                     None => Outcome::Success,
                 };
                 return Poll::Ready(this.state.take().expect("state").finish(outcome));
+            }
+            if st.holding.is_some() && st.read > st.hold.bytes {
+                // Held as much as allowed: the stream is flowing.
+                return Poll::Ready(this.state.take().expect("state").finish(Outcome::Success));
             }
             if st.read > limit {
                 // Too long to classify by its content: the head decides, and
@@ -325,6 +460,261 @@ fn sse_end<B: Body>(st: &mut State<B>) -> Outcome {
     match found.flatten() {
         Some(o) => c.facts(&st.parts.headers).apply(o),
         None => Outcome::Success,
+    }
+}
+
+/// Whether one SSE `data:` payload carries output a caller would see (see
+/// the [module docs](self)). Reads the JSON without allocating.
+pub(crate) fn carries_output(data: &[u8]) -> bool {
+    let data = data.trim_ascii();
+    if data == b"[DONE]" {
+        return false;
+    }
+    match serde_json::from_slice::<ChunkShape>(data) {
+        Ok(ChunkShape {
+            known: true,
+            output,
+        }) => output,
+        // Not a chat chunk of either dialect: treat it as flowing.
+        _ => true,
+    }
+}
+
+/// The keys looked at; any other is skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Key {
+    Choices,
+    Output,
+    Delta,
+    Message,
+    Content,
+    ReasoningContent,
+    ToolCalls,
+    Text,
+    Type,
+    #[serde(other)]
+    Other,
+}
+
+/// A stream chunk: `known` when it has the shape of a chat chunk
+/// (compatible `choices`, native `output`), `output` when it carries any.
+struct ChunkShape {
+    known: bool,
+    output: bool,
+}
+
+impl<'de> Deserialize<'de> for ChunkShape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ChunkShape;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a chat chunk")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ChunkShape, A::Error> {
+                let mut shape = ChunkShape {
+                    known: false,
+                    output: false,
+                };
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Choices => {
+                            shape.known = true;
+                            shape.output |= map.next_value::<Choices>()?.0;
+                        }
+                        Key::Output => {
+                            shape.known = true;
+                            shape.output |= map.next_value::<NativeOutput>()?.0;
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(shape)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Native `output`: `choices` (message format) or `text` (text format).
+struct NativeOutput(bool);
+
+impl<'de> Deserialize<'de> for NativeOutput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NativeOutput;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a native output")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<NativeOutput, E> {
+                Ok(NativeOutput(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NativeOutput, A::Error> {
+                let mut out = false;
+                while let Some(key) = map.next_key::<Key>()? {
+                    out |= match key {
+                        Key::Choices => map.next_value::<Choices>()?.0,
+                        Key::Text => map.next_value::<AnyText>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            false
+                        }
+                    };
+                }
+                Ok(NativeOutput(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `choices`: whether any choice's `delta` or `message` carries output.
+struct Choices(bool);
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Choices;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("choices")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Choices, E> {
+                Ok(Choices(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut out = false;
+                while let Some(c) = seq.next_element::<Choice>()? {
+                    out |= c.0;
+                }
+                Ok(Choices(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One choice: its `delta` (stream) or `message` (native stream).
+struct Choice(bool);
+
+impl<'de> Deserialize<'de> for Choice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Choice;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a choice")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Choice, E> {
+                Ok(Choice(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choice, A::Error> {
+                let mut out = false;
+                while let Some(key) = map.next_key::<Key>()? {
+                    out |= match key {
+                        Key::Delta | Key::Message => map.next_value::<Message>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            false
+                        }
+                    };
+                }
+                Ok(Choice(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A delta or message: `content`, `reasoning_content`, `tool_calls`.
+struct Message(bool);
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Message;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Message, E> {
+                Ok(Message(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+                let mut out = false;
+                while let Some(key) = map.next_key::<Key>()? {
+                    out |= match key {
+                        Key::Content | Key::ReasoningContent | Key::ToolCalls => {
+                            map.next_value::<AnyText>()?.0
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            false
+                        }
+                    };
+                }
+                Ok(Message(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether a value holds a non-empty string anywhere, other than under a
+/// `type` key (`"type":"function"` / `"type":"text"` is not output; numbers
+/// such as `index` are not either).
+struct AnyText(bool);
+
+impl<'de> Deserialize<'de> for AnyText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AnyText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AnyText, E> {
+                Ok(AnyText(!v.is_empty()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<AnyText, E> {
+                Ok(AnyText(false))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<AnyText, E> {
+                Ok(AnyText(false))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<AnyText, E> {
+                Ok(AnyText(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<AnyText, E> {
+                Ok(AnyText(false))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<AnyText, E> {
+                Ok(AnyText(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyText, A::Error> {
+                let mut out = false;
+                while let Some(v) = seq.next_element::<AnyText>()? {
+                    out |= v.0;
+                }
+                Ok(AnyText(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyText, A::Error> {
+                let mut out = false;
+                while let Some(key) = map.next_key::<Key>()? {
+                    if matches!(key, Key::Type) {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        out |= map.next_value::<AnyText>()?.0;
+                    }
+                }
+                Ok(AnyText(out))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -423,5 +813,45 @@ impl<B: Body> fmt::Debug for PeekBody<B> {
             .field("replay_frames", &self.frames.len())
             .field("error", &self.error.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::carries_output;
+
+    #[test]
+    fn output_is_content_reasoning_or_a_tool_call() {
+        let none = [
+            r#"{"choices":[{"delta":{"content":"","role":"assistant"},"index":0,"logprobs":null,"finish_reason":null}],"object":"chat.completion.chunk","usage":null}"#,
+            r#"{"choices":[{"delta":{"content":null,"role":"assistant","reasoning_content":""},"index":0}]}"#,
+            r#"{"choices":[{"finish_reason":"stop","delta":{},"index":0,"logprobs":null}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{},"index":0,"id":"","type":"function"}]},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"","type":"function","function":{"arguments":""}}]},"index":0}]}"#,
+            r#"{"output":{"choices":[{"message":{"content":"","reasoning_content":"","role":"assistant"},"finish_reason":"null"}]},"usage":{"output_tokens":0}}"#,
+            r#"{"output":{"choices":[{"message":{"content":[{"text":""}],"role":"assistant"}}]}}"#,
+            r#"{"output":{"text":"","finish_reason":"null"}}"#,
+            "[DONE]",
+            " [DONE] ",
+        ];
+        for d in none {
+            assert!(!carries_output(d.as_bytes()), "{d}");
+        }
+        let some = [
+            r#"{"choices":[{"delta":{"content":"Hi"},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"content":null,"reasoning_content":"\u7528"},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"content":null,"tool_calls":[{"index":0,"id":"call_0b","type":"function","function":{"name":"get_weather","arguments":""}}],"role":"assistant"},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":" \"x\"}"},"index":0,"id":"","type":"function"}]},"index":0}]}"#,
+            r#"{"output":{"choices":[{"message":{"content":"Hel","role":"assistant"},"finish_reason":"null"}]}}"#,
+            r#"{"output":{"choices":[{"message":{"content":[{"text":"x"}],"role":"assistant"}}]}}"#,
+            r#"{"output":{"text":"Hello","finish_reason":"null"}}"#,
+            // Shapes of other APIs: flowing.
+            r#"{"type":"ping"}"#,
+            "not json",
+        ];
+        for d in some {
+            assert!(carries_output(d.as_bytes()), "{d}");
+        }
     }
 }

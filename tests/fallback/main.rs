@@ -186,7 +186,7 @@ async fn sse_error_first_frame_falls_back_but_a_flowing_stream_does_not() {
             "qwen-plus",
             200,
             "text/event-stream",
-            "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[]}}\n\nid:2\nevent:error\n:HTTP_STATUS/429\ndata:{\"code\":\"Throttling.AllocationQuota\",\"message\":\"Allocated quota exceeded\"}\n\n",
+            "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[{\"message\":{\"content\":\"Hi\",\"role\":\"assistant\"},\"finish_reason\":\"null\"}]}}\n\nid:2\nevent:error\n:HTTP_STATUS/429\ndata:{\"code\":\"Throttling.AllocationQuota\",\"message\":\"Allocated quota exceeded\"}\n\n",
         ),
     ];
     let calls = Calls::default();
@@ -194,7 +194,8 @@ async fn sse_error_first_frame_falls_back_but_a_flowing_stream_does_not() {
         .layer(FallbackLayer::new(CHAIN))
         .service(upstream(&ANSWERS, calls.clone()));
     let res = svc.oneshot(chat("qwen-turbo")).await.unwrap();
-    // qwen-plus's stream started well: it is handed on whole, error and all.
+    // qwen-plus's stream started well (its first frame carries output): it
+    // is handed on whole, error and all.
     assert_eq!(res.headers()[MODEL_HEADER], "qwen-plus");
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, ANSWERS[1].3.as_bytes());

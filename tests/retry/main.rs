@@ -17,7 +17,7 @@ use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{Layer, ServiceExt};
 use tower_qwen::body::Body;
 use tower_qwen::classify::{Classifier, Outcome, ThrottleCause};
-use tower_qwen::retry::{Backoff, Budget, Policy, Retry, RetryLayer};
+use tower_qwen::retry::{Backoff, Budget, Hold, Policy, Retry, RetryLayer};
 use tower_qwen::time::Deadline;
 use tower_qwen::util::rng::SeededRng;
 use tower_test::mock;
@@ -507,6 +507,120 @@ async fn peeked_bytes_are_replayed_in_order_whatever_the_split() {
         let res = call.await.unwrap();
         assert_eq!(text(res).await, whole, "split at {split}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Holding frames that carry no output (#15)
+
+const ROLE_CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"\",\"role\":\"assistant\"},\"index\":0,\"logprobs\":null,\"finish_reason\":null}],\"object\":\"chat.completion.chunk\",\"usage\":null,\"created\":1,\"system_fingerprint\":null,\"model\":\"qwen-plus\",\"id\":\"chatcmpl-1\"}\n\n";
+const CONTENT_CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"index\":0,\"logprobs\":null,\"finish_reason\":null}],\"object\":\"chat.completion.chunk\",\"id\":\"chatcmpl-1\"}\n\n";
+const COMPAT_THROTTLED: &str = "data: {\"error\":{\"message\":\"You exceeded your current requests list.\",\"type\":\"limit_requests\",\"param\":null,\"code\":\"limit_requests\"},\"id\":\"chatcmpl-1\"}\n\n";
+
+/// Sends a live event-stream answer to the next request.
+async fn live_stream(h: &mut mock::Handle<Req, Res>) -> Feed {
+    let (_, send) = h.next_request().await.unwrap();
+    let (feed, body) = live();
+    send.send_response(
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap(),
+    );
+    feed
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_right_after_the_role_only_chunk_is_retried() {
+    let (svc, mut h) = setup(layer());
+    let stats = svc.stats();
+    let call = tokio::spawn(svc.oneshot(req()));
+    let first = live_stream(&mut h).await;
+    first.data(ROLE_CHUNK);
+    first.data(COMPAT_THROTTLED);
+    let good = format!("{ROLE_CHUNK}{CONTENT_CHUNK}data: [DONE]\n\n");
+    answer(&mut h, sse(&[&good])).await;
+    // The held role chunk of the failed attempt never reached the caller.
+    assert_eq!(text(call.await.unwrap().unwrap()).await, good);
+    assert!(first.is_closed());
+    assert_eq!(stats.retries(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_hold_the_role_only_chunk_commits_the_stream() {
+    let (svc, mut h) = setup(layer().hold(Hold::NONE));
+    let stats = svc.stats();
+    let call = tokio::spawn(svc.oneshot(req()));
+    let feed = live_stream(&mut h).await;
+    feed.data(ROLE_CHUNK);
+    feed.data(COMPAT_THROTTLED);
+    drop(feed);
+    assert_eq!(
+        text(call.await.unwrap().unwrap()).await,
+        format!("{ROLE_CHUNK}{COMPAT_THROTTLED}")
+    );
+    assert_eq!(stats.retries(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_frames_go_on_in_order_with_the_first_output() {
+    let (svc, mut h) = setup(layer());
+    let mut call = task::spawn(svc.oneshot(req()));
+    assert_pending!(call.poll());
+    let feed = live_stream(&mut h).await;
+    assert_pending!(call.poll());
+    feed.data(ROLE_CHUNK);
+    feed.data(": keep-alive\n\n");
+    // Nothing with output yet: still held.
+    assert_pending!(call.poll());
+    feed.data(CONTENT_CHUNK);
+    assert!(call.is_woken());
+    let res = assert_ready_ok!(call.poll());
+    feed.data("data: [DONE]\n\n");
+    drop(feed);
+    assert_eq!(
+        text(res).await,
+        format!("{ROLE_CHUNK}: keep-alive\n\n{CONTENT_CHUNK}data: [DONE]\n\n")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_ends_after_its_time() {
+    let (svc, mut h) = setup(layer().hold(Hold::new().time(S(3))));
+    let mut call = task::spawn(svc.oneshot(req()));
+    assert_pending!(call.poll());
+    let feed = live_stream(&mut h).await;
+    assert_pending!(call.poll());
+    let t0 = Instant::now();
+    feed.data(ROLE_CHUNK);
+    assert_pending!(call.poll());
+    tokio::time::advance(MS(2_999)).await;
+    assert_pending!(call.poll());
+    tokio::time::advance(MS(1)).await;
+    assert!(call.is_woken());
+    let res = assert_ready_ok!(call.poll());
+    assert_eq!(t0.elapsed(), S(3));
+    // Handed on as flowing: a later error is the caller's to see.
+    feed.data(COMPAT_THROTTLED);
+    drop(feed);
+    assert_eq!(text(res).await, format!("{ROLE_CHUNK}{COMPAT_THROTTLED}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_ends_past_its_bytes() {
+    let (svc, mut h) = setup(layer().hold(Hold::new().bytes(1_000)));
+    let mut call = task::spawn(svc.oneshot(req()));
+    assert_pending!(call.poll());
+    let feed = live_stream(&mut h).await;
+    let empty = "data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"index\":0}]}\n\n";
+    let mut sent = String::new();
+    while sent.len() <= 1_000 {
+        assert_pending!(call.poll());
+        feed.data(empty);
+        sent.push_str(empty);
+    }
+    let res = assert_ready_ok!(call.poll());
+    drop(feed);
+    assert_eq!(text(res).await, sent);
 }
 
 // ---------------------------------------------------------------------------
