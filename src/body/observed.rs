@@ -616,6 +616,55 @@ mod tests {
         );
     }
 
+    /// Issue 12, item 9: a frame that merely mentions `"code"` or
+    /// `"error"` (`"code":""`, `"error":null`, content that says "code")
+    /// was taken as the stream's verdict (success), and the real error
+    /// frame after it was ignored.
+    #[tokio::test]
+    async fn a_later_error_frame_counts_after_frames_that_only_mention_errors() {
+        let native = vec![
+            Ok(
+                "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[{\"message\":{\"content\":\"code\",\"role\":\"assistant\"},\"finish_reason\":\"null\"}]},\"code\":\"\",\"request_id\":\"1\"}\n\n",
+            ),
+            Ok(
+                "id:2\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"choices\":[{\"message\":{\"content\":\"error\",\"role\":\"assistant\"},\"finish_reason\":\"null\"}]},\"error\":null,\"request_id\":\"1\"}\n\n",
+            ),
+            Ok(
+                "id:3\nevent:error\n:HTTP_STATUS/429\ndata:{\"request_id\":\"1\",\"code\":\"Throttling.AllocationQuota\",\"message\":\"Allocated quota exceeded\"}\n\n",
+            ),
+        ];
+        let compatible = vec![
+            Ok(
+                "data: {\"choices\":[{\"delta\":{\"content\":\"code\"},\"index\":0}],\"code\":\"\"}\n\n",
+            ),
+            Ok(
+                "data: {\"choices\":[{\"delta\":{\"content\":\"error\"},\"index\":0}],\"error\":null}\n\n",
+            ),
+            Ok(
+                "data: {\"error\":{\"message\":\"Output data may contain inappropriate content.\",\"type\":\"data_inspection_failed\",\"param\":null,\"code\":\"data_inspection_failed\"}}\n\n",
+            ),
+        ];
+        for (chunks, expected) in [
+            (native, Outcome::throttled(ThrottleCause::Tokens)),
+            (
+                compatible,
+                Outcome::Permanent {
+                    reason: PermanentReason::ContentFilter,
+                },
+            ),
+        ] {
+            let slot = Slot::default();
+            let res = response(200, Some("text/event-stream"), stream(chunks));
+            Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot))
+                .into_body()
+                .collect()
+                .await
+                .unwrap();
+            let end = slot.lock().unwrap()[0];
+            assert_eq!((end.kind, end.outcome), (EndKind::Complete, expected));
+        }
+    }
+
     #[tokio::test]
     async fn error_status_and_empty_body() {
         let slot = Slot::default();

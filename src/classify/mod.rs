@@ -359,19 +359,24 @@ impl Classifier {
     /// Classifies one SSE `data:` payload with its event metadata. Returns
     /// `Some` only when the frame reports an error: `event:error`, a
     /// `:HTTP_STATUS/` of 400 or more, a compatible `{"error":{...}}`, or a
-    /// native top-level `code`.
+    /// native top-level non-empty `code`. Any other frame, including one
+    /// that merely mentions `"code"` or `"error"` (`"code":""`,
+    /// `"error":null`, content text), returns `None`: the verdict stays
+    /// open for a later frame of the same stream.
     pub fn classify_event(&self, meta: &EventMeta, data: &[u8]) -> Option<Outcome> {
-        let maybe_error = meta.is_error() || mentions_code_or_error(data);
-        if !maybe_error {
+        let flagged = meta.is_error();
+        if !flagged && !mentions_code_or_error(data) {
             return None;
         }
         match ErrorInfo::parse(data) {
-            Some(info) => Some(self.classify_info(meta.http_status, &info)),
-            None if meta.is_error() => Some(match meta.http_status {
-                Some(s) => by_status(s),
-                None => Outcome::TRANSIENT,
+            Some(info) if info.is_error() => Some(self.classify_info(meta.http_status, &info)),
+            // The event says error but the payload does not say which: its
+            // status decides (an error event without one is transient).
+            _ if flagged => Some(match meta.http_status {
+                Some(s) if s >= 400 => by_status(s),
+                _ => Outcome::TRANSIENT,
             }),
-            None => None,
+            _ => None,
         }
     }
 

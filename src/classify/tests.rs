@@ -156,6 +156,26 @@ fn sse_error_bodies_and_frames() {
         ..Default::default()
     };
     assert_eq!(c.classify_event(&meta200, native_ok), None);
+    // Issue 12, item 9: frames that only mention `code`/`error` keys
+    // leave the verdict open.
+    for frame in [
+        &br#"{"output":{"text":"x"},"code":"","request_id":"1"}"#[..],
+        br#"{"choices":[{"delta":{"content":"hi"}}],"error":null}"#,
+        br#"{"choices":[{"delta":{"content":"code"}}]}"#,
+        br#"{"choices":[{"delta":{"content":"error"}}],"code":null}"#,
+    ] {
+        assert_eq!(c.classify_event(&meta200, frame), None);
+        assert_eq!(c.classify_event(&meta, frame), None);
+    }
+    // An error event whose payload names no error is still an error.
+    let error_event = EventMeta {
+        error_event: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        c.classify_event(&error_event, br#"{"code":""}"#),
+        Some(Outcome::TRANSIENT)
+    );
     // An error event with an unparseable payload is classified by its status.
     let meta503 = EventMeta {
         error_event: true,

@@ -15,6 +15,12 @@
 //!
 //! Every request goes through, in order:
 //!
+//! 0. **Path allow-list**: only the paths above leave, byte for byte, and
+//!    each segment of a native service path or a task id is ASCII letters,
+//!    digits, `-` and `_`: dot segments (`..`, `%2e%2e`), encoded slashes,
+//!    empty segments and backslashes get 404 (`InvalidURL`) before
+//!    anything else. Another method on a served path gets 405 with
+//!    `Allow`.
 //! 1. **Header cap** (431) and **client key**: `Authorization: Bearer
 //!    <gateway key>`. Keys are configured as SHA-256 digests (or hashed at
 //!    load) and never stored, logged or shown: logs and metrics name a key
@@ -28,8 +34,17 @@
 //!    compatible mode). Every proxied answer carries the same three
 //!    headers.
 //! 3. **The body**, read up to a cap (413) and a read timeout (408), then
-//!    parsed once for the model, streaming and a token estimate
-//!    ([`RequestInfo`](crate::request::RequestInfo)).
+//!    parsed once, strictly, for the model, streaming and a token estimate
+//!    ([`RequestInfo`](crate::request::RequestInfo)). A body the upstream
+//!    might read otherwise than admission does (a repeated `"model"`, a
+//!    `Model` beside a `model`, a string `max_tokens`, invalid UTF-8 or
+//!    JSON, data after the object, nesting deeper than 128: see
+//!    [Ambiguous bodies](crate::request::RequestInfo#ambiguous-bodies)) gets
+//!    400 (`InvalidParameter` / `invalid_parameter_error`, the message
+//!    naming the field), and a generation or embedding body without a
+//!    model 400 (`BadRequest.EmptyModel`): nothing the gateway cannot
+//!    account for leaves. The model is matched to its budget trimmed and
+//!    lowercased, as the quota table reads it.
 //! 4. **Degradation**: a [`CircuitBreaker`](crate::circuit_breaker) per key
 //!    with [`TripAction::Degrade`](crate::circuit_breaker::TripAction):
 //!    after 3 consecutive upstream failures (5xx, timeouts, resets, an SSE
@@ -46,7 +61,9 @@
 //!    first if that is within `admission_wait` (default 2 s: smoothing, not
 //!    queueing), else it gets 429 (`Throttling.RateQuota` or
 //!    `Throttling.AllocationQuota`) with `Retry-After` and
-//!    `x-ratelimit-*-requests/tokens`. Token
+//!    `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` per minute
+//!    (the account's RPM and TPM, what is left of them after what is booked
+//!    ahead, and the seconds until nothing is). Token
 //!    reservations are reconciled with the real `usage` when the answer
 //!    ends, and an upstream 429 tightens the account.
 //! 6. **The upstream call**, to the configured base URL only (no open
@@ -64,7 +81,7 @@
 //! status and key, 429s and other refusals by reason, upstream latency,
 //! bucket levels, degraded keys, cancelled streams, requests in flight);
 //! `tracing` events (a `warn` per degradation and per upstream failure,
-//! `debug` per request); [`Gateway::serve`] with a graceful shutdown that
+//! 5xx answers included, `debug` per request); [`Gateway::serve`] with a graceful shutdown that
 //! lets in-flight streams finish up to a deadline.
 //!
 //! # Configuration
@@ -258,6 +275,7 @@ impl Gateway {
                     svc,
                     wait_svc,
                     limiter,
+                    quotas: a.quotas.clone(),
                 })
             })
             .collect();
@@ -364,6 +382,7 @@ impl Gateway {
             .route("/api/v1/tasks/{id}", get(proxy::proxy))
             .route("/api/v1/tasks/{id}/cancel", post(proxy::proxy))
             .fallback(proxy::not_found)
+            .method_not_allowed_fallback(proxy::method_not_allowed)
             .with_state(self.inner.clone())
     }
 

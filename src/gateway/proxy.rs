@@ -29,7 +29,7 @@ use crate::circuit_breaker::error::CircuitOpen;
 use crate::circuit_breaker::{BreakerHandle, CircuitBreaker, State as BreakerState};
 use crate::client::{ApiKey, BaseUrl, HttpClient};
 use crate::rate_limit::error::RateLimited;
-use crate::rate_limit::{ByModel, Cost, RateLimit, RateLimiter};
+use crate::rate_limit::{ByModel, Cost, QuotaTable, RateLimit, RateLimiter};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
 use crate::timeout::Timeout;
@@ -38,7 +38,7 @@ use crate::timeout::error::{DeadlineExceeded, HeaderTimeout};
 use super::auth::{KeyDigest, bearer, digest_of};
 use super::error::UpstreamBusy;
 use super::metrics::{KeyIdx, Metrics, route_label};
-use super::respond::{Refusal, ceil_secs, refuse};
+use super::respond::{Refusal, ceil_secs, refuse_saying};
 
 /// The client toward DashScope, with the upstream timeouts.
 pub(crate) type Upstream = Timeout<HttpClient>;
@@ -62,6 +62,8 @@ pub(crate) struct Account {
     /// Admission that waits up to the configured admission wait, if any.
     pub(crate) wait_svc: Option<AccountSvc>,
     pub(crate) limiter: RateLimiter<Option<Arc<str>>>,
+    /// The account's quotas per model (`None`: unlimited).
+    pub(crate) quotas: Option<QuotaTable>,
 }
 
 impl fmt::Debug for Account {
@@ -74,6 +76,50 @@ impl fmt::Debug for Account {
 }
 
 impl Account {
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` of the
+    /// (account, `model`) budget, per minute as DashScope states its quotas
+    /// (RPM, TPM) and as OpenAI-style clients read them: the limit is the
+    /// quota per minute (not the burst the limiter smooths it to), the
+    /// remaining is that minus what the budget has booked ahead, and the
+    /// reset is the time until nothing is booked ahead (whole seconds,
+    /// rounded up).
+    fn write_quota_headers(&self, model: &Option<Arc<str>>, headers: &mut HeaderMap) {
+        let Some(table) = &self.quotas else {
+            return;
+        };
+        let limits = table.get(model.as_deref());
+        let snapshot = self.limiter.snapshot(model);
+        for (name, quota, state) in [
+            (
+                "requests",
+                limits.get_requests(),
+                snapshot.and_then(|s| s.requests),
+            ),
+            (
+                "tokens",
+                limits.get_tokens(),
+                snapshot.and_then(|s| s.tokens),
+            ),
+        ] {
+            let Some(quota) = quota else { continue };
+            let per_minute = (quota.per_second_rate() * 60.0).round() as u64;
+            let booked_for = state.map_or(Duration::ZERO, |s| s.reset);
+            let interval = quota.replenish_interval().as_nanos().max(1);
+            let booked =
+                u64::try_from(booked_for.as_nanos().div_ceil(interval)).unwrap_or(u64::MAX);
+            let reset = booked_for.as_secs() + u64::from(booked_for.subsec_nanos() > 0);
+            for (what, v) in [
+                ("limit", per_minute),
+                ("remaining", per_minute.saturating_sub(booked)),
+                ("reset", reset),
+            ] {
+                if let Ok(n) = HeaderName::try_from(format!("x-ratelimit-{what}-{name}")) {
+                    headers.insert(n, HeaderValue::from(v));
+                }
+            }
+        }
+    }
+
     fn authorize(&self, headers: &mut HeaderMap) {
         let i = if self.keys.len() == 1 {
             0
@@ -198,9 +244,7 @@ fn busy_or(
         return Ok(None);
     }
     let mut headers = HeaderMap::new();
-    if let Some(s) = account.limiter.snapshot(model) {
-        s.write_headers(&mut headers);
-    }
+    account.write_quota_headers(model, &mut headers);
     Ok(Some(UpstreamBusy {
         retry_after: wait,
         tokens: limited.is_tokens(),
@@ -297,9 +341,72 @@ impl Inner {
         retry_after: Option<Duration>,
         extra: Option<HeaderMap>,
     ) -> Response {
+        self.refuse_saying(key, route, protocol, refusal, None, retry_after, extra)
+    }
+
+    /// Answers a refusal itself, in `protocol`'s shape, and counts it.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_saying(
+        &self,
+        key: KeyIdx,
+        route: &'static str,
+        protocol: Protocol,
+        refusal: Refusal,
+        message: Option<&str>,
+        retry_after: Option<Duration>,
+        extra: Option<HeaderMap>,
+    ) -> Response {
         self.metrics.refusal(key, refusal);
         self.metrics.request(key, route, refusal.status().as_u16());
-        refuse(protocol, refusal, retry_after, extra)
+        refuse_saying(protocol, refusal, message, retry_after, extra)
+    }
+}
+
+/// The endpoint of a path the gateway forwards, or `None`: only these
+/// paths ever leave, byte for byte as received, so that no upstream can
+/// read them as another path (the router matches raw paths; an upstream
+/// behind a proxy normalises `..`, `%2e%2e`, `%2f` and `\`):
+///
+/// - `/api/v1/services/<seg>/<seg>[/<seg>[/<seg>]]`, DashScope's
+///   `services/{task_group}/{task}/{function}` shape, for native endpoints;
+/// - `/compatible-mode/v1/chat/completions`, `/compatible-mode/v1/embeddings`;
+/// - `/api/v1/tasks`, `/api/v1/tasks/<seg>`, `/api/v1/tasks/<seg>/cancel`;
+///
+/// where a segment is one or more ASCII letters, digits, `-` or `_`: no
+/// dot segments, no percent-encoding, no empty segments, no backslashes.
+pub(crate) fn forwarded_endpoint(path: &str) -> Option<Endpoint> {
+    fn segment(s: &str) -> bool {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/services/") {
+        let n = rest.split('/').count();
+        if !(2..=4).contains(&n) || !rest.split('/').all(segment) {
+            return None;
+        }
+        let endpoint = Endpoint::from_path(path);
+        // `.../chat/completions` under the native prefix is no DashScope
+        // endpoint; reading it as compatible would mislabel it.
+        return (endpoint.protocol() == Protocol::Native).then_some(endpoint);
+    }
+    match path {
+        "/compatible-mode/v1/chat/completions" => return Some(Endpoint::CompatibleChat),
+        "/compatible-mode/v1/embeddings" => return Some(Endpoint::CompatibleEmbedding),
+        "/api/v1/tasks" => return Some(Endpoint::Task),
+        _ => {}
+    }
+    let rest = path.strip_prefix("/api/v1/tasks/")?;
+    let id = rest.strip_suffix("/cancel").unwrap_or(rest);
+    segment(id).then_some(Endpoint::Task)
+}
+
+/// The dialect a path suggests, for refusals of paths not served.
+fn protocol_of_path(path: &str) -> Protocol {
+    if path.starts_with("/compatible-mode/") {
+        Protocol::Compatible
+    } else {
+        Protocol::Native
     }
 }
 
@@ -385,7 +492,10 @@ fn is_async(headers: &HeaderMap) -> bool {
 
 /// The handler of every proxied route.
 pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Response {
-    let endpoint = Endpoint::from_path(req.uri().path());
+    let Some(endpoint) = forwarded_endpoint(req.uri().path()) else {
+        tracing::debug!("refused: path not on the allow-list");
+        return not_found(State(gw), req).await;
+    };
     let protocol = endpoint.protocol();
     let route = route_label(Some(endpoint));
 
@@ -431,6 +541,39 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
         Err(_) => return gw.refuse(key, route, protocol, Refusal::BodyTimeout, None, None),
     };
 
+    // What admission reads, read once and strictly: a body the upstream
+    // might read otherwise is refused before anything leaves.
+    let mut info = RequestInfo::parse(parts.uri.path(), &parts.headers, Some(&bytes));
+    if let Some(err) = &info.body_error {
+        tracing::debug!(key = %client.id, key_name = %client.name, route, error = %err, "refused: ambiguous body");
+        let message = sentence(&err.to_string());
+        return gw.refuse_saying(
+            key,
+            route,
+            protocol,
+            Refusal::InvalidBody,
+            Some(&message),
+            None,
+            None,
+        );
+    }
+    if let Some(m) = &info.model {
+        // The (account, model) budget is keyed by the model as the quota
+        // table reads it, so `Qwen-Plus ` and `qwen-plus` share one budget.
+        let canonical = m.trim().to_ascii_lowercase();
+        info.model = (!canonical.is_empty()).then(|| {
+            if canonical == **m {
+                m.clone()
+            } else {
+                Arc::from(canonical)
+            }
+        });
+    }
+    if info.model.is_none() && (endpoint.is_generation() || endpoint.is_embedding()) {
+        return gw.refuse(key, route, protocol, Refusal::MissingModel, None, None);
+    }
+    let info = Arc::new(info);
+
     let pq = parts
         .uri
         .path_and_query()
@@ -446,7 +589,7 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
     if endpoint == Endpoint::Task || is_async(&parts.headers) {
         up.extensions_mut().insert(Sticky);
     }
-    let info = RequestInfo::of(&mut up);
+    up.extensions_mut().insert(info.clone());
 
     let t0 = time::now();
     gw.metrics.in_flight.increment(1.0);
@@ -460,6 +603,17 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
             client.write_bucket_headers(&mut parts.headers);
             let status = parts.status.as_u16();
             gw.metrics.request(key, route, status);
+            if parts.status.is_server_error() {
+                tracing::warn!(
+                    key = %client.id,
+                    key_name = %client.name,
+                    route,
+                    model = info.model.as_deref().unwrap_or(""),
+                    status,
+                    request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
+                    "upstream call failed: the upstream answered a server error"
+                );
+            }
             tracing::debug!(
                 key = %client.id,
                 key_name = %client.name,
@@ -653,11 +807,7 @@ pub(crate) async fn metrics(State(gw): State<Arc<Inner>>) -> Response {
 
 /// Any other path: 404 in the dialect the path suggests.
 pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Response {
-    let protocol = if req.uri().path().starts_with("/compatible-mode/") {
-        Protocol::Compatible
-    } else {
-        Protocol::Native
-    };
+    let protocol = protocol_of_path(req.uri().path());
     gw.refuse(
         None,
         route_label(None),
@@ -666,6 +816,39 @@ pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Res
         None,
         None,
     )
+}
+
+/// A served path with a method it does not take: 405 in the dialect of
+/// the path, with `Allow`.
+pub(crate) async fn method_not_allowed(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+    let path = req.uri().path();
+    let allow = if matches!(path, "/healthz" | "/metrics" | "/api/v1/tasks")
+        || (path.starts_with("/api/v1/tasks/") && !path.ends_with("/cancel"))
+    {
+        "GET, HEAD"
+    } else {
+        "POST"
+    };
+    let route = route_label(forwarded_endpoint(path));
+    let mut h = HeaderMap::new();
+    h.insert(header::ALLOW, HeaderValue::from_static(allow));
+    gw.refuse(
+        None,
+        route,
+        protocol_of_path(path),
+        Refusal::MethodNotAllowed,
+        None,
+        Some(h),
+    )
+}
+
+/// A message as a sentence: capitalised, with a final period.
+fn sentence(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(first) => format!("{}{}.", first.to_uppercase(), c.as_str()),
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]

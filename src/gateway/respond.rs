@@ -33,8 +33,15 @@ pub(crate) enum Refusal {
     BodyTimeout,
     /// The body could not be read (400).
     BadBody,
+    /// The body cannot be read unambiguously (400): see
+    /// [`RequestInfo`](crate::request::RequestInfo#ambiguous-bodies).
+    InvalidBody,
+    /// A generation or embedding request without a model (400).
+    MissingModel,
     /// Not a path the gateway serves (404).
     NotFound,
+    /// A path the gateway serves, with another method (405).
+    MethodNotAllowed,
     /// The upstream did not answer in time (504).
     UpstreamTimeout,
     /// The upstream could not be reached (502).
@@ -52,8 +59,11 @@ impl Refusal {
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Refusal::BadBody => StatusCode::BAD_REQUEST,
+            Refusal::BadBody | Refusal::InvalidBody | Refusal::MissingModel => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
         }
@@ -71,7 +81,10 @@ impl Refusal {
             Refusal::HeadersTooLarge => "headers_too_large",
             Refusal::BodyTimeout => "body_timeout",
             Refusal::BadBody => "bad_body",
+            Refusal::InvalidBody => "invalid_body",
+            Refusal::MissingModel => "missing_model",
             Refusal::NotFound => "not_found",
+            Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
         }
@@ -136,6 +149,24 @@ impl Refusal {
                 "invalid_request_error",
                 "The request body could not be read.",
             ),
+            Refusal::InvalidBody => (
+                "InvalidParameter",
+                "invalid_parameter_error",
+                "invalid_request_error",
+                "The request body cannot be read unambiguously.",
+            ),
+            Refusal::MissingModel => (
+                "BadRequest.EmptyModel",
+                "invalid_parameter_error",
+                "invalid_request_error",
+                "Model is required: the request body names no model.",
+            ),
+            Refusal::MethodNotAllowed => (
+                "InvalidURL",
+                "method_not_allowed",
+                "invalid_request_error",
+                "The gateway does not serve this method on this path.",
+            ),
             Refusal::NotFound => (
                 "InvalidURL",
                 "not_found",
@@ -172,17 +203,20 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
-/// The error answer for `refusal` in `protocol`'s shape; 429s carry
-/// `Retry-After` (whole seconds, rounded up) when `retry_after` is given,
-/// plus `extra` headers.
-pub(crate) fn refuse(
+/// The error answer for `refusal` in `protocol`'s shape, saying `message`
+/// instead of the refusal's own when given (e.g. what is wrong with a
+/// body); 429s carry `Retry-After` (whole seconds, rounded up) when
+/// `retry_after` is given, plus `extra` headers.
+pub(crate) fn refuse_saying(
     protocol: Protocol,
     refusal: Refusal,
+    message: Option<&str>,
     retry_after: Option<Duration>,
     extra: Option<HeaderMap>,
 ) -> Response {
     let id = request_id();
-    let (native, code, kind, message) = refusal.wording();
+    let (native, code, kind, own) = refusal.wording();
+    let message = message.unwrap_or(own);
     let body = match protocol {
         Protocol::Native => serde_json::json!({
             "request_id": id,
@@ -229,9 +263,10 @@ mod tests {
     async fn shapes_are_read_back_by_the_classifier() {
         let c = Classifier::new();
         for p in [Protocol::Native, Protocol::Compatible] {
-            let res = refuse(
+            let res = refuse_saying(
                 p,
                 Refusal::KeyRateLimited,
+                None,
                 Some(Duration::from_millis(1200)),
                 None,
             );
@@ -245,9 +280,10 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(&b)
             );
-            let res = refuse(
+            let res = refuse_saying(
                 p,
                 Refusal::UpstreamTokens,
+                None,
                 Some(Duration::from_secs(3)),
                 None,
             );
@@ -257,7 +293,7 @@ mod tests {
                 c.classify(status, &headers, &b).throttle_cause(),
                 Some(ThrottleCause::Tokens)
             );
-            let res = refuse(p, Refusal::Unauthorized, None, None);
+            let res = refuse_saying(p, Refusal::Unauthorized, None, None, None);
             let (status, headers) = (res.status(), res.headers().clone());
             assert!(headers.get("retry-after").is_none());
             let b = body(res).await;

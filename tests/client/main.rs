@@ -27,6 +27,12 @@ async fn mock_with_quota(rpm: u32) -> tower_qwen::mock::MockHandle {
 }
 
 fn client(mock: &tower_qwen::mock::MockHandle, rpm: u32) -> QwenClient {
+    client_with(mock, rpm, 10_000_000)
+}
+
+/// A client whose qwen-plus budget is `rpm` (one request of burst) and
+/// `tpm`.
+fn client_with(mock: &tower_qwen::mock::MockHandle, rpm: u32, tpm: u32) -> QwenClient {
     QwenClient::builder()
         .base_url(mock.base_url().parse().unwrap())
         .api_key("sk-client-test")
@@ -36,7 +42,7 @@ fn client(mock: &tower_qwen::mock::MockHandle, rpm: u32) -> QwenClient {
             Limits::requests(
                 RlQuota::per_minute(NonZeroU32::new(rpm).unwrap()).allow_burst(NonZeroU32::MIN),
             )
-            .and_tokens(RlQuota::per_minute(NonZeroU32::new(10_000_000).unwrap())),
+            .and_tokens(RlQuota::per_minute(NonZeroU32::new(tpm).unwrap())),
         )
         .build()
 }
@@ -158,4 +164,67 @@ fn the_key_never_shows() {
     let shown = format!("{b:?}");
     assert!(!shown.contains("very-secret"), "{shown}");
     assert!(QwenClient::builder().api_key("bad key\n").is_err());
+}
+
+/// Issue 12, item 1, the client side: a body with a repeated `"model"`
+/// used to be read as naming no model, so the (account, model) budget
+/// never saw it. The client stack charges an ambiguous body as its
+/// strictest reading: to the model the upstream keeps (the last), with the
+/// whole body as the input estimate (see `RequestInfo`'s "Ambiguous
+/// bodies"); the gateway refuses such bodies instead.
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_body_is_charged_as_its_strictest_reading() {
+    use tower_qwen::rate_limit::{Account, AccountModel};
+    use tower_qwen::tokens::estimate_text_tokens;
+
+    let mock = mock_with_quota(6000).await;
+    // One call a second; 1000 tokens a second.
+    let client = client_with(&mock, 60, 60_000);
+    // The key is set below the limiter: one account.
+    let key = AccountModel {
+        account: Account::Anonymous,
+        model: Some("qwen-plus".into()),
+    };
+    let filler = "lorem ipsum ".repeat(40);
+    let body = format!(
+        r#"{{"model":"qwen-turbo","stream":true,"max_tokens":10,"messages":[{{"role":"user","content":"hi"}}],"user":"{filler}","model":"qwen-plus"}}"#
+    );
+    let req = http::Request::post("/compatible-mode/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(tower_qwen::body::Body::from(body.clone()))
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    let res = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    // While the stream is open, qwen-plus's budget holds the strict
+    // estimate: the whole body as text plus the output budget (a plain
+    // reading would have reserved 2 + 4 + 10 tokens, under any model).
+    let booked = client
+        .rate_limiter()
+        .snapshot(&key)
+        .expect("qwen-plus was charged");
+    // (Debt repaid at 1000 a second, times the slow start's rate now.)
+    let dim = booked.tokens.unwrap();
+    let tokens = dim.reset.as_secs_f64() * 1000.0 * dim.rate;
+    let strict = f64::from(estimate_text_tokens(&body) + 10);
+    assert!(
+        (strict - 2.0..=strict + 1.0).contains(&tokens),
+        "{tokens} tokens booked, {strict} expected"
+    );
+    res.into_body().collect().await.unwrap();
+    // The next qwen-plus call waits for the request slot the ambiguous one
+    // took (one a second).
+    let res = client
+        .clone()
+        .oneshot(
+            ChatRequest::new("qwen-plus")
+                .user("Hello")
+                .max_tokens(5)
+                .into_request(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(mock.stats().requests, 2);
 }

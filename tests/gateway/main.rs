@@ -125,6 +125,26 @@ async fn start_with(mock: MockHandle, text: &str) -> Env {
     }
 }
 
+/// One upstream account (`models`: its `[accounts.models.*]` tables) and
+/// Alice's key, with the given admission wait.
+fn one_account(mock: &MockHandle, admission_wait: &str, models: &str) -> String {
+    format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        admission_wait = "{admission_wait}"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        {models}
+        [[keys]]
+        name = "alice"
+        key = "{ALICE}"
+        "#,
+        base = mock.base_url()
+    )
+}
+
 fn chat(model: &str, stream: bool) -> String {
     format!(
         r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"Hello, world"}}]}}"#
@@ -175,6 +195,12 @@ impl Env {
 
     async fn post(&self, path: &str, key: Option<&str>, body: &str) -> Answer {
         self.send(self.request(path, key, &[], body)).await
+    }
+
+    /// The status of a plain non-stream chat call with Alice's key.
+    async fn alice_chat(&self, model: &str) -> u16 {
+        let a = self.post(CHAT, Some(ALICE), &chat(model, false)).await;
+        a.status.as_u16()
     }
 
     async fn open(&self, req: Request<Full<Bytes>>) -> http::Response<Incoming> {
@@ -423,8 +449,13 @@ async fn upstream_account_budgets_spill_over_the_pool_then_answer_429() {
     let a = env.post(CHAT, Some(ALICE), &chat("qwen-plus", false)).await;
     assert_compat(&a, 429, "limit_requests");
     assert_eq!(a.header("retry-after"), "1");
-    assert_eq!(a.header("x-ratelimit-limit-requests"), "1");
-    assert_eq!(a.header("x-ratelimit-remaining-requests"), "0");
+    // Issue 12, item 8: the quota per minute, not the burst it is smoothed
+    // to (60 RPM are enforced as one a second: the limit showed 1), and
+    // what is left of it (one call booked on each account).
+    assert_eq!(a.header("x-ratelimit-limit-requests"), "60");
+    assert_eq!(a.header("x-ratelimit-remaining-requests"), "59");
+    assert_eq!(a.header("x-ratelimit-reset-requests"), "1");
+    assert!(a.headers.get("x-ratelimit-limit-tokens").is_none());
     let a = env.post(NATIVE, Some(ALICE), &native("qwen-plus")).await;
     assert_native(&a, 429, "Throttling.RateQuota");
     // Another model has its own budget (the Qwen defaults).
@@ -449,22 +480,7 @@ async fn upstream_account_budgets_spill_over_the_pool_then_answer_429() {
 #[tokio::test(start_paused = true)]
 async fn a_short_wait_for_the_upstream_budget_is_waited_not_refused() {
     let m = mock().start().await.unwrap();
-    let text = format!(
-        r#"
-        [upstream]
-        base_url = "{base}"
-        admission_wait = "3s"
-        [[accounts]]
-        name = "main"
-        api_key = "{UPSTREAM}"
-        [accounts.models.qwen-plus]
-        rpm = 30
-        [[keys]]
-        name = "alice"
-        key = "{ALICE}"
-        "#,
-        base = m.base_url()
-    );
+    let text = one_account(&m, "3s", "[accounts.models.qwen-plus]\nrpm = 30");
     let env = start_with(m, &text).await;
     // 30 RPM: one call every 2 s. Three at once: the first goes now, the
     // second waits 2 s, the third would wait 4 s > 3 s and is refused now.
@@ -485,6 +501,255 @@ async fn a_short_wait_for_the_upstream_budget_is_waited_not_refused() {
         ]
     );
     assert_eq!(env.mock.stats().requests, 2);
+}
+
+/// Issue 12, item 8, with both quotas: the token headers show the TPM.
+#[tokio::test(start_paused = true)]
+async fn account_429s_show_the_quotas_per_minute() {
+    let m = mock().start().await.unwrap();
+    let text = one_account(
+        &m,
+        "off",
+        "[accounts.models.qwen-plus]\nrpm = 600\ntpm = 6000",
+    );
+    let env = start_with(m, &text).await;
+    // 6000 TPM are smoothed to 100 a second: a call that reserves 1000
+    // tokens goes when nothing is owed, and leaves a debt the next one
+    // waits for.
+    let big =
+        r#"{"model":"qwen-plus","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(env.post(CHAT, Some(ALICE), big).await.status, 200);
+    let a = env.post(CHAT, Some(ALICE), big).await;
+    assert_compat(&a, 429, "insufficient_quota");
+    assert_eq!(a.header("x-ratelimit-limit-requests"), "600");
+    assert_eq!(a.header("x-ratelimit-limit-tokens"), "6000");
+    let left = |name: &str| a.header(name).parse::<u64>().unwrap();
+    assert!((599..=600).contains(&left("x-ratelimit-remaining-requests")));
+    // The first call's tokens (its estimate, reconciled to its usage) are
+    // booked against the minute.
+    let tokens = left("x-ratelimit-remaining-tokens");
+    assert!((4900..6000).contains(&tokens), "{tokens}");
+    assert!(left("x-ratelimit-reset-tokens") >= 1);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input
+
+/// Sends `request` as raw bytes on a fresh connection and reads the answer
+/// to its end (the request asks the server to close): (status, head, body).
+async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head in {text:?}"));
+    let status = head[9..12].parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.as_bytes().to_vec())
+}
+
+fn raw_post(path: &str, key: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn answer(status: u16, head: String, body: Vec<u8>) -> Answer {
+    let mut headers = HeaderMap::new();
+    for line in head.lines().skip(1) {
+        if let Some((n, v)) = line.split_once(':') {
+            headers.append(
+                http::HeaderName::from_bytes(n.trim().as_bytes()).unwrap(),
+                v.trim().parse().unwrap(),
+            );
+        }
+    }
+    Answer {
+        status: StatusCode::from_u16(status).unwrap(),
+        headers,
+        body: Bytes::from(body),
+    }
+}
+
+/// Issue 12, item 1: a repeated `"model"` was read as no model, so the
+/// call passed the (account, model) budget uncounted (40 of 40 admitted
+/// where normal calls got 1 of 40). Now every ambiguity in what admission
+/// reads gets a 400 in the endpoint's shape and nothing leaves.
+#[tokio::test(start_paused = true)]
+async fn ambiguous_bodies_get_400_and_never_reach_the_upstream() {
+    let m = mock().start().await.unwrap();
+    let text =
+        one_account(&m, "off", "[accounts.models.qwen-plus]\nrpm = 60") + "capacity = 1000\n";
+    let env = start_with(m, &text).await;
+    // The account admits one call a second for qwen-plus.
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+    assert_eq!(env.alice_chat("qwen-plus").await, 429);
+    // The body of the report, forty times: none passes.
+    let twice =
+        r#"{"model":"qwen-plus","model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..40 {
+        let a = env.post(CHAT, Some(ALICE), twice).await;
+        assert_compat(&a, 400, "invalid_parameter_error");
+        let msg = a.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains("`model` twice"), "{msg}");
+    }
+    let native_twice = r#"{"model":"qwen-plus","input":{"messages":[{"role":"user","content":"hi"}]},"model":"qwen-turbo"}"#;
+    let a = env.post(NATIVE, Some(ALICE), native_twice).await;
+    assert_native(&a, 400, "InvalidParameter");
+    let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+    let deep = format!(
+        r#"{{"model":"qwen-plus","x":{}0{},{msgs}}}"#,
+        "[".repeat(300),
+        "]".repeat(300)
+    );
+    for body in [
+        format!(r#"{{"Model":"qwen-turbo","model":"qwen-plus",{msgs}}}"#),
+        format!(r#"{{"model":"qwen-plus",{msgs},"stream":false,"stream":true}}"#),
+        format!(r#"{{"model":"qwen-plus","max_tokens":"100000",{msgs}}}"#),
+        format!(r#"{{"model":"qwen-plus",{msgs},{msgs}}}"#),
+        format!(r#"{{"model":"qwen-plus",{msgs}}} {{"model":"qwen-turbo"}}"#),
+        format!(r#"[{{"model":"qwen-plus",{msgs}}}]"#),
+        format!(r#"{{"model":"qwen-plus",{msgs}"#),
+        deep,
+    ] {
+        let a = env.post(CHAT, Some(ALICE), &body).await;
+        assert_compat(&a, 400, "invalid_parameter_error");
+        let a = env.post(NATIVE, Some(ALICE), &body).await;
+        assert_native(&a, 400, "InvalidParameter");
+    }
+    // Invalid UTF-8 (even where no one reads it), over a raw connection.
+    let mut bad = format!(r#"{{"model":"qwen-plus","user":"xx",{msgs}}}"#).into_bytes();
+    let at = bad.iter().position(|b| *b == b'x').unwrap();
+    bad[at] = 0xff;
+    let (status, head, body) = raw(env.addr, &raw_post(CHAT, ALICE, &bad)).await;
+    let a = answer(status, head, body);
+    assert_compat(&a, 400, "invalid_parameter_error");
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("UTF-8")
+    );
+    // No model: nothing to charge, refused (the upstream would too).
+    for body in [
+        format!("{{{msgs}}}"),
+        format!(r#"{{"model":null,{msgs}}}"#),
+        format!(r#"{{"model":"  ",{msgs}}}"#),
+        String::new(),
+    ] {
+        let a = env.post(CHAT, Some(ALICE), &body).await;
+        assert_compat(&a, 400, "invalid_parameter_error");
+        let a = env.post(NATIVE, Some(ALICE), &body).await;
+        assert_native(&a, 400, "BadRequest.EmptyModel");
+    }
+    // Other spellings of the model share its budget: still refused.
+    for model in ["Qwen-Plus", " qwen-plus", "QWEN-PLUS "] {
+        let a = env.post(CHAT, Some(ALICE), &chat(model, false)).await;
+        assert_compat(&a, 429, "limit_requests");
+    }
+    assert_eq!(env.mock.stats().requests, 1, "nothing else left");
+    let metrics = env.gateway.render_metrics();
+    assert!(
+        metrics.contains(r#"gateway_refusals_total{key="alice",reason="invalid_body"}"#),
+        "{metrics}"
+    );
+    // A second later the budget admits one call again, the plain way.
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+}
+
+/// Issue 12, item 2: `/api/v1/services/../files` and its encoded forms
+/// were forwarded verbatim, with the account's key, to a host that
+/// normalises them. Only allow-listed paths leave, byte for byte.
+#[tokio::test]
+async fn paths_off_the_allow_list_never_leave() {
+    let env = start(mock(), "").await;
+    let body = native("qwen-plus");
+    for path in [
+        "/api/v1/services/../files",
+        "/api/v1/services/aigc/../../files",
+        "/api/v1/services/%2e%2e/files",
+        "/api/v1/services/%2E%2e/%2e%2E/files",
+        "/api/v1/services/aigc%2f..%2f..%2ffiles/x",
+        "/api/v1/services/aigc/./text-generation/generation",
+        "/api/v1/services/aigc/text-generation/generation/",
+        "/api/v1/services//aigc/text-generation/generation",
+        "/api/v1/services/aigc/text-generation//generation",
+        "/api/v1/services/aigc/text-generation/generation/..",
+        "/api/v1/services/aigc\\..\\files/x",
+        "/api/v1/services/aigc/%74ext-generation/generation",
+        "/api/v1/services/a/b/c/d/e",
+        "/api/v1/services/x/chat/completions",
+        "/api/v1/tasks/..",
+        "/api/v1/tasks/%2e%2e/cancel",
+        "/api/v1/tasks/../files/cancel",
+        "/api/v1/tasks/abc/../../files",
+    ] {
+        let (status, head, body) = raw(env.addr, &raw_post(path, ALICE, body.as_bytes())).await;
+        assert!(
+            status == 404 || status == 400 || status == 405,
+            "{path}: {status}"
+        );
+        let a = answer(status, head, body);
+        let v = a.json();
+        assert!(v["code"].is_string(), "{path}: {v}");
+    }
+    for path in [
+        "/compatible-mode/v1/../v1/chat/completions",
+        "/compatible-mode/v1/chat/completions/",
+        "/compatible-mode/v1/chat%2fcompletions",
+    ] {
+        let (status, head, body) = raw(
+            env.addr,
+            &raw_post(path, ALICE, chat("qwen-plus", false).as_bytes()),
+        )
+        .await;
+        assert_compat(&answer(status, head, body), 404, "not_found");
+    }
+    assert_eq!(env.mock.stats().requests, 0, "nothing left");
+    // The plain paths still go.
+    let (status, _, _) = raw(env.addr, &raw_post(NATIVE, ALICE, body.as_bytes())).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = raw(
+        env.addr,
+        &raw_post(CHAT, ALICE, chat("qwen-plus", false).as_bytes()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(env.mock.stats().requests, 2);
+}
+
+/// Issue 12, item 5: 405s had empty bodies and were not counted.
+#[tokio::test]
+async fn wrong_methods_get_405_in_shape_and_are_counted() {
+    let env = start(mock(), "").await;
+    let a = env.get(CHAT, Some(ALICE)).await;
+    assert_compat(&a, 405, "method_not_allowed");
+    assert_eq!(a.header("allow"), "POST");
+    let a = env.post("/api/v1/tasks", Some(ALICE), "").await;
+    assert_native(&a, 405, "InvalidURL");
+    assert_eq!(a.header("allow"), "GET, HEAD");
+    let a = env.get(NATIVE, None).await;
+    assert_native(&a, 405, "InvalidURL");
+    let a = env.post("/healthz", None, "").await;
+    assert_native(&a, 405, "InvalidURL");
+    assert_eq!(env.mock.stats().requests, 0);
+    let text = env.gateway.render_metrics();
+    for needle in [
+        r#"gateway_requests_total{route="compatible_chat",status="405",key="none"} 1"#,
+        r#"gateway_requests_total{route="task",status="405",key="none"} 1"#,
+        r#"gateway_requests_total{route="native_generation",status="405",key="none"} 1"#,
+        r#"gateway_refusals_total{key="none",reason="method_not_allowed"} 4"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -821,7 +1086,8 @@ async fn async_tasks_are_submitted_and_polled_through_the_gateway() {
 
 #[tokio::test]
 async fn healthz_and_metrics() {
-    let env = start(mock(), "capacity = 2").await;
+    // A slow refill: the test runs on the real clock.
+    let env = start(mock(), "capacity = 2\nrefill_per_second = 0.01").await;
     let h = env.get("/healthz", None).await;
     assert_eq!(
         (h.status.as_u16(), &h.body[..]),
