@@ -62,7 +62,7 @@ async fn main() -> Result<(), BoxError> {
     let self_test = std::env::args().any(|a| a == "--self-test");
     let mut _mock = None;
     let client = match ApiKey::from_env() {
-        Ok(key) => QwenClient::builder().key(key).build(),
+        Ok(key) => QwenClient::builder().key(key).build()?,
         Err(_) => {
             let mock = MockDashScope::builder()
                 .key("sk-axum", "me")
@@ -75,7 +75,7 @@ async fn main() -> Result<(), BoxError> {
             let client = QwenClient::builder()
                 .base_url(mock.base_url().parse()?)
                 .api_key("sk-axum")?
-                .build();
+                .build()?;
             _mock = Some(mock);
             client
         }

@@ -438,7 +438,8 @@ fn qwen_client(base: BaseUrl, key: ApiKey, wire: Arc<Wire>, args: &Args) -> Clie
         .key(key)
         .quota(&args.model, qwen_limits(args.rpm, tpm))
         .max_wait(Duration::from_secs(120))
-        .build_with(transport_for_qwen(wire));
+        .build_with(transport_for_qwen(wire))
+        .expect("a key is set");
     let _ = QWEN.set(client.clone());
     BoxCloneSyncService::new(client)
 }

@@ -45,7 +45,7 @@ async fn main() -> Result<(), BoxError> {
             b
         }
     };
-    let client = builder.build();
+    let client = builder.build()?;
 
     // 1. One chat call (OpenAI-compatible mode).
     let req = ChatRequest::new("qwen-plus")

@@ -31,7 +31,6 @@
 //!
 //! let svc = ServiceBuilder::new()
 //!     .qwen_retry(RetryLayer::new())
-//!     .map_err(tower_qwen::BoxError::from)
 //!     .qwen_circuit_breaker(CircuitBreakerLayer::new())
 //!     .qwen_rate_limit(RateLimitLayer::qwen())
 //!     .qwen_concurrency_limit(ConcurrencyLimitLayer::new(NonZeroUsize::new(16).unwrap()))
@@ -47,7 +46,9 @@
 //! # }
 //! ```
 
+#[allow(unused_imports)]
 use tower::ServiceBuilder;
+#[allow(unused_imports)]
 use tower_layer::Stack;
 
 mod sealed {

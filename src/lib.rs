@@ -13,7 +13,7 @@
 //!
 //! | module | what it does | feature |
 //! |---|---|---|
-//! | [`classify`] | one [`Outcome`](classify::Outcome) for every way DashScope reports trouble | always |
+//! | [`classify`] | one [`Outcome`](classify::Outcome) for every way DashScope reports trouble, and for every error of this crate's layers (teach it yours with [`on_error`](classify::Classifier::on_error)) | always |
 //! | [`rate_limit`] | GCRA buckets for requests **and tokens** (reserve, then reconcile with real `usage`), keyed per (account, model), wait or reject, slow start, feedback | `rate-limit` |
 //! | [`retry`] | retry what heals, never what can't, never a stream already flowing; cause-aware backoff, shared budget, deadlines | `retry` |
 //! | [`timeout`] | time to headers, idle time between body frames, total deadline | `timeout` |
@@ -52,6 +52,12 @@
 //!
 //! [`client::QwenClient`] builds exactly this with Qwen defaults.
 //!
+//! The layers stack with no `map_err` in between: a layer that adds
+//! failures answers with a [`BoxError`] whose value classifies itself, and
+//! one that adds none keeps its inner error. With a fallback outermost, a
+//! request that a local limit or an open circuit refuses moves to the next
+//! model at once (see [`fallback`]).
+//!
 //! # Example
 //!
 //! ```
@@ -71,15 +77,17 @@
 //!
 //! let client = ServiceBuilder::new()
 //!     .layer(retry::RetryLayer::new())
-//!     .map_err(tower_qwen::BoxError::from)
 //!     .layer(circuit_breaker::CircuitBreakerLayer::new())
 //!     .layer(rate_limit::RateLimitLayer::qwen())
 //!     .layer(concurrency::ConcurrencyLimitLayer::new(NonZeroUsize::new(20).unwrap()))
-//!     .layer(timeout::TimeoutLayer::new().idle(Duration::from_secs(60)).total(Duration::from_secs(300)))
+//!     .layer(timeout::TimeoutLayer::new())        // 60 s idle between frames, 300 s in all
 //!     .layer(SetUpstreamLayer::new(mock.base_url().parse()?, ApiKey::new("sk-demo")?))
 //!     .service(TransportConfig::new().build());
 //!
-//! let res = client.oneshot(ChatRequest::new("qwen-plus").user("Hello").into_request()).await?;
+//! // The stack is `Clone + Send + Sync`, its futures `Send`: run calls in
+//! // any task (or an axum handler).
+//! let req = ChatRequest::new("qwen-plus").user("Hello").into_request();
+//! let res = tokio::spawn(client.clone().oneshot(req)).await??;
 //! assert_eq!(res.status(), 200);
 //! let body = res.into_body().collect().await?.to_bytes();
 //! assert!(body.starts_with(b"{"));
@@ -132,7 +140,6 @@
 pub mod body;
 pub mod builder;
 pub mod classify;
-pub mod error;
 pub mod request;
 pub mod sse;
 pub mod time;

@@ -227,6 +227,14 @@ impl fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+impl crate::classify::KnownError for BodyError {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidRequest,
+        }
+    }
+}
+
 impl RequestInfo {
     /// Reads the facts from a request's path, headers and body bytes.
     ///

@@ -62,7 +62,7 @@ impl fmt::Display for CircuitOpen {
 
 impl std::error::Error for CircuitOpen {}
 
-impl crate::error::KnownError for CircuitOpen {
+impl crate::classify::KnownError for CircuitOpen {
     fn outcome(&self) -> Outcome {
         Outcome::Transient {
             retry_after: self.retry_after,
@@ -89,3 +89,11 @@ impl fmt::Display for InvalidConfig {
 }
 
 impl std::error::Error for InvalidConfig {}
+
+impl crate::classify::KnownError for InvalidConfig {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}

@@ -131,6 +131,7 @@ impl<K> fmt::Debug for Record<K> {
 
 pin_project! {
     /// The response future of [`CircuitBreaker`](super::CircuitBreaker).
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C, K> {
         #[pin]
         kind: Kind<F>,

@@ -30,6 +30,7 @@ use super::state::Transition;
 /// Open for 5 s, doubled per trip in a row up to 60 s, shortened at random
 /// by up to 20 %; one probe at a time when half-open; trip action
 /// [`TripAction::Open`]; no slow-call rule; one circuit for every call.
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct CircuitBreakerLayer<C = Classifier, P: Keys = Global> {
     shared: Arc<Shared<P::Key>>,
     keys: P,

@@ -55,6 +55,7 @@
 //! ```
 
 mod error_body;
+mod known;
 mod observe;
 
 use std::fmt;
@@ -63,7 +64,10 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 
 pub use error_body::ErrorInfo;
-pub use observe::{Classify, FnClassifier};
+pub use observe::{Classify, FnClassifier, OnError};
+
+#[allow(unused_imports)]
+pub(crate) use known::{KnownError, is_circuit_open};
 
 use crate::sse::{EventMeta, parse_events};
 
@@ -148,6 +152,9 @@ pub enum PermanentReason {
     TooLarge,
     /// The server said not to retry (`x-should-retry: false`).
     Declined,
+    /// A setting of this crate that cannot be used (a quota, a backoff, a
+    /// base URL...): nothing was sent, and the same call fails again.
+    InvalidConfig,
     /// Anything else (unexpected 1xx/3xx, unknown business error in a 200).
     Other,
 }
@@ -384,9 +391,16 @@ impl Classifier {
     /// reset, timeout, or an error from another tower-qwen layer).
     ///
     /// Errors from this crate's layers carry their own outcome (a local rate
-    /// limit is [`ThrottleCause::Local`], a timeout is transient); I/O and
+    /// limit is [`ThrottleCause::Local`], a timeout is transient), bare,
+    /// boxed (once or twice) or anywhere in a `source()` chain; I/O and
     /// connection errors are transient; an error this crate does not know is
-    /// treated as transient.
+    /// treated as transient (teach it yours with [`Classifier::on_error`]).
+    ///
+    /// ```
+    /// use tower_qwen::classify::Classifier;
+    /// let err: tower_qwen::BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    /// assert!(Classifier::new().classify_error(&err).is_transient());
+    /// ```
     pub fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome {
         observe::classify_error_any(err)
     }

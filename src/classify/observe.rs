@@ -1,4 +1,5 @@
 use std::fmt;
+use std::marker::PhantomData;
 
 use http::Response;
 
@@ -88,30 +89,140 @@ where
     }
 }
 
-/// Classifies an error of any type by downcasting to the types this crate
-/// knows, walking `source()` chains.
-pub(crate) fn classify_error_any<E: fmt::Display + 'static>(err: &E) -> Outcome {
-    let any = err as &dyn std::any::Any;
-    if let Some(boxed) = any.downcast_ref::<crate::BoxError>() {
-        return classify_dyn(&**boxed);
-    }
-    if let Some(boxed) = any.downcast_ref::<Box<dyn std::error::Error + Send + Sync + 'static>>() {
-        return classify_dyn(&**boxed);
-    }
-    if let Some(e) = any.downcast_ref::<std::io::Error>() {
-        return classify_dyn(e);
-    }
-    crate::error::known_outcome_any(any).unwrap_or(Outcome::TRANSIENT)
+/// Classifies an error of any type: this crate's own errors (bare, boxed
+/// once or twice, or anywhere in a `source()` chain) by the outcome they
+/// carry, I/O errors as transient, anything else as transient.
+pub(crate) fn classify_error_any<E: 'static>(err: &E) -> Outcome {
+    super::known::outcome_of(err, &|_| None).unwrap_or(Outcome::TRANSIENT)
 }
 
-/// Classifies a `dyn Error` by walking its chain for a known type.
-pub(crate) fn classify_dyn(err: &(dyn std::error::Error + 'static)) -> Outcome {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(o) = crate::error::known_outcome(e) {
-            return o;
+/// A classifier that also reads errors of a foreign type `E` (a tonic
+/// `Status`, your client's error enum) with a closure, made by
+/// [`Classifier::on_error`] or [`FnClassifier::on_error`] (chain more calls
+/// for more types).
+///
+/// An error is matched when it is an `E`, or when `E` is anywhere in the
+/// `source()` chain of a boxed error (another layer may have boxed it, or
+/// wrapped it as tower's `Buffer` does). Other errors are classified as
+/// before: this crate's own by the outcome they carry, I/O errors and
+/// unknown errors as transient.
+///
+/// # Example
+///
+/// A gRPC-style `NotFound` is permanent: it is not retried and does not
+/// count against a circuit, while `Unavailable` stays transient.
+///
+/// ```
+/// use tower_qwen::classify::{Classify, FnClassifier, Outcome, PermanentReason};
+///
+/// #[derive(Debug)]
+/// enum Status { NotFound, Unavailable }
+/// impl std::fmt::Display for Status {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { write!(f, "{self:?}") }
+/// }
+/// impl std::error::Error for Status {}
+///
+/// let c = FnClassifier::new(|_: &String| Outcome::Success).on_error(|s: &Status| match s {
+///     Status::NotFound => Outcome::Permanent { reason: PermanentReason::NotFound },
+///     Status::Unavailable => Outcome::TRANSIENT,
+/// });
+/// assert!(c.classify_error(&Status::NotFound).is_permanent());
+/// let boxed: tower_qwen::BoxError = Box::new(Status::NotFound);
+/// assert!(c.classify_error(&boxed).is_permanent());
+/// assert!(c.classify_error(&Status::Unavailable).is_transient());
+/// ```
+pub struct OnError<C, E, F> {
+    inner: C,
+    f: F,
+    _error: PhantomData<fn(&E)>,
+}
+
+impl<C, E, F> OnError<C, E, F> {
+    const fn new(inner: C, f: F) -> Self {
+        Self {
+            inner,
+            f,
+            _error: PhantomData,
         }
-        cur = e.source();
     }
-    Outcome::TRANSIENT
+
+    /// Also classifies errors of type `E2` with `f`. Checked before the
+    /// types already taught.
+    pub fn on_error<E2, F2>(self, f: F2) -> OnError<Self, E2, F2>
+    where
+        E2: std::error::Error + 'static,
+        F2: Fn(&E2) -> Outcome,
+    {
+        OnError::new(self, f)
+    }
+
+    /// The classifier this one falls back to.
+    pub fn get_ref(&self) -> &C {
+        &self.inner
+    }
+}
+
+impl Classifier {
+    /// Classifies errors of a foreign type `E` with `f` (other errors as
+    /// before). See [`OnError`].
+    pub fn on_error<E, F>(self, f: F) -> OnError<Self, E, F>
+    where
+        E: std::error::Error + 'static,
+        F: Fn(&E) -> Outcome,
+    {
+        OnError::new(self, f)
+    }
+}
+
+impl<G> FnClassifier<G> {
+    /// Classifies errors of a foreign type `E` with `f` (other errors as
+    /// before). See [`OnError`].
+    pub fn on_error<E, F>(self, f: F) -> OnError<Self, E, F>
+    where
+        E: std::error::Error + 'static,
+        F: Fn(&E) -> Outcome,
+    {
+        OnError::new(self, f)
+    }
+}
+
+impl<C: Clone, E, F: Clone> Clone for OnError<C, E, F> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.f.clone())
+    }
+}
+
+impl<C: Copy, E, F: Copy> Copy for OnError<C, E, F> {}
+
+impl<C: fmt::Debug, E, F> fmt::Debug for OnError<C, E, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OnError")
+            .field("inner", &self.inner)
+            .field("error", &std::any::type_name::<E>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Res, C, E, F> Classify<Res> for OnError<C, E, F>
+where
+    C: Classify<Res>,
+    E: std::error::Error + 'static,
+    F: Fn(&E) -> Outcome + Clone + Send + Sync + 'static,
+{
+    type Observed<H: OnEnd> = C::Observed<H>;
+
+    fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed<H> {
+        self.inner.observe(res, inspect, hook)
+    }
+
+    fn classify_error<X: fmt::Display + 'static>(&self, err: &X) -> Outcome {
+        if let Some(e) = (err as &dyn std::any::Any).downcast_ref::<E>() {
+            return (self.f)(e);
+        }
+        let mine = |link: &(dyn std::error::Error + 'static)| link.downcast_ref::<E>().map(&self.f);
+        match super::known::outcome_of(err, &mine) {
+            Some(outcome) => outcome,
+            None => self.inner.classify_error(err),
+        }
+    }
 }

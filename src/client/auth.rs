@@ -105,6 +105,11 @@ enum Why {
 }
 
 impl InvalidApiKey {
+    #[cfg(test)]
+    pub(crate) const fn not_set() -> Self {
+        InvalidApiKey(Why::NotSet)
+    }
+
     /// Whether the key was missing (`DASHSCOPE_API_KEY` unset).
     pub fn is_not_set(&self) -> bool {
         self.0 == Why::NotSet
@@ -122,6 +127,14 @@ impl fmt::Display for InvalidApiKey {
 }
 
 impl std::error::Error for InvalidApiKey {}
+
+impl crate::classify::KnownError for InvalidApiKey {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::Auth,
+        }
+    }
+}
 
 /// Points requests at DashScope: resolves path-only URIs against a
 /// [`BaseUrl`], and adds `Authorization: Bearer` (unless the request has its

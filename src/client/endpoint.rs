@@ -92,6 +92,14 @@ impl fmt::Display for UnknownRegion {
 
 impl std::error::Error for UnknownRegion {}
 
+impl crate::classify::KnownError for UnknownRegion {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}
+
 /// Where requests go: a scheme, a host and an optional path prefix.
 ///
 /// Requests carry DashScope's own paths (`/api/v1/services/...`,
@@ -235,6 +243,21 @@ impl fmt::Display for InvalidBaseUrl {
 }
 
 impl std::error::Error for InvalidBaseUrl {}
+
+impl InvalidBaseUrl {
+    #[cfg(test)]
+    pub(crate) const fn new(what: &'static str) -> Self {
+        Self(what)
+    }
+}
+
+impl crate::classify::KnownError for InvalidBaseUrl {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,10 @@
 //! * [`ChatRequest`] and [`EmbeddingRequest`] build raw `http::Request`s in
 //!   either dialect with the streaming headers and options set right; raw
 //!   requests work just as well.
+//! * [`ChatAnswer`] reads a chat response, either dialect, streamed or not,
+//!   into its text and token usage; an error in the status, in an HTTP 200
+//!   body or in the stream becomes a typed [`ChatError`].
+//! * [`QwenClient`] is the whole stack with Qwen defaults.
 //!
 //! # Example
 //!
@@ -31,12 +35,14 @@
 //! # Ok(()) }
 //! ```
 
+mod answer;
 mod auth;
 mod endpoint;
 mod requests;
 mod stack;
 mod transport;
 
+pub use answer::{ChatAnswer, ChatError};
 pub use auth::{ApiKey, InvalidApiKey, SetUpstream, SetUpstreamLayer};
 pub use endpoint::{BaseUrl, InvalidBaseUrl, Region, UnknownRegion};
 pub use requests::{

@@ -81,7 +81,7 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 /// let client = QwenClient::builder()
 ///     .base_url(mock.base_url().parse()?)
 ///     .api_key("sk-test")?
-///     .build();
+///     .build()?;
 /// let res = client.clone().oneshot(ChatRequest::new("qwen-plus").user("Hello").into_request()).await?;
 /// assert_eq!(res.status(), 200);
 /// let body = res.into_body().collect().await?.to_bytes();
@@ -152,9 +152,11 @@ impl Service<Request<Body>> for QwenClient {
 }
 
 /// Configures a [`QwenClient`]. Every setter documents its default.
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct QwenClientBuilder {
     base: BaseUrl,
     key: Option<ApiKey>,
+    keyless: bool,
     workspace: Option<String>,
     transport: TransportConfig,
     quotas: QuotaTable,
@@ -185,6 +187,7 @@ impl Default for QwenClientBuilder {
         Self {
             base: BaseUrl::region(Region::Singapore),
             key: None,
+            keyless: false,
             workspace: None,
             transport: TransportConfig::new(),
             quotas: QuotaTable::qwen(),
@@ -196,9 +199,7 @@ impl Default for QwenClientBuilder {
             concurrency: ConcurrencyLimitLayer::new(
                 NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
             ),
-            timeout: TimeoutLayer::new()
-                .idle(Duration::from_secs(60))
-                .total(Duration::from_secs(300)),
+            timeout: TimeoutLayer::new(),
             fallback: None,
         }
     }
@@ -219,7 +220,7 @@ impl QwenClientBuilder {
     }
 
     /// The API key. Default is `DASHSCOPE_API_KEY`, read by
-    /// [`build`](Self::build).
+    /// [`build`](Self::build) (which fails when it is unset).
     ///
     /// # Errors
     ///
@@ -233,6 +234,16 @@ impl QwenClientBuilder {
     /// The API key, already validated. Default is `DASHSCOPE_API_KEY`.
     pub fn key(mut self, key: ApiKey) -> Self {
         self.key = Some(key);
+        self.keyless = false;
+        self
+    }
+
+    /// Sends no `Authorization` header and reads no `DASHSCOPE_API_KEY`:
+    /// for a gateway in front that adds its own key, or requests that carry
+    /// theirs. Default is off: a client without a key fails to build.
+    pub fn without_key(mut self) -> Self {
+        self.key = None;
+        self.keyless = true;
         self
     }
 
@@ -322,10 +333,16 @@ impl QwenClientBuilder {
         self
     }
 
-    /// Builds the client. Without a key set, `DASHSCOPE_API_KEY` is read;
-    /// when it is unset requests go without `Authorization` (DashScope will
-    /// answer 401, the mock only if it requires a key).
-    pub fn build(self) -> QwenClient {
+    /// Builds the client. Without a key set, `DASHSCOPE_API_KEY` is read.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidApiKey`](super::InvalidApiKey) when no key was set and
+    /// `DASHSCOPE_API_KEY` is unset ([`is_not_set`](super::InvalidApiKey::is_not_set))
+    /// or cannot be a header value, unless
+    /// [`without_key`](Self::without_key) was called. The error never
+    /// contains the key.
+    pub fn build(self) -> Result<QwenClient, super::InvalidApiKey> {
         let http = self.transport.build();
         self.build_with(http)
     }
@@ -335,7 +352,11 @@ impl QwenClientBuilder {
     /// recording wrapper in tests). It receives absolute URIs with the
     /// `Authorization` header set; the transport settings of this builder
     /// are not used.
-    pub fn build_with<T, RB>(self, http: T) -> QwenClient
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build): no key and no `DASHSCOPE_API_KEY`.
+    pub fn build_with<T, RB>(self, http: T) -> Result<QwenClient, super::InvalidApiKey>
     where
         T: Service<Request<Body>, Response = Response<RB>> + Clone + Send + Sync + 'static,
         T::Error: Into<BoxError>,
@@ -351,7 +372,11 @@ impl QwenClientBuilder {
                 })
                 .service(http),
         );
-        let key = self.key.or_else(|| ApiKey::from_env().ok());
+        let key = match self.key {
+            Some(key) => Some(key),
+            None if self.keyless => None,
+            None => Some(ApiKey::from_env()?),
+        };
         let mut upstream = SetUpstreamLayer::new(self.base, key);
         if let Some(ws) = &self.workspace {
             if let Ok(u) = upstream.clone().workspace(ws) {
@@ -377,13 +402,9 @@ impl QwenClientBuilder {
         });
         let stack = ServiceBuilder::new()
             .layer(self.retry)
-            .map_err(BoxError::from)
             .layer(breaker)
-            .map_err(BoxError::from)
             .layer(rate)
-            .map_err(BoxError::from)
             .layer(self.concurrency)
-            .map_err(BoxError::from)
             .layer(self.timeout)
             .layer(upstream)
             .service(http);
@@ -393,7 +414,7 @@ impl QwenClientBuilder {
             })
             .service(stack);
         let inner = wrap_fallback(stack, self.fallback);
-        QwenClient { inner, handles }
+        Ok(QwenClient { inner, handles })
     }
 }
 

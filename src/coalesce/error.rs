@@ -128,7 +128,7 @@ impl Error for BatchFailed {
     }
 }
 
-impl crate::error::KnownError for BatchFailed {
+impl crate::classify::KnownError for BatchFailed {
     fn outcome(&self) -> Outcome {
         match (&self.kind, &self.source) {
             (Kind::Upstream | Kind::Body, Some(e)) => Classifier::new().classify_error(&**e),

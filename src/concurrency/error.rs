@@ -64,7 +64,7 @@ impl fmt::Display for Overloaded {
 
 impl std::error::Error for Overloaded {}
 
-impl crate::error::KnownError for Overloaded {
+impl crate::classify::KnownError for Overloaded {
     fn outcome(&self) -> Outcome {
         Outcome::Throttled {
             cause: ThrottleCause::Local,
@@ -92,3 +92,11 @@ impl fmt::Display for InvalidLimit {
 }
 
 impl std::error::Error for InvalidLimit {}
+
+impl crate::classify::KnownError for InvalidLimit {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}

@@ -21,6 +21,7 @@ pin_project! {
     /// permit moves into the response (for HTTP, into its body; see
     /// [`Release`]); when this future is dropped first, the permit is given
     /// back at once.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F, C> {
         #[pin]
         kind: Kind<F>,

@@ -25,6 +25,7 @@ const DEFAULT_MAX_WAITING: u32 = 1024;
 /// [`ConcurrencyLimitLayer::adaptive`]. Waiting callers are bounded at 1024,
 /// with no maximum wait, and responses are classified with [`Classifier`].
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct ConcurrencyLimitLayer<C = Classifier> {
     shared: Arc<Shared>,
     classifier: C,

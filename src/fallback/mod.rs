@@ -26,10 +26,14 @@
 //! # With other layers
 //!
 //! Outermost: fallback → retry → circuit breaker → rate limit → concurrency
-//! → timeout → client. With a keyed rate limiter in wait mode whose wait
-//! would exceed its maximum, the limiter's local throttle (`RateLimited`)
-//! also moves the request to the next model at once, without sending
-//! anything upstream.
+//! → timeout → client. While a later model can take the request, the
+//! fallback marks it with [`FallbackAvailable`], and a local refusal moves it
+//! to the next model at once: the rate limiter (keyed per model) refuses
+//! instead of making the call wait, and the retry layer hands a local
+//! throttle or an open circuit straight back instead of waiting it out and
+//! spending its budget. Upstream throttles (429s) are still retried on the
+//! same model first. The last model of the chain waits and retries as
+//! usual.
 //!
 //! # Example
 //!
@@ -88,7 +92,7 @@ use crate::retry::peek::{Peek, PeekBody};
 pub const MODEL_HEADER: &str = "x-qwen-model";
 
 /// Which outcomes move a request to the next model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FallbackOn {
     /// A throttle from upstream (RPM, TPM, burst guard, overloaded engine).
     pub throttled: bool,
@@ -112,6 +116,56 @@ impl Default for FallbackOn {
             circuit_open: true,
             transient: false,
         }
+    }
+}
+
+/// A request extension [`Fallback`] sets while a later model of the chain
+/// can still take the request, so that the layers inside hand a local
+/// refusal back at once instead of sitting on it:
+///
+/// * this crate's rate limiter refuses a call that would have to wait
+///   (as in reject mode) when local throttles fall back, so the request
+///   moves to the next model now instead of after the limiter's maximum
+///   wait;
+/// * [`Retry`](crate::retry::Retry) does not retry a local throttle or an
+///   open circuit that falls back (no wait, no retry budget spent).
+///
+/// It is removed for the last model of the chain, which waits and retries
+/// as usual. You can set it yourself in front of your own fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FallbackAvailable {
+    on: FallbackOn,
+}
+
+impl FallbackAvailable {
+    /// Another model takes the request when any of `on` happens.
+    pub const fn new(on: FallbackOn) -> Self {
+        Self { on }
+    }
+
+    /// Whether a local throttle (this crate's rate limiter or concurrency
+    /// limit refusing) moves the request to the next model.
+    pub const fn takes_local_throttles(&self) -> bool {
+        self.on.local
+    }
+
+    /// Whether an open circuit moves the request to the next model.
+    pub const fn takes_open_circuits(&self) -> bool {
+        self.on.circuit_open
+    }
+
+    /// Whether a local limit should refuse rather than wait: a later model
+    /// takes local throttles.
+    pub(crate) fn refuse_rather_than_wait(ext: &http::Extensions) -> bool {
+        ext.get::<Self>()
+            .is_some_and(FallbackAvailable::takes_local_throttles)
+    }
+
+    /// Whether this failure goes to the next model at once: a local
+    /// throttle or an open circuit the fallback takes.
+    pub(crate) fn takes<E: 'static>(&self, outcome: &Outcome, err: &E) -> bool {
+        (self.on.local && outcome.throttle_cause() == Some(ThrottleCause::Local))
+            || (self.on.circuit_open && crate::classify::is_circuit_open(err))
     }
 }
 
@@ -147,6 +201,7 @@ impl FallbackStats {
 
 /// Makes [`Fallback`] services. See the [module docs](self) for an example.
 #[derive(Clone, Debug)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct FallbackLayer {
     chain: Arc<[Arc<str>]>,
     on: FallbackOn,
@@ -278,6 +333,12 @@ where
                         req.headers().clone(),
                     )
                 });
+                if is_last {
+                    req.extensions_mut().remove::<FallbackAvailable>();
+                } else {
+                    req.extensions_mut()
+                        .insert(FallbackAvailable::new(layer.on));
+                }
                 let model = layer.chain[index].clone();
                 tracing::Span::current().record("model", &*model);
                 let answer = svc.call(req).await;
@@ -329,7 +390,7 @@ where
 
 impl FallbackLayer {
     fn falls_back<E: fmt::Display + 'static>(&self, outcome: &Outcome, err: Option<&E>) -> bool {
-        if err.is_some_and(|e| crate::error::is_circuit_open(e)) {
+        if err.is_some_and(|e| crate::classify::is_circuit_open(e)) {
             return self.on.circuit_open;
         }
         match outcome {
@@ -385,6 +446,7 @@ fn rebuild<B: BufferedBody + From<Bytes>>(
 /// The future of [`Fallback`]. It is boxed: a fallback chain is an `async`
 /// sequence of attempts, and one allocation per request is small next to an
 /// LLM call.
+#[must_use = "futures do nothing unless you `.await` or poll them"]
 pub struct ResponseFuture<R, E> {
     inner: Pin<Box<dyn Future<Output = Result<R, E>> + Send>>,
 }

@@ -64,6 +64,14 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl crate::classify::KnownError for ConfigError {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}
+
 /// Every upstream account of a client key's pool refused a call locally:
 /// its (account, model) request or token budget has no room now. Nothing
 /// was sent. Carries the wait and the `x-ratelimit-*` headers of the
@@ -88,7 +96,7 @@ impl fmt::Display for UpstreamBusy {
 
 impl std::error::Error for UpstreamBusy {}
 
-impl crate::error::KnownError for UpstreamBusy {
+impl crate::classify::KnownError for UpstreamBusy {
     fn outcome(&self) -> Outcome {
         Outcome::Throttled {
             cause: ThrottleCause::Local,

@@ -458,6 +458,7 @@ impl MockDashScopeBuilder {
 /// [`shutdown`](Self::shutdown) to let them finish.
 ///
 /// See the [module docs](self) for an example.
+#[must_use = "dropping the handle stops the mock server"]
 pub struct MockHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,

@@ -89,7 +89,7 @@ impl fmt::Display for Exhausted {
 
 impl std::error::Error for Exhausted {}
 
-impl crate::error::KnownError for Exhausted {
+impl crate::classify::KnownError for Exhausted {
     fn outcome(&self) -> Outcome {
         match self.kind {
             Kind::RateLimited => Outcome::Throttled {
@@ -122,3 +122,11 @@ impl fmt::Display for InvalidConfig {
 }
 
 impl std::error::Error for InvalidConfig {}
+
+impl crate::classify::KnownError for InvalidConfig {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}

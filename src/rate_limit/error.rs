@@ -74,7 +74,7 @@ impl fmt::Display for RateLimited {
 
 impl std::error::Error for RateLimited {}
 
-impl crate::error::KnownError for RateLimited {
+impl crate::classify::KnownError for RateLimited {
     fn outcome(&self) -> Outcome {
         Outcome::Throttled {
             cause: ThrottleCause::Local,
@@ -102,3 +102,11 @@ impl fmt::Display for InvalidQuota {
 }
 
 impl std::error::Error for InvalidQuota {}
+
+impl crate::classify::KnownError for InvalidQuota {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}

@@ -133,6 +133,13 @@ where
         let now = self.limiter.nanos(t);
         let default_output = self.default_output;
         let max_wait = self.max_wait;
+        // Issue 14: with a later model to fall back to, refuse rather than wait.
+        #[cfg(feature = "fallback")]
+        let max_wait =
+            match crate::fallback::FallbackAvailable::refuse_rather_than_wait(req.extensions()) {
+                true => 0,
+                false => max_wait,
+            };
         let limiter = &self.limiter;
         let decided = limiter.with_state(&key, now, |state, slot| {
             let tokens = if state.has_tokens() {

@@ -93,7 +93,7 @@ impl fmt::Display for StoreUnavailable {
 
 impl std::error::Error for StoreUnavailable {}
 
-impl crate::error::KnownError for StoreUnavailable {
+impl crate::classify::KnownError for StoreUnavailable {
     fn outcome(&self) -> Outcome {
         Outcome::Transient {
             retry_after: Some(self.retry_after),

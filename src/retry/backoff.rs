@@ -65,6 +65,21 @@ impl fmt::Display for InvalidBackoff {
 
 impl std::error::Error for InvalidBackoff {}
 
+impl crate::classify::KnownError for InvalidBackoff {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}
+
+impl InvalidBackoff {
+    #[cfg(test)]
+    pub(crate) const fn new(what: &'static str) -> Self {
+        Self { what }
+    }
+}
+
 impl Backoff {
     /// The default schedule.
     pub const fn new() -> Self {

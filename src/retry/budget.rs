@@ -67,6 +67,21 @@ impl fmt::Display for InvalidBudget {
 
 impl std::error::Error for InvalidBudget {}
 
+impl crate::classify::KnownError for InvalidBudget {
+    fn outcome(&self) -> crate::classify::Outcome {
+        crate::classify::Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidConfig,
+        }
+    }
+}
+
+impl InvalidBudget {
+    #[cfg(test)]
+    pub(crate) const fn new(what: &'static str) -> Self {
+        Self { what }
+    }
+}
+
 impl Budget {
     /// A budget over a sliding `window`, with a reserve of `min_per_sec`
     /// retries per second of window, plus `ratio` retries per request

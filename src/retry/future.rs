@@ -22,6 +22,7 @@ use crate::time::{self, Deadline};
 pin_project! {
     /// Response future of [`Retry`](super::Retry): attempts, peeks at each
     /// answer, waits, and tries again until the answer is final.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<S, B, ResB>
     where
         S: Service<Request<B>>,
@@ -34,8 +35,35 @@ pin_project! {
         shared: Arc<Shared>,
         retries: u32,
         deadline: Option<Deadline>,
+        handoff: Handoff,
         span: tracing::Span,
     }
+}
+
+/// What the request says about a fallback outside (issue 14): a local
+/// refusal it takes is handed back at once, not retried.
+#[cfg(feature = "fallback")]
+pub(crate) type Handoff = Option<crate::fallback::FallbackAvailable>;
+#[cfg(not(feature = "fallback"))]
+pub(crate) type Handoff = ();
+
+/// The request's [`Handoff`].
+#[cfg_attr(not(feature = "fallback"), allow(unused_variables))]
+pub(crate) fn handoff_of<B>(req: &Request<B>) -> Handoff {
+    #[cfg(feature = "fallback")]
+    return req
+        .extensions()
+        .get::<crate::fallback::FallbackAvailable>()
+        .copied();
+}
+
+/// Whether a fallback outside takes this failed attempt at once.
+#[cfg_attr(not(feature = "fallback"), allow(unused_variables))]
+fn handed_off<E: 'static>(handoff: &Handoff, outcome: &Outcome, err: &E) -> bool {
+    #[cfg(feature = "fallback")]
+    return handoff.is_some_and(|h| h.takes(outcome, err));
+    #[cfg(not(feature = "fallback"))]
+    false
 }
 
 pin_project! {
@@ -66,6 +94,7 @@ where
         future: S::Future,
         shared: Arc<Shared>,
         deadline: Option<Deadline>,
+        handoff: Handoff,
     ) -> Self {
         Self {
             state: State::Calling { future },
@@ -74,6 +103,7 @@ where
             shared,
             retries: 0,
             deadline,
+            handoff,
             span: tracing::Span::none(),
         }
     }
@@ -84,6 +114,7 @@ where
         buffering: BufferFuture<B>,
         shared: Arc<Shared>,
         deadline: Option<Deadline>,
+        handoff: Handoff,
     ) -> Self {
         Self {
             state: State::Buffering {
@@ -95,6 +126,7 @@ where
             shared,
             retries: 0,
             deadline,
+            handoff,
             span: tracing::Span::none(),
         }
     }
@@ -108,6 +140,7 @@ enum GiveUp {
     NotReplayable,
     Deadline,
     Budget,
+    Fallback,
 }
 
 impl GiveUp {
@@ -118,6 +151,7 @@ impl GiveUp {
             GiveUp::NotReplayable => "request body cannot be replayed",
             GiveUp::Deadline => "the wait would end past the deadline",
             GiveUp::Budget => "retry budget exhausted",
+            GiveUp::Fallback => "refused locally: the next model takes it",
         }
     }
 }
@@ -260,6 +294,11 @@ where
                         }
                         Err(e) => {
                             let outcome = this.shared.config.classifier.classify_error(&e);
+                            if handed_off(this.handoff, &outcome, &e) {
+                                trace_give_up(*this.retries, &outcome, GiveUp::Fallback);
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(e));
+                            }
                             match decide(
                                 this.shared,
                                 this.template,

@@ -25,6 +25,7 @@ use crate::util::rng::{Rng, SeededRng};
 /// buffered up to 1 MiB, output-less stream frames held per [`Hold::new`],
 /// jitter from [`SeededRng::from_entropy`].
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RetryLayer {
     pub(crate) config: Config,
     pub(crate) budget: Option<Budget>,

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, handoff_of};
 use super::layer::{Counter, Shared};
 use super::{PeekBody, ReplayBody, RetryLayer, RetryStats};
 use crate::time::{self, Deadline};
@@ -104,21 +104,22 @@ where
         let clone = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
+        let handoff = handoff_of(&req);
 
         if config.policy.get_max_retries() == 0 {
             let future = service.call(req);
-            return ResponseFuture::calling(service, None, future, shared, deadline);
+            return ResponseFuture::calling(service, None, future, shared, deadline, handoff);
         }
         let (parts, body) = req.into_parts();
         match body.try_clone() {
             Some(copy) => {
                 let template = (parts.clone(), copy);
                 let future = service.call(Request::from_parts(parts, body));
-                ResponseFuture::calling(service, Some(template), future, shared, deadline)
+                ResponseFuture::calling(service, Some(template), future, shared, deadline, handoff)
             }
             None => match body.buffer(config.buffer_limit) {
                 Ok(buffering) => {
-                    ResponseFuture::buffering(service, parts, buffering, shared, deadline)
+                    ResponseFuture::buffering(service, parts, buffering, shared, deadline, handoff)
                 }
                 Err(body) => {
                     tracing::debug!(
@@ -126,7 +127,7 @@ where
                         "request body cannot be replayed: sending it once"
                     );
                     let future = service.call(Request::from_parts(parts, body));
-                    ResponseFuture::calling(service, None, future, shared, deadline)
+                    ResponseFuture::calling(service, None, future, shared, deadline, handoff)
                 }
             },
         }

@@ -85,19 +85,19 @@ impl std::error::Error for HeaderTimeout {}
 impl std::error::Error for IdleTimeout {}
 impl std::error::Error for DeadlineExceeded {}
 
-impl crate::error::KnownError for HeaderTimeout {
+impl crate::classify::KnownError for HeaderTimeout {
     fn outcome(&self) -> Outcome {
         Outcome::TRANSIENT
     }
 }
 
-impl crate::error::KnownError for IdleTimeout {
+impl crate::classify::KnownError for IdleTimeout {
     fn outcome(&self) -> Outcome {
         Outcome::TRANSIENT
     }
 }
 
-impl crate::error::KnownError for DeadlineExceeded {
+impl crate::classify::KnownError for DeadlineExceeded {
     fn outcome(&self) -> Outcome {
         Outcome::TRANSIENT
     }

@@ -18,6 +18,7 @@ use crate::time::{self, Instant};
 pin_project! {
     /// Response future of [`Timeout`](super::Timeout): the inner future,
     /// raced against the header timeout and the total deadline.
+    #[must_use = "futures do nothing unless you `.await` or poll them"]
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,

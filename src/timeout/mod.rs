@@ -4,7 +4,8 @@
 //! A single request timeout does not fit LLM traffic: a long generation can
 //! stream for minutes and be perfectly healthy, while a stream that stopped
 //! sending frames is dead however young it is. [`Timeout`] offers the three
-//! bounds that do fit, each optional ([`TimeoutLayer`]):
+//! bounds that do fit, each optional ([`TimeoutLayer`]; by default 60 s
+//! idle and 300 s in all, [`TimeoutLayer::none`] for none):
 //!
 //! * **header**: the longest wait from the call to the response headers
 //!   ([`HeaderTimeout`](error::HeaderTimeout));
@@ -29,7 +30,9 @@
 //!
 //! # How it differs from tower and tower-http
 //!
-//! tower's `Timeout` bounds only the response future (the headers).
+//! tower's `Timeout` bounds only the response future (the headers), and its
+//! `TimeoutLayer::new(Duration)` takes that one bound; this crate's
+//! [`TimeoutLayer::new`] takes none and starts from the LLM defaults above.
 //! tower-http's `TimeoutBody` bounds the gap between frames but creates a new
 //! `Sleep` after every frame. Here one boxed timer per request serves the
 //! header timeout, then moves into the body for the idle timeout and the
@@ -97,5 +100,5 @@ mod layer;
 mod service;
 
 pub use body::TimeoutBody;
-pub use layer::TimeoutLayer;
+pub use layer::{DEFAULT_IDLE, DEFAULT_TOTAL, TimeoutLayer};
 pub use service::Timeout;

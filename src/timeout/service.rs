@@ -28,7 +28,7 @@ impl<S> Timeout<S> {
         Self { inner, config }
     }
 
-    /// A [`TimeoutLayer`] with every timeout off.
+    /// A [`TimeoutLayer`] with the defaults ([`TimeoutLayer::new`]).
     pub const fn layer() -> TimeoutLayer {
         TimeoutLayer::new()
     }

@@ -600,3 +600,114 @@ async fn local_load_shedding_inside_does_not_open_it() {
     assert_eq!(handle.state(), State::Closed);
     drop(held);
 }
+
+/// A gRPC-style status, as a tonic channel's `Err` would carry it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Status {
+    NotFound,
+    Unavailable,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for Status {}
+
+/// Issue 14: a foreign `Err` value classified by the user's closure. A
+/// `NotFound` is permanent, so a run of them never opens the circuit; an
+/// `Unavailable` stays transient and does. Without the closure every
+/// unknown error counts as transient.
+#[tokio::test(start_paused = true)]
+async fn foreign_errors_are_classified_by_the_users_closure() {
+    use tower_qwen::classify::PermanentReason;
+    let classify = FnClassifier::new(|_: &u16| Outcome::Success).on_error(|s: &Status| match s {
+        Status::NotFound => Outcome::Permanent {
+            reason: PermanentReason::NotFound,
+        },
+        Status::Unavailable => Outcome::TRANSIENT,
+    });
+    let upstream = service_fn(|s: Status| async move { Err::<u16, _>(s) });
+
+    let layer = breaker().classifier(classify);
+    let handle = layer.handle();
+    let svc = layer.layer(upstream);
+    for _ in 0..10 {
+        let err = svc.clone().oneshot(Status::NotFound).await.unwrap_err();
+        assert_eq!(err.downcast_ref::<Status>(), Some(&Status::NotFound));
+    }
+    assert_eq!(handle.state(), State::Closed, "NotFound is permanent");
+    for _ in 0..3 {
+        svc.clone().oneshot(Status::Unavailable).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), State::Open, "Unavailable is transient");
+
+    // The same upstream without the closure: NotFound opens the circuit.
+    let layer = breaker().classifier(FnClassifier::new(|_: &u16| Outcome::Success));
+    let handle = layer.handle();
+    let svc = layer.layer(upstream);
+    for _ in 0..3 {
+        svc.clone().oneshot(Status::NotFound).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), State::Open);
+}
+
+/// Issue 14: the closure also finds its type boxed by a layer in between
+/// (here tower's `Timeout`, whose error is a `BoxError`), and a local
+/// throttle boxed twice is still a local throttle to the breaker.
+#[tokio::test(start_paused = true)]
+async fn foreign_errors_are_found_when_boxed_and_local_throttles_boxed_twice() {
+    let classify = Classifier::new().on_error(|_: &Status| Outcome::Permanent {
+        reason: tower_qwen::classify::PermanentReason::NotFound,
+    });
+    let up = service_fn(|_: Req| async move { Err::<Response<String>, _>(Status::NotFound) });
+    let layer = breaker().classifier(classify);
+    let handle = layer.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .layer(tower::timeout::TimeoutLayer::new(S))
+        .service(up);
+    for _ in 0..5 {
+        svc.clone().oneshot(req()).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), State::Closed);
+
+    #[cfg(feature = "rate-limit")]
+    {
+        use tower_qwen::classify::ThrottleCause;
+        let limited = {
+            let limiter =
+                tower_qwen::rate_limit::RateLimiter::new(tower_qwen::rate_limit::Limits::requests(
+                    tower_qwen::rate_limit::Quota::per_minute(NonZeroU32::MIN)
+                        .allow_burst(NonZeroU32::MIN),
+                ));
+            let _first = limiter
+                .reserve(&(), tower_qwen::rate_limit::Cost::call(0), Duration::ZERO)
+                .unwrap();
+            limiter
+                .reserve(&(), tower_qwen::rate_limit::Cost::call(0), Duration::ZERO)
+                .unwrap_err()
+        };
+        let twice = tower_qwen::BoxError::from(Box::new(limited));
+        assert!(!twice.is::<tower_qwen::rate_limit::error::RateLimited>());
+        let outcome = Classifier::new().classify_error(&twice);
+        assert_eq!(outcome.throttle_cause(), Some(ThrottleCause::Local));
+        let up = service_fn(move |_: Req| {
+            let e = tower_qwen::BoxError::from(Box::new(limited));
+            async move { Err::<Response<String>, _>(e) }
+        });
+        let layer = breaker();
+        let handle = layer.handle();
+        let svc = layer.layer(up);
+        for _ in 0..5 {
+            svc.clone().oneshot(req()).await.unwrap_err();
+        }
+        assert_eq!(
+            handle.state(),
+            State::Closed,
+            "a local throttle is no failure"
+        );
+    }
+}

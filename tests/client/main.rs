@@ -45,6 +45,7 @@ fn client_with(mock: &tower_qwen::mock::MockHandle, rpm: u32, tpm: u32) -> QwenC
             .and_tokens(RlQuota::per_minute(NonZeroU32::new(tpm).unwrap())),
         )
         .build()
+        .unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -227,4 +228,92 @@ async fn an_ambiguous_body_is_charged_as_its_strictest_reading() {
     assert_eq!(res.status(), 200);
     assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
     assert_eq!(mock.stats().requests, 2);
+}
+
+/// Issue 14: a client without a key, and without `DASHSCOPE_API_KEY`, fails
+/// to build instead of sending keyless requests; `without_key` says so on
+/// purpose. The environment is set per case in a child run of this test.
+#[tokio::test]
+async fn building_without_a_key_is_an_error() {
+    const CASE: &str = "TOWER_QWEN_KEY_CASE";
+    match std::env::var(CASE).as_deref() {
+        Ok("unset") => {
+            let err = QwenClient::builder().build().unwrap_err();
+            assert!(err.is_not_set(), "{err}");
+            assert!(QwenClient::builder().without_key().build().is_ok());
+            assert!(
+                QwenClient::builder()
+                    .api_key("sk-x")
+                    .unwrap()
+                    .build()
+                    .is_ok()
+            );
+            return;
+        }
+        Ok("set") => {
+            assert!(QwenClient::builder().build().is_ok());
+            return;
+        }
+        Ok("bad") => {
+            let err = QwenClient::builder().build().unwrap_err();
+            assert!(!err.is_not_set());
+            assert!(!err.to_string().contains("bad key"));
+            return;
+        }
+        _ => {}
+    }
+    for (case, value) in [
+        ("unset", None),
+        ("set", Some("sk-from-env")),
+        ("bad", Some("bad key\n")),
+    ] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "--exact",
+                "building_without_a_key_is_an_error",
+                "--test-threads=1",
+            ])
+            .env(CASE, case);
+        match value {
+            Some(v) => child.env("DASHSCOPE_API_KEY", v),
+            None => child.env_remove("DASHSCOPE_API_KEY"),
+        };
+        let out = child.output().unwrap();
+        assert!(
+            out.status.success(),
+            "case {case}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "case {case}"
+        );
+    }
+}
+
+/// Issue 14: `ChatAnswer` reads the text and usage of a chat answer from
+/// the mock in both dialects, streamed and not.
+#[tokio::test(start_paused = true)]
+async fn chat_answers_in_both_dialects_streamed_or_not() {
+    use tower_qwen::client::ChatAnswer;
+    let mock = mock_with_quota(6000).await;
+    let client = client(&mock, 6000);
+    for native in [false, true] {
+        for stream in [false, true] {
+            let mut req = ChatRequest::new("qwen-plus")
+                .user("Hello")
+                .max_tokens(4)
+                .stream(stream);
+            if native {
+                req = req.native();
+            }
+            let res = client.clone().oneshot(req.into_request()).await.unwrap();
+            let answer = ChatAnswer::read(res).await.unwrap();
+            let case = format!("native {native}, stream {stream}");
+            assert!(!answer.text().is_empty(), "{case}");
+            assert_eq!(answer.usage().unwrap().output_tokens, 4, "{case}");
+            assert!(answer.finish_reason().is_some(), "{case}");
+        }
+    }
 }

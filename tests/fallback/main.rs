@@ -214,7 +214,6 @@ async fn open_circuit_of_one_model_moves_to_the_next() {
     handle.force_open_key(&Some(Arc::from("qwen-turbo")));
     let svc = ServiceBuilder::new()
         .layer(FallbackLayer::new(CHAIN))
-        .map_err(tower_qwen::BoxError::from)
         .layer(breaker)
         .service(upstream(&ANSWERS, calls.clone()));
     let res = svc.oneshot(chat("qwen-turbo")).await.unwrap();
@@ -286,4 +285,102 @@ async fn overflow_to_the_next_model_against_the_mock() {
     assert_eq!(stats.fallbacks(), 7);
     let s = mock.stats();
     assert_eq!(s.code("Throttling.RateQuota") + s.code("limit_requests"), 7);
+}
+
+/// The recommended order: fallback → retry → breaker (per model) → rate
+/// limit (per model) → upstream.
+fn recommended_stack(
+    answers: &'static [(&'static str, u16, &'static str, &'static str)],
+    calls: Calls,
+    turbo_rpm: u32,
+) -> (
+    impl tower::Service<
+        Request<Body>,
+        Response = Response<impl http_body::Body<Data = Bytes, Error: std::fmt::Debug>>,
+        Error = tower_qwen::BoxError,
+    > + Clone,
+    tower_qwen::retry::RetryStats,
+    tower_qwen::fallback::FallbackStats,
+) {
+    use tower_qwen::rate_limit::{ByModel, Limits, Quota, RateLimitLayer, RateLimiter};
+    let nz = |n| NonZeroU32::new(n).unwrap();
+    let turbo = Limits::requests(Quota::per_minute(nz(turbo_rpm)).allow_burst(nz(1)));
+    let limiter = RateLimiter::builder(Limits::UNLIMITED).build_keyed_with(
+        move |model: &Option<Arc<str>>| match model.as_deref() {
+            Some("qwen-turbo") => turbo,
+            _ => Limits::UNLIMITED,
+        },
+    );
+    let retry = tower_qwen::retry::RetryLayer::new().rng(tower_qwen::util::rng::SeededRng::new(1));
+    let retry_stats = retry.stats();
+    let fallback = FallbackLayer::new(CHAIN);
+    let fallback_stats = fallback.stats();
+    let svc = ServiceBuilder::new()
+        .layer(fallback)
+        .layer(retry)
+        .layer(CircuitBreakerLayer::new().jitter(0.0).keyed(
+            |req: &mut Request<Body>| RequestInfo::of(req).model.clone(),
+            NonZeroUsize::new(16).unwrap(),
+        ))
+        .layer(RateLimitLayer::keyed(limiter, ByModel))
+        .service(upstream(answers, calls));
+    (svc, retry_stats, fallback_stats)
+}
+
+/// Issue 14: a request the local limiter would make wait (here 10 s, under
+/// its 30 s maximum) goes to the next model at once: no wait, no retry, no
+/// retry budget spent.
+#[tokio::test(start_paused = true)]
+async fn a_local_throttle_moves_to_the_next_model_at_once() {
+    static ANSWERS: [(&str, u16, &str, &str); 0] = [];
+    let calls = Calls::default();
+    let (svc, retries, fallbacks) = recommended_stack(&ANSWERS, calls.clone(), 6);
+    let start = tokio::time::Instant::now();
+    let res = svc.clone().oneshot(chat("qwen-turbo")).await.unwrap();
+    assert_eq!(res.headers()[MODEL_HEADER], "qwen-turbo");
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(chat("qwen-turbo")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()[MODEL_HEADER], "qwen-plus");
+    }
+    assert_eq!(start.elapsed(), std::time::Duration::ZERO, "no wait");
+    assert_eq!((retries.retries(), retries.budget_denied()), (0, 0));
+    assert_eq!(fallbacks.fallbacks(), 3);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        (calls.get("qwen-turbo"), calls.get("qwen-plus")),
+        (Some(&1), Some(&3))
+    );
+}
+
+/// Issue 14: once a model's circuit is open, its requests go to the next
+/// model at once instead of waiting out the open time behind the retry
+/// layer.
+#[tokio::test(start_paused = true)]
+async fn a_dead_model_moves_to_the_next_at_once() {
+    static ANSWERS: [(&str, u16, &str, &str); 1] = [(
+        "qwen-turbo",
+        503,
+        "application/json",
+        r#"{"code":"ServiceUnavailable","message":"down"}"#,
+    )];
+    let calls = Calls::default();
+    let (svc, retries, fallbacks) = recommended_stack(&ANSWERS, calls.clone(), 6000);
+    // Three 503s (one request and its two retries) open turbo's circuit;
+    // a plain 5xx does not fall back by default.
+    let res = svc.clone().oneshot(chat("qwen-turbo")).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(calls.lock().unwrap().get("qwen-turbo"), Some(&3));
+    let retried = retries.retries();
+
+    let start = tokio::time::Instant::now();
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(chat("qwen-turbo")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()[MODEL_HEADER], "qwen-plus");
+    }
+    assert_eq!(start.elapsed(), std::time::Duration::ZERO, "no wait");
+    assert_eq!(retries.retries(), retried, "no retry of an open circuit");
+    assert_eq!(fallbacks.fallbacks(), 3);
+    assert_eq!(calls.lock().unwrap().get("qwen-turbo"), Some(&3));
 }

@@ -1204,7 +1204,7 @@ mod with_timeouts {
         let (mock_svc, mut h) = mock::pair::<Req, Res>();
         let svc = tower::ServiceBuilder::new()
             .layer(layer())
-            .layer(TimeoutLayer::new().idle(S(10)))
+            .layer(TimeoutLayer::none().idle(S(10)))
             .service(mock_svc);
         let call = tokio::spawn(svc.oneshot(req()));
         let (_, send) = h.next_request().await.unwrap();
@@ -1229,7 +1229,7 @@ mod with_timeouts {
         let (mock_svc, mut h) = mock::pair::<Req, Res>();
         let svc = tower::ServiceBuilder::new()
             .layer(layer().deadline(S(25)).policy(Policy::new().max_retries(5)))
-            .layer(TimeoutLayer::new().header(S(10)))
+            .layer(TimeoutLayer::none().header(S(10)))
             .service(mock_svc);
         let start = Instant::now();
         let call = tokio::spawn(svc.oneshot(req()));

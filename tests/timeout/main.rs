@@ -46,7 +46,7 @@ fn stream(body: TestBody) -> Res {
 
 #[tokio::test(start_paused = true)]
 async fn header_timeout_fires_when_no_headers_come() {
-    let (svc, mut h) = setup(TimeoutLayer::new().header(S(30)));
+    let (svc, mut h) = setup(TimeoutLayer::none().header(S(30)));
     let start = Instant::now();
     let call = tokio::spawn(svc.oneshot(req()));
     let (_r, _send) = h.next_request().await.unwrap(); // never answered
@@ -62,7 +62,7 @@ async fn header_timeout_fires_when_no_headers_come() {
 
 #[tokio::test(start_paused = true)]
 async fn headers_in_time_pass_and_the_header_timer_stops() {
-    let (svc, mut h) = setup(TimeoutLayer::new().header(S(30)));
+    let (svc, mut h) = setup(TimeoutLayer::none().header(S(30)));
     let mut call = task::spawn(svc.oneshot(req()));
     assert_pending!(call.poll());
     let (_, send) = h.next_request().await.unwrap();
@@ -84,7 +84,7 @@ async fn headers_in_time_pass_and_the_header_timer_stops() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_stream_is_cut_with_an_idle_timeout_in_the_body() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(20)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(20)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -105,7 +105,7 @@ async fn a_stalled_stream_is_cut_with_an_idle_timeout_in_the_body() {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_but_steady_stream_is_never_cut() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(10)).header(S(5)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(10)).header(S(5)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -131,7 +131,7 @@ async fn a_slow_but_steady_stream_is_never_cut() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_timeout_also_bounds_the_wait_for_the_first_frame() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(15)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(15)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (_feed, body) = live();
@@ -145,7 +145,7 @@ async fn idle_timeout_also_bounds_the_wait_for_the_first_frame() {
 
 #[tokio::test(start_paused = true)]
 async fn the_total_deadline_covers_the_body() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(10)).total(S(60)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(10)).total(S(60)));
     let start = Instant::now();
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
@@ -177,7 +177,7 @@ async fn the_total_deadline_covers_the_body() {
 
 #[tokio::test(start_paused = true)]
 async fn the_total_deadline_cuts_even_frames_that_are_always_ready() {
-    let (svc, mut h) = setup(TimeoutLayer::new().total(S(10)));
+    let (svc, mut h) = setup(TimeoutLayer::none().total(S(10)));
     let mut call = task::spawn(svc.oneshot(req()));
     assert_pending!(call.poll()); // the deadline timer is armed
     let (_, send) = h.next_request().await.unwrap();
@@ -197,7 +197,7 @@ async fn the_total_deadline_cuts_even_frames_that_are_always_ready() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_time_counts_only_while_waiting_for_the_upstream() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(10)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(10)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -220,7 +220,7 @@ async fn idle_time_counts_only_while_waiting_for_the_upstream() {
 
 #[tokio::test(start_paused = true)]
 async fn the_total_deadline_before_headers_wins_over_the_header_timeout() {
-    let (svc, mut h) = setup(TimeoutLayer::new().header(S(30)).total(S(10)));
+    let (svc, mut h) = setup(TimeoutLayer::none().header(S(30)).total(S(10)));
     let start = Instant::now();
     let call = tokio::spawn(svc.oneshot(req()));
     let _pending = h.next_request().await.unwrap();
@@ -233,7 +233,7 @@ async fn the_total_deadline_before_headers_wins_over_the_header_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_deadline_in_the_request_is_honoured() {
     // No total configured: the request's own deadline applies.
-    let (svc, mut h) = setup(TimeoutLayer::new().header(S(30)));
+    let (svc, mut h) = setup(TimeoutLayer::none().header(S(30)));
     let mut r = req();
     Deadline::after(S(3)).tighten(&mut r);
     let start = Instant::now();
@@ -246,7 +246,7 @@ async fn a_deadline_in_the_request_is_honoured() {
     // A later configured total does not loosen an earlier request deadline,
     // and an earlier configured total wins over a later request deadline.
     for (total, in_request) in [(S(100), S(3)), (S(3), S(100))] {
-        let (svc, mut h) = setup(TimeoutLayer::new().total(total));
+        let (svc, mut h) = setup(TimeoutLayer::none().total(total));
         let mut r = req();
         Deadline::after(in_request).tighten(&mut r);
         let start = Instant::now();
@@ -259,7 +259,7 @@ async fn a_deadline_in_the_request_is_honoured() {
 
 #[tokio::test(start_paused = true)]
 async fn no_timeouts_means_no_cut() {
-    let (svc, mut h) = setup(TimeoutLayer::new());
+    let (svc, mut h) = setup(TimeoutLayer::none());
     let mut call = task::spawn(svc.oneshot(req()));
     assert_pending!(call.poll());
     let (r, send) = h.next_request().await.unwrap();
@@ -274,7 +274,7 @@ async fn no_timeouts_means_no_cut() {
 
 #[tokio::test(start_paused = true)]
 async fn inner_errors_pass_through() {
-    let (svc, mut h) = setup(TimeoutLayer::new().header(S(1)));
+    let (svc, mut h) = setup(TimeoutLayer::none().header(S(1)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     send.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
@@ -283,7 +283,7 @@ async fn inner_errors_pass_through() {
     assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
 
     // And body errors too.
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(1)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(1)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -296,7 +296,7 @@ async fn inner_errors_pass_through() {
 
 #[tokio::test(start_paused = true)]
 async fn readiness_and_wakeups_pass_through() {
-    let (mut svc, mut h) = mock::spawn_layer::<Req, Res, _>(TimeoutLayer::new().header(S(1)));
+    let (mut svc, mut h) = mock::spawn_layer::<Req, Res, _>(TimeoutLayer::none().header(S(1)));
     h.allow(0);
     assert_pending!(svc.poll_ready());
     h.allow(1);
@@ -316,7 +316,7 @@ async fn readiness_and_wakeups_pass_through() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_body_drops_the_upstream_body() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(S(1)).total(S(10)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(S(1)).total(S(10)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -329,7 +329,7 @@ async fn dropping_the_body_drops_the_upstream_body() {
 
 #[tokio::test(start_paused = true)]
 async fn many_fast_frames_pass_without_cuts() {
-    let (svc, mut h) = setup(TimeoutLayer::new().idle(MS(50)).total(S(3600)));
+    let (svc, mut h) = setup(TimeoutLayer::none().idle(MS(50)).total(S(3600)));
     let call = tokio::spawn(svc.oneshot(req()));
     let (_, send) = h.next_request().await.unwrap();
     let (feed, body) = live();
@@ -358,4 +358,53 @@ fn types_are_send_and_bodies_unpin() {
     send::<<Svc as tower::Service<Req>>::Future>();
     send::<TimeoutBody<TestBody>>();
     unpin::<TimeoutBody<TestBody>>();
+}
+
+/// Issue 14: `TimeoutLayer::new()` is useful as it is (60 s idle, 300 s in
+/// all, no header timeout), and `none()` is every timeout off.
+#[tokio::test(start_paused = true)]
+async fn new_starts_from_llm_defaults_and_none_from_nothing() {
+    assert_eq!(TimeoutLayer::new(), TimeoutLayer::default());
+    assert_eq!(
+        TimeoutLayer::none().idle(S(60)).total(S(300)),
+        TimeoutLayer::new()
+    );
+    // A stream that stalls is cut after 60 s.
+    let (svc, mut h) = setup(TimeoutLayer::new());
+    let call = tokio::spawn(svc.oneshot(req()));
+    let (_, send) = h.next_request().await.unwrap();
+    let (feed, body) = live();
+    // A slow non-streamed answer: no header timeout cuts it before 300 s.
+    advance(S(250)).await;
+    send.send_response(stream(body));
+    let mut body = call.await.unwrap().unwrap().into_body();
+    feed.data("data: 1\n\n");
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let stalled_at = Instant::now();
+    let err = body.frame().await.unwrap().unwrap_err();
+    // The total deadline (300 s from the call) comes before 60 s of silence.
+    assert_eq!(stalled_at.elapsed(), S(50));
+    assert!(err.is::<DeadlineExceeded>());
+
+    let (svc, mut h) = setup(TimeoutLayer::new());
+    let call = tokio::spawn(svc.oneshot(req()));
+    let (_, send) = h.next_request().await.unwrap();
+    let (feed, body) = live();
+    send.send_response(stream(body));
+    let mut body = call.await.unwrap().unwrap().into_body();
+    feed.data("data: 1\n\n");
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let stalled_at = Instant::now();
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert_eq!(stalled_at.elapsed(), S(60));
+    assert!(err.is::<IdleTimeout>());
+
+    // With none(), nothing is cut.
+    let (svc, mut h) = setup(TimeoutLayer::none());
+    let call = tokio::spawn(svc.oneshot(req()));
+    let (_, send) = h.next_request().await.unwrap();
+    advance(S(3600)).await;
+    let (_feed, body) = live();
+    send.send_response(stream(body));
+    assert!(call.await.unwrap().is_ok());
 }
