@@ -30,24 +30,27 @@ pub struct ConcurrencyLimitLayer<C = Classifier> {
     shared: Arc<Shared>,
     classifier: C,
     max_wait: Option<Duration>,
+    max_waiting: u32,
 }
 
 impl ConcurrencyLimitLayer {
     /// A fixed limit of `limit` calls in flight.
     pub fn new(limit: NonZeroUsize) -> Self {
         Self {
-            shared: Arc::new(Shared::fixed(limit.get(), DEFAULT_MAX_WAITING)),
+            shared: Arc::new(Shared::fixed(limit.get())),
             classifier: Classifier::new(),
             max_wait: None,
+            max_waiting: DEFAULT_MAX_WAITING,
         }
     }
 
     /// A limit that adapts with AIMD to throttling and transient failures.
     pub fn adaptive(aimd: Aimd) -> Self {
         Self {
-            shared: Arc::new(Shared::adaptive(aimd, DEFAULT_MAX_WAITING)),
+            shared: Arc::new(Shared::adaptive(aimd)),
             classifier: Classifier::new(),
             max_wait: None,
+            max_waiting: DEFAULT_MAX_WAITING,
         }
     }
 }
@@ -58,13 +61,13 @@ impl<C> ConcurrencyLimitLayer<C> {
     /// every call that finds the limit reached; `None` lets any number
     /// wait. Waiters are served first come, first served. Default is 1024.
     ///
-    /// The bound lives in the shared state: it applies to every service this
-    /// layer made, including those made before the call.
-    pub fn max_waiting(self, max: impl Into<Option<usize>>) -> Self {
-        let max = max
+    /// Like every setter, it applies to the services this layer makes from
+    /// now on; services made before keep their bound (the shared limit and
+    /// a [`handle`](Self::handle) taken earlier are never replaced).
+    pub fn max_waiting(mut self, max: impl Into<Option<usize>>) -> Self {
+        self.max_waiting = max
             .into()
             .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX));
-        self.shared.sem.set_max_waiting(max);
         self
     }
 
@@ -85,6 +88,7 @@ impl<C> ConcurrencyLimitLayer<C> {
             shared: self.shared,
             classifier,
             max_wait: self.max_wait,
+            max_waiting: self.max_waiting,
         }
     }
 
@@ -106,6 +110,7 @@ impl<S, C: Clone> Layer<S> for ConcurrencyLimitLayer<C> {
             self.shared.clone(),
             self.classifier.clone(),
             self.max_wait,
+            self.max_waiting,
         )
     }
 }
@@ -115,6 +120,7 @@ impl<C> fmt::Debug for ConcurrencyLimitLayer<C> {
         f.debug_struct("ConcurrencyLimitLayer")
             .field("limit", &self.handle())
             .field("max_wait", &self.max_wait)
+            .field("max_waiting", &self.max_waiting)
             .finish()
     }
 }

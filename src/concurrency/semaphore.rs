@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Waker;
 
 const ONE_PERMIT: u64 = 1 << 32;
@@ -35,7 +35,6 @@ struct Entry {
 pub(crate) struct Semaphore {
     state: AtomicU64,
     queue: Mutex<Queue>,
-    max_waiting: AtomicU32,
 }
 
 struct Queue {
@@ -55,7 +54,7 @@ pub(crate) enum Acquire {
 }
 
 impl Semaphore {
-    pub(crate) fn new(permits: u32, max_waiting: u32) -> Self {
+    pub(crate) fn new(permits: u32) -> Self {
         let permits = permits.min(i32::MAX as u32);
         Self {
             state: AtomicU64::new(u64::from(permits) << 32),
@@ -63,7 +62,6 @@ impl Semaphore {
                 entries: VecDeque::new(),
                 next_id: 0,
             }),
-            max_waiting: AtomicU32::new(max_waiting),
         }
     }
 
@@ -96,8 +94,8 @@ impl Semaphore {
     }
 
     /// Takes a permit, or joins the queue (registering `waker`), or reports a
-    /// full queue.
-    pub(crate) fn acquire_or_enqueue(&self, waker: &Waker) -> Acquire {
+    /// queue already holding `max_waiting` callers.
+    pub(crate) fn acquire_or_enqueue(&self, waker: &Waker, max_waiting: u32) -> Acquire {
         if self.try_acquire() {
             return Acquire::Acquired;
         }
@@ -114,7 +112,7 @@ impl Semaphore {
                     Ok(_) => return Acquire::Acquired,
                     Err(actual) => s = actual,
                 }
-            } else if waiting(s) >= self.max_waiting.load(Ordering::Relaxed) {
+            } else if waiting(s) >= max_waiting {
                 return Acquire::Full;
             } else {
                 match self.state.compare_exchange_weak(
@@ -233,11 +231,6 @@ impl Semaphore {
         self.state.fetch_sub(u64::from(n) << 32, Ordering::AcqRel);
     }
 
-    /// Sets the queue bound (callers already queued stay queued).
-    pub(crate) fn set_max_waiting(&self, n: u32) {
-        self.max_waiting.store(n, Ordering::Relaxed);
-    }
-
     /// Permits free right now (negative while a shrink is being paid off).
     pub(crate) fn available(&self) -> i32 {
         available(self.state.load(Ordering::Relaxed))
@@ -279,14 +272,14 @@ mod tests {
 
     #[test]
     fn fifo_handoff_and_no_barging() {
-        let s = Semaphore::new(1, 10);
+        let s = Semaphore::new(1);
         let (_, w) = waker();
         assert!(s.try_acquire());
         let (c1, w1) = waker();
-        let Acquire::Queued(a) = s.acquire_or_enqueue(&w1) else {
+        let Acquire::Queued(a) = s.acquire_or_enqueue(&w1, 10) else {
             panic!()
         };
-        let Acquire::Queued(b) = s.acquire_or_enqueue(&w) else {
+        let Acquire::Queued(b) = s.acquire_or_enqueue(&w, 10) else {
             panic!()
         };
         s.release();
@@ -303,20 +296,20 @@ mod tests {
 
     #[test]
     fn queue_bound_and_cancel() {
-        let s = Semaphore::new(0, 1);
+        let s = Semaphore::new(0);
         let (_, w) = waker();
-        let Acquire::Queued(a) = s.acquire_or_enqueue(&w) else {
+        let Acquire::Queued(a) = s.acquire_or_enqueue(&w, 1) else {
             panic!()
         };
-        assert_eq!(s.acquire_or_enqueue(&w), Acquire::Full);
+        assert_eq!(s.acquire_or_enqueue(&w, 1), Acquire::Full);
         assert!(!s.cancel(a));
         assert_eq!(s.waiting(), 0);
         s.add_permits(1);
-        let Acquire::Acquired = s.acquire_or_enqueue(&w) else {
+        let Acquire::Acquired = s.acquire_or_enqueue(&w, 1) else {
             panic!()
         };
         // Granted then cancelled: the caller owns the permit.
-        let Acquire::Queued(b) = s.acquire_or_enqueue(&w) else {
+        let Acquire::Queued(b) = s.acquire_or_enqueue(&w, 1) else {
             panic!()
         };
         s.release();
@@ -327,12 +320,12 @@ mod tests {
 
     #[test]
     fn shrink_below_in_use_is_paid_by_releases() {
-        let s = Semaphore::new(3, 10);
+        let s = Semaphore::new(3);
         assert!(s.try_acquire() && s.try_acquire() && s.try_acquire());
         s.remove_permits(2);
         assert_eq!(s.available(), -2);
         let (c, w) = waker();
-        let Acquire::Queued(id) = s.acquire_or_enqueue(&w) else {
+        let Acquire::Queued(id) = s.acquire_or_enqueue(&w, 10) else {
             panic!()
         };
         s.release();
@@ -347,7 +340,7 @@ mod tests {
 
     #[test]
     fn threads_never_exceed_capacity() {
-        let s = Arc::new(Semaphore::new(3, 0));
+        let s = Arc::new(Semaphore::new(3));
         let in_use = Arc::new(AtomicUsize::new(0));
         let max = Arc::new(AtomicUsize::new(0));
         let handles: Vec<_> = (0..4)

@@ -35,6 +35,7 @@ pub struct ConcurrencyLimit<S, C = Classifier> {
     shared: Arc<Shared>,
     classifier: C,
     max_wait: Option<Duration>,
+    max_waiting: u32,
     state: State,
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -99,12 +100,14 @@ impl<S, C> ConcurrencyLimit<S, C> {
         shared: Arc<Shared>,
         classifier: C,
         max_wait: Option<Duration>,
+        max_waiting: u32,
     ) -> Self {
         Self {
             inner,
             shared,
             classifier,
             max_wait,
+            max_waiting,
             state: State::Idle,
             sleep: None,
         }
@@ -163,7 +166,11 @@ where
                         self.state = State::Ready(Permit::taken(self.shared.clone()));
                         continue;
                     }
-                    match self.shared.sem.acquire_or_enqueue(cx.waker()) {
+                    match self
+                        .shared
+                        .sem
+                        .acquire_or_enqueue(cx.waker(), self.max_waiting)
+                    {
                         Acquire::Acquired => {
                             self.state = State::Ready(Permit::taken(self.shared.clone()));
                         }
@@ -243,6 +250,7 @@ impl<S: Clone, C: Clone> Clone for ConcurrencyLimit<S, C> {
             self.shared.clone(),
             self.classifier.clone(),
             self.max_wait,
+            self.max_waiting,
         )
     }
 }

@@ -33,20 +33,20 @@ pub(crate) struct Start {
 }
 
 impl Shared {
-    pub(crate) fn fixed(limit: usize, max_waiting: u32) -> Self {
+    pub(crate) fn fixed(limit: usize) -> Self {
         let limit = limit.min(i32::MAX as usize);
         Self {
-            sem: Semaphore::new(limit as u32, max_waiting),
+            sem: Semaphore::new(limit as u32),
             cap: AtomicUsize::new(limit),
             adaptive: None,
         }
     }
 
-    pub(crate) fn adaptive(cfg: Aimd, max_waiting: u32) -> Self {
+    pub(crate) fn adaptive(cfg: Aimd) -> Self {
         let state = AimdState::new(cfg);
         let cap = state.cap();
         Self {
-            sem: Semaphore::new(cap as u32, max_waiting),
+            sem: Semaphore::new(cap as u32),
             cap: AtomicUsize::new(cap),
             adaptive: Some(Adaptive {
                 cfg,

@@ -496,3 +496,27 @@ async fn adaptive_converges_under_the_mock_quota_and_recovers() {
     );
     mock.shutdown().await;
 }
+
+/// Issue 14: setters behave one way. A setter configures the services the
+/// layer makes from then on: services made before keep their settings, and
+/// the shared limit (with a handle taken before) is never replaced.
+#[tokio::test(start_paused = true)]
+async fn setters_never_change_services_already_made_nor_detach_a_handle() {
+    let layer = ConcurrencyLimitLayer::new(nz(1));
+    let handle = layer.handle();
+    let (mut waits, _h1) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    let layer = layer.max_waiting(0);
+    let (mut sheds, _h2) =
+        tower_test::mock::spawn_with::<Req, Response<String>, _, _>(|s| layer.layer(s));
+    // `sheds` takes the one permit of the shared limit.
+    assert_ready_ok!(sheds.poll_ready());
+    assert_eq!(handle.in_flight(), 1, "the handle sees the same limit");
+    // `waits` was made before max_waiting(0): it still queues.
+    assert_pending!(waits.poll_ready());
+    assert_eq!(handle.waiting(), 1);
+    // A service made after sheds at once.
+    let mut more = sheds.clone();
+    assert_ready_ok!(more.poll_ready());
+    assert!(more.call(req()).await.unwrap_err().is::<Overloaded>());
+}
