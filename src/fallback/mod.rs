@@ -156,6 +156,7 @@ impl FallbackAvailable {
 
     /// Whether a local limit should refuse rather than wait: a later model
     /// takes local throttles.
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
     pub(crate) fn refuse_rather_than_wait(ext: &http::Extensions) -> bool {
         ext.get::<Self>()
             .is_some_and(FallbackAvailable::takes_local_throttles)
