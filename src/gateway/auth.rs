@@ -1,10 +1,16 @@
 //! Client keys: stored as SHA-256 digests, looked up by the digest of the
 //! presented bearer token; shown only by a short redacted id.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
+
+use crate::time::{self, Instant};
 
 /// The SHA-256 of a client key. The key itself is never stored.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +82,85 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     v.get(..7).filter(|p| p.eq_ignore_ascii_case(b"bearer "))?;
     let token = v[7..].trim_ascii();
     (!token.is_empty()).then_some(token)
+}
+
+/// Client addresses tracked for failed authentications at most; past that
+/// the ones closest to being forgiven are forgotten first.
+pub(crate) const MAX_TRACKED_PEERS: usize = 4096;
+
+/// Failed authentications per client address: a burst of `per_minute`,
+/// then one more each `60 s / per_minute` (a GCRA per address). A peer
+/// over its allowance is refused before its key is even looked at, so a
+/// key cannot be guessed faster than that from one address. IPv6 addresses
+/// count per /64 (what one host is usually given); IPv4-mapped ones as
+/// IPv4. The map is bounded ([`MAX_TRACKED_PEERS`]).
+#[derive(Debug)]
+pub(crate) struct AuthFailures {
+    interval: Duration,
+    burst: u32,
+    /// Per peer, the theoretical arrival time of its next failure.
+    peers: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl AuthFailures {
+    /// `None` for 0 (no limit).
+    pub(crate) fn new(per_minute: u32) -> Option<Self> {
+        (per_minute > 0).then(|| Self {
+            interval: Duration::from_secs(60) / per_minute,
+            burst: per_minute,
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn peer(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+                }
+            },
+        }
+    }
+
+    /// How long `ip` must wait before it may try again, if it is over its
+    /// allowance now.
+    pub(crate) fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let now = time::now();
+        let tat = *self.peers.lock().expect("lock").get(&Self::peer(ip))?;
+        let ahead = tat.saturating_duration_since(now);
+        let allowed = self.interval * (self.burst - 1);
+        (ahead > allowed).then(|| ahead - allowed)
+    }
+
+    /// Counts a failed authentication from `ip`; returns how many peers are
+    /// tracked.
+    pub(crate) fn failed(&self, ip: IpAddr) -> usize {
+        let now = time::now();
+        let key = Self::peer(ip);
+        let mut peers = self.peers.lock().expect("lock");
+        if !peers.contains_key(&key) && peers.len() >= MAX_TRACKED_PEERS {
+            // Forget the peers already forgiven; if that frees nothing, the
+            // eighth closest to being forgiven (in one go, so that a flood
+            // of new addresses costs a sort per 512 of them, not a scan
+            // each).
+            peers.retain(|_, tat| *tat > now);
+            if peers.len() >= MAX_TRACKED_PEERS {
+                let mut by_tat: Vec<(Instant, IpAddr)> =
+                    peers.iter().map(|(k, tat)| (*tat, *k)).collect();
+                let n = MAX_TRACKED_PEERS / 8;
+                by_tat.select_nth_unstable(n);
+                for (_, k) in &by_tat[..n] {
+                    peers.remove(k);
+                }
+            }
+        }
+        let tat = peers.entry(key).or_insert(now);
+        *tat = (*tat).max(now) + self.interval;
+        peers.len()
+    }
 }
 
 #[cfg(test)]

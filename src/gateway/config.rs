@@ -45,6 +45,11 @@ pub(crate) struct ServerConfig {
     pub(crate) max_header_bytes: usize,
     pub(crate) body_read_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
+    /// Open client connections at most (`Gateway::serve`).
+    pub(crate) max_connections: usize,
+    /// Failed authentications a client address may make per minute (a
+    /// burst of as many), then 429; 0: no limit.
+    pub(crate) max_auth_failures_per_minute: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -589,6 +594,14 @@ fn parse_server(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<ServerConfig> 
     let shutdown_grace = s
         .duration("shutdown_grace", Some(Duration::from_secs(30)), true)
         .unwrap_or(Duration::ZERO);
+    let max_connections = s.int(
+        "max_connections",
+        super::serve::default_max_connections() as u64,
+        1,
+        1 << 20,
+    ) as usize;
+    let max_auth_failures_per_minute =
+        s.int("max_auth_failures_per_minute", 10, 0, 1_000_000) as u32;
     s.finish();
     Some(ServerConfig {
         listen: listen?,
@@ -596,6 +609,8 @@ fn parse_server(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<ServerConfig> 
         max_header_bytes,
         body_read_timeout,
         shutdown_grace,
+        max_connections,
+        max_auth_failures_per_minute,
     })
 }
 

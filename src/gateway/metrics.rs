@@ -30,6 +30,9 @@ pub(crate) const DEGRADED_KEYS: &str = "gateway_degraded_keys";
 pub(crate) const DEGRADATIONS: &str = "gateway_degradations_total";
 pub(crate) const CANCELLED: &str = "gateway_streams_cancelled_total";
 pub(crate) const IN_FLIGHT: &str = "gateway_requests_in_flight";
+pub(crate) const CONNECTIONS: &str = "gateway_connections_open";
+pub(crate) const IDLE_CLOSED: &str = "gateway_idle_connections_closed_total";
+pub(crate) const AUTH_PEERS: &str = "gateway_auth_failure_peers";
 
 /// The route label of an endpoint.
 pub(crate) fn route_label(e: Option<Endpoint>) -> &'static str {
@@ -63,6 +66,9 @@ pub(crate) struct Metrics {
     pub(crate) degraded_keys: Gauge,
     pub(crate) cancelled: Counter,
     pub(crate) in_flight: Gauge,
+    pub(crate) connections: Gauge,
+    pub(crate) idle_closed: Counter,
+    pub(crate) auth_peers: Gauge,
     samples: AtomicU64,
 }
 
@@ -126,6 +132,21 @@ impl Metrics {
             "Client keys degraded now.".into(),
         );
         recorder.describe_gauge(IN_FLIGHT.into(), None, "Requests being served now.".into());
+        recorder.describe_gauge(
+            CONNECTIONS.into(),
+            None,
+            "Client connections open now (Gateway::serve only).".into(),
+        );
+        describe(
+            IDLE_CLOSED,
+            None,
+            "Idle client connections closed to make room under the connection cap or when out of file descriptors.",
+        );
+        recorder.describe_gauge(
+            AUTH_PEERS.into(),
+            None,
+            "Client addresses with recent failed authentications being tracked.".into(),
+        );
         let key_labels: Arc<[String]> = key_labels.into();
         let (bucket_remaining, key_degraded, degradations) =
             metrics::with_local_recorder(&recorder, || {
@@ -146,6 +167,14 @@ impl Metrics {
                 metrics::gauge!(IN_FLIGHT),
             )
         });
+        let (connections, idle_closed, auth_peers) =
+            metrics::with_local_recorder(&recorder, || {
+                (
+                    metrics::gauge!(CONNECTIONS),
+                    metrics::counter!(IDLE_CLOSED),
+                    metrics::gauge!(AUTH_PEERS),
+                )
+            });
         Self {
             recorder,
             handle,
@@ -159,6 +188,9 @@ impl Metrics {
             degraded_keys,
             cancelled,
             in_flight,
+            connections,
+            idle_closed,
+            auth_peers,
             samples: AtomicU64::new(0),
         }
     }

@@ -25,7 +25,16 @@
 //!    <gateway key>`. Keys are configured as SHA-256 digests (or hashed at
 //!    load) and never stored, logged or shown: logs and metrics name a key
 //!    by its name or an 8-hex-digit redacted id. A missing or unknown key
-//!    gets 401 `InvalidApiKey` in the endpoint's error shape.
+//!    gets 401 `InvalidApiKey` in the endpoint's error shape. A client
+//!    address gets `max_auth_failures_per_minute` failed authentications
+//!    (default 10, a burst of as many, IPv6 per /64); beyond that its
+//!    requests get 429 (`Throttling`, `Retry-After`) whatever key they
+//!    carry, so keys cannot be guessed quickly. The address comes from
+//!    axum's `ConnectInfo<SocketAddr>` ([`Gateway::serve`] provides it; when
+//!    you mount the router yourself, serve it with
+//!    `into_make_service_with_connect_info::<SocketAddr>()`, or there is no
+//!    limit). Behind a reverse proxy every client has the proxy's address:
+//!    raise the limit or set it to 0 there.
 //! 2. **The key's token bucket** (default capacity 50, refill 30 per
 //!    second; per key overrides): empty means an immediate 429 with
 //!    `Retry-After` (whole seconds, rounded up) and
@@ -81,8 +90,30 @@
 //! status and key, 429s and other refusals by reason, upstream latency,
 //! bucket levels, degraded keys, cancelled streams, requests in flight);
 //! `tracing` events (a `warn` per degradation and per upstream failure,
-//! 5xx answers included, `debug` per request); [`Gateway::serve`] with a graceful shutdown that
-//! lets in-flight streams finish up to a deadline.
+//! 5xx answers included, `debug` per request).
+//!
+//! An SSE answer the upstream breaks off (a reset, the idle or total
+//! timeout) ends with a final error event in its dialect, so clients see
+//! an error rather than a stream that just stops: natively `event:error`,
+//! `:HTTP_STATUS/504` (timeout) or `502`, `data:{"code":"RequestTimeOut"`
+//! or `"InternalError",...}`; compatible `data: {"error":{"code":"timeout"`
+//! or `"upstream_error",...}}` (no `[DONE]`). If the upstream stopped
+//! inside an event, a blank line ends that partial event first. A JSON
+//! answer cut mid-way cannot be completed and is cut.
+//!
+//! **Serving** ([`Gateway::serve`]): HTTP/1.1 with keep-alive and a 30 s
+//! header read timeout; at most `max_connections` open connections
+//! (default: half the process's soft file-descriptor limit less 64, read
+//! from `/proc/self/limits`, 480 where that cannot be read): at the cap a
+//! new connection closes the one idle longest, and waits for a slot when
+//! none is idle. When accepting fails (out of file descriptors) the idle
+//! connections go first and accepting backs off (10 ms doubling to 1 s),
+//! with one `warn` per episode. Heads hyper cannot parse get their 400,
+//! 414 or 431 in DashScope's shape (the dialect of the request line when
+//! it was read) and are counted. A graceful shutdown closes at once the
+//! connections that owe nothing (idle, or still sending a head) and lets
+//! the others finish their answer (streams included) up to
+//! `shutdown_grace`.
 //!
 //! # Configuration
 //!
@@ -100,6 +131,8 @@
 //! max_header_bytes = 16384        # 431 above
 //! body_read_timeout = "30s"       # 408
 //! shutdown_grace = "30s"
+//! max_connections = 480           # default: from the fd limit
+//! max_auth_failures_per_minute = 10
 //!
 //! [upstream]
 //! region = "singapore"            # or base_url = "https://dashscope.aliyuncs.com"
@@ -215,6 +248,7 @@ use proxy::{Account, ClientKey, Inner, Pool};
 pub struct Gateway {
     inner: Arc<Inner>,
     max_header_bytes: usize,
+    max_connections: usize,
     grace: std::time::Duration,
     listen: std::net::SocketAddr,
 }
@@ -360,10 +394,12 @@ impl Gateway {
             keys: by_digest,
             clients,
             metrics,
+            auth_failures: auth::AuthFailures::new(config.server.max_auth_failures_per_minute),
         };
         Self {
             inner: Arc::new(inner),
             max_header_bytes: config.server.max_header_bytes,
+            max_connections: config.server.max_connections,
             grace: config.server.shutdown_grace,
             listen: config.server.listen,
         }
@@ -407,8 +443,16 @@ impl Gateway {
     /// included, finish for up to the configured `shutdown_grace` before
     /// dropping them.
     ///
-    /// Requests whose head is over the header cap get 431 from hyper
-    /// before the router sees them.
+    /// Connections are capped (`max_connections`, idle ones closed first),
+    /// accept failures back off, heads hyper cannot parse are answered in
+    /// DashScope's shape, and the connections that owe nothing are closed
+    /// at once on shutdown (see the [module docs](self)). Each request
+    /// carries axum's `ConnectInfo<SocketAddr>`.
+    ///
+    /// What cannot be shaped: a head not complete within 30 s closes the
+    /// connection without an answer (hyper sends none); and when a client
+    /// keeps sending a head far over the cap, closing its connection with
+    /// unread bytes may reset it before it reads the 431.
     ///
     /// # Errors
     ///
@@ -423,14 +467,12 @@ impl Gateway {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "gateway listening");
         }
-        serve::serve(
-            listener,
-            router,
-            self.max_header_bytes,
-            self.grace,
-            shutdown,
-        )
-        .await
+        let opts = serve::Options {
+            max_header_bytes: self.max_header_bytes,
+            max_connections: self.max_connections,
+            grace: self.grace,
+        };
+        serve::serve(listener, router, self.inner.clone(), opts, shutdown).await
     }
 
     /// Binds the configured `server.listen` address and serves until

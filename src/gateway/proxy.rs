@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -33,12 +35,12 @@ use crate::rate_limit::{ByModel, Cost, QuotaTable, RateLimit, RateLimiter};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
 use crate::timeout::Timeout;
-use crate::timeout::error::{DeadlineExceeded, HeaderTimeout};
+use crate::timeout::error::{DeadlineExceeded, HeaderTimeout, IdleTimeout};
 
-use super::auth::{KeyDigest, bearer, digest_of};
+use super::auth::{AuthFailures, KeyDigest, bearer, digest_of};
 use super::error::UpstreamBusy;
 use super::metrics::{KeyIdx, Metrics, route_label};
-use super::respond::{Refusal, ceil_secs, refuse_saying};
+use super::respond::{Refusal, ceil_secs, refuse_saying, sse_error_event};
 
 /// The client toward DashScope, with the upstream timeouts.
 pub(crate) type Upstream = Timeout<HttpClient>;
@@ -320,6 +322,8 @@ pub(crate) struct Inner {
     pub(crate) keys: HashMap<KeyDigest, Arc<ClientKey>>,
     pub(crate) clients: Vec<Arc<ClientKey>>,
     pub(crate) metrics: Metrics,
+    /// Failed authentications per client address (`None`: no limit).
+    pub(crate) auth_failures: Option<AuthFailures>,
 }
 
 impl fmt::Debug for Inner {
@@ -499,11 +503,38 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
     let protocol = endpoint.protocol();
     let route = route_label(Some(endpoint));
 
+    // The client's address, when the server provides it (`Gateway::serve`
+    // does; so does axum's `into_make_service_with_connect_info`).
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let failures = gw.auth_failures.as_ref().zip(peer);
+    if let Some((failures, ip)) = failures
+        && let Some(wait) = failures.blocked(ip)
+    {
+        tracing::debug!(
+            route,
+            "refused: too many failed authentications from this address"
+        );
+        return gw.refuse(
+            None,
+            route,
+            protocol,
+            Refusal::AuthThrottled,
+            Some(wait),
+            None,
+        );
+    }
     if header_bytes(req.headers()) > gw.max_header_bytes {
         return gw.refuse(None, route, protocol, Refusal::HeadersTooLarge, None, None);
     }
     let Some(client) = bearer(req.headers()).and_then(|t| gw.keys.get(&digest_of(t))) else {
         tracing::debug!(route, "refused: missing or unknown client key");
+        if let Some((failures, ip)) = failures {
+            let tracked = failures.failed(ip);
+            gw.metrics.auth_peers.set(tracked as f64);
+        }
         return gw.refuse(None, route, protocol, Refusal::Unauthorized, None, None);
     };
     let client = client.clone();
@@ -624,10 +655,18 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
                 latency_us = t0.elapsed().as_micros() as u64,
                 "proxied"
             );
+            let sse = crate::classify::is_event_stream(&parts.headers).then_some(protocol);
             let body = GatewayBody {
                 inner: body,
                 guard: Some(guard),
                 done: false,
+                sse,
+                newlines: 2,
+                who: Some(Box::new(Who {
+                    client: client.clone(),
+                    route,
+                    model: info.model.clone(),
+                })),
             };
             Response::from_parts(parts, axum::body::Body::new(body))
         }
@@ -707,16 +746,30 @@ impl Drop for InFlight {
     }
 }
 
+/// Whose answer a body is, for its failure's log line.
+struct Who {
+    client: Arc<ClientKey>,
+    route: &'static str,
+    model: Option<Arc<str>>,
+}
+
 pin_project! {
     /// The answer's body on its way to the client: passes frames through as
     /// they come; notes a client that went away before the end (dropping
     /// this body drops the upstream body, which cancels the upstream
-    /// request).
+    /// request). When the upstream stream fails mid-way (reset, idle or
+    /// total timeout), an SSE answer gets a final error event in its
+    /// dialect before it ends, and the failure is logged.
     struct GatewayBody<B> {
         #[pin]
         inner: B,
         guard: Option<InFlight>,
         done: bool,
+        // The dialect of an SSE answer.
+        sse: Option<Protocol>,
+        // How many newlines end what has passed (2: an event boundary).
+        newlines: u8,
+        who: Option<Box<Who>>,
     }
 
     impl<B> PinnedDrop for GatewayBody<B> {
@@ -732,18 +785,73 @@ pin_project! {
     }
 }
 
+impl<B> GatewayBody<B> {
+    /// The final event for a stream the upstream broke off: after a blank
+    /// line if the stream stopped inside an event.
+    fn error_event(protocol: Protocol, newlines: u8, timed_out: bool) -> Bytes {
+        let (refusal, message) = if timed_out {
+            (
+                Refusal::UpstreamTimeout,
+                "The upstream stream stalled past the gateway's timeout; the answer is incomplete.",
+            )
+        } else {
+            (
+                Refusal::UpstreamUnreachable,
+                "The upstream stream broke off; the answer is incomplete.",
+            )
+        };
+        let mut out = "\n".repeat(usize::from(2u8.saturating_sub(newlines)));
+        out.push_str(&sse_error_event(protocol, refusal, message));
+        Bytes::from(out)
+    }
+}
+
+/// How many newlines end `data`, given `before` ended what came before
+/// (carriage returns are part of line ends; at most 2 count).
+fn trailing_newlines(before: u8, data: &[u8]) -> u8 {
+    let mut n = 0u8;
+    for &b in data.iter().rev() {
+        match b {
+            b'\n' => n += 1,
+            b'\r' => {}
+            _ => return n.min(2),
+        }
+        if n >= 2 {
+            return 2;
+        }
+    }
+    (before + n).min(2)
+}
+
+/// Whether an error (or one in its chain) is a timeout of the upstream
+/// call.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<IdleTimeout>() || e.is::<DeadlineExceeded>() || e.is::<HeaderTimeout>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 impl<B> http_body::Body for GatewayBody<B>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes, Error = BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if *this.done && this.sse.is_some() {
+            // Ended by the gateway's error event.
+            return Poll::Ready(None);
+        }
         let r = this.inner.as_mut().poll_frame(cx);
         // The server may stop polling once a sized body has all its bytes:
         // the end is then known from the body, not from a final `None`.
@@ -756,11 +864,42 @@ where
             *this.done = true;
             this.guard.take();
         }
-        r
+        match r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.sse.is_some()
+                    && let Some(data) = frame.data_ref()
+                {
+                    *this.newlines = trailing_newlines(*this.newlines, data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let timed_out = is_timeout(&*e);
+                if let Some(who) = this.who.as_deref() {
+                    tracing::warn!(
+                        key = %who.client.id,
+                        key_name = %who.client.name,
+                        route = who.route,
+                        model = who.model.as_deref().unwrap_or(""),
+                        error = %e,
+                        timed_out,
+                        "upstream call failed mid-answer; the answer is cut"
+                    );
+                }
+                match *this.sse {
+                    Some(protocol) => {
+                        let event = Self::error_event(protocol, *this.newlines, timed_out);
+                        Poll::Ready(Some(Ok(Frame::data(event))))
+                    }
+                    None => Poll::Ready(Some(Err(e))),
+                }
+            }
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        (self.done && self.sse.is_some()) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

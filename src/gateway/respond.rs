@@ -46,6 +46,14 @@ pub(crate) enum Refusal {
     UpstreamTimeout,
     /// The upstream could not be reached (502).
     UpstreamUnreachable,
+    /// The request head could not be parsed as HTTP/1.1 (400, answered
+    /// for hyper).
+    MalformedRequest,
+    /// The request target is longer than the head buffer (414, answered
+    /// for hyper).
+    UriTooLong,
+    /// Too many failed authentications from the client's address (429).
+    AuthThrottled,
 }
 
 impl Refusal {
@@ -66,6 +74,9 @@ impl Refusal {
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Refusal::MalformedRequest => StatusCode::BAD_REQUEST,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::AuthThrottled => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -87,6 +98,9 @@ impl Refusal {
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::MalformedRequest => "malformed_request",
+            Refusal::UriTooLong => "uri_too_long",
+            Refusal::AuthThrottled => "auth_failures",
         }
     }
 
@@ -185,6 +199,24 @@ impl Refusal {
                 "server_error",
                 "The upstream service could not be reached, please try again later.",
             ),
+            Refusal::MalformedRequest => (
+                "InvalidParameter",
+                "invalid_request_error",
+                "invalid_request_error",
+                "The request could not be read as HTTP/1.1.",
+            ),
+            Refusal::UriTooLong => (
+                "InvalidURL",
+                "request_uri_too_long",
+                "invalid_request_error",
+                "The request URI is longer than the gateway accepts.",
+            ),
+            Refusal::AuthThrottled => (
+                "Throttling",
+                "limit_requests",
+                "limit_requests",
+                "Too many failed authentications from this address, please try again later.",
+            ),
         }
     }
 }
@@ -215,6 +247,26 @@ pub(crate) fn refuse_saying(
     extra: Option<HeaderMap>,
 ) -> Response {
     let id = request_id();
+    let body = error_json(protocol, refusal, message, &id);
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = refusal.status();
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    if let Some(d) = retry_after {
+        h.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(d)));
+    }
+    if let Some(extra) = extra {
+        h.extend(extra);
+    }
+    res
+}
+
+/// The error body for `refusal` in `protocol`'s shape, with request id
+/// `id`, saying `message` instead of the refusal's own when given.
+fn error_json(protocol: Protocol, refusal: Refusal, message: Option<&str>, id: &str) -> String {
     let (native, code, kind, own) = refusal.wording();
     let message = message.unwrap_or(own);
     let body = match protocol {
@@ -233,20 +285,38 @@ pub(crate) fn refuse_saying(
             "request_id": id,
         }),
     };
-    let mut res = Response::new(Body::from(body.to_string()));
-    *res.status_mut() = refusal.status();
-    let h = res.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert("x-request-id", v);
+    body.to_string()
+}
+
+/// A whole HTTP/1.1 answer for `refusal` that closes the connection:
+/// written on the wire where hyper would answer a head it cannot parse.
+pub(crate) fn raw_answer(protocol: Protocol, refusal: Refusal) -> Vec<u8> {
+    let id = request_id();
+    let body = error_json(protocol, refusal, None, &id);
+    let status = refusal.status();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+    )
+    .into_bytes()
+}
+
+/// A final SSE event reporting `refusal` in `protocol`'s stream dialect
+/// (QWEN-API.md A2 items 3 and 4): native `event:error` with
+/// `:HTTP_STATUS/NNN` and the error object, compatible `data:` with an
+/// `{"error":...}` object. `message` replaces the refusal's own.
+pub(crate) fn sse_error_event(protocol: Protocol, refusal: Refusal, message: &str) -> String {
+    let id = request_id();
+    let body = error_json(protocol, refusal, Some(message), &id);
+    match protocol {
+        Protocol::Native => format!(
+            "event:error\n:HTTP_STATUS/{}\ndata:{body}\n\n",
+            refusal.status().as_u16()
+        ),
+        Protocol::Compatible => format!("data: {body}\n\n"),
     }
-    if let Some(d) = retry_after {
-        h.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(d)));
-    }
-    if let Some(extra) = extra {
-        h.extend(extra);
-    }
-    res
 }
 
 #[cfg(test)]
