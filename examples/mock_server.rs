@@ -4,7 +4,13 @@
 //! cargo run --features mock --example mock_server -- --rpm 600 --tpm 1000000
 //! cargo run --features mock --example mock_server -- --port 8080 --key sk-1=acct --key sk-2=acct \
 //!     --fault-rate 0.05 --latency-ms 300 --per-token-ms 20 --burst-floor 20
+//! cargo run --features mock --example mock_server -- --any-model --native-model-404 \
+//!     --fail-first 2 --sse-without-blank-lines
 //! ```
+//!
+//! Tools, JSON mode and thinking work as the service's (see the `mock`
+//! module docs); scripted decisions need the library
+//! (`MockDashScope::builder().script(..)`, see `examples/agent_loop.rs`).
 //!
 //! Then point a client at the printed base URL, e.g.
 //!
@@ -19,7 +25,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tower_qwen::mock::{
-    AccountState, BurstGuard, Dist, Fault, FaultPlan, Latency, MockDashScope, Quota,
+    AccountState, ApiError, BurstGuard, Dist, Fault, FaultPlan, Latency, MockDashScope,
+    NativeModelError, Quota, Reply, Script,
 };
 
 /// A mock DashScope (Qwen) server on 127.0.0.1.
@@ -81,6 +88,22 @@ struct Args {
     /// Seed of all randomness.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Serve any model name (by default only the catalogue's).
+    #[arg(long)]
+    any_model: bool,
+    /// Answer an unknown model natively with `404 Model.NotExist` instead
+    /// of `400 InvalidParameter` "Model not exist.".
+    #[arg(long)]
+    native_model_404: bool,
+    /// Fail the first N requests with `503 ServiceUnavailable`.
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    /// End event-stream frames with one newline, as older gateways do.
+    #[arg(long)]
+    sse_without_blank_lines: bool,
+    /// Reasoning tokens of a thinking call.
+    #[arg(long, default_value_t = 12)]
+    reasoning_tokens: u32,
 }
 
 fn quota(rpm: u32, tpm: u64) -> Quota {
@@ -107,6 +130,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .default_quota(quota(args.rpm, args.tpm));
     if let Some(n) = NonZeroU32::new(args.output_tokens) {
         b = b.output_tokens(n);
+    }
+    if let Some(n) = NonZeroU32::new(args.reasoning_tokens) {
+        b = b.reasoning_tokens(n);
+    }
+    b = b
+        .accept_any_model(args.any_model)
+        .sse_without_blank_lines(args.sse_without_blank_lines);
+    if args.native_model_404 {
+        b = b.native_model_error(NativeModelError::NotExist);
+    }
+    if args.fail_first > 0 {
+        b = b.script(Script::new().times(
+            args.fail_first,
+            Reply::fault(Fault::Error(ApiError::service_unavailable())),
+        ));
     }
     for k in &args.keys {
         let (key, account) = k.split_once('=').unwrap_or((k, k));

@@ -25,7 +25,7 @@
 //! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
 //! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
 //! | [`redis`] | the same GCRA decision in Redis, shared by many replicas | `redis` |
-//! | [`mock`] | a faithful mock DashScope server for tests, benches and demos | `mock` |
+//! | [`mock`] | a faithful mock DashScope server for tests, benches, demos and agent test suites (tools, JSON mode, thinking, scripted decisions and faults) | `mock` |
 //!
 //! # Order
 //!

@@ -551,7 +551,8 @@ impl Classifier {
             || has("model_not_found")
             || has("ModelNotFound")
             // Native unknown models: `400 InvalidParameter` "Model not exist."
-            || (code.contains("InvalidParameter") && msg.starts_with("model not exist"))
+            || ((code.contains("InvalidParameter") || has("invalid_parameter_error"))
+                && msg.starts_with("model not exist"))
         {
             return perm(P::ModelNotFound);
         }

@@ -299,12 +299,15 @@ impl Latency {
     }
 }
 
-/// One kind of injected failure. See [`FaultPlan`].
+/// One kind of injected failure, drawn at random by a [`FaultPlan`] or
+/// given to chosen requests by a [`Script`](super::Script).
 ///
-/// "Tokens" below are output tokens: native streams send one per chunk,
-/// compatible streams one per content delta. `after_tokens` is clamped so
-/// that the fault always happens before the last token (and so before the
-/// final chunk).
+/// "Tokens" below are output pieces (about one token each): reasoning
+/// pieces, text pieces and tool-call argument fragments, one per chunk in
+/// either dialect (compatible streams also send a first role chunk, which
+/// is not a piece). `after_tokens` is clamped so that the fault always
+/// happens before the last piece (and so before the final chunk); 0 puts a
+/// compatible stream's fault right after its role-only first chunk.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Fault {

@@ -16,6 +16,13 @@ use crate::request::Protocol;
 /// wire strings. Use them in a [`Fault`](super::Fault), or build your own
 /// with [`ApiError::new`].
 ///
+/// Where A2 has no compatible-mode code (5xx, `BurstRate`, 413), the mock's
+/// choice is a stand-in, named after the native code: `internal_error`,
+/// `service_unavailable`, `gateway_timeout`, `limit_burst_rate`,
+/// `request_too_large`. The crate's [classifier](crate::classify) reads each
+/// of them exactly as it reads the native code, at any status and in either
+/// place (an error answer, a `200` body, a stream frame).
+///
 /// Natively the body is `{"request_id","code","message"}`; compatibly it is
 /// `{"error":{"message","type","param":null,"code"},"id":"chatcmpl-<request
 /// id>","request_id"}`.
@@ -241,12 +248,41 @@ impl ApiError {
     }
 
     /// `404 Model.NotExist` "Model not exist." (compatible:
-    /// `model_not_found`).
+    /// `model_not_found` "The model `<model>` does not exist or you do not
+    /// have access to it.", type `invalid_request_error`): what the mock
+    /// answers an unknown model in compatible mode, and natively with
+    /// [`NativeModelError::NotExist`](super::NativeModelError::NotExist).
     pub fn model_not_found(model: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "Model.NotExist", "Model not exist.").with_compat(
             "model_not_found",
             "invalid_request_error",
             format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+    }
+
+    /// `400 InvalidParameter` "Model not exist.": how the native dialect
+    /// answers an unknown model in most captures (QWEN-API.md A8), the
+    /// mock's native default. (Compatible: `invalid_parameter_error`, same
+    /// message; the mock's compatible endpoints answer
+    /// [`model_not_found`](Self::model_not_found) instead.)
+    pub fn model_not_exist() -> Self {
+        Self::invalid_parameter("Model not exist.")
+    }
+
+    /// `429 Throttling.RateQuota` whose `message` holds the engine's own
+    /// error as nested JSON, as captured (QWEN-API.md A2 quirk 5):
+    /// `{"error":{"message":"The engine is currently overloaded, please try
+    /// again later","type":"EngineOverloadedError",...}}`. The compatible
+    /// shape carries the same code and nested message (no capture shows it
+    /// there: a stand-in).
+    pub fn engine_overloaded() -> Self {
+        const NESTED: &str = "{\"error\":{\"message\":\"The engine is currently overloaded, please \
+                              try again later\",\"type\":\"EngineOverloadedError\",\"param\":null,\
+                              \"code\":null}}";
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Throttling.RateQuota",
+            NESTED,
         )
     }
 

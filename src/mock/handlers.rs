@@ -14,11 +14,15 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::body::{End, ScriptBody};
+use super::chat;
 use super::config::Fault;
 use super::error::ApiError;
+use super::models::ModelKind;
 use super::quota::Throttle;
+use super::script::{Reply, RequestKind, ScriptRequest};
 use super::server::ConnCtl;
-use super::state::{KeyEntry, Shared, TaskStatus, request_rng, uuid};
+use super::state::{KeyEntry, Shared, TaskStatus, TaskView, request_rng, uuid};
+use super::validate::{invalid, model_of, opt_object, opt_positive};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::util::rng::{Rng, SeededRng};
 
@@ -68,8 +72,12 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             }),
         )
         .route("/api/v1/services/{group}/{task}/{function}", post(task_api))
+        .route("/api/v1/tasks", get(task_list))
         .route("/api/v1/tasks/{id}", get(task_get))
         .route("/api/v1/tasks/{id}/cancel", post(task_cancel))
+        .route("/api/v1/models", get(native_models))
+        .route("/compatible-mode/v1/models", get(compatible_models))
+        .route("/compatible-mode/v1/models/{id}", get(compatible_model))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
@@ -95,30 +103,52 @@ fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
 struct Ctx {
     shared: Arc<Shared>,
     protocol: Protocol,
+    /// The request's arrival number (seeds its randomness).
+    seq: u64,
     rid: String,
     rng: SeededRng,
     /// Error answers go out as a native `event:error` stream (see
     /// `MockDashScopeBuilder::stream_errors_as_sse`).
     sse_errors: bool,
+    /// Event-stream frames end with one newline, not a blank line.
+    no_blank_lines: bool,
+    /// `X-DashScope-WorkSpace`.
+    workspace: Option<String>,
 }
 
 impl Ctx {
     fn new(shared: Arc<Shared>, protocol: Protocol, headers: &HeaderMap) -> Self {
         let seq = shared.next_seq();
-        let (seed, sse) = {
+        let (seed, sse, no_blank_lines) = {
             let cfg = shared.cfg();
-            (cfg.seed, cfg.stream_errors_as_sse)
+            (
+                cfg.seed,
+                cfg.stream_errors_as_sse,
+                cfg.sse_without_blank_lines,
+            )
         };
         let rid = uuid(&mut request_rng(seed, seq, 1));
         let rng = request_rng(seed, seq, 2);
         let sse_errors =
             sse && protocol == Protocol::Native && RequestInfo::parse("", headers, None).stream;
+        let workspace = headers
+            .get("x-dashscope-workspace")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned);
+        if let Some(w) = &workspace {
+            shared.counters.workspace(w);
+        }
         Self {
             shared,
             protocol,
+            seq,
             rid,
             rng,
             sse_errors,
+            no_blank_lines,
+            workspace,
         }
     }
 
@@ -152,13 +182,23 @@ impl Ctx {
     fn error(&self, e: &ApiError) -> Response {
         self.count_code(e);
         if self.sse_errors {
-            let frame = e.sse_frame(Protocol::Native, &self.rid, 1);
-            return self.response(e.status(), NATIVE_SSE, Body::from(frame));
+            let mut frame =
+                VecDeque::from([(Duration::ZERO, e.sse_frame(Protocol::Native, &self.rid, 1))]);
+            if self.no_blank_lines {
+                squash(&mut frame);
+            }
+            let body = frame.pop_front().map(|f| f.1).unwrap_or_default();
+            return self.response(e.status(), NATIVE_SSE, Body::from(body));
         }
         self.json(e.status(), e.body(self.protocol, &self.rid))
     }
 
-    fn stream(&self, body: ScriptBody) -> Response {
+    /// A `200` event stream of `frames`, then `end`.
+    fn stream(&self, mut frames: VecDeque<(Duration, Bytes)>, end: End, conn: ConnCtl) -> Response {
+        if self.no_blank_lines {
+            squash(&mut frames);
+        }
+        let body = ScriptBody::new(frames, end, conn, self.shared.counters.clone(), true);
         let ct = match self.protocol {
             Protocol::Native => NATIVE_SSE,
             Protocol::Compatible => COMPAT_SSE,
@@ -210,15 +250,18 @@ impl Ctx {
         }
     }
 
-    /// The account's standing and the model's existence.
-    fn check_account_and_model(&self, key: &KeyEntry, model: &str) -> Result<(), ApiError> {
+    /// The account's standing, and the model as served at an endpoint of
+    /// `kind`.
+    fn check_account_and_model(
+        &self,
+        key: &KeyEntry,
+        model: &str,
+        kind: ModelKind,
+    ) -> Result<super::models::ModelInfo, ApiError> {
         if let Some(e) = key.state.error() {
             return Err(e);
         }
-        if !self.shared.cfg().model_exists(model) {
-            return Err(ApiError::model_not_found(model));
-        }
-        Ok(())
+        self.shared.cfg().model_for(model, kind, self.protocol)
     }
 }
 
@@ -237,362 +280,31 @@ fn throttle_error(t: Throttle) -> ApiError {
 }
 
 // ---------------------------------------------------------------------------
-// Body validation.
-
-fn invalid(msg: String) -> ApiError {
-    ApiError::invalid_parameter(msg)
-}
-
-fn opt_bool(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<bool>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(invalid(format!("{at}{key} must be a boolean."))),
-    }
-}
-
-fn opt_positive(obj: &Map<String, Value>, key: &str, at: &str) -> Result<Option<u32>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(n) if n >= 1 => Ok(Some(u32::try_from(n).unwrap_or(u32::MAX))),
-            _ => Err(invalid(format!("{at}{key} must be a positive integer."))),
-        },
-    }
-}
-
-fn opt_object<'a>(
-    obj: &'a Map<String, Value>,
-    key: &str,
-) -> Result<Option<&'a Map<String, Value>>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m)),
-        Some(_) => Err(invalid(format!("{key} must be an object."))),
-    }
-}
-
-fn model_of(obj: &Map<String, Value>, protocol: Protocol) -> Result<String, ApiError> {
-    match obj.get("model") {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        None | Some(Value::Null) => Err(match protocol {
-            Protocol::Native => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "BadRequest.EmptyModel",
-                "Required parameter \"model\" missing from request.",
-            ),
-            Protocol::Compatible => ApiError::invalid_parameter("model must be provided."),
-        }),
-        Some(_) => Err(invalid("model must be a non-empty string.".into())),
-    }
-}
-
-fn check_messages(v: Option<&Value>, at: &str) -> Result<bool, ApiError> {
-    let Some(v) = v else { return Ok(false) };
-    let Some(list) = v.as_array().filter(|l| !l.is_empty()) else {
-        return Err(invalid(format!("{at}messages must be a non-empty array.")));
-    };
-    for m in list {
-        let ok = m.as_object().is_some_and(|m| {
-            m.get("role").is_some_and(Value::is_string)
-                && matches!(
-                    m.get("content"),
-                    None | Some(Value::Null | Value::String(_) | Value::Array(_))
-                )
-        });
-        if !ok {
-            return Err(invalid(format!(
-                "{at}messages must be objects with a string role and a string or array content."
-            )));
-        }
-    }
-    Ok(true)
-}
-
-/// What a generation request asks for, beyond [`RequestInfo`].
-#[derive(Debug)]
-struct GenRequest {
-    model: String,
-    max_tokens: Option<u32>,
-    /// Native: `parameters.incremental_output` (compatible is always
-    /// incremental).
-    incremental: bool,
-    /// Native: `result_format: "message"` (always for multimodal).
-    message_format: bool,
-}
-
-fn parse_generation(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<GenRequest, ApiError> {
-    let protocol = endpoint.protocol();
-    let model = model_of(obj, protocol)?;
-    match protocol {
-        Protocol::Native => {
-            let empty_input = || {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest.EmptyInput",
-                    "Required input parameter missing from request.",
-                )
-            };
-            let input = opt_object(obj, "input")?.ok_or_else(empty_input)?;
-            let has_messages = check_messages(input.get("messages"), "input.")?;
-            let has_prompt = match input.get("prompt") {
-                None | Some(Value::Null) => false,
-                Some(Value::String(_)) => true,
-                Some(_) => return Err(invalid("input.prompt must be a string.".into())),
-            };
-            if !has_messages && !has_prompt {
-                return Err(empty_input());
-            }
-            let empty = Map::new();
-            let params = opt_object(obj, "parameters")?.unwrap_or(&empty);
-            let max_tokens = opt_positive(params, "max_tokens", "parameters.")?;
-            let incremental =
-                opt_bool(params, "incremental_output", "parameters.")?.unwrap_or(false);
-            let message_format = match params.get("result_format") {
-                None | Some(Value::Null) => endpoint == Endpoint::NativeMultimodal,
-                Some(Value::String(s)) if s == "message" => true,
-                Some(Value::String(s)) if s == "text" => endpoint == Endpoint::NativeMultimodal,
-                Some(_) => {
-                    return Err(invalid(
-                        "parameters.result_format must be \"text\" or \"message\".".into(),
-                    ));
-                }
-            };
-            Ok(GenRequest {
-                model,
-                max_tokens,
-                incremental,
-                message_format,
-            })
-        }
-        Protocol::Compatible => {
-            if !check_messages(obj.get("messages"), "")? {
-                return Err(invalid("messages must be a non-empty array.".into()));
-            }
-            opt_bool(obj, "stream", "")?;
-            if let Some(o) = opt_object(obj, "stream_options")? {
-                opt_bool(o, "include_usage", "stream_options.")?;
-            }
-            let max_tokens = match opt_positive(obj, "max_completion_tokens", "")? {
-                Some(n) => Some(n),
-                None => opt_positive(obj, "max_tokens", "")?,
-            };
-            Ok(GenRequest {
-                model,
-                max_tokens,
-                incremental: true,
-                message_format: true,
-            })
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Generation.
 
-/// The reply text: every piece is four ASCII bytes, so each is exactly one
-/// token by [`crate::tokens::estimate_text_tokens`].
-const REPLY: &str = "This is a deterministic reply from the mock DashScope server, four \
-                     bytes per token. ";
-const _: () = assert!(REPLY.len().is_multiple_of(4));
-
-fn piece(k: u32) -> &'static str {
-    let n = REPLY.len() / 4;
-    let i = (k as usize % n) * 4;
-    &REPLY[i..i + 4]
-}
-
-fn text_upto(n: u32) -> String {
-    (0..n).map(piece).collect()
-}
-
-/// Everything needed to render one generation.
-struct Generation {
-    endpoint: Endpoint,
-    model: String,
-    input: u32,
-    output: u32,
-    finish: &'static str,
-    incremental: bool,
-    message_format: bool,
-    include_usage: bool,
-    created: u64,
-}
-
-impl Generation {
-    fn native_output(&self, content: String, finish: &str) -> Value {
-        if !self.message_format {
-            return json!({ "text": content, "finish_reason": finish });
-        }
-        let content = if self.endpoint == Endpoint::NativeMultimodal {
-            json!([{ "text": content }])
-        } else {
-            Value::String(content)
-        };
-        json!({
-            "choices": [{
-                "finish_reason": finish,
-                "message": { "role": "assistant", "content": content },
-            }]
-        })
-    }
-
-    fn native_usage(&self, output: u32) -> Value {
-        json!({
-            "input_tokens": self.input,
-            "output_tokens": output,
-            "total_tokens": self.input + output,
-        })
-    }
-
-    fn compat_usage(&self) -> Value {
-        json!({
-            "prompt_tokens": self.input,
-            "completion_tokens": self.output,
-            "total_tokens": self.input + self.output,
-            "prompt_tokens_details": { "cached_tokens": 0 },
-        })
-    }
-
-    /// The non-stream body.
-    fn body(&self, rid: &str) -> Bytes {
-        let v = match self.endpoint.protocol() {
-            Protocol::Native => json!({
-                "output": self.native_output(text_upto(self.output), self.finish),
-                "usage": self.native_usage(self.output),
-                "request_id": rid,
-            }),
-            Protocol::Compatible => json!({
-                "choices": [{
-                    "message": { "role": "assistant", "content": text_upto(self.output) },
-                    "finish_reason": self.finish,
-                    "index": 0,
-                    "logprobs": null,
-                }],
-                "object": "chat.completion",
-                "usage": self.compat_usage(),
-                "created": self.created,
-                "system_fingerprint": null,
-                "model": self.model,
-                "id": format!("chatcmpl-{rid}"),
-            }),
-        };
-        Bytes::from(v.to_string())
-    }
-
-    fn compat_chunk(&self, rid: &str, choices: Value, usage: Option<Value>) -> Bytes {
-        let mut v = json!({
-            "id": format!("chatcmpl-{rid}"),
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
-        }
-        Bytes::from(format!("data: {v}\n\n"))
-    }
-
-    /// The stream's frames, each with the delay before it. `cut`: stop
-    /// after that many tokens, without any final frame.
-    fn frames(
-        &self,
-        rid: &str,
-        gaps: &[Duration],
-        cut: Option<u32>,
-    ) -> VecDeque<(Duration, Bytes)> {
-        let tokens = cut.unwrap_or(self.output).min(self.output);
-        let gap = |i: u32| -> Duration {
-            // Delay before token i (1-based).
-            if i <= 1 {
-                Duration::ZERO
-            } else {
-                gaps.get(i as usize - 2).copied().unwrap_or_default()
-            }
-        };
-        let mut out = VecDeque::with_capacity(tokens as usize + 4);
-        match self.endpoint.protocol() {
-            Protocol::Native => {
-                for i in 1..=tokens {
-                    let content = if self.incremental {
-                        piece(i - 1).to_owned()
-                    } else {
-                        text_upto(i)
-                    };
-                    let finish = if i == self.output {
-                        self.finish
-                    } else {
-                        "null"
-                    };
-                    let data = json!({
-                        "output": self.native_output(content, finish),
-                        "usage": self.native_usage(i),
-                        "request_id": rid,
-                    });
-                    out.push_back((
-                        gap(i),
-                        Bytes::from(format!(
-                            "id:{i}\nevent:result\n:HTTP_STATUS/200\ndata:{data}\n\n"
-                        )),
-                    ));
-                }
-            }
-            Protocol::Compatible => {
-                let choice = |delta: Value, finish: Value| json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }]);
-                out.push_back((
-                    Duration::ZERO,
-                    self.compat_chunk(
-                        rid,
-                        choice(json!({ "role": "assistant", "content": "" }), Value::Null),
-                        None,
-                    ),
-                ));
-                for i in 1..=tokens {
-                    out.push_back((
-                        gap(i),
-                        self.compat_chunk(
-                            rid,
-                            choice(json!({ "content": piece(i - 1) }), Value::Null),
-                            None,
-                        ),
-                    ));
-                }
-                if cut.is_none() {
-                    out.push_back((
-                        Duration::ZERO,
-                        self.compat_chunk(rid, choice(json!({}), json!(self.finish)), None),
-                    ));
-                    if self.include_usage {
-                        out.push_back((
-                            Duration::ZERO,
-                            self.compat_chunk(rid, json!([]), Some(self.compat_usage())),
-                        ));
-                    }
-                    out.push_back((Duration::ZERO, Bytes::from_static(b"data: [DONE]\n\n")));
-                }
-            }
-        }
-        out
-    }
-
-    /// Index in `frames` of token `i` (1-based).
-    fn frame_index(&self, i: u32) -> usize {
-        match self.endpoint.protocol() {
-            Protocol::Native => i as usize - 1,
-            Protocol::Compatible => i as usize,
+/// Frames end with a single newline instead of a blank line (older
+/// gateways), when configured.
+fn squash(frames: &mut VecDeque<(Duration, Bytes)>) {
+    for (_, f) in frames.iter_mut() {
+        if f.ends_with(b"\n\n") {
+            *f = f.slice(..f.len() - 1);
         }
     }
 }
 
-/// Output tokens and finish reason: the configured default, capped by
-/// `max_tokens` ("length" when the cap cut it short).
-fn output_len(default: u32, max_tokens: Option<u32>) -> (u32, &'static str) {
-    let default = default.max(1);
-    match max_tokens {
-        Some(m) if m < default => (m, "length"),
-        _ => (default, "stop"),
+/// Whether a fault replaces the whole answer (no content is generated).
+fn is_answer_fault(f: &Fault) -> bool {
+    matches!(f, Fault::Error(_) | Fault::ErrorIn200(_) | Fault::Reset)
+}
+
+/// Asks the script about a request, counting it when a rule answers.
+fn scripted<'a>(ctx: &Ctx, view: impl FnOnce(u64) -> ScriptRequest<'a>) -> Reply {
+    match ctx.shared.script(view) {
+        Some(r) => {
+            ctx.shared.counters.scripted();
+            r
+        }
+        None => Reply::default(),
     }
 }
 
@@ -613,7 +325,7 @@ async fn generate(
         Ok(x) => x,
         Err(e) => return ctx.error(&e),
     };
-    let req = match parse_generation(endpoint, &obj) {
+    let req = match chat::parse(endpoint, &obj) {
         Ok(r) => r,
         Err(e) => return ctx.error(&e),
     };
@@ -624,46 +336,74 @@ async fn generate(
     };
     let info = RequestInfo::parse(path, &headers, Some(&bytes));
     let stream = info.stream;
-    let (quota, burst, plan, default_output, stream_only, as_sse) = {
+    let (model, quota, burst, plan, defaults, rules, as_sse) = {
         let cfg = shared.cfg();
         (
+            cfg.model_for(&req.model, ModelKind::Chat, protocol),
             cfg.quota(&req.model),
             cfg.burst,
             cfg.plan(&req.model),
-            cfg.output_tokens,
-            cfg.stream_only.contains(&req.model),
+            chat::Defaults {
+                output_tokens: cfg.output_tokens,
+                reasoning_tokens: cfg.reasoning_tokens,
+                compatible_forced_finish: cfg.compatible_forced_finish,
+            },
+            chat::Rules {
+                json_schema_needs_word: cfg.json_schema_needs_word,
+            },
             cfg.stream_errors_as_sse,
         )
     };
     ctx.sse_errors = as_sse && stream && protocol == Protocol::Native;
-    if let Err(e) = ctx.check_account_and_model(&key, &req.model) {
+    if let Some(e) = key.state.error() {
         return ctx.error(&e);
     }
+    let model = match model {
+        Ok(m) => m,
+        Err(e) => return ctx.error(&e),
+    };
     if protocol == Protocol::Native && header_is(&headers, "x-dashscope-async", "enable") {
         return ctx.error(&ApiError::async_not_supported());
     }
-    if stream_only && !stream {
-        return ctx.error(&ApiError::stream_only());
-    }
+    let thinking = match chat::check(&req, &obj, protocol, &model, stream, rules) {
+        Ok(t) => t,
+        Err(e) => return ctx.error(&e),
+    };
     shared.counters.call(&req.model);
+    let reply = scripted(&ctx, |seq| ScriptRequest {
+        seq,
+        kind: RequestKind::Chat,
+        compatible: protocol == Protocol::Compatible,
+        stream,
+        model: &req.model,
+        body: &obj,
+        messages: &req.messages,
+        workspace: ctx.workspace.as_deref(),
+    });
 
-    let input = info.input_tokens;
-    let (output, finish) = output_len(default_output, req.max_tokens);
     let u_sse = ctx.rng.next_f64();
     let u_fault = ctx.rng.next_f64();
+    let fault = match &reply.fault {
+        Some(f) => Some(f.clone()),
+        None => plan.pick(u_fault).cloned(),
+    };
+    if let Some(f) = reply.fault.as_ref().filter(|f| is_answer_fault(f)) {
+        // A scripted error answer replaces the call before the quota.
+        let ttfh = plan.latency.time_to_headers.sample(&mut ctx.rng);
+        return serve_answer_fault(&ctx, &conn, f, stream, ttfh).await;
+    }
+
+    let input = info.input_tokens;
+    let mut ids = request_rng(shared.cfg().seed, ctx.seq, 3);
+    let answer = chat::Plan::new(&req, protocol, thinking, &reply, &defaults, &mut ids);
+    let output = answer.output;
     let charge = u64::from(input) + u64::from(output);
     if let Err(t) = shared.admit(&key.account, &req.model, charge, &quota, burst.as_ref()) {
         let e = throttle_error(t);
         if stream && protocol == Protocol::Native && u_sse < plan.throttled_stream_as_sse {
             ctx.count_code(&e);
             let frames = VecDeque::from([(Duration::ZERO, e.sse_frame(protocol, &ctx.rid, 1))]);
-            return ctx.stream(ScriptBody::new(
-                frames,
-                End::Complete,
-                conn,
-                shared.counters.clone(),
-                true,
-            ));
+            return ctx.stream(frames, End::Complete, conn);
         }
         return ctx.error(&e);
     }
@@ -675,51 +415,64 @@ async fn generate(
     let gaps: Vec<Duration> = if plan.latency.per_token.is_zero() {
         Vec::new()
     } else {
-        (1..output)
+        (1..answer.pieces())
             .map(|_| plan.latency.per_token.sample(&mut ctx.rng))
             .collect()
     };
-    let g = Generation {
+    let g = chat::Generation {
         endpoint,
         model: req.model,
         input,
-        output,
-        finish,
+        plan: answer,
         incremental: req.incremental,
         message_format: req.message_format,
         include_usage: info.include_usage,
         created: shared.created(),
     };
-    let fault = plan.pick(u_fault).cloned();
     serve_generation(ctx, conn, g, stream, ttfh, gaps, fault).await
+}
+
+/// Answers with a fault that replaces the whole answer.
+async fn serve_answer_fault(
+    ctx: &Ctx,
+    conn: &ConnCtl,
+    fault: &Fault,
+    stream: bool,
+    ttfh: Duration,
+) -> Response {
+    match fault {
+        Fault::Reset => reset(ctx, conn).await,
+        Fault::ErrorIn200(e) => {
+            sleep(ttfh).await;
+            ctx.count_code(e);
+            ctx.json(StatusCode::OK, e.body(ctx.protocol, &ctx.rid))
+        }
+        Fault::StreamError { error: e, .. } | Fault::Error(e) => {
+            sleep(ttfh).await;
+            let _ = stream;
+            ctx.error(e)
+        }
+        _ => ctx.error(&ApiError::internal_error()),
+    }
 }
 
 async fn serve_generation(
     ctx: Ctx,
     conn: ConnCtl,
-    g: Generation,
+    g: chat::Generation,
     stream: bool,
     ttfh: Duration,
     gaps: Vec<Duration>,
     fault: Option<Fault>,
 ) -> Response {
-    let counters = ctx.shared.counters.clone();
-    let last = g.output - 1;
+    let last = g.plan.pieces().saturating_sub(1);
     let gen_time: Duration = gaps.iter().sum();
-    match fault {
-        Some(Fault::Reset) => return reset(&ctx, &conn).await,
-        Some(Fault::Error(e)) => {
-            sleep(ttfh).await;
-            return ctx.error(&e);
+    match &fault {
+        Some(f) if is_answer_fault(f) => {
+            return serve_answer_fault(&ctx, &conn, f, stream, ttfh).await;
         }
-        Some(Fault::StreamError { error, .. }) if !stream => {
-            sleep(ttfh).await;
-            return ctx.error(&error);
-        }
-        Some(Fault::ErrorIn200(e)) => {
-            sleep(ttfh).await;
-            ctx.count_code(&e);
-            return ctx.json(StatusCode::OK, e.body(ctx.protocol, &ctx.rid));
+        Some(f @ Fault::StreamError { .. }) if !stream => {
+            return serve_answer_fault(&ctx, &conn, f, stream, ttfh).await;
         }
         _ => {}
     }
@@ -775,7 +528,10 @@ async fn serve_generation(
                 gaps.get(a as usize - 1).copied().unwrap_or_default()
             };
             ctx.count_code(&error);
-            frames.push_back((gap, error.sse_frame(ctx.protocol, &rid, a + 1)));
+            let id = u32::try_from(frames.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(1);
+            frames.push_back((gap, error.sse_frame(ctx.protocol, &rid, id)));
             (frames, End::Complete)
         }
         Some(Fault::StreamCut { after_tokens }) => (
@@ -784,7 +540,7 @@ async fn serve_generation(
         ),
         _ => (g.frames(&rid, &gaps, None), End::Complete),
     };
-    ctx.stream(ScriptBody::new(frames, end, conn, counters, true))
+    ctx.stream(frames, end, conn)
 }
 
 /// Drops the connection without an answer.
@@ -872,7 +628,7 @@ async fn embed(
     if protocol == Protocol::Native && header_is(&headers, "x-dashscope-async", "enable") {
         // Batch embedding (`BatchTextEmbedding`) is an async task on the
         // same path.
-        return submit_task(&ctx, &key, &obj);
+        return submit_task(&ctx, &conn, &key, &obj).await;
     }
     let parsed = (|| {
         let model = model_of(&obj, protocol)?;
@@ -896,13 +652,12 @@ async fn embed(
         Ok(x) => x,
         Err(e) => return ctx.error(&e),
     };
-    let (quota, burst, plan, limit, default_dim) = {
+    let (quota, burst, plan, default_dim) = {
         let cfg = shared.cfg();
         (
             cfg.quota(&model),
             cfg.burst,
             cfg.plan(&model),
-            cfg.embedding_limit(&model),
             cfg.default_dimension,
         )
     };
@@ -912,15 +667,27 @@ async fn embed(
             "dimension is invalid, it should not be larger than 8192: {dimension}."
         )));
     }
-    if let Err(e) = ctx.check_account_and_model(&key, &model) {
-        return ctx.error(&e);
-    }
+    let info = match ctx.check_account_and_model(&key, &model, ModelKind::Embedding) {
+        Ok(m) => m,
+        Err(e) => return ctx.error(&e),
+    };
+    let limit = info.get_embedding_batch_limit();
     if texts.len() > limit as usize {
         return ctx.error(&invalid(format!(
             "batch size is invalid, it should not be larger than {limit}."
         )));
     }
     shared.counters.call(&model);
+    let reply = scripted(&ctx, |seq| ScriptRequest {
+        seq,
+        kind: RequestKind::Embedding,
+        compatible: protocol == Protocol::Compatible,
+        stream: false,
+        model: &model,
+        body: &obj,
+        messages: &[],
+        workspace: ctx.workspace.as_deref(),
+    });
     let path = match protocol {
         Protocol::Native => NATIVE_EMBEDDING,
         Protocol::Compatible => COMPATIBLE_EMBEDDING,
@@ -928,6 +695,10 @@ async fn embed(
     let input = RequestInfo::parse(path, &headers, Some(&bytes)).input_tokens;
     let _u_sse = ctx.rng.next_f64();
     let u_fault = ctx.rng.next_f64();
+    if let Some(f) = reply.fault.as_ref().filter(|f| is_answer_fault(f)) {
+        let ttfh = plan.latency.time_to_headers.sample(&mut ctx.rng);
+        return serve_answer_fault(&ctx, &conn, f, false, ttfh).await;
+    }
     if let Err(t) = shared.admit(
         &key.account,
         &model,
@@ -939,7 +710,7 @@ async fn embed(
     }
     shared.counters.admitted(&model, u64::from(input), 0);
     let ttfh = plan.latency.time_to_headers.sample(&mut ctx.rng);
-    let fault = plan.pick(u_fault).cloned();
+    let fault = reply.fault.or_else(|| plan.pick(u_fault).cloned());
     let make_body = || {
         let v = match protocol {
             Protocol::Native => json!({
@@ -999,16 +770,34 @@ async fn embed(
 // ---------------------------------------------------------------------------
 // Async tasks.
 
-fn submit_task(ctx: &Ctx, key: &KeyEntry, obj: &Map<String, Value>) -> Response {
+async fn submit_task(
+    ctx: &Ctx,
+    conn: &ConnCtl,
+    key: &KeyEntry,
+    obj: &Map<String, Value>,
+) -> Response {
     let model = match model_of(obj, Protocol::Native) {
         Ok(m) => m,
         Err(e) => return ctx.error(&e),
     };
-    if let Err(e) = ctx.check_account_and_model(key, &model) {
+    if let Err(e) = ctx.check_account_and_model(key, &model, ModelKind::Task) {
         return ctx.error(&e);
     }
     let shared = &ctx.shared;
     shared.counters.call(&model);
+    let reply = scripted(ctx, |seq| ScriptRequest {
+        seq,
+        kind: RequestKind::Task,
+        compatible: false,
+        stream: false,
+        model: &model,
+        body: obj,
+        messages: &[],
+        workspace: ctx.workspace.as_deref(),
+    });
+    if let Some(f) = &reply.fault {
+        return serve_answer_fault(ctx, conn, f, false, Duration::ZERO).await;
+    }
     let (quota, burst) = {
         let cfg = shared.cfg();
         (cfg.quota(&model), cfg.burst)
@@ -1018,7 +807,12 @@ fn submit_task(ctx: &Ctx, key: &KeyEntry, obj: &Map<String, Value>) -> Response 
     }
     shared.counters.admitted(&model, 0, 0);
     let task_id = uuid(&mut ctx.rng.clone());
-    shared.add_task(task_id.clone(), key.account.clone());
+    shared.add_task(
+        task_id.clone(),
+        key.account.clone(),
+        model,
+        reply.task_failure,
+    );
     let body = json!({
         "output": { "task_id": task_id, "task_status": "PENDING" },
         "request_id": ctx.rid,
@@ -1026,7 +820,12 @@ fn submit_task(ctx: &Ctx, key: &KeyEntry, obj: &Map<String, Value>) -> Response 
     ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
-async fn task_api(State(shared): St, headers: HeaderMap, body: Body) -> Response {
+async fn task_api(
+    State(shared): St,
+    Extension(conn): Extension<ConnCtl>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let ctx = Ctx::new(shared, Protocol::Native, &headers);
     let key = match ctx.auth(&headers) {
         Ok(k) => k,
@@ -1036,8 +835,33 @@ async fn task_api(State(shared): St, headers: HeaderMap, body: Body) -> Response
         return ctx.error(&ApiError::sync_not_supported());
     }
     match ctx.read_json(body).await {
-        Ok((_, obj)) => submit_task(&ctx, &key, &obj),
+        Ok((_, obj)) => submit_task(&ctx, &conn, &key, &obj).await,
         Err(e) => ctx.error(&e),
+    }
+}
+
+/// A task's `output` as polled.
+fn task_output(id: &str, view: Option<&TaskView>) -> Value {
+    match view {
+        None => json!({ "task_id": id, "task_status": "UNKNOWN" }),
+        Some(v) => match v.status {
+            TaskStatus::Succeeded => json!({
+                "task_id": id,
+                "task_status": "SUCCEEDED",
+                "results": [{ "url": format!("https://dashscope-result.mock.invalid/{id}/0.png") }],
+                "task_metrics": { "TOTAL": 1, "SUCCEEDED": 1, "FAILED": 0 },
+            }),
+            TaskStatus::Failed => {
+                let e = v.failure.clone().unwrap_or_else(ApiError::internal_error);
+                json!({
+                    "task_id": id,
+                    "task_status": "FAILED",
+                    "code": e.code(),
+                    "message": e.message(),
+                })
+            }
+            s => json!({ "task_id": id, "task_status": s.as_str() }),
+        },
     }
 }
 
@@ -1047,21 +871,124 @@ async fn task_get(State(shared): St, Path(id): Path<String>, headers: HeaderMap)
         Ok(k) => k,
         Err(e) => return ctx.error(&e),
     };
-    let status = shared.task_status(&id, &key.account);
-    let output = match status {
-        None => json!({ "task_id": id, "task_status": "UNKNOWN" }),
-        Some(TaskStatus::Succeeded) => json!({
-            "task_id": id,
-            "task_status": "SUCCEEDED",
-            "results": [{ "url": format!("https://dashscope-result.mock.invalid/{id}/0.png") }],
-            "task_metrics": { "TOTAL": 1, "SUCCEEDED": 1, "FAILED": 0 },
-        }),
-        Some(s) => json!({ "task_id": id, "task_status": s.as_str() }),
-    };
-    let mut body = json!({ "request_id": ctx.rid, "output": output });
-    if status == Some(TaskStatus::Succeeded) {
+    let view = shared.task(&id, &key.account);
+    let mut body = json!({ "request_id": ctx.rid, "output": task_output(&id, view.as_ref()) });
+    if view.is_some_and(|v| v.status == TaskStatus::Succeeded) {
         body["usage"] = json!({ "image_count": 1 });
     }
+    ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+/// `page_no` and `page_size` (1-based page, 1 to 100 items; defaults 1 and
+/// 10), as the SDK sends them.
+fn paging(q: &[(String, String)]) -> (usize, usize) {
+    let get = |k: &str| {
+        q.iter()
+            .find(|(n, _)| n == k)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let page = get("page_no").unwrap_or(1).max(1);
+    let size = get("page_size").unwrap_or(10).clamp(1, 100);
+    (page, size)
+}
+
+fn query_value<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter()
+        .find(|(n, _)| n == key)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+/// The query string's pairs, percent-decoded (`+` is a space).
+fn query(uri: &Uri) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    match std::str::from_utf8(&b[i + 1..i + 3])
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
+                        Some(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// `GET /api/v1/tasks`: the key's account's tasks, newest first, filtered
+/// by `status` and `model_name`, paged by `page_no` / `page_size`. The
+/// SDK hands the JSON through without a schema; the field names here are
+/// the mock's (an inferred shape).
+async fn task_list(State(shared): St, uri: Uri, headers: HeaderMap) -> Response {
+    let ctx = Ctx::new(shared.clone(), Protocol::Native, &headers);
+    let key = match ctx.auth(&headers) {
+        Ok(k) => k,
+        Err(e) => return ctx.error(&e),
+    };
+    let q = query(&uri);
+    let (page, size) = paging(&q);
+    let status = query_value(&q, "status");
+    let model = query_value(&q, "model_name");
+    let mut all = shared.tasks_of(&key.account);
+    all.reverse();
+    let matching: Vec<&TaskView> = all
+        .iter()
+        .filter(|v| status.is_none_or(|s| s.eq_ignore_ascii_case(v.status.as_str())))
+        .filter(|v| model.is_none_or(|m| m == v.model))
+        .collect();
+    let total = matching.len();
+    let data: Vec<Value> = matching
+        .iter()
+        .skip((page - 1).saturating_mul(size))
+        .take(size)
+        .map(|v| {
+            let mut t = json!({
+                "task_id": v.id,
+                "task_status": v.status.as_str(),
+                "model_name": v.model,
+                "submit_time_offset_s": v.submitted_secs,
+            });
+            if let Some(e) = v
+                .failure
+                .as_ref()
+                .filter(|_| v.status == TaskStatus::Failed)
+            {
+                t["code"] = json!(e.code());
+                t["message"] = json!(e.message());
+            }
+            t
+        })
+        .collect();
+    let body = json!({
+        "request_id": ctx.rid,
+        "data": data,
+        "total": total,
+        "total_page": total.div_ceil(size),
+        "page_no": page,
+        "page_size": size,
+    });
     ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
@@ -1082,6 +1009,77 @@ async fn task_cancel(State(shared): St, Path(id): Path<String>, headers: HeaderM
             "Failed to cancel the task, please confirm if the task is in PENDING status.",
         )),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Models.
+
+/// `GET /compatible-mode/v1/models`: the OpenAI list shape (3P sample,
+/// unverified: `{"object":"list","data":[{"id","object":"model","created",
+/// "owned_by":"system"}]}`).
+async fn compatible_models(State(shared): St, headers: HeaderMap) -> Response {
+    let ctx = Ctx::new(shared.clone(), Protocol::Compatible, &headers);
+    if let Err(e) = ctx.auth(&headers) {
+        return ctx.error(&e);
+    }
+    let created = shared.created();
+    let data: Vec<Value> = shared
+        .cfg()
+        .models
+        .keys()
+        .map(|id| json!({ "id": id, "object": "model", "created": created, "owned_by": "system" }))
+        .collect();
+    let body = json!({ "object": "list", "data": data });
+    ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+/// `GET /compatible-mode/v1/models/{id}`: one model, or `404
+/// model_not_found`.
+async fn compatible_model(
+    State(shared): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = Ctx::new(shared.clone(), Protocol::Compatible, &headers);
+    if let Err(e) = ctx.auth(&headers) {
+        return ctx.error(&e);
+    }
+    if !shared.cfg().models.contains_key(&id) {
+        return ctx.error(&ApiError::model_not_found(&id));
+    }
+    let body =
+        json!({ "id": id, "object": "model", "created": shared.created(), "owned_by": "system" });
+    ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+/// `GET /api/v1/models?page_no=1&page_size=10[&model=name]`: the SDK's
+/// shape (`{"output":{"models":[{"model","provider","opensource"}],
+/// "page_no","page_size","total"},"request_id"}`).
+async fn native_models(State(shared): St, uri: Uri, headers: HeaderMap) -> Response {
+    let ctx = Ctx::new(shared.clone(), Protocol::Native, &headers);
+    if let Err(e) = ctx.auth(&headers) {
+        return ctx.error(&e);
+    }
+    let q = query(&uri);
+    let (page, size) = paging(&q);
+    let filter = query_value(&q, "model");
+    let cfg = shared.cfg();
+    let matching: Vec<&super::models::ModelInfo> = cfg
+        .models
+        .values()
+        .filter(|m| filter.is_none_or(|f| f == m.name()))
+        .collect();
+    let models: Vec<Value> = matching
+        .iter()
+        .skip((page - 1).saturating_mul(size))
+        .take(size)
+        .map(|m| json!({ "model": m.name(), "provider": "qwen", "opensource": m.is_open_source() }))
+        .collect();
+    let body = json!({
+        "output": { "models": models, "page_no": page, "page_size": size, "total": matching.len() },
+        "request_id": ctx.rid,
+    });
+    ctx.json(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
 // ---------------------------------------------------------------------------
@@ -1108,22 +1106,6 @@ async fn method_not_allowed(State(shared): St, uri: Uri, headers: HeaderMap) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokens::estimate_text_tokens;
-
-    #[test]
-    fn reply_pieces_are_one_token_each() {
-        for n in [1, 7, 20, 100] {
-            assert_eq!(estimate_text_tokens(&text_upto(n)), n);
-        }
-    }
-
-    #[test]
-    fn output_is_capped_by_max_tokens() {
-        assert_eq!(output_len(20, None), (20, "stop"));
-        assert_eq!(output_len(20, Some(5)), (5, "length"));
-        assert_eq!(output_len(20, Some(20)), (20, "stop"));
-        assert_eq!(output_len(0, None), (1, "stop"));
-    }
 
     #[test]
     fn embeddings_are_unit_vectors_and_deterministic() {
@@ -1133,5 +1115,20 @@ mod tests {
         assert_ne!(a, embedding("world", 64));
         let norm: f32 = a.iter().map(|x| x * x).sum();
         assert!((norm - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn query_strings_decode() {
+        let uri: Uri = "/api/v1/tasks?page_no=2&model_name=wanx%2Dv1&status=&x=a+b&bad=%zz%4"
+            .parse()
+            .unwrap();
+        let q = query(&uri);
+        assert_eq!(query_value(&q, "model_name"), Some("wanx-v1"));
+        assert_eq!(query_value(&q, "status"), None);
+        assert_eq!(query_value(&q, "x"), Some("a b"));
+        assert_eq!(query_value(&q, "bad"), Some("%zz%4"));
+        assert_eq!(paging(&q), (2, 10));
+        let q = query(&"/x?page_no=0&page_size=1000".parse().unwrap());
+        assert_eq!(paging(&q), (1, 100));
     }
 }

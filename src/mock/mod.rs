@@ -1,12 +1,16 @@
 //! A faithful mock of DashScope (Qwen / Model Studio) on loopback, for tests,
-//! benchmarks and demos.
+//! benchmarks, demos, and your own agent's test suite.
 //!
 //! [`MockDashScope::builder`] starts a real HTTP/1 server (axum routing on
 //! hyper, on `127.0.0.1` and a random port) that speaks both wire dialects
-//! the way QWEN-API.md describes them, enforces per-account quotas, and
-//! injects faults on demand, deterministically for a seed. Unlike a
+//! the way QWEN-API.md describes them, enforces per-account quotas, answers
+//! with tool calls, JSON and reasoning as the service does, follows a
+//! [`Script`] of decisions and faults request by request, and injects
+//! random faults on demand, deterministically for a seed. Unlike a
 //! `tower-test` mock service, it exercises the whole client path: TCP,
-//! pooling, timeouts, body streaming and connection resets.
+//! pooling, timeouts, body streaming and connection resets. The official
+//! SDKs' wire shapes (OpenAI's and DashScope's) parse its answers as the
+//! service's.
 //!
 //! # Endpoints
 //!
@@ -18,10 +22,14 @@
 //! | `POST /api/v1/services/embeddings/text-embedding/text-embedding` | native embeddings |
 //! | `POST /compatible-mode/v1/embeddings` | compatible embeddings |
 //! | `POST /api/v1/services/{group}/{task}/{function}` with `X-DashScope-Async: enable` | async task submission (image synthesis and the like) |
-//! | `GET /api/v1/tasks/{id}`, `POST /api/v1/tasks/{id}/cancel` | task poll and cancel |
+//! | `GET /api/v1/tasks/{id}`, `POST /api/v1/tasks/{id}/cancel`, `GET /api/v1/tasks` | task poll, cancel, list |
+//! | `GET /compatible-mode/v1/models`, `GET /compatible-mode/v1/models/{id}` | the models, OpenAI's list shape |
+//! | `GET /api/v1/models?page_no=&page_size=&model=` | the models, the native SDK's shape |
 //!
 //! Every answer carries the request id in an `x-request-id` header and in
 //! the body (`request_id` natively, `id: "chatcmpl-<id>"` compatibly).
+//!
+//! # What it models
 //!
 //! **Streaming.** Native streaming is asked for with `X-DashScope-SSE:
 //! enable` or `Accept: text/event-stream`, compatible streaming with
@@ -29,26 +37,94 @@
 //! [`RequestInfo::parse`](crate::request::RequestInfo::parse), as the
 //! client-side layers do). Native frames are
 //! `id:N\nevent:result\n:HTTP_STATUS/200\ndata:{..}\n\n`, one per output
-//! token, with cumulative `usage` on every frame, `finish_reason` the string
+//! piece, with cumulative `usage` on every frame, `finish_reason` the string
 //! `"null"` until the last frame, no `[DONE]`; `parameters.incremental_output`
-//! chooses deltas (`true`) or cumulative text (`false`, the default).
-//! Compatible frames are `data: {chat.completion.chunk}\n\n`: a role chunk,
-//! one content delta per token, a chunk with the `finish_reason`, with
-//! `stream_options.include_usage` a tail chunk with `"choices":[]` and
-//! `usage` (earlier chunks then carry `"usage":null`), then `data: [DONE]`.
+//! chooses deltas (`true`) or cumulative snapshots (`false`, the default).
+//! Compatible frames are `data: {chat.completion.chunk}\n\n`: a first chunk
+//! with the role and empty content, one delta per piece, a chunk with the
+//! `finish_reason` and an empty delta, with `stream_options.include_usage` a
+//! tail chunk with `"choices":[]` and `usage` (earlier chunks then carry
+//! `"usage":null`), then `data: [DONE]`.
 //!
 //! **Tokens.** Input tokens are exactly
 //! `RequestInfo::parse(path, &headers, Some(body)).input_tokens` (see
-//! [`crate::tokens`]), so a client-side estimate and the mock agree.
-//! Output tokens are the configured count
-//! ([`MockDashScopeBuilder::output_tokens`], default 20) capped by
-//! `max_tokens` / `max_completion_tokens` / `parameters.max_tokens`, with
-//! `finish_reason` `"length"` when the cap cut it short and `"stop"`
-//! otherwise. The reply text is built of four-byte ASCII pieces, so its
-//! token estimate equals the reported output tokens. Embeddings have no
-//! output tokens; their vectors are deterministic unit vectors of the
-//! requested dimension (`parameters.dimension` / `dimensions`, default
-//! 1024), the same for the same text.
+//! [`crate::tokens`]), so a client-side estimate and the mock agree. Output
+//! comes in pieces of about one token: the default reply is
+//! [`MockDashScopeBuilder::output_tokens`] (default 20) four-byte ASCII
+//! pieces, so its token estimate equals the reported output tokens; a
+//! scripted text is cut into four ASCII bytes or two other characters per
+//! piece, tool-call arguments into fragments of at most 12 bytes, and
+//! `usage` counts each piece's estimate (plus the tool's name once).
+//! `max_tokens` / `max_completion_tokens` / `parameters.max_tokens` cap the
+//! text (`finish_reason` `"length"`), not reasoning or tool calls.
+//! Embeddings have no output tokens; their vectors are deterministic unit
+//! vectors of the requested dimension (`parameters.dimension` /
+//! `dimensions`, default 1024), the same for the same text.
+//!
+//! **Models.** A catalogue of [`ModelInfo`]s ([`ModelInfo::catalogue`]:
+//! the Qwen models of QWEN-API.md with their capabilities, function calling,
+//! JSON modes, thinking, stream-only, embeddings and their batch limits,
+//! task models), changeable with [`MockDashScopeBuilder::model`],
+//! [`models`](MockDashScopeBuilder::models) and at run time. A model outside
+//! it (names are case-sensitive), or of another kind than the endpoint's,
+//! gets the service's answer: compatible `404` `model_not_found` "The model
+//! \`X\` does not exist or you do not have access to it."; native `400
+//! InvalidParameter` "Model not exist." (or `404 Model.NotExist`, see
+//! [`NativeModelError`]). [`accept_any_model`](MockDashScopeBuilder::accept_any_model)
+//! serves any name. A parameter a model refuses
+//! ([`ModelInfo::unsupported_parameter`]) gets "`<400>
+//! InternalError.Algo.InvalidParameter: Parameter 'temperature'=0.7 is not
+//! supported for kimi-k3 model.`".
+//!
+//! **Function calling.** `tools`, `tool_choice` (`"auto"`, `"none"`,
+//! `"required"`, a named function) and `parallel_tool_calls` (top level in
+//! compatible mode, under `parameters` natively). Unless a [`Script`] says
+//! otherwise, the model calls the first tool (a forced choice: the named
+//! one) until the conversation's last message is a `role: "tool"` result,
+//! which it answers in text. Calls carry ids `call_` + 22 hex digits
+//! (seeded), and arguments as a JSON string: a minimal valid instance of the
+//! tool's `parameters` schema (required properties, their types, the first
+//! enum value). `finish_reason` is `"tool_calls"`, except for a forced
+//! choice, which ends `"stop"` natively (the captured quirk). Streamed
+//! natively, the first fragment of a call carries its `index`, `id`, `type`,
+//! `name` and first argument piece, later ones `"id":""` and arguments only,
+//! and the finish rides on the last fragment; compatibly, there is no empty
+//! first chunk (the first fragment carries `"content":null,"role":"assistant"`),
+//! continuation fragments never repeat `name` or a non-empty `id`, and the
+//! finish comes in its own empty-delta chunk before `[DONE]`. The errors
+//! DashScope sends are reproduced word for word: a model without function
+//! calling ("The tool call is not supported."), a forced function not in
+//! `tools`, an assistant message with `"tool_calls":[]`, a forced choice in
+//! thinking mode.
+//!
+//! **JSON mode.** `response_format` `{"type":"json_object"}` answers a JSON
+//! object, and needs the word "json" in a system or user message (else the
+//! service's `400` "'messages' must contain the word 'json' in some form,
+//! to use 'response_format' of type 'json_object'."); `json_schema` (only
+//! models with [`ModelInfo::json_schema`], e.g. `qwen-plus`) answers a
+//! minimal instance of `json_schema.schema`.
+//!
+//! **Thinking.** `enable_thinking` / `thinking_budget` on models with a
+//! thinking mode ([`Thinking`]: open-source Qwen3 on by default, hybrid
+//! commercial models off, QwQ/QVQ always): reasoning pieces
+//! ([`reasoning_tokens`](MockDashScopeBuilder::reasoning_tokens), default
+//! 12, capped by the budget) stream before the answer, natively with
+//! `content` and `reasoning_content` on every chunk, a last empty chunk with
+//! the finish reason and `usage.output_tokens_details.reasoning_tokens`;
+//! compatibly with a first chunk `{"content":null,"role":"assistant",
+//! "reasoning_content":""}`, reasoning deltas, content deltas with
+//! `"reasoning_content":null`, and `usage.completion_tokens_details`.
+//! Non-stream calls that would think are refused ("parameter.enable_thinking
+//! must be set to false for non-streaming calls"); stream-only models refuse
+//! any non-stream call ("This model only support stream mode…").
+//!
+//! **Scripts.** A [`Script`] says per request (by order, by number, by the
+//! last user message, or with a closure over a [`ScriptRequest`]) what the
+//! model decides ([`Reply`]: a text, one or several tool calls with given or
+//! generated arguments, its own answer) and which [`Fault`] happens ("fail
+//! the first N requests with X", throttling after three tokens, a task that
+//! ends `FAILED`), so agent loops and exact failure sequences are testable
+//! without hunting for seeds. See `examples/agent_loop.rs`.
 //!
 //! **Auth and accounts.** `Authorization: Bearer <key>` is required; each
 //! key belongs to an account ([`MockDashScopeBuilder::key`]), and quotas
@@ -57,19 +133,18 @@
 //! (compatible: `invalid_api_key` "Incorrect API key provided."). With no key
 //! configured the mock accepts [`MockDashScope::DEFAULT_KEY`]. A key's
 //! [`AccountState`] turns every call into the matching permanent error.
+//! `X-DashScope-WorkSpace` is read: counted per workspace in [`Stats`] and
+//! shown to scripts.
 //!
 //! **Validation.** Bodies over the size cap get `413`, non-JSON or
 //! wrongly-typed bodies `400 InvalidParameter` (compatible
 //! `invalid_parameter_error`), a missing model `400 BadRequest.EmptyModel`,
-//! a model outside the optional allow-list `404 Model.NotExist`
-//! (`model_not_found`), a stream-only model called without streaming the
-//! `400` "This model only support stream mode…", more texts than the
-//! model's embedding batch limit (10 for `text-embedding-v3`/`v4`, 25 for
-//! `v1`/`v2`) `400` "batch size is invalid…". `X-DashScope-Async: enable` on
-//! text or multimodal generation is refused with `403 AccessDenied`
-//! "current user api does not support asynchronous calls", as DashScope
-//! does; a task API called without it gets "…does not support synchronous
-//! calls".
+//! more texts than the model's embedding batch limit (10 for
+//! `text-embedding-v3`/`v4`, 25 for `v1`/`v2`) `400` "batch size is
+//! invalid…". `X-DashScope-Async: enable` on text or multimodal generation
+//! is refused with `403 AccessDenied` "current user api does not support
+//! asynchronous calls", as DashScope does; a task API called without it
+//! gets "…does not support synchronous calls".
 //!
 //! # Quotas
 //!
@@ -87,7 +162,7 @@
 //!
 //! 1. RPS, then RPM: `429 Throttling.RateQuota` (compatible `limit_requests`);
 //! 2. the optional [`BurstGuard`]: `429 Throttling.BurstRate` (compatible
-//!    `limit_burst_rate`);
+//!    `limit_burst_rate`, a stand-in);
 //! 3. TPS, then TPM: `429 Throttling.AllocationQuota` (compatible
 //!    `insufficient_quota`).
 //!
@@ -102,31 +177,72 @@
 //! A [`FaultPlan`] (global, or per model) gives each admitted request a
 //! chance of one [`Fault`] (5xx answers, connection resets before or in the
 //! middle of the body, stalls, `200` with an error body, in-stream error
-//! frames, streams cut short) and a [`Latency`]. All randomness comes from a
+//! frames after partial content, streams cut short) and a [`Latency`]; a
+//! [`Script`] gives chosen requests chosen faults. [`ApiError`] has every
+//! error of the catalogue, including one whose `message` holds nested JSON
+//! ([`ApiError::engine_overloaded`]);
+//! [`sse_without_blank_lines`](MockDashScopeBuilder::sse_without_blank_lines)
+//! sends frames as older gateways do. All randomness comes from a
 //! [`SeededRng`](crate::util::rng::SeededRng) seeded with
 //! [`MockDashScopeBuilder::seed`] and the request's arrival number, so a
-//! given seed and request order always produce the same faults, delays and
-//! request ids. All waits use tokio's timer, so tests run under
-//! `#[tokio::test(start_paused = true)]`.
+//! given seed and request order always produce the same faults, delays,
+//! request ids and tool-call ids. All waits use tokio's timer, so tests run
+//! under `#[tokio::test(start_paused = true)]`.
 //!
 //! # Counters
 //!
 //! [`MockHandle::stats`] returns [`Stats`]: requests, answers by status and
 //! by code, tokens charged, requests in flight and their peak, calls and
-//! admissions per model, streams started / completed / cancelled, resets.
+//! admissions per model, streams started / completed / cancelled, resets,
+//! requests per workspace, scripted requests.
 //!
-//! # Not modelled (yet)
+//! # Inferred, and a knob
+//!
+//! Where QWEN-API.md marks a fact as inferred (no capture), the mock follows
+//! it and lets you change it:
+//!
+//! * a forced `tool_choice` ends `"stop"` in compatible mode too
+//!   ([`compatible_forced_tool_choice_stops`](MockDashScopeBuilder::compatible_forced_tool_choice_stops));
+//! * the native status of an unknown model
+//!   ([`native_model_error`](MockDashScopeBuilder::native_model_error));
+//! * `parallel_tool_calls` defaults to `false` (only the first of several
+//!   scripted calls is sent without it);
+//! * `json_schema` needs no "json" in the messages
+//!   ([`json_schema_needs_json_word`](MockDashScopeBuilder::json_schema_needs_json_word));
+//! * which model supports what ([`ModelInfo`]).
+//!
+//! These rest on inferred facts too, without a knob: the text of the errors
+//! for `json_schema` or JSON mode on a model without it and for
+//! `enable_thinking` on a model without thinking (the "Parameter 'x'=v is
+//! not supported" template), for structured output in thinking mode and for
+//! native non-incremental thinking streams; that a model of another kind
+//! (an embedding model on the chat endpoint) "does not exist"; the
+//! compatible codes where A2 has none (`internal_error`,
+//! `service_unavailable`, `gateway_timeout`, `limit_burst_rate`,
+//! `request_too_large`; the classifier reads them like their native codes);
+//! the field names of `GET /api/v1/tasks`; the models list's `created` and
+//! `owned_by`.
+//!
+//! # Not modelled
 //!
 //! Real token counts (the estimate is deterministic, not Qwen's tokenizer);
-//! model output (the text is a fixed filler); tool calls, `n > 1`,
-//! `logprobs`, reasoning content, search and other parameters (accepted and
-//! ignored); cached-token discounts; HTTP/2 and TLS; the Anthropic-compatible
-//! and websocket APIs; the Batch, Files and task-list APIs; task failures
-//! and per-task results beyond one placeholder URL; DashScope's own rate
-//! limits on task polling; region-specific keys; the exact dynamic rule of
-//! the real burst guard (DashScope does not publish it; [`BurstGuard`] is a
-//! documented stand-in, off by default); output-token billing of cancelled
-//! streams (a request is charged in full when admitted).
+//! model quality (text is filler unless scripted; tool arguments are a
+//! minimal schema instance, not an understanding of the conversation; a
+//! schema's `pattern`, `uniqueItems` and conditionals are not honoured);
+//! `n > 1`, `logprobs`, `seed`, `stop`, search, and other parameters
+//! (accepted and ignored); `required` tool choice's exact semantics beyond
+//! "call the first tool"; fragments of two calls in one chunk, the stray
+//! empty tool-call fragment some models send, and `incremental_output:
+//! false` streams with partial tool names (cumulative tool-call snapshots
+//! here carry whole names); non-stream thinking answers (some third-party
+//! models allow them); cached-token discounts; HTTP/2 and TLS; the
+//! Anthropic-compatible and websocket APIs; the Batch and Files APIs;
+//! per-task results beyond one placeholder URL; workspace ids (any is
+//! accepted) and per-workspace quotas; DashScope's own rate limits on task
+//! polling and model listing; region-specific keys; the exact dynamic rule
+//! of the real burst guard (DashScope does not publish it; [`BurstGuard`]
+//! is a documented stand-in, off by default); output-token billing of
+//! cancelled streams (a request is charged in full when admitted).
 //!
 //! # Example
 //!
@@ -169,15 +285,58 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A scripted tool call, as an agent's test would ask for it:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use serde_json::json;
+//! use tower_qwen::mock::{MockDashScope, Reply, Script, ToolCall};
+//!
+//! let mock = MockDashScope::builder()
+//!     .script(Script::new().then(Reply::tool_call(ToolCall::new(
+//!         "get_weather",
+//!         json!({"city": "Paris"}),
+//!     ))))
+//!     .start()
+//!     .await?;
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let body = json!({
+//!     "model": "qwen-plus",
+//!     "messages": [{"role": "user", "content": "Weather in Paris?"}],
+//!     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+//!         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+//! });
+//! let req = http::Request::post(format!("{}/chat/completions", mock.compatible_base_url()))
+//!     .header("authorization", format!("Bearer {}", MockDashScope::DEFAULT_KEY))
+//!     .body(Full::from(body.to_string()))?;
+//! let res = client.request(req).await?;
+//! let v: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await?.to_bytes())?;
+//! let call = &v["choices"][0]["message"]["tool_calls"][0];
+//! assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
+//! assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+//! # Ok(())
+//! # }
+//! ```
 
 mod body;
+mod chat;
 mod config;
 mod error;
 mod handlers;
+mod models;
 mod quota;
+mod schema;
+mod script;
 mod server;
 mod state;
 mod stats;
+mod validate;
 
 use std::fmt;
 use std::io;
@@ -192,6 +351,8 @@ use tokio::task::JoinHandle;
 
 pub use self::config::{AccountState, BurstGuard, Dist, Fault, FaultPlan, Latency, Quota};
 pub use self::error::ApiError;
+pub use self::models::{ModelInfo, ModelKind, NativeModelError, Thinking};
+pub use self::script::{Reply, RequestKind, Script, ScriptRequest, ToolCall};
 pub use self::stats::Stats;
 
 use self::state::{Config, KeyEntry, Shared};
@@ -298,43 +459,106 @@ impl MockDashScopeBuilder {
         self
     }
 
-    /// Serves only these models; others get `404 Model.NotExist`.
+    /// Adds `model` to the catalogue, or replaces the model of that name.
     ///
-    /// Default is to serve any model.
+    /// Default is [`ModelInfo::catalogue`].
+    pub fn model(mut self, model: ModelInfo) -> Self {
+        self.cfg.models.insert(model.name().to_owned(), model);
+        self
+    }
+
+    /// Serves exactly these models: names in the catalogue keep their
+    /// capabilities, other names are served as [`ModelInfo::any`] (every
+    /// capability, any endpoint). Every other model gets the service's
+    /// "model not found".
+    ///
+    /// Default is the whole [`ModelInfo::catalogue`].
     pub fn models<I>(mut self, models: I) -> Self
     where
         I: IntoIterator,
         I::Item: Into<String>,
     {
-        self.cfg.models = Some(models.into_iter().map(Into::into).collect());
+        let mut keep = std::collections::BTreeMap::new();
+        for name in models.into_iter().map(Into::into) {
+            let info = self
+                .cfg
+                .models
+                .remove(&name)
+                .unwrap_or_else(|| ModelInfo::any(name.clone()));
+            keep.insert(name, info);
+        }
+        self.cfg.models = keep;
         self
     }
 
-    /// Replaces the list of stream-only models, which refuse non-stream
-    /// calls.
+    /// Serves any model name, the catalogue's with their capabilities and
+    /// any other as [`ModelInfo::any`] (any endpoint, every capability).
+    /// Off, an unknown model gets the service's "model not found": `404
+    /// model_not_found` in compatible mode, natively per
+    /// [`native_model_error`](Self::native_model_error).
     ///
-    /// Default is `qwq-plus`, `qwq-plus-latest`, `qwq-32b`, `qvq-max`,
-    /// `qvq-max-latest`, `qvq-plus`, `qwen-omni-turbo`,
-    /// `qwen-omni-turbo-latest` and `qwen3-omni-flash`.
+    /// Default is `false`.
+    pub fn accept_any_model(mut self, yes: bool) -> Self {
+        self.cfg.any_model = yes;
+        self
+    }
+
+    /// How the native dialect answers an unknown model (the captures
+    /// disagree; see [`NativeModelError`]).
+    ///
+    /// Default is [`NativeModelError::InvalidParameter`] (`400` "Model not
+    /// exist.").
+    pub fn native_model_error(mut self, answer: NativeModelError) -> Self {
+        self.cfg.native_model_error = answer;
+        self
+    }
+
+    /// Marks exactly these models as stream-only (unknown names are added
+    /// as [`ModelInfo::any`]); every other model serves non-stream calls.
+    ///
+    /// Default is the catalogue's: QwQ, QVQ and Omni models.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `model(ModelInfo::chat(name).stream_only(true))`"
+    )]
     pub fn stream_only_models<I>(mut self, models: I) -> Self
     where
         I: IntoIterator,
         I::Item: Into<String>,
     {
-        self.cfg.stream_only = models.into_iter().map(Into::into).collect();
+        let names: std::collections::HashSet<String> = models.into_iter().map(Into::into).collect();
+        for m in self.cfg.models.values_mut() {
+            *m = m.clone().stream_only(names.contains(m.name()));
+        }
+        for name in names {
+            self.cfg
+                .models
+                .entry(name)
+                .or_insert_with_key(|name| ModelInfo::any(name.clone()).stream_only(true));
+        }
         self
     }
 
-    /// The most texts one embedding request of `model` may carry.
+    /// The most texts one embedding request of `model` may carry (a model
+    /// not in the catalogue yet is added as an embedding model).
     ///
-    /// Default is 10 for `text-embedding-v3`/`v4`, 25 for `v1`/`v2`, and
-    /// the [default limit](Self::default_embedding_batch_limit) otherwise.
+    /// Default is 10 for `text-embedding-v3`/`v4`, 25 for `v1`/`v2` (the
+    /// catalogue's).
     pub fn embedding_batch_limit(mut self, model: impl Into<String>, limit: NonZeroU32) -> Self {
-        self.cfg.embedding_limits.insert(model.into(), limit.get());
+        let model = model.into();
+        let info = self
+            .cfg
+            .models
+            .remove(&model)
+            .unwrap_or_else(|| ModelInfo::embedding(model.clone()));
+        self.cfg
+            .models
+            .insert(model, info.embedding_batch_limit(limit));
         self
     }
 
-    /// The embedding batch limit of models without their own.
+    /// The embedding batch limit of models outside the catalogue (served
+    /// with [`accept_any_model`](Self::accept_any_model)).
     ///
     /// Default is 10.
     pub fn default_embedding_batch_limit(mut self, limit: NonZeroU32) -> Self {
@@ -355,6 +579,54 @@ impl MockDashScopeBuilder {
     /// Default is 20.
     pub fn output_tokens(mut self, tokens: NonZeroU32) -> Self {
         self.cfg.output_tokens = tokens.get();
+        self
+    }
+
+    /// Reasoning tokens a thinking call sends before its answer (capped by
+    /// the request's `thinking_budget`).
+    ///
+    /// Default is 12.
+    pub fn reasoning_tokens(mut self, tokens: NonZeroU32) -> Self {
+        self.cfg.reasoning_tokens = tokens.get();
+        self
+    }
+
+    /// What the model answers, request by request (see [`Script`]).
+    ///
+    /// Default is no script: every request gets the mock's own answer.
+    pub fn script(mut self, script: Script) -> Self {
+        self.cfg.script = script;
+        self
+    }
+
+    /// Whether a forced `tool_choice` (a named function or `"required"`)
+    /// ends with `finish_reason: "stop"` in compatible mode, as it does
+    /// natively (captured); `false` sends `"tool_calls"`. Compatible mode
+    /// was not captured: `true` mirrors the native quirk (inferred).
+    ///
+    /// Default is `true`.
+    pub fn compatible_forced_tool_choice_stops(mut self, yes: bool) -> Self {
+        self.cfg.compatible_forced_finish = if yes { "stop" } else { "tool_calls" };
+        self
+    }
+
+    /// Whether `response_format` `json_schema` also needs the word "json"
+    /// in a system or user message, as `json_object` does. The docs say it
+    /// does not; one third-party report says it does (unverified).
+    ///
+    /// Default is `false`.
+    pub fn json_schema_needs_json_word(mut self, yes: bool) -> Self {
+        self.cfg.json_schema_needs_word = yes;
+        self
+    }
+
+    /// Whether event-stream frames end with a single newline instead of a
+    /// blank line, as older DashScope gateways send them ("complete JSON
+    /// frames without blank lines between them").
+    ///
+    /// Default is `false`.
+    pub fn sse_without_blank_lines(mut self, yes: bool) -> Self {
+        self.cfg.sse_without_blank_lines = yes;
         self
     }
 
@@ -545,6 +817,36 @@ impl MockHandle {
             Some(p) => cfg.model_faults.insert(model, Arc::new(p)),
             None => cfg.model_faults.remove(&model),
         };
+    }
+
+    /// Replaces the script (and restarts its count of requests).
+    pub fn set_script(&self, script: Script) {
+        self.shared.set_script(&script);
+        self.shared.cfg_mut().script = script;
+    }
+
+    /// Adds `model` to the catalogue, or replaces the model of that name.
+    pub fn set_model(&self, model: ModelInfo) {
+        self.shared
+            .cfg_mut()
+            .models
+            .insert(model.name().to_owned(), model);
+    }
+
+    /// Removes `model` from the catalogue; returns whether it was there.
+    pub fn remove_model(&self, model: &str) -> bool {
+        self.shared.cfg_mut().models.remove(model).is_some()
+    }
+
+    /// The catalogue, by name.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.shared.cfg().models.values().cloned().collect()
+    }
+
+    /// Turns frames without blank lines on or off (see
+    /// [`MockDashScopeBuilder::sse_without_blank_lines`]).
+    pub fn set_sse_without_blank_lines(&self, yes: bool) {
+        self.shared.cfg_mut().sse_without_blank_lines = yes;
     }
 
     /// Accepts `key`, belonging to `account`, from now on.

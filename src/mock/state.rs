@@ -1,13 +1,16 @@
 //! State shared by every connection: the configuration (changeable at run
 //! time), the quota windows, async tasks and counters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::config::{AccountState, BurstGuard, FaultPlan, Quota};
+use super::error::ApiError;
+use super::models::{ModelInfo, ModelKind, NativeModelError};
 use super::quota::{Throttle, Window};
+use super::script::{Reply, Script, ScriptRequest, ScriptRun};
 use super::stats::Counters;
 use crate::time::{self, Instant};
 use crate::util::rng::{Rng, SeededRng};
@@ -27,19 +30,27 @@ pub(crate) struct Config {
     pub(crate) default_quota: Quota,
     pub(crate) quotas: HashMap<String, Quota>,
     pub(crate) burst: Option<BurstGuard>,
-    pub(crate) models: Option<HashSet<String>>,
-    pub(crate) stream_only: HashSet<String>,
-    pub(crate) embedding_limits: HashMap<String, u32>,
+    /// The catalogue, by name.
+    pub(crate) models: BTreeMap<String, ModelInfo>,
+    /// Serve unknown models as [`ModelInfo::any`].
+    pub(crate) any_model: bool,
+    pub(crate) native_model_error: NativeModelError,
     pub(crate) default_embedding_limit: u32,
     pub(crate) default_dimension: u32,
     pub(crate) output_tokens: u32,
+    pub(crate) reasoning_tokens: u32,
+    /// `finish_reason` of a forced `tool_choice` in compatible mode.
+    pub(crate) compatible_forced_finish: &'static str,
+    pub(crate) json_schema_needs_word: bool,
     pub(crate) seed: u64,
     pub(crate) faults: Arc<FaultPlan>,
     pub(crate) model_faults: HashMap<String, Arc<FaultPlan>>,
+    pub(crate) script: Script,
     pub(crate) task_pending: Duration,
     pub(crate) task_running: Duration,
     pub(crate) body_limit: usize,
     pub(crate) stream_errors_as_sse: bool,
+    pub(crate) sse_without_blank_lines: bool,
 }
 
 /// The key every mock accepts unless keys are configured.
@@ -47,48 +58,33 @@ pub(crate) const DEFAULT_KEY: &str = "sk-mock";
 
 impl Default for Config {
     fn default() -> Self {
-        let mut embedding_limits = HashMap::new();
-        for (m, n) in [
-            ("text-embedding-v1", 25),
-            ("text-embedding-v2", 25),
-            ("text-embedding-v3", 10),
-            ("text-embedding-v4", 10),
-        ] {
-            embedding_limits.insert(m.to_owned(), n);
-        }
-        let stream_only = [
-            "qwq-plus",
-            "qwq-plus-latest",
-            "qwq-32b",
-            "qvq-max",
-            "qvq-max-latest",
-            "qvq-plus",
-            "qwen-omni-turbo",
-            "qwen-omni-turbo-latest",
-            "qwen3-omni-flash",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
         Self {
             keys: HashMap::new(),
             accept_any_key: false,
             default_quota: Quota::unlimited(),
             quotas: HashMap::new(),
             burst: None,
-            models: None,
-            stream_only,
-            embedding_limits,
+            models: ModelInfo::catalogue()
+                .into_iter()
+                .map(|m| (m.name().to_owned(), m))
+                .collect(),
+            any_model: false,
+            native_model_error: NativeModelError::default(),
             default_embedding_limit: 10,
             default_dimension: 1024,
             output_tokens: 20,
+            reasoning_tokens: 12,
+            compatible_forced_finish: "stop",
+            json_schema_needs_word: false,
             seed: 0,
             faults: Arc::new(FaultPlan::default()),
             model_faults: HashMap::new(),
+            script: Script::new(),
             task_pending: Duration::from_secs(1),
             task_running: Duration::from_secs(3),
             body_limit: 8 << 20,
             stream_errors_as_sse: false,
+            sse_without_blank_lines: false,
         }
     }
 }
@@ -125,15 +121,35 @@ impl Config {
         self.model_faults.get(model).unwrap_or(&self.faults).clone()
     }
 
-    pub(crate) fn model_exists(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|m| m.contains(model))
-    }
-
-    pub(crate) fn embedding_limit(&self, model: &str) -> u32 {
-        self.embedding_limits
-            .get(model)
-            .copied()
-            .unwrap_or(self.default_embedding_limit)
+    /// The model as served at an endpoint of `kind`, or the service's "not
+    /// found" error in `protocol`'s shape. A model of another kind does not
+    /// exist for that endpoint (an inferred rule).
+    pub(crate) fn model_for(
+        &self,
+        model: &str,
+        kind: ModelKind,
+        protocol: crate::request::Protocol,
+    ) -> Result<ModelInfo, ApiError> {
+        match self.models.get(model) {
+            Some(m) if m.serves(kind) => return Ok(m.clone()),
+            None if self.any_model => {
+                let mut m = ModelInfo::any(model);
+                if kind == ModelKind::Embedding {
+                    m = m.embedding_batch_limit(
+                        std::num::NonZeroU32::new(self.default_embedding_limit)
+                            .unwrap_or(std::num::NonZeroU32::MIN),
+                    );
+                }
+                return Ok(m);
+            }
+            _ => {}
+        }
+        Err(match (protocol, self.native_model_error) {
+            (crate::request::Protocol::Native, NativeModelError::InvalidParameter) => {
+                ApiError::model_not_exist()
+            }
+            _ => ApiError::model_not_found(model),
+        })
     }
 }
 
@@ -141,8 +157,11 @@ impl Config {
 #[derive(Clone, Debug)]
 pub(crate) struct Task {
     pub(crate) account: Arc<str>,
+    pub(crate) model: String,
     pub(crate) submitted: Instant,
     pub(crate) canceled: bool,
+    /// Set when a script made the task fail.
+    pub(crate) failure: Option<ApiError>,
 }
 
 /// A task's status at some instant.
@@ -151,6 +170,7 @@ pub(crate) enum TaskStatus {
     Pending,
     Running,
     Succeeded,
+    Failed,
     Canceled,
 }
 
@@ -160,9 +180,21 @@ impl TaskStatus {
             Self::Pending => "PENDING",
             Self::Running => "RUNNING",
             Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
             Self::Canceled => "CANCELED",
         }
     }
+}
+
+/// One task as listed or polled.
+#[derive(Clone, Debug)]
+pub(crate) struct TaskView {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) status: TaskStatus,
+    pub(crate) failure: Option<ApiError>,
+    /// Seconds since the server started, at submission.
+    pub(crate) submitted_secs: u64,
 }
 
 const MAX_TASKS: usize = 10_000;
@@ -177,6 +209,7 @@ pub(crate) struct Shared {
     cfg: RwLock<Config>,
     windows: Mutex<Windows>,
     tasks: Mutex<HashMap<String, Task>>,
+    script: Mutex<ScriptRun>,
     pub(crate) counters: Counters,
     seq: AtomicU64,
     t0: Instant,
@@ -193,10 +226,12 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let script = Mutex::new(ScriptRun::new(&cfg.script));
         Self {
             cfg: RwLock::new(cfg),
             windows: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            script,
             counters: Counters::default(),
             seq: AtomicU64::new(0),
             t0: time::now(),
@@ -260,7 +295,29 @@ impl Shared {
         lock(&self.windows).clear();
     }
 
-    pub(crate) fn add_task(&self, id: String, account: Arc<str>) {
+    /// Replaces the script being played (and restarts its count).
+    pub(crate) fn set_script(&self, script: &Script) {
+        *lock(&self.script) = ScriptRun::new(script);
+    }
+
+    /// Numbers a request among the requests the script sees, and asks the
+    /// script about it (`view` builds the request's view from its number).
+    pub(crate) fn script<'a>(&self, view: impl FnOnce(u64) -> ScriptRequest<'a>) -> Option<Reply> {
+        let mut run = lock(&self.script);
+        let seq = run.next_seq();
+        if run.is_empty() {
+            return None;
+        }
+        run.decide(&view(seq))
+    }
+
+    pub(crate) fn add_task(
+        &self,
+        id: String,
+        account: Arc<str>,
+        model: String,
+        failure: Option<ApiError>,
+    ) {
         let now = time::now();
         let keep = {
             let cfg = self.cfg();
@@ -274,21 +331,57 @@ impl Shared {
             id,
             Task {
                 account,
+                model,
                 submitted: now,
                 canceled: false,
+                failure,
             },
         );
     }
 
-    /// The status of task `id` as seen by `account`.
-    pub(crate) fn task_status(&self, id: &str, account: &str) -> Option<TaskStatus> {
+    fn view(
+        &self,
+        id: &str,
+        t: &Task,
+        now: Instant,
+        pending: Duration,
+        running: Duration,
+    ) -> TaskView {
+        TaskView {
+            id: id.to_owned(),
+            model: t.model.clone(),
+            status: status_at(t, now, pending, running),
+            failure: t.failure.clone(),
+            submitted_secs: (t.submitted - self.t0).as_secs(),
+        }
+    }
+
+    /// Task `id` as seen by `account`.
+    pub(crate) fn task(&self, id: &str, account: &str) -> Option<TaskView> {
         let (pending, running) = {
             let cfg = self.cfg();
             (cfg.task_pending, cfg.task_running)
         };
         let tasks = lock(&self.tasks);
         let t = tasks.get(id).filter(|t| &*t.account == account)?;
-        Some(status_at(t, time::now(), pending, running))
+        Some(self.view(id, t, time::now(), pending, running))
+    }
+
+    /// Every task of `account`, oldest first (ties by id).
+    pub(crate) fn tasks_of(&self, account: &str) -> Vec<TaskView> {
+        let (pending, running) = {
+            let cfg = self.cfg();
+            (cfg.task_pending, cfg.task_running)
+        };
+        let now = time::now();
+        let tasks = lock(&self.tasks);
+        let mut out: Vec<(Instant, TaskView)> = tasks
+            .iter()
+            .filter(|(_, t)| &*t.account == account)
+            .map(|(id, t)| (t.submitted, self.view(id, t, now, pending, running)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        out.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Cancels a PENDING task; returns its status before the call.
@@ -315,6 +408,8 @@ fn status_at(t: &Task, now: Instant, pending: Duration, running: Duration) -> Ta
         TaskStatus::Pending
     } else if age < pending + running {
         TaskStatus::Running
+    } else if t.failure.is_some() {
+        TaskStatus::Failed
     } else {
         TaskStatus::Succeeded
     }

@@ -45,6 +45,11 @@ pub struct Stats {
     pub streams_cancelled: u64,
     /// Connections the mock dropped on purpose (reset faults).
     pub resets: u64,
+    /// Requests by their `X-DashScope-WorkSpace` header (requests without
+    /// one are not counted here).
+    pub by_workspace: BTreeMap<String, u64>,
+    /// Requests answered by a [`Script`](super::Script) rule.
+    pub scripted: u64,
 }
 
 impl Stats {
@@ -66,6 +71,11 @@ impl Stats {
     /// Requests admitted for `model`.
     pub fn admitted(&self, model: &str) -> u64 {
         self.admitted_by_model.get(model).copied().unwrap_or(0)
+    }
+
+    /// Requests that named `workspace` in `X-DashScope-WorkSpace`.
+    pub fn workspace(&self, workspace: &str) -> u64 {
+        self.by_workspace.get(workspace).copied().unwrap_or(0)
     }
 }
 
@@ -136,6 +146,20 @@ impl Counters {
                 s.admitted_by_model.insert(model.to_owned(), 1);
             }
         }
+    }
+
+    pub(crate) fn workspace(&self, workspace: &str) {
+        let mut s = self.lock();
+        match s.by_workspace.get_mut(workspace) {
+            Some(n) => *n += 1,
+            None => {
+                s.by_workspace.insert(workspace.to_owned(), 1);
+            }
+        }
+    }
+
+    pub(crate) fn scripted(&self) {
+        self.lock().scripted += 1;
     }
 
     pub(crate) fn stream_started(&self) {

@@ -18,9 +18,12 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, advance};
 use tower_qwen::mock::{
     AccountState, ApiError, BurstGuard, Dist, Fault, FaultPlan, Latency, MockDashScope,
-    MockDashScopeBuilder, MockHandle, Quota,
+    MockDashScopeBuilder, MockHandle, ModelInfo, NativeModelError, Quota,
 };
 use tower_qwen::request::RequestInfo;
+
+#[cfg(feature = "client")]
+mod agent;
 
 const NATIVE: &str = "/api/v1/services/aigc/text-generation/generation";
 const MULTIMODAL: &str = "/api/v1/services/aigc/multimodal-generation/generation";
@@ -574,38 +577,87 @@ async fn stream_only_models_refuse_non_stream_calls() {
     assert_eq!(res.status(), 200);
     read_stream(res).await;
 
-    // The list is configurable.
-    let m = start(builder().stream_only_models(["my-model"])).await;
+    // Stream-only is a property of the model in the catalogue.
+    let m = start(
+        builder()
+            .model(ModelInfo::chat("my-model").stream_only(true))
+            .model(ModelInfo::chat("qwq-plus")),
+    )
+    .await;
     assert_eq!(
         m.post(CHAT, Some(KEY), &[], &chat("qwq-plus", "x"))
             .await
             .status,
         200
     );
-    assert_eq!(
-        m.post(CHAT, Some(KEY), &[], &chat("my-model", "x"))
-            .await
-            .status,
-        400
-    );
+    let a = m.post(CHAT, Some(KEY), &[], &chat("my-model", "x")).await;
+    assert_compat_error(&a, 400, "invalid_parameter_error", msg);
 }
 
 #[tokio::test]
-async fn model_allow_list_answers_not_found() {
-    let m = start(builder().models(["qwen-plus"])).await;
+async fn unknown_models_get_the_services_answer_in_each_dialect() {
+    // The default catalogue: a name outside it does not exist.
+    let m = start(builder()).await;
+    let a = m
+        .post(NATIVE, Some(KEY), &[], &native("qwen-nope", "x"))
+        .await;
+    assert_native_error(&a, 400, "InvalidParameter", "Model not exist.");
+    let a = m.post(CHAT, Some(KEY), &[], &chat("qwen-nope", "x")).await;
+    assert_compat_error(
+        &a,
+        404,
+        "model_not_found",
+        "The model `qwen-nope` does not exist or you do not have access to it.",
+    );
+    assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    // Names are case-sensitive.
+    let a = m.post(CHAT, Some(KEY), &[], &chat("Qwen-Plus", "x")).await;
+    assert_eq!(a.status, 404);
+    // An embedding model is not a chat model, nor the reverse.
+    let a = m
+        .post(CHAT, Some(KEY), &[], &chat("text-embedding-v4", "x"))
+        .await;
+    assert_eq!(a.json()["error"]["code"], "model_not_found");
+    let a = m
+        .post(
+            COMPAT_EMB,
+            Some(KEY),
+            &[],
+            &json!({"model": "qwen-plus", "input": "x"}),
+        )
+        .await;
+    assert_eq!(a.json()["error"]["code"], "model_not_found");
+    assert_eq!(m.handle.stats().calls("qwen-nope"), 0);
+
+    // The native status is a knob.
+    let m = start(builder().native_model_error(NativeModelError::NotExist)).await;
     let a = m
         .post(NATIVE, Some(KEY), &[], &native("qwen-nope", "x"))
         .await;
     assert_native_error(&a, 404, "Model.NotExist", "Model not exist.");
-    let a = m.post(CHAT, Some(KEY), &[], &chat("qwen-nope", "x")).await;
-    assert_eq!(a.status, 404);
-    assert_eq!(a.json()["error"]["code"], "model_not_found");
-    assert_eq!(
-        m.post(CHAT, Some(KEY), &[], &chat("qwen-plus", "x"))
-            .await
-            .status,
-        200
-    );
+
+    // An allow-list, and a builder option that accepts any model.
+    let m = start(builder().models(["qwen-plus", "my-own"])).await;
+    for (model, status) in [("qwen-plus", 200), ("my-own", 200), ("qwen-max", 404)] {
+        let a = m.post(CHAT, Some(KEY), &[], &chat(model, "x")).await;
+        assert_eq!(a.status, status, "{model}");
+    }
+    let m = start(builder().accept_any_model(true)).await;
+    for model in ["qwen-nope", "anything-at-all"] {
+        assert_eq!(
+            m.post(CHAT, Some(KEY), &[], &chat(model, "x")).await.status,
+            200
+        );
+        let a = m
+            .post(
+                COMPAT_EMB,
+                Some(KEY),
+                &[],
+                &json!({"model": model, "input": "x"}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
 }
 
 // ---------------------------------------------------------------------------
