@@ -22,6 +22,7 @@
 //! | [`fallback`] | on throttling or an open circuit, ask the next model of a chain | `fallback` |
 //! | [`coalesce`] | merge single-text embedding calls into batched requests | `coalesce` |
 //! | [`pool`] | spread load over several accounts (quotas are per account) | `pool` |
+//! | [`batch`] | work that can wait goes through the Batch API: half price, no real-time quota; routing by urgency | `batch` |
 //! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
 //! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
 //! | [`redis`] | the same GCRA decision in Redis, shared by many replicas | `redis` |
@@ -106,6 +107,7 @@
 //! | `fallback` | no | [`fallback`] (pulls `retry`) |
 //! | `coalesce` | no | [`coalesce`] |
 //! | `pool` | no | [`pool`] |
+//! | `batch` | no | [`batch`]: the Batch API service, its stores, the urgency router |
 //! | `client` | yes | [`client`]: hyper-util, hyper-rustls (ring), and the default layers |
 //! | `mock` | yes | [`mock`]: axum + hyper server (for your tests, and the demo) |
 //! | `gateway` | no | [`gateway`]: axum, metrics, TOML config |
@@ -147,6 +149,9 @@ pub mod tokens;
 pub mod usage;
 pub mod util;
 
+#[cfg(feature = "batch")]
+#[cfg_attr(docsrs, doc(cfg(feature = "batch")))]
+pub mod batch;
 #[cfg(feature = "circuit-breaker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
 pub mod circuit_breaker;

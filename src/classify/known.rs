@@ -146,6 +146,8 @@ registry! {
     invalid_budget: crate::retry::InvalidBudget = crate::retry::InvalidBudget::new("sample");
     #[cfg(feature = "coalesce")]
     batch_failed: crate::coalesce::error::BatchFailed = crate::coalesce::error::BatchFailed::malformed("sample");
+    #[cfg(feature = "batch")]
+    batch_error: crate::batch::error::BatchError = crate::batch::error::BatchError::expired();
     #[cfg(feature = "client")]
     invalid_api_key: crate::client::InvalidApiKey = crate::client::InvalidApiKey::not_set();
     #[cfg(feature = "client")]

@@ -78,6 +78,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/models", get(native_models))
         .route("/compatible-mode/v1/models", get(compatible_models))
         .route("/compatible-mode/v1/models/{id}", get(compatible_model))
+        .merge(super::batch::routes(&shared))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)

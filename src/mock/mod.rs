@@ -25,6 +25,7 @@
 //! | `GET /api/v1/tasks/{id}`, `POST /api/v1/tasks/{id}/cancel`, `GET /api/v1/tasks` | task poll, cancel, list |
 //! | `GET /compatible-mode/v1/models`, `GET /compatible-mode/v1/models/{id}` | the models, OpenAI's list shape |
 //! | `GET /api/v1/models?page_no=&page_size=&model=` | the models, the native SDK's shape |
+//! | `/compatible-mode/v1/files[/{id}[/content]]`, `/compatible-mode/v1/batches[/{id}[/cancel]]` | the Batch API and its files: upload, create, retrieve, list, cancel, output and error files, validation, the `batch-test-model` dry run, injected failures (see [`batch`]) |
 //!
 //! Every answer carries the request id in an `x-request-id` header and in
 //! the body (`request_id` natively, `id: "chatcmpl-<id>"` compatibly).
@@ -236,7 +237,7 @@
 //! false` streams with partial tool names (cumulative tool-call snapshots
 //! here carry whole names); non-stream thinking answers (some third-party
 //! models allow them); cached-token discounts; HTTP/2 and TLS; the
-//! Anthropic-compatible and websocket APIs; the Batch and Files APIs;
+//! Anthropic-compatible and websocket APIs; the Files API beyond `purpose=batch`;
 //! per-task results beyond one placeholder URL; workspace ids (any is
 //! accepted) and per-workspace quotas; DashScope's own rate limits on task
 //! polling and model listing; region-specific keys; the exact dynamic rule
@@ -324,6 +325,7 @@
 //! # }
 //! ```
 
+pub mod batch;
 mod body;
 mod chat;
 mod config;
@@ -349,6 +351,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use self::batch::{BatchFault, BatchStats, BatchTiming};
 pub use self::config::{AccountState, BurstGuard, Dist, Fault, FaultPlan, Latency, Quota};
 pub use self::error::ApiError;
 pub use self::models::{ModelInfo, ModelKind, NativeModelError, Thinking};

@@ -51,6 +51,7 @@ pub(crate) struct Config {
     pub(crate) body_limit: usize,
     pub(crate) stream_errors_as_sse: bool,
     pub(crate) sse_without_blank_lines: bool,
+    pub(crate) batch: super::batch::Settings,
 }
 
 /// The key every mock accepts unless keys are configured.
@@ -85,6 +86,7 @@ impl Default for Config {
             body_limit: 8 << 20,
             stream_errors_as_sse: false,
             sse_without_blank_lines: false,
+            batch: Default::default(),
         }
     }
 }
@@ -211,6 +213,7 @@ pub(crate) struct Shared {
     tasks: Mutex<HashMap<String, Task>>,
     script: Mutex<ScriptRun>,
     pub(crate) counters: Counters,
+    pub(crate) batches: super::batch::Store,
     seq: AtomicU64,
     t0: Instant,
     created0: u64,
@@ -233,6 +236,7 @@ impl Shared {
             tasks: Mutex::new(HashMap::new()),
             script,
             counters: Counters::default(),
+            batches: Default::default(),
             seq: AtomicU64::new(0),
             t0: time::now(),
             created0,
