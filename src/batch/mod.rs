@@ -111,7 +111,11 @@
 //! A batch whose input file was uploaded but whose creation was not
 //! recorded (a crash in between) is looked up among the recent batches by
 //! its input file and created if it is not there. Polls of resumed batches
-//! start at once.
+//! start at once. A record is removed only after its answers were handed
+//! out, so a crash in between hands them out again on resume (at least
+//! once, never lost). A batch that cannot be polled for now (say, a revoked
+//! key: `401`) fails its callers but stays in the store for a later resume;
+//! one the API no longer knows (`404`) is forgotten.
 //!
 //! # Routing by urgency
 //!

@@ -151,7 +151,8 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    /// The next line collected; `None` once every batch was collected.
+    /// The next line collected; `None` once every batch was collected and
+    /// removed from the store.
     pub async fn next(&mut self) -> Option<Recovered> {
         self.rx.recv().await
     }
@@ -397,9 +398,11 @@ async fn submit<S: Upstream>(
             return;
         }
     };
-    Counters::add(&ctx.stats.batches, 1);
     record.batch_id = Some(batch.id.clone());
     save(&ctx, &record).await;
+    // Counted once remembered: a process that stops from here on leaves
+    // the batch to `resume`.
+    Counters::add(&ctx.stats.batches, 1);
     collect(api, ctx, alive, record, batch, waiters).await;
 }
 
@@ -511,7 +514,12 @@ async fn collect<S: Upstream>(
             Err((e, false)) => {
                 tracing::warn!(%batch_id, error = %e, "batch: the batch cannot be polled");
                 fail_all(&ctx, &mut waiters, Some(&batch_id), &e);
-                forget(&ctx, &record.input_file_id).await;
+                if e.status() == Some(404) {
+                    forget(&ctx, &record.input_file_id).await;
+                } else {
+                    // Perhaps a key to fix: a resume may collect it later.
+                    ctx.untrack(&record.input_file_id);
+                }
                 return;
             }
         }
@@ -526,18 +534,25 @@ async fn collect<S: Upstream>(
             batch = b;
         }
     }
-    finish(&api, &ctx, &record, &batch, &batch_id, waiters).await;
+    finish(&api, &ctx, &alive, &record, &batch, &batch_id, waiters).await;
 }
 
 /// Hands out the answers of a terminal batch.
 async fn finish<S: Upstream>(
     api: &Api<S>,
     ctx: &Ctx,
+    alive: &Weak<Shared>,
     record: &Record,
     batch: &BatchObject,
     batch_id: &Arc<str>,
     mut waiters: Vec<Waiter>,
 ) {
+    if alive.strong_count() == 0 && waiters.iter().all(Waiter::is_closed) {
+        // A process that stopped: nobody would receive the answers, so
+        // they stay upstream for `resume`.
+        ctx.untrack(&record.input_file_id);
+        return;
+    }
     let status = Status::of(&batch.status);
     let s = &ctx.stats;
     Counters::add(
@@ -712,6 +727,7 @@ pub(crate) fn resume<S: Upstream>(
         }
         batches += 1;
         lines += record.custom_ids.len();
+        let (api, ctx, alive) = (api.clone(), ctx.clone(), alive.clone());
         let waiters = record
             .custom_ids
             .iter()
@@ -720,13 +736,12 @@ pub(crate) fn resume<S: Upstream>(
                 reply: Some(Reply::Recovered(tx.clone())),
             })
             .collect();
-        tokio::spawn(resume_one(
-            api.clone(),
-            ctx.clone(),
-            alive.clone(),
-            record,
-            waiters,
-        ));
+        let done = tx.clone();
+        tokio::spawn(async move {
+            resume_one(api, ctx, alive, record, waiters).await;
+            // The recovery ends once this batch is also forgotten.
+            drop(done);
+        });
     }
     Recovery { rx, batches, lines }
 }

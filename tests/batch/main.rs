@@ -192,6 +192,24 @@ impl Raw {
     }
 }
 
+/// Waits until `cond` holds, checking every half second for at most five
+/// minutes (of paused time); panics naming `what` otherwise.
+pub(crate) async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_every(what, Duration::from_millis(500), cond).await;
+}
+
+/// Waits until `cond` holds, checking every `step`, at most 600 times;
+/// panics naming `what` otherwise.
+pub(crate) async fn eventually_every(what: &str, step: Duration, mut cond: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(step).await;
+    }
+    panic!("{what} did not happen within {:?}", step * 600);
+}
+
 /// A JSONL line for the Batch API.
 pub(crate) fn line(custom_id: &str, url: &str, body: Value) -> String {
     json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()

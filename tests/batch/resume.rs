@@ -8,17 +8,18 @@ use std::time::Duration;
 use http::Method;
 use serde_json::Value;
 use tower::{Layer, ServiceExt};
-use tower_qwen::batch::{BatchLayer, BatchStore, CustomId, FileStore, Record};
+use tower_qwen::batch::{BatchLayer, BatchStore, CustomId, FileStore, Record, Recovered, Recovery};
 use tower_qwen::client::COMPATIBLE_CHAT;
 use tower_qwen::mock::{BatchTiming, MockHandle};
 
-use super::service::{body, post, store_empties};
-use super::{Raw, chat, layer, line, mock, temp_dir, transport};
+use super::service::{body, post};
+use super::{Raw, chat, eventually, eventually_every, layer, line, mock, temp_dir, transport};
 
 /// Sends `n` requests with ids `row-<i>` through a service built by
-/// `layer`, waits until their batch exists upstream, then drops the service
-/// and every caller, as a process that stops would.
-async fn submit_then_stop(mock: &MockHandle, layer: BatchLayer, n: usize) {
+/// `layer`, waits (checking every `step`) until their batch exists upstream
+/// and is remembered, then drops the service and every caller, as a
+/// process that stops would. Its worker writes nothing more.
+async fn submit_then_stop(mock: &MockHandle, layer: BatchLayer, n: usize, step: Duration) {
     let svc = layer.layer(transport(mock));
     let calls: Vec<_> = (0..n)
         .map(|i| {
@@ -27,17 +28,19 @@ async fn submit_then_stop(mock: &MockHandle, layer: BatchLayer, n: usize) {
             tokio::spawn(svc.clone().oneshot(req))
         })
         .collect();
-    while svc.stats().batches == 0 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually_every("a batch", step, || svc.stats().batches > 0).await;
     drop(svc);
     for c in calls {
         c.abort();
         assert!(c.await.unwrap_err().is_cancelled());
     }
-    // The old worker finishes what it was writing, notices at its next
-    // poll that it is alone, and stops without cancelling the batch.
-    tokio::time::sleep(Duration::from_secs(60)).await;
+}
+
+/// The next recovered line, within an hour.
+async fn next(recovery: &mut Recovery) -> Option<Recovered> {
+    tokio::time::timeout(Duration::from_secs(3600), recovery.next())
+        .await
+        .expect("a recovered line within an hour")
 }
 
 /// Resumes with a new service over `layer`'s store; every line's status
@@ -47,14 +50,15 @@ async fn resume_all(mock: &MockHandle, layer: BatchLayer) -> BTreeMap<String, (u
     let mut recovery = svc.resume().await.unwrap();
     assert_eq!(recovery.batches(), 1);
     let mut out = BTreeMap::new();
-    while let Some(line) = recovery.next().await {
+    while let Some(line) = next(&mut recovery).await {
         let id = line.custom_id().to_owned();
         assert!(line.batch_id().is_some());
         let res = line.into_result().unwrap();
         let status = res.status().as_u16();
         out.insert(id, (status, body(res).await));
     }
-    // Resuming again finds nothing left.
+    // The recovery ended once the batch was forgotten: resuming again
+    // finds nothing left.
     assert_eq!(svc.resume().await.unwrap().lines(), 0);
     out
 }
@@ -63,7 +67,7 @@ async fn resume_all(mock: &MockHandle, layer: BatchLayer) -> BTreeMap<String, (u
 async fn a_new_process_collects_what_the_old_one_submitted() {
     let mock = mock(BatchTiming::default().in_progress(Duration::from_secs(600))).await;
     let dir = temp_dir("restart");
-    submit_then_stop(&mock, layer(&dir), 5).await;
+    submit_then_stop(&mock, layer(&dir), 5, Duration::from_millis(500)).await;
 
     // The store remembers the batch and every custom id.
     let records = FileStore::new(dir.join("batches.json"))
@@ -91,7 +95,13 @@ async fn a_new_process_collects_what_the_old_one_submitted() {
         ),
         (1, 1, 0)
     );
-    assert!(store_empties(&dir).await);
+    assert!(
+        FileStore::new(dir.join("batches.json"))
+            .load()
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -125,7 +135,7 @@ async fn a_batch_whose_creation_was_not_recorded_is_found_or_created() {
     let mut recovery = svc.resume().await.unwrap();
     assert_eq!((recovery.batches(), recovery.lines()), (2, 3));
     let mut seen = BTreeMap::new();
-    while let Some(l) = recovery.next().await {
+    while let Some(l) = next(&mut recovery).await {
         seen.insert(l.custom_id().to_owned(), l.batch_id().unwrap().to_owned());
         assert!(l.into_result().is_ok());
     }
@@ -135,6 +145,38 @@ async fn a_batch_whose_creation_was_not_recorded_is_found_or_created() {
     assert_eq!(mock.batch_stats().batches_created, 2);
     let (_, list) = raw.json(Method::GET, "/batches", None).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_cannot_be_polled_for_now_stays_for_a_resume() {
+    let mock = mock(BatchTiming::default().in_progress(Duration::from_secs(600))).await;
+    let dir = temp_dir("revoked");
+    let svc = layer(&dir).layer(transport(&mock));
+    let call = tokio::spawn(
+        svc.clone()
+            .oneshot(post(COMPATIBLE_CHAT, chat("qwen-plus", "x"))),
+    );
+    eventually("a batch", || svc.stats().batches > 0).await;
+    // The key stops working: polls get 401, the caller an error.
+    assert!(mock.remove_key(super::KEY));
+    let e = call.await.unwrap().unwrap_err();
+    let e = e
+        .downcast_ref::<tower_qwen::batch::error::BatchError>()
+        .unwrap();
+    assert_eq!(e.status(), Some(401));
+    // The batch is still remembered; with the key back, a resume gets it.
+    assert_eq!(
+        FileStore::new(dir.join("batches.json"))
+            .load()
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    mock.add_key(super::KEY, "acct");
+    let got = resume_all(&mock, layer(&dir)).await;
+    assert_eq!(got.len(), 1);
+    assert!(got.values().all(|(s, _)| *s == 200));
 }
 
 #[tokio::test(start_paused = true)]
@@ -158,41 +200,42 @@ mod on_redis {
         let client = redis::Client::open(server.url()).unwrap();
         let conn = redis::aio::ConnectionManager::new_lazy_with_config(
             client,
-            // No timeouts: under paused time they would fire while Redis
-            // answers.
-            redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(None)
-                .set_response_timeout(None),
+            redis::aio::ConnectionManagerConfig::new(),
         )
         .unwrap();
         RedisStore::new(conn, "test:batches")
     }
 
-    #[tokio::test(start_paused = true)]
+    /// Real time, unlike the other tests: Redis cannot follow a paused
+    /// clock, which would jump to the next timer while a Redis reply is on
+    /// its way. Nothing here depends on how long anything takes; the states
+    /// of the mock's batch last 300 ms and the service polls every 10 to
+    /// 50 ms.
+    #[tokio::test]
     async fn a_new_process_collects_through_redis() {
         let server = server::RedisServer::start();
-        let mock = mock(BatchTiming::default().in_progress(Duration::from_secs(600))).await;
+        let mock = mock(
+            BatchTiming::instant()
+                .in_progress(Duration::from_millis(300))
+                .finalizing(Duration::from_millis(10)),
+        )
+        .await;
         let layer = || {
             BatchLayer::new()
-                .max_wait(Duration::from_secs(5))
-                .poll_interval(Duration::from_secs(1), Duration::from_secs(30))
+                .max_wait(Duration::from_millis(10))
+                .poll_interval(Duration::from_millis(10), Duration::from_millis(50))
                 .store(store(&server))
         };
-        submit_then_stop(&mock, layer(), 3).await;
+        submit_then_stop(&mock, layer(), 3, Duration::from_millis(10)).await;
         let records = store(&server).load().await.unwrap();
         assert_eq!(records.len(), 1);
+        assert!(records[0].batch_id.is_some());
         assert_eq!(records[0].custom_ids, ["row-0", "row-1", "row-2"]);
         let got = resume_all(&mock, layer()).await;
         assert_eq!(got.keys().collect::<Vec<_>>(), ["row-0", "row-1", "row-2"]);
         assert!(got.values().all(|(s, _)| *s == 200));
-        let mut empty = false;
-        for _ in 0..600 {
-            empty = store(&server).load().await.unwrap().is_empty();
-            if empty {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(empty);
+        assert!(store(&server).load().await.unwrap().is_empty());
+        let bs = mock.batch_stats();
+        assert_eq!((bs.batches_created, bs.batches_cancelled), (1, 0));
     }
 }

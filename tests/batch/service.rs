@@ -23,7 +23,7 @@ use tower_qwen::client::{COMPATIBLE_CHAT, COMPATIBLE_EMBEDDING, HttpClient, SetU
 use tower_qwen::mock::{ApiError, BatchFault, BatchTiming};
 use tower_qwen::usage::Usage;
 
-use super::{Raw, chat, layer, mock, service, temp_dir, transport};
+use super::{Raw, chat, eventually, layer, mock, service, temp_dir, transport};
 
 type Res = Result<Response<ResponseBody>, BoxError>;
 
@@ -68,13 +68,7 @@ fn spawn_chats(svc: &Batch<SetUpstream<HttpClient>>, n: usize) -> Vec<JoinHandle
 
 /// Waits (a bounded time) until the mock has a batch.
 async fn until_created(mock: &tower_qwen::mock::MockHandle) {
-    for _ in 0..600 {
-        if mock.batch_stats().batches_created > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("no batch was created within 5 minutes");
+    eventually("a batch", || mock.batch_stats().batches_created > 0).await;
 }
 
 /// Whether the store in `dir` is empty within a minute (a collected
@@ -323,9 +317,7 @@ async fn when_every_caller_leaves_the_batch_is_cancelled_upstream() {
         c.abort();
     }
     // The next poll sees nobody waiting and cancels.
-    while svc.stats().cancelled_by_callers == 0 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    eventually("the cancel", || svc.stats().cancelled_by_callers > 0).await;
     let raw = Raw::new(&mock);
     let (_, list) = raw.json(Method::GET, "/batches", None).await;
     let status = list["data"][0]["status"].as_str().unwrap();
