@@ -204,6 +204,15 @@ fn retry(c: &mut Criterion) {
         "tower-qwen Retry",
         ours.layer(sse_service(20)),
     );
+    // Before #15: the first data line decides, without looking for output.
+    bench_stack(
+        c,
+        "retry/sse-20-frames",
+        "tower-qwen Retry, Hold::NONE",
+        RetryLayer::new()
+            .hold(tower_qwen::retry::Hold::NONE)
+            .layer(sse_service(20)),
+    );
 }
 
 fn timeout(c: &mut Criterion) {

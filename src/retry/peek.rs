@@ -30,8 +30,9 @@
 //! what was read replayed.
 //!
 //! A frame "carries output" when a caller would show something: non-empty
-//! `content` (text or parts), `reasoning_content`, or a tool-call delta with
-//! a non-empty `id`, `name` or `arguments`, in either dialect's chunk
+//! `content` (text or parts), `reasoning_content` or `audio`, or a
+//! tool-call delta with a non-empty `id`, `name` or `arguments`, in either
+//! dialect's chunk
 //! (`choices[].delta` / `choices[].message`, native `output.choices[].message`
 //! or `output.text`). A `data:` payload of any other shape counts as output,
 //! so unknown streams are handed on as soon as they flow.
@@ -470,6 +471,11 @@ pub(crate) fn carries_output(data: &[u8]) -> bool {
     if data == b"[DONE]" {
         return false;
     }
+    quick_output(data).unwrap_or_else(|| parsed_output(data))
+}
+
+/// [`carries_output`] by a parse of the chunk.
+fn parsed_output(data: &[u8]) -> bool {
     match serde_json::from_slice::<ChunkShape>(data) {
         Ok(ChunkShape {
             known: true,
@@ -478,6 +484,48 @@ pub(crate) fn carries_output(data: &[u8]) -> bool {
         // Not a chat chunk of either dialect: treat it as flowing.
         _ => true,
     }
+}
+
+/// The common cases without a parse: `Some(true)` when a `content` (or
+/// `reasoning_content`) key holds a non-empty string; `Some(false)` for a
+/// chat chunk (`"choices":` or `"output":`) whose content keys all hold
+/// `""` or `null` and that has no `tool_calls`, `text` or `audio` key;
+/// `None` when only a parse can tell. Keys inside strings have escaped
+/// quotes, so every match is a real key.
+fn quick_output(json: &[u8]) -> Option<bool> {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static CONTENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"content\":"));
+    static OTHERS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+        [
+            Finder::new(b"\"tool_calls\""),
+            Finder::new(b"\"text\""),
+            Finder::new(b"\"audio\""),
+        ]
+    });
+    static CHAT: LazyLock<[Finder<'static>; 2]> =
+        LazyLock::new(|| [Finder::new(b"\"choices\":"), Finder::new(b"\"output\":")]);
+    const KEY: usize = b"content\":".len();
+    let mut rest = json;
+    let mut plain = true;
+    while let Some(i) = CONTENT.find(rest) {
+        let before = i.checked_sub(1).map(|q| rest[q]);
+        let after = rest[i + KEY..].trim_ascii_start();
+        // `"content":` or `_content":` (`"reasoning_content":`).
+        if matches!(before, Some(b'"' | b'_')) {
+            match after.first() {
+                Some(b'"') if after.get(1) != Some(&b'"') => return Some(true),
+                Some(b'"') => {}
+                Some(b'n') if after.starts_with(b"null") => {}
+                _ => plain = false,
+            }
+        }
+        rest = &rest[i + KEY..];
+    }
+    if !plain || OTHERS.iter().any(|f| f.find(json).is_some()) {
+        return None;
+    }
+    CHAT.iter().any(|f| f.find(json).is_some()).then_some(false)
 }
 
 /// The keys looked at; any other is skipped.
@@ -492,6 +540,7 @@ enum Key {
     ReasoningContent,
     ToolCalls,
     Text,
+    Audio,
     Type,
     #[serde(other)]
     Other,
@@ -630,7 +679,8 @@ impl<'de> Deserialize<'de> for Choice {
     }
 }
 
-/// A delta or message: `content`, `reasoning_content`, `tool_calls`.
+/// A delta or message: `content`, `reasoning_content`, `tool_calls`,
+/// `audio` (Omni models).
 struct Message(bool);
 
 impl<'de> Deserialize<'de> for Message {
@@ -648,7 +698,7 @@ impl<'de> Deserialize<'de> for Message {
                 let mut out = false;
                 while let Some(key) = map.next_key::<Key>()? {
                     out |= match key {
-                        Key::Content | Key::ReasoningContent | Key::ToolCalls => {
+                        Key::Content | Key::ReasoningContent | Key::ToolCalls | Key::Audio => {
                             map.next_value::<AnyText>()?.0
                         }
                         _ => {
@@ -818,7 +868,7 @@ impl<B: Body> fmt::Debug for PeekBody<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::carries_output;
+    use super::{carries_output, parsed_output, quick_output};
 
     #[test]
     fn output_is_content_reasoning_or_a_tool_call() {
@@ -832,6 +882,8 @@ mod tests {
             r#"{"output":{"choices":[{"message":{"content":"","reasoning_content":"","role":"assistant"},"finish_reason":"null"}]},"usage":{"output_tokens":0}}"#,
             r#"{"output":{"choices":[{"message":{"content":[{"text":""}],"role":"assistant"}}]}}"#,
             r#"{"output":{"text":"","finish_reason":"null"}}"#,
+            r#"{"choices":[{"delta":{"content":"","role":"assistant"},"index":0}],"x":"{\"content\":\"quoted\"}"}"#,
+            r#"{"choices":[{"delta":{"audio":{"transcript":""}},"index":0}],"usage":{"text_tokens":1}}"#,
             "[DONE]",
             " [DONE] ",
         ];
@@ -846,12 +898,21 @@ mod tests {
             r#"{"output":{"choices":[{"message":{"content":"Hel","role":"assistant"},"finish_reason":"null"}]}}"#,
             r#"{"output":{"choices":[{"message":{"content":[{"text":"x"}],"role":"assistant"}}]}}"#,
             r#"{"output":{"text":"Hello","finish_reason":"null"}}"#,
+            r#"{"choices":[{"delta":{"audio":{"data":"UklGR","transcript":""}},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"content": "spaced"},"index":0}]}"#,
             // Shapes of other APIs: flowing.
             r#"{"type":"ping"}"#,
             "not json",
         ];
         for d in some {
             assert!(carries_output(d.as_bytes()), "{d}");
+        }
+        // The shortcut never disagrees with the parse.
+        for d in none.iter().chain(&some) {
+            let d = d.trim().as_bytes();
+            if let Some(q) = quick_output(d) {
+                assert_eq!(q, parsed_output(d), "{}", String::from_utf8_lossy(d));
+            }
         }
     }
 }
