@@ -18,7 +18,9 @@
 //!   other model passes through.
 //! * The decision is made before the caller sees anything, with the same
 //!   [peek](crate::retry::peek) the retry layer uses: an SSE stream whose
-//!   first frame is an error falls back; a stream already flowing does not.
+//!   error comes before its first frame with output (the compatible
+//!   role-only chunk is held back) falls back; a stream already flowing
+//!   does not.
 //! * The request body must be buffered ([`BufferedBody`]) and buildable from
 //!   bytes (the crate's [`Body`](crate::body::Body), `Full<Bytes>`); the
 //!   rewrite parses the JSON body only when a fallback happens.

@@ -16,23 +16,30 @@ use serde_json::{Map, Value, json};
 /// The deepest nesting followed (recursive schemas end in `null`).
 const MAX_DEPTH: usize = 24;
 
+/// The most schema nodes visited for one instance: a hostile schema (a
+/// reference that branches into itself) ends in `null`s, not in an
+/// exponential walk.
+const MAX_NODES: usize = 4096;
+
 /// A minimal instance of `schema`; see the [module docs](self).
 pub(crate) fn instance(schema: &Value) -> Value {
-    at(schema, schema, 0)
+    let mut budget = MAX_NODES;
+    at(schema, schema, 0, &mut budget)
 }
 
-fn at(root: &Value, schema: &Value, depth: usize) -> Value {
+fn at(root: &Value, schema: &Value, depth: usize, budget: &mut usize) -> Value {
     let Value::Object(s) = schema else {
         // `true` (anything goes) and malformed schemas.
         return Value::Null;
     };
-    if depth > MAX_DEPTH {
+    if depth > MAX_DEPTH || *budget == 0 {
         return Value::Null;
     }
+    *budget -= 1;
     if let Some(Value::String(r)) = s.get("$ref")
         && let Some(target) = resolve(root, r)
     {
-        return at(root, target, depth + 1);
+        return at(root, target, depth + 1, budget);
     }
     if let Some(c) = s.get("const") {
         return c.clone();
@@ -49,14 +56,14 @@ fn at(root: &Value, schema: &Value, depth: usize) -> Value {
                 .find(|a| a.get("type").and_then(Value::as_str) != Some("null"))
                 .or(alts.first())
         {
-            return at(root, first, depth + 1);
+            return at(root, first, depth + 1, budget);
         }
     }
     if let Some(Value::Array(all)) = s.get("allOf") {
         let mut merged = Map::new();
         let mut other = None;
         for part in all {
-            match at(root, part, depth + 1) {
+            match at(root, part, depth + 1, budget) {
                 Value::Object(m) => merged.extend(m),
                 v => other = other.or(Some(v)),
             }
@@ -67,8 +74,8 @@ fn at(root: &Value, schema: &Value, depth: usize) -> Value {
         };
     }
     match type_of(s) {
-        "object" => object(root, s, depth),
-        "array" => array(root, s, depth),
+        "object" => object(root, s, depth, budget),
+        "array" => array(root, s, depth, budget),
         "string" => string(s),
         "integer" => integer(s),
         "number" => number(s),
@@ -115,7 +122,7 @@ fn resolve<'a>(root: &'a Value, r: &str) -> Option<&'a Value> {
     root.pointer(pointer)
 }
 
-fn object(root: &Value, s: &Map<String, Value>, depth: usize) -> Value {
+fn object(root: &Value, s: &Map<String, Value>, depth: usize, budget: &mut usize) -> Value {
     let empty = Map::new();
     let props = s
         .get("properties")
@@ -125,7 +132,7 @@ fn object(root: &Value, s: &Map<String, Value>, depth: usize) -> Value {
     if let Some(Value::Array(required)) = s.get("required") {
         for name in required.iter().filter_map(Value::as_str) {
             let v = match props.get(name) {
-                Some(p) => at(root, p, depth + 1),
+                Some(p) => at(root, p, depth + 1, budget),
                 None => Value::String("example".into()),
             };
             out.insert(name.to_owned(), v);
@@ -134,7 +141,7 @@ fn object(root: &Value, s: &Map<String, Value>, depth: usize) -> Value {
     Value::Object(out)
 }
 
-fn array(root: &Value, s: &Map<String, Value>, depth: usize) -> Value {
+fn array(root: &Value, s: &Map<String, Value>, depth: usize, budget: &mut usize) -> Value {
     let n = s
         .get("minItems")
         .and_then(Value::as_u64)
@@ -150,7 +157,7 @@ fn array(root: &Value, s: &Map<String, Value>, depth: usize) -> Value {
             (None, Some(it)) => it,
             (None, None) => &Value::Null,
         };
-        out.push(at(root, schema, depth + 1));
+        out.push(at(root, schema, depth + 1, budget));
     }
     Value::Array(out)
 }
@@ -326,5 +333,13 @@ mod tests {
             64
         );
         assert_eq!(instance(&json!({})), Value::Null);
+        // Branching into itself: bounded, not exponential.
+        let bomb = json!({
+            "type": "object",
+            "properties": {"a": {"$ref": "#"}, "b": {"$ref": "#"}, "c": {"type": "array", "minItems": 64, "items": {"$ref": "#"}}},
+            "required": ["a", "b", "c"],
+        });
+        let v = instance(&bomb);
+        assert!(v.to_string().len() < 1 << 20);
     }
 }

@@ -398,6 +398,28 @@ async fn native_tool_call_stream_fragments() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn native_cumulative_streams_send_tool_call_snapshots() {
+    let m = mock(builder()).await;
+    let c = client(&m);
+    // `incremental_output: false`: every frame holds the calls so far.
+    let chunks = send(&c, native(native_tools("Weather?", false), true))
+        .await
+        .chunks();
+    let mut last_len = 0;
+    for ch in &chunks {
+        let call = &ch["output"]["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "get_current_weather");
+        assert_call_id(&call["id"]);
+        let len = call["function"]["arguments"].as_str().unwrap().len();
+        assert!(len > last_len, "arguments grow");
+        last_len = len;
+    }
+    let last = &chunks[chunks.len() - 1]["output"]["choices"][0];
+    assert_eq!(last["finish_reason"], "tool_calls");
+    assert_weather_args(&last["message"]["tool_calls"][0]["function"]["arguments"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn function_calling_errors_in_the_services_words() {
     let m = mock(builder()).await;
     let c = client(&m);
