@@ -50,23 +50,48 @@ impl EventMeta {
     }
 }
 
-/// Longest line kept while waiting for its end; longer lines are skipped
-/// (their data is not inspected), so a hostile stream cannot grow memory.
+/// The default longest line (in bytes, before its `\n`): longer lines are
+/// skipped (their data is not inspected) however the chunks cut them, so a
+/// hostile stream cannot grow memory.
 pub const MAX_LINE: usize = 1 << 20;
 
 /// An incremental SSE line reader. See the [module docs](self).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct SseScanner {
     carry: Vec<u8>,
     overlong: bool,
+    max_line: usize,
     meta: EventMeta,
     last_data_closed: bool,
 }
 
+impl Default for SseScanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SseScanner {
     /// A scanner at the start of a stream.
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Self {
+            carry: Vec::new(),
+            overlong: false,
+            max_line: MAX_LINE,
+            meta: EventMeta {
+                error_event: false,
+                http_status: None,
+                data_lines: 0,
+            },
+            last_data_closed: false,
+        }
+    }
+
+    /// The longest line kept while waiting for its end; longer lines are
+    /// skipped. Default is [`MAX_LINE`].
+    pub const fn max_line(mut self, max: usize) -> Self {
+        self.max_line = max;
+        self
     }
 
     /// Feeds the next chunk; `on_data` is called for every complete `data:`
@@ -76,21 +101,24 @@ impl SseScanner {
             let (line, rest) = (&chunk[..pos], &chunk[pos + 1..]);
             chunk = rest;
             if self.carry.is_empty() && !self.overlong {
-                self.line(line, &mut on_data);
+                if line.len() <= self.max_line {
+                    self.line(line, &mut on_data);
+                }
             } else {
-                if !self.overlong {
+                // Too long is too long wherever the chunks cut the line.
+                let overlong = std::mem::take(&mut self.overlong)
+                    || self.carry.len() + line.len() > self.max_line;
+                if !overlong {
                     self.carry.extend_from_slice(line);
-                }
-                let carry = std::mem::take(&mut self.carry);
-                if !std::mem::take(&mut self.overlong) {
+                    let carry = std::mem::take(&mut self.carry);
                     self.line(&carry, &mut on_data);
+                    self.carry = carry;
                 }
-                self.carry = carry;
                 self.carry.clear();
             }
         }
         if !chunk.is_empty() && !self.overlong {
-            if self.carry.len() + chunk.len() > MAX_LINE {
+            if self.carry.len() + chunk.len() > self.max_line {
                 self.carry.clear();
                 self.overlong = true;
             } else {
@@ -117,8 +145,8 @@ impl SseScanner {
             return;
         }
         if let Some(comment) = line.strip_prefix(b":") {
-            if let Some(code) = trim(comment).strip_prefix(b"HTTP_STATUS/") {
-                self.meta.http_status = parse_u16(code);
+            if let Some(status) = status_comment(comment) {
+                self.meta.http_status = status;
             }
             return;
         }
@@ -138,7 +166,7 @@ impl SseScanner {
                 }
                 on_data(value, &self.meta);
                 self.meta.data_lines += 1;
-                self.last_data_closed = trim(value).ends_with(b"}");
+                self.last_data_closed = closes_frame(value);
             }
             b"event" | b"id" if self.meta.data_lines > 0 => {
                 // A field after data without a blank line: a new event began.
@@ -152,17 +180,32 @@ impl SseScanner {
 
     fn field(&mut self, field: &[u8], value: &[u8]) {
         if field == b"event" {
-            self.meta.error_event = trim(value).eq_ignore_ascii_case(b"error");
+            self.meta.error_event = is_error_name(value);
         }
     }
 }
 
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
+// The rules both readers share, so a body read whole and the same body
+// watched as a stream see the same events.
+
+/// Whether an `event:` value names an error event (ASCII whitespace around
+/// it and the case are ignored).
+fn is_error_name(value: &[u8]) -> bool {
+    value.trim_ascii().eq_ignore_ascii_case(b"error")
 }
 
-fn parse_u16(b: &[u8]) -> Option<u16> {
-    std::str::from_utf8(trim(b)).ok()?.parse().ok()
+/// The status of a native `:HTTP_STATUS/NNN` comment (the text after the
+/// `:`): `None` when the comment is something else, `Some(None)` when the
+/// status is not a number.
+fn status_comment(comment: &[u8]) -> Option<Option<u16>> {
+    let code = comment.trim_ascii().strip_prefix(b"HTTP_STATUS/")?;
+    Some(std::str::from_utf8(code.trim_ascii()).ok()?.parse().ok())
+}
+
+/// Whether a `data:` value ends a complete JSON frame (older gateways send
+/// the next one without a blank line).
+fn closes_frame(value: &[u8]) -> bool {
+    value.trim_ascii().ends_with(b"}")
 }
 
 /// One whole SSE event, as collected by [`parse_events`].
@@ -179,13 +222,19 @@ pub struct SseEvent {
 }
 
 impl SseEvent {
+    /// Whether the event is named `error` (as [`EventMeta::error_event`]:
+    /// surrounding whitespace and case are ignored).
+    pub fn is_error_event(&self) -> bool {
+        self.event
+            .as_deref()
+            .is_some_and(|e| is_error_name(e.as_bytes()))
+    }
+
     /// Whether the event is an error by its metadata (`event:error`, or
     /// `:HTTP_STATUS/` >= 400), or carries a compatible-mode `{"error":...}`
     /// payload.
     pub fn is_error(&self) -> bool {
-        self.event
-            .as_deref()
-            .is_some_and(|e| e.eq_ignore_ascii_case("error"))
+        self.is_error_event()
             || self.http_status.is_some_and(|s| s >= 400)
             || serde_json::from_str::<serde_json::Value>(&self.data)
                 .ok()
@@ -215,21 +264,25 @@ pub fn parse_events(buf: &[u8]) -> Vec<SseEvent> {
             last_closed = false;
             continue;
         }
-        let line = String::from_utf8_lossy(line);
-        if let Some(comment) = line.strip_prefix(':') {
-            if let Some(code) = comment.trim().strip_prefix("HTTP_STATUS/") {
-                cur.http_status = code.trim().parse().ok();
+        if let Some(comment) = line.strip_prefix(b":") {
+            if let Some(status) = status_comment(comment) {
+                cur.http_status = status;
             }
             continue;
         }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line.as_ref(), ""),
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
         };
-        if (field == "event" || field == "id") && has_data
-            || field == "data" && has_data && last_closed
+        let closes = closes_frame(value);
+        let value = String::from_utf8_lossy(value);
+        if (field == b"event" || field == b"id") && has_data
+            || field == b"data" && has_data && last_closed
         {
-            let (id, event, status) = if field == "data" {
+            let (id, event, status) = if field == b"data" {
                 (cur.id.clone(), cur.event.clone(), cur.http_status)
             } else {
                 (None, None, None)
@@ -240,16 +293,16 @@ pub fn parse_events(buf: &[u8]) -> Vec<SseEvent> {
             cur.http_status = status;
         }
         match field {
-            "data" => {
+            b"data" => {
                 if has_data {
                     cur.data.push('\n');
                 }
-                cur.data.push_str(value);
+                cur.data.push_str(&value);
                 has_data = true;
-                last_closed = value.trim_end().ends_with('}');
+                last_closed = closes;
             }
-            "event" => cur.event = Some(value.to_owned()),
-            "id" => cur.id = Some(value.to_owned()),
+            b"event" => cur.event = Some(value.into_owned()),
+            b"id" => cur.id = Some(value.into_owned()),
             _ => {}
         }
     }
@@ -329,6 +382,60 @@ mod tests {
             n += 1
         });
         assert_eq!(n, 1);
+    }
+
+    /// Found by fuzzing (#16): a line longer than the limit was read when
+    /// it came in one chunk and skipped when it came in several.
+    #[test]
+    fn overlong_lines_are_skipped_however_they_are_cut() {
+        let mut wire = b"data: short\ndata: ".to_vec();
+        wire.resize(wire.len() + MAX_LINE, b'x');
+        wire.extend_from_slice(b"\nevent:error\ndata: {\"code\":\"x\"}\n\n");
+        let whole = scan_all(&[&wire]);
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[0].0, "short");
+        assert_eq!(whole[1].0, "{\"code\":\"x\"}");
+        for cut in [3, 12, 20, MAX_LINE / 2, MAX_LINE, wire.len() - 30] {
+            assert_eq!(
+                scan_all(&[&wire[..cut], &wire[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
+        }
+        // The same with a small limit of the caller's choosing.
+        let wire = b"data: short\ndata: a line longer than twenty bytes\ndata: ok\n";
+        let mut got = Vec::new();
+        let mut s = SseScanner::new().max_line(20);
+        for chunk in wire.chunks(7) {
+            s.feed(chunk, |d, _| got.push(d.to_vec()));
+        }
+        s.finish(|d, _| got.push(d.to_vec()));
+        assert_eq!(got, [&b"short"[..], b"ok"]);
+    }
+
+    /// Found by fuzzing (#16): the scanner (streams) and `parse_events`
+    /// (whole bodies, read by the classifier) trimmed the event name, the
+    /// `:HTTP_STATUS/` comment and a frame's closing `}` differently, so a
+    /// body read whole and the same body streamed saw different events.
+    #[test]
+    fn both_readers_share_one_set_of_rules() {
+        let wire =
+            "event: error \n: HTTP_STATUS/\u{a0}503\ndata:{\"a\":1}\u{a0}\ndata:{\"b\":2}\n\n";
+        let events = parse_events(wire.as_bytes());
+        let streamed = scan_all(&[wire.as_bytes()]);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].is_error_event());
+        assert_eq!(events[0].http_status, None);
+        assert_eq!(events[0].data, "{\"a\":1}\u{a0}\n{\"b\":2}");
+        assert_eq!(streamed.len(), 2);
+        for (_, meta) in &streamed {
+            assert!(meta.error_event);
+            assert_eq!(meta.http_status, None);
+        }
+        assert_eq!(
+            streamed[1].1.data_lines, 1,
+            "one event, as parse_events has it"
+        );
     }
 
     #[test]

@@ -187,12 +187,6 @@ impl<B, H: OnEnd> Observed<B, H> {
     {
         let (parts, body) = res.into_parts();
         let status = parts.status;
-        let facts = if status.is_success() {
-            HeadFacts::default()
-        } else {
-            classifier.facts(&parts.headers)
-        };
-        let outcome = facts.apply(crate::classify::by_status(status.as_u16()));
         let ended = body.is_end_stream();
         let mode = if !(inspect.outcome || inspect.usage) || ended {
             None
@@ -209,6 +203,15 @@ impl<B, H: OnEnd> Observed<B, H> {
                 (true, ContentKind::Other) => None,
             }
         };
+        // The headers adjust an error, also one found in a 2xx body (as
+        // `Classifier::classify` does); a success without a watched body
+        // needs none of them.
+        let facts = if status.is_success() && mode.is_none() {
+            HeadFacts::default()
+        } else {
+            classifier.facts(&parts.headers)
+        };
+        let outcome = facts.apply(crate::classify::by_status(status.as_u16()));
         let deep = if mode.is_some() || (inspect.timing && !ended) {
             Some(Box::new(Deep {
                 want_timing: inspect.timing,
@@ -302,10 +305,15 @@ impl Deep {
         match &mut self.mode {
             Mode::Done => {}
             Mode::Sse { scanner, error } => {
-                let (classifier, usage, want_usage) =
-                    (&self.classifier, &mut self.usage, self.want_usage);
+                let (classifier, facts, usage, want_usage) = (
+                    &self.classifier,
+                    self.facts,
+                    &mut self.usage,
+                    self.want_usage,
+                );
                 scanner.feed(data, |line, meta| {
-                    scan_line(classifier, outcome, usage, want_usage, error, line, meta)
+                    let usage = want_usage.then_some(&mut *usage);
+                    scan_line(classifier, facts, outcome, usage, error, line, meta)
                 });
             }
             Mode::Json { buf, overflow } => {
@@ -342,12 +350,15 @@ impl Deep {
                 mut error,
             } => {
                 if kind == EndKind::Complete {
-                    let (classifier, usage, want_usage) =
-                        (&self.classifier, &mut self.usage, self.want_usage);
+                    let (classifier, facts, usage, want_usage) = (
+                        &self.classifier,
+                        self.facts,
+                        &mut self.usage,
+                        self.want_usage,
+                    );
                     scanner.finish(|line, meta| {
-                        scan_line(
-                            classifier, outcome, usage, want_usage, &mut error, line, meta,
-                        )
+                        let usage = want_usage.then_some(&mut *usage);
+                        scan_line(classifier, facts, outcome, usage, &mut error, line, meta)
                     });
                 }
             }
@@ -368,18 +379,20 @@ impl Deep {
 
 fn scan_line(
     classifier: &Classifier,
+    facts: HeadFacts,
     outcome: &mut Outcome,
-    usage: &mut Option<Usage>,
-    want_usage: bool,
+    usage: Option<&mut Option<Usage>>,
     error: &mut bool,
     line: &[u8],
     meta: &crate::sse::EventMeta,
 ) {
     if !*error && let Some(o) = classifier.classify_event(meta, line) {
-        *outcome = o;
+        *outcome = facts.apply(o);
         *error = true;
     }
-    if want_usage && let Some(u) = Usage::find(line) {
+    if let Some(usage) = usage
+        && let Some(u) = Usage::find(line)
+    {
         *usage = Some(u);
     }
 }
@@ -662,6 +675,51 @@ mod tests {
                 .unwrap();
             let end = slot.lock().unwrap()[0];
             assert_eq!((end.kind, end.outcome), (EndKind::Complete, expected));
+        }
+    }
+
+    /// Found by fuzzing (#16): the watcher read `x-should-retry` and
+    /// `retry-after` only on non-2xx heads, and never applied them to an
+    /// SSE error frame, so an error in a watched body disagreed with
+    /// `Classifier::classify` on the same response.
+    #[tokio::test]
+    async fn headers_adjust_errors_found_in_the_body() {
+        let c = Classifier::new();
+        let cases: [(u16, Option<&str>, &str, &str, &str); 3] = [
+            (
+                200,
+                None,
+                "x-should-retry",
+                "false",
+                r#"{"error":{"code":"rate_limit_exceeded"}}"#,
+            ),
+            (
+                200,
+                Some("application/json"),
+                "retry-after-ms",
+                "1500",
+                r#"{"code":"Throttling.RateQuota"}"#,
+            ),
+            (
+                200,
+                Some("text/event-stream"),
+                "retry-after",
+                "2",
+                "event:error\n:HTTP_STATUS/429\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n",
+            ),
+        ];
+        for (status, ct, name, value, body) in cases {
+            let mut res = response(status, ct, String::from(body));
+            res.headers_mut().insert(name, value.parse().unwrap());
+            let whole = c.classify(res.status(), res.headers(), body.as_bytes());
+            assert!(!whole.is_success());
+            let slot = Slot::default();
+            Observed::wrap(res, &c, Inspect::OUTCOME, hook(&slot))
+                .into_body()
+                .collect()
+                .await
+                .unwrap();
+            assert_eq!(slot.lock().unwrap()[0].outcome, whole, "{name}: {value}");
         }
     }
 

@@ -456,10 +456,7 @@ impl Classifier {
     fn classify_sse_body(&self, status: StatusCode, body: &[u8]) -> Outcome {
         for ev in parse_events(body) {
             let meta = EventMeta {
-                error_event: ev
-                    .event
-                    .as_deref()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("error")),
+                error_event: ev.is_error_event(),
                 http_status: ev.http_status.or(Some(status.as_u16())),
                 data_lines: 0,
             };
