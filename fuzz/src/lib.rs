@@ -29,6 +29,7 @@ use tower_qwen::body::{BodyEnd, EndKind, Inspect, Observed};
 use tower_qwen::classify::{AllocationQuotaPolicy, Classifier, Outcome};
 use tower_qwen::request::{Endpoint, RequestInfo};
 use tower_qwen::sse::{EventMeta, MAX_LINE, SseScanner, parse_events};
+use tower_qwen::tokens::estimate_text_tokens;
 
 /// A fuzz target: panics when a property breaks.
 pub type Target = fn(&[u8]);
@@ -596,7 +597,10 @@ pub fn retry_after(data: &[u8]) {
 /// body.
 ///
 /// Properties: no panic; the endpoint is the path's; a streaming header
-/// means a stream; tokens come with inputs; the estimate is at least 1 and
+/// means a stream; a body read without error is one JSON object, a body
+/// that is not JSON is refused (`body_error`), and a refused body is
+/// charged at least the estimate of its whole text; tokens come with
+/// inputs; the estimate is at least 1 and
 /// the output budget of an embedding is 0; parsing is deterministic; and
 /// `RequestInfo::of` on a request with that URI, headers and body (as the
 /// crate's `Body` and as `Full<Bytes>`) says the same as `parse`, and
@@ -608,8 +612,35 @@ pub fn request_info(data: &[u8]) {
     let info = RequestInfo::parse(&path, &headers, Some(body));
     assert_eq!(info.endpoint, Endpoint::from_path(&path));
     assert_eq!(info, RequestInfo::parse(&path, &headers, Some(body)));
-    if info.input_tokens > 0 {
-        assert!(info.inputs > 0, "tokens without inputs: {info:?}");
+    // What decides admission reads the body as the upstream will, or
+    // refuses it: a body read without error is one JSON object (or
+    // blank), a body that is not JSON is refused, and a refused body is
+    // charged at least as its whole text.
+    let blank = body.iter().all(|b| b" \t\n\r".contains(b));
+    let json = serde_json::from_slice::<serde_json::Value>(body);
+    match &info.body_error {
+        None => {
+            assert!(
+                blank || json.as_ref().is_ok_and(serde_json::Value::is_object),
+                "read without error, but not one JSON object: {info:?}"
+            );
+            if info.input_tokens > 0 {
+                assert!(info.inputs > 0, "tokens without inputs: {info:?}");
+            }
+        }
+        Some(_) => {
+            let whole = estimate_text_tokens(&String::from_utf8_lossy(body));
+            assert!(
+                info.input_tokens >= whole,
+                "refused, yet charged less than its text: {info:?}"
+            );
+        }
+    }
+    if json.is_err() && !blank {
+        assert!(
+            info.body_error.is_some(),
+            "not JSON, yet read without error: {info:?}"
+        );
     }
     assert!(info.estimated_tokens(0) >= 1);
     assert!(info.estimated_tokens(u32::MAX) >= info.input_tokens);
