@@ -2,7 +2,7 @@
 //!
 //! Each target is a `fn(&[u8])` that panics when a property breaks. The
 //! libFuzzer binaries in `fuzz_targets/` call them, and so does the crate's
-//! own test `tests/fuzz_corpus.rs`, which replays the committed corpus
+//! own test `tests/fuzz_corpus/main.rs`, which replays the committed corpus
 //! without a fuzzer (this file is compiled into it with `#[path]`), so the
 //! targets build, and the corpus passes, in every `cargo test`.
 //!
@@ -14,7 +14,7 @@
 //!
 //! To add a target: a `pub fn` here, an entry in [`TARGETS`], a
 //! `fuzz_targets/<name>.rs` calling it, a `[[bin]]` in `fuzz/Cargo.toml`, a
-//! `#[test]` in `tests/fuzz_corpus.rs`, and seeds in `fuzz/seeds/<name>/`.
+//! `#[test]` in `tests/fuzz_corpus/main.rs`, and seeds in `fuzz/seeds/<name>/`.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
