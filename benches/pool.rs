@@ -58,11 +58,10 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_qwen::BoxError;
 use tower_qwen::circuit_breaker::{BreakerHandle, CircuitBreaker, CircuitBreakerLayer};
 use tower_qwen::classify::Classifier;
+use tower_qwen::key::ByModel;
 use tower_qwen::mock::{Dist, FaultPlan, Latency, MockDashScope, Quota as MockQuota};
 use tower_qwen::pool::{Account, Pool};
-use tower_qwen::rate_limit::{
-    ByModel, Limits, Quota, RateLimit, RateLimitLayer, RateLimiter, qwen_limits,
-};
+use tower_qwen::rate_limit::{Limits, Quota, RateLimit, RateLimitLayer, RateLimiter, qwen_limits};
 use tower_qwen::time;
 use tower_qwen::util::rng::SeededRng;
 
@@ -146,7 +145,10 @@ impl Service<Request<Full<Bytes>>> for Transport {
 fn stack<S: Clone>(
     inner: &S,
     limiter: &Limiter,
-) -> (CircuitBreaker<RateLimit<S, ByModel>>, BreakerHandle) {
+) -> (
+    CircuitBreaker<RateLimit<S, Limiter, ByModel>>,
+    BreakerHandle,
+) {
     let breaker = CircuitBreakerLayer::new();
     let handle = breaker.handle();
     let rl = RateLimitLayer::keyed(limiter.clone(), ByModel).wait(Duration::from_secs(60));
@@ -405,7 +407,7 @@ fn huge_limiter() -> Limiter {
     RateLimiter::builder(Limits::requests(Quota::per_second(nz(u32::MAX)))).build_keyed()
 }
 
-fn mem_pool(n: usize) -> Pool<CircuitBreaker<RateLimit<Mem, ByModel>>> {
+fn mem_pool(n: usize) -> Pool<CircuitBreaker<RateLimit<Mem, Limiter, ByModel>>> {
     let up = mem_upstream();
     let accounts = (0..n).map(|i| {
         let limiter = huge_limiter();

@@ -34,7 +34,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_qwen::circuit_breaker::CircuitBreakerLayer;
 use tower_qwen::concurrency::ConcurrencyLimitLayer;
-use tower_qwen::rate_limit::{ByAccountModel, Limits, Quota, QuotaTable, RateLimitLayer};
+use tower_qwen::key::ByAccountModel;
+use tower_qwen::rate_limit::{Limits, Quota, QuotaTable, RateLimitLayer};
 use tower_qwen::retry::RetryLayer;
 use tower_qwen::timeout::TimeoutLayer;
 
@@ -161,7 +162,7 @@ fn stacks(c: &mut Criterion) {
         .layer(RetryLayer::new())
         .map_err(tower_qwen::BoxError::from)
         .layer(CircuitBreakerLayer::new())
-        .layer(RateLimitLayer::qwen_with(table, ByAccountModel::new()))
+        .layer(RateLimitLayer::qwen(table, ByAccountModel::new()))
         .layer(ConcurrencyLimitLayer::new(NonZeroUsize::new(1024).unwrap()))
         .layer(
             TimeoutLayer::new()

@@ -25,14 +25,15 @@
 //! use tower_qwen::builder::ServiceBuilderExt;
 //! use tower_qwen::circuit_breaker::CircuitBreakerLayer;
 //! use tower_qwen::concurrency::ConcurrencyLimitLayer;
-//! use tower_qwen::rate_limit::RateLimitLayer;
+//! use tower_qwen::key::ByAccountModel;
+//! use tower_qwen::rate_limit::{QuotaTable, RateLimitLayer};
 //! use tower_qwen::retry::RetryLayer;
 //! use tower_qwen::timeout::TimeoutLayer;
 //!
 //! let svc = ServiceBuilder::new()
 //!     .qwen_retry(RetryLayer::new())
 //!     .qwen_circuit_breaker(CircuitBreakerLayer::new())
-//!     .qwen_rate_limit(RateLimitLayer::qwen())
+//!     .qwen_rate_limit(RateLimitLayer::qwen(QuotaTable::qwen(), ByAccountModel::new()))
 //!     .qwen_concurrency_limit(ConcurrencyLimitLayer::new(NonZeroUsize::new(16).unwrap()))
 //!     .qwen_timeout(TimeoutLayer::new().idle(Duration::from_secs(60)))
 //!     .service_fn(|_req: http::Request<Full<Bytes>>| async {
@@ -80,7 +81,7 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Adds a [circuit breaker](crate::circuit_breaker).
     #[cfg(feature = "circuit-breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
-    fn qwen_circuit_breaker<C, P: crate::circuit_breaker::Keys>(
+    fn qwen_circuit_breaker<C, P: crate::key::Keys>(
         self,
         layer: crate::circuit_breaker::CircuitBreakerLayer<C, P>,
     ) -> ServiceBuilder<Stack<crate::circuit_breaker::CircuitBreakerLayer<C, P>, L>>;
@@ -88,10 +89,10 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Adds a [rate limiter](crate::rate_limit).
     #[cfg(feature = "rate-limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
-    fn qwen_rate_limit<KF: crate::rate_limit::KeyFn, C>(
+    fn qwen_rate_limit<B, K, C, W>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<KF, C>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<KF, C>, L>>;
+        layer: crate::rate_limit::RateLimitLayer<B, K, C, W>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W>, L>>;
 
     /// Adds a [concurrency limit](crate::concurrency).
     #[cfg(feature = "concurrency")]
@@ -136,7 +137,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "circuit-breaker")]
-    fn qwen_circuit_breaker<C, P: crate::circuit_breaker::Keys>(
+    fn qwen_circuit_breaker<C, P: crate::key::Keys>(
         self,
         layer: crate::circuit_breaker::CircuitBreakerLayer<C, P>,
     ) -> ServiceBuilder<Stack<crate::circuit_breaker::CircuitBreakerLayer<C, P>, L>> {
@@ -144,10 +145,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "rate-limit")]
-    fn qwen_rate_limit<KF: crate::rate_limit::KeyFn, C>(
+    fn qwen_rate_limit<B, K, C, W>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<KF, C>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<KF, C>, L>> {
+        layer: crate::rate_limit::RateLimitLayer<B, K, C, W>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W>, L>> {
         self.layer(layer)
     }
 

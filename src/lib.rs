@@ -14,18 +14,19 @@
 //! | module | what it does | feature |
 //! |---|---|---|
 //! | [`classify`] | one [`Outcome`](classify::Outcome) for every way DashScope reports trouble, and for every error of this crate's layers (teach it yours with [`on_error`](classify::Classifier::on_error)) | always |
-//! | [`rate_limit`] | GCRA buckets for requests **and tokens** (reserve, then reconcile with real `usage`), keyed per (account, model), wait or reject, slow start, feedback | `rate-limit` |
+//! | [`rate_limit`] | one layer over pluggable backends (memory, Redis, yours): GCRA for requests **and tokens** (reserve, then reconcile with real `usage`), keyed per (account, model), wait or reject, slow start, feedback, any request type | `rate-limit` |
+//! | [`key`] | which bucket, circuit or account a request belongs to, for the limiter, the breaker, the pool and Redis | always |
 //! | [`retry`] | retry what heals, never what can't, never a stream already flowing; cause-aware backoff, shared budget, deadlines | `retry` |
 //! | [`timeout`] | time to headers, idle time between body frames, total deadline | `timeout` |
 //! | [`concurrency`] | fixed or adaptive (AIMD) limit held until a streamed body ends; FIFO, bounded waiting | `concurrency` |
 //! | [`circuit_breaker`] | fail fast or degrade to a low rate; half-open probes; keyed | `circuit-breaker` |
 //! | [`fallback`] | on throttling or an open circuit, ask the next model of a chain | `fallback` |
 //! | [`coalesce`] | merge single-text embedding calls into batched requests | `coalesce` |
-//! | [`pool`] | spread load over several accounts (quotas are per account) | `pool` |
+//! | [`pool`] | spread load over several accounts (quotas are per account) by their headroom in any backend; key rotation, pinning | `pool` |
 //! | [`batch`] | work that can wait goes through the Batch API: half price, no real-time quota; routing by urgency | `batch` |
 //! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
 //! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
-//! | [`redis`] | the same GCRA decision in Redis, shared by many replicas | `redis` |
+//! | [`redis`] | a rate-limit backend: the same GCRA decision in Redis, batched, shared by many replicas | `redis` |
 //! | [`mock`] | a faithful mock DashScope server for tests, benches, demos and agent test suites (tools, JSON mode, thinking, scripted decisions and faults) | `mock` |
 //!
 //! # Order
@@ -79,7 +80,7 @@
 //! let client = ServiceBuilder::new()
 //!     .layer(retry::RetryLayer::new())
 //!     .layer(circuit_breaker::CircuitBreakerLayer::new())
-//!     .layer(rate_limit::RateLimitLayer::qwen())
+//!     .layer(rate_limit::RateLimitLayer::qwen(rate_limit::QuotaTable::qwen(), tower_qwen::key::ByAccountModel::new()))
 //!     .layer(concurrency::ConcurrencyLimitLayer::new(NonZeroUsize::new(20).unwrap()))
 //!     .layer(timeout::TimeoutLayer::new())        // 60 s idle between frames, 300 s in all
 //!     .layer(SetUpstreamLayer::new(mock.base_url().parse()?, ApiKey::new("sk-demo")?))
@@ -115,9 +116,11 @@
 //! | `full` | no | all of the above |
 //!
 //! For a lean build, `default-features = false` and pick: each feature
-//! builds alone. The core ([`classify`], [`body`], [`request`], [`sse`], [`usage`],
-//! [`tokens`], [`time`]) is always there and depends only on `http`,
-//! `http-body`, `tokio` (time), `serde_json` and `tracing`.
+//! builds alone. The core ([`classify`], [`body`], [`key`], [`request`], [`sse`],
+//! [`usage`], [`tokens`], [`time`]) is always there and depends only on
+//! `http`, `http-body`, `tokio` (time), `serde_json` and `tracing` (the
+//! keyed store behind [`key`] adds `dashmap` with `rate-limit` or
+//! `circuit-breaker`).
 //!
 //! # Time and determinism
 //!
@@ -142,6 +145,7 @@
 pub mod body;
 pub mod builder;
 pub mod classify;
+pub mod key;
 pub mod request;
 pub mod sse;
 pub mod time;

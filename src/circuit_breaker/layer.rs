@@ -1,5 +1,4 @@
 use std::fmt;
-use std::hash::Hash;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +10,9 @@ use crate::util::rng::Rng;
 
 use super::config::{Config, FailureRate, OnChange, TripAction};
 use super::service::CircuitBreaker;
-use super::shared::{BreakerHandle, Global, KeyedBy, Keys, Shared};
+use super::shared::{BreakerHandle, Shared};
 use super::state::Transition;
+use crate::key::{Global, Keys};
 
 /// Applies a [`CircuitBreaker`] to services. Every service this layer makes,
 /// and every clone of them, shares its circuit(s).
@@ -57,30 +57,25 @@ impl CircuitBreakerLayer {
 }
 
 impl<C> CircuitBreakerLayer<C, Global> {
-    /// One circuit per key, the key found by `key` over the request (an
-    /// upstream account, an API key id, a model), at most `max_keys` of
-    /// them: past that, the least recently used circuit with nothing to
-    /// remember (closed, no failure counted, no call in flight) is evicted,
-    /// else the least recently used one.
+    /// One circuit per key, the key found by `keys` for the request (an
+    /// extractor of the [`key`](crate::key) module: an upstream account, a
+    /// client key, a model, or a closure with
+    /// [`key_fn`](crate::key::key_fn)), at most `max_keys` of them. When a
+    /// new key arrives and the map is full, circuits with nothing to
+    /// remember (closed, no failure counted, no call in flight) are evicted
+    /// (at most once a second); if none is, new keys share one overflow
+    /// circuit until room frees up.
     ///
     /// Never log or report a secret as a key: the key reaches the
     /// [`on_state_change`](CircuitBreakerLayer::on_state_change) callback.
     /// A state-change callback set before this call is dropped (its key
     /// type changes); set it after.
-    pub fn keyed<F, K, Req>(
-        self,
-        key: F,
-        max_keys: NonZeroUsize,
-    ) -> CircuitBreakerLayer<C, KeyedBy<F, K>>
-    where
-        F: Fn(&mut Req) -> K + Clone + Send + Sync + 'static,
-        K: Hash + Eq + Clone + Send + Sync + 'static,
-    {
+    pub fn keyed<P: Keys>(self, keys: P, max_keys: NonZeroUsize) -> CircuitBreakerLayer<C, P> {
         let mut cfg = self.shared.cfg.clone();
         cfg.set_max_keys(max_keys);
         CircuitBreakerLayer {
             shared: Arc::new(Shared::new(cfg, None, None)),
-            keys: KeyedBy::new(key),
+            keys,
             classifier: self.classifier,
             on_change: None,
         }

@@ -110,5 +110,5 @@ mod state;
 pub use config::{FailureRate, TripAction};
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
-pub use shared::{BreakerHandle, Global, KeyOf, KeyedBy, Keys};
+pub use shared::BreakerHandle;
 pub use state::{State, Transition};

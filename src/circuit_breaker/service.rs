@@ -13,8 +13,9 @@ use crate::util::macros::define_inner_service_accessors;
 use super::error::CircuitOpen;
 use super::future::{Record, ResponseFuture};
 use super::layer::CircuitBreakerLayer;
-use super::shared::{BreakerHandle, Global, KeyOf, Keys, Shared};
+use super::shared::{BreakerHandle, Shared};
 use super::state::Admit;
+use crate::key::{Global, KeyOf, Keys};
 
 /// Fails calls fast while the upstream is broken, and probes it back.
 ///

@@ -1,106 +1,15 @@
 //! State shared by every clone of a breaker: the settings, the global
 //! circuit or the keyed circuits, and the handle.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock};
 
-use crate::time::{self, Instant};
+use crate::key::store::Store;
+use crate::time::{self, Instant, duration_nanos};
 
 use super::config::{Config, OnChange};
 use super::state::{Circuit, State, Transition};
-
-/// Names the key type of a breaker: `()` for one circuit, `K` for one
-/// circuit per key.
-pub trait Keys: Clone + Send + Sync + 'static {
-    /// The key of a circuit.
-    type Key: Hash + Eq + Clone + Send + Sync + 'static;
-}
-
-/// Finds the key of a request. Implemented by [`Global`] (one circuit) and
-/// [`KeyedBy`] (a closure `Fn(&mut Req) -> K`).
-pub trait KeyOf<Req>: Keys {
-    /// The key of `req`'s circuit. Taking `&mut` lets the closure use
-    /// [`RequestInfo::of`](crate::request::RequestInfo::of), which caches
-    /// what it parsed in the request's extensions.
-    fn key_of(&self, req: &mut Req) -> Self::Key;
-
-    /// Whether every request shares one circuit (then admission happens in
-    /// `poll_ready`, before the inner service reserves anything).
-    fn is_global(&self) -> bool {
-        false
-    }
-}
-
-/// One circuit for every call. The default.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Global;
-
-impl Keys for Global {
-    type Key = ();
-}
-
-impl<Req> KeyOf<Req> for Global {
-    #[inline]
-    fn key_of(&self, _: &mut Req) {}
-
-    fn is_global(&self) -> bool {
-        true
-    }
-}
-
-/// One circuit per key, the key found by a closure over the request. Made by
-/// [`CircuitBreakerLayer::keyed`](super::CircuitBreakerLayer::keyed).
-pub struct KeyedBy<F, K> {
-    f: F,
-    _key: PhantomData<fn() -> K>,
-}
-
-impl<F: Clone, K> Clone for KeyedBy<F, K> {
-    fn clone(&self) -> Self {
-        Self {
-            f: self.f.clone(),
-            _key: PhantomData,
-        }
-    }
-}
-
-impl<F, K> KeyedBy<F, K> {
-    pub(crate) fn new(f: F) -> Self {
-        Self {
-            f,
-            _key: PhantomData,
-        }
-    }
-}
-
-impl<F, K> fmt::Debug for KeyedBy<F, K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedBy").finish_non_exhaustive()
-    }
-}
-
-impl<F, K> Keys for KeyedBy<F, K>
-where
-    F: Clone + Send + Sync + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    type Key = K;
-}
-
-impl<F, K, Req> KeyOf<Req> for KeyedBy<F, K>
-where
-    F: Fn(&mut Req) -> K + Clone + Send + Sync + 'static,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    #[inline]
-    fn key_of(&self, req: &mut Req) -> K {
-        (self.f)(req)
-    }
-}
 
 pub(crate) struct Shared<K> {
     pub(crate) cfg: Config,
@@ -113,28 +22,35 @@ pub(crate) struct Shared<K> {
     base: Instant,
 }
 
+/// The circuits of a keyed breaker, in the crate's bounded keyed store: a
+/// circuit with nothing to remember (closed, nothing counted, no call in
+/// flight) is idle and swept out when new keys arrive; when every circuit is
+/// busy, new keys share one overflow circuit until room frees up.
 struct KeyMap<K> {
-    map: RwLock<HashMap<K, Entry>>,
+    store: Store<K, Arc<Circuit>>,
+    overflow: OnceLock<Arc<Circuit>>,
 }
 
-struct Entry {
-    circuit: Arc<Circuit>,
-    /// Seconds since `base` of the last call.
-    used: AtomicU64,
+/// How often a keyed breaker sweeps idle circuits when new keys arrive.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn is_idle(c: &Arc<Circuit>) -> bool {
+    c.is_idle() && Arc::strong_count(c) == 1
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
     /// A breaker; `global_key` is `Some` for an unkeyed one.
     pub(crate) fn new(cfg: Config, global_key: Option<K>, on_change: Option<OnChange<K>>) -> Self {
         let base = time::now();
-        let keyed = global_key.is_none();
+        let keyed = global_key.is_none().then(|| KeyMap {
+            store: Store::new(cfg.max_keys, duration_nanos(SWEEP_EVERY), "circuit breaker"),
+            overflow: OnceLock::new(),
+        });
         Self {
             global_key,
             global: Circuit::new(&cfg, base),
             cfg,
-            keyed: keyed.then(|| KeyMap {
-                map: RwLock::new(HashMap::new()),
-            }),
+            keyed,
             on_change,
             base,
         }
@@ -148,52 +64,28 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
         self.keyed.is_some()
     }
 
-    /// The circuit of `key` (created if missing, evicting an idle one when
-    /// the map is full).
+    /// The circuit of `key` (created if missing; when the map is full of
+    /// busy circuits, the overflow circuit).
     pub(crate) fn circuit(&self, key: &K) -> Arc<Circuit> {
         let map = self.keyed.as_ref().expect("keyed breaker");
-        let now = time::now();
-        let secs = now.saturating_duration_since(self.base).as_secs();
-        {
-            let m = map
-                .map
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(e) = m.get(key) {
-                if e.used.load(Ordering::Relaxed) != secs {
-                    e.used.store(secs, Ordering::Relaxed);
-                }
-                return e.circuit.clone();
-            }
+        let now = duration_nanos(time::now().saturating_duration_since(self.base));
+        match map.store.get_or_insert_with(
+            key,
+            now,
+            || Arc::new(Circuit::new(&self.cfg, self.base)),
+            is_idle,
+        ) {
+            Some(c) => c.clone(),
+            None => map
+                .overflow
+                .get_or_init(|| Arc::new(Circuit::new(&self.cfg, self.base)))
+                .clone(),
         }
-        let mut m = map
-            .map
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(e) = m.get(key) {
-            return e.circuit.clone();
-        }
-        if m.len() >= self.cfg.max_keys {
-            evict(&mut m);
-        }
-        let circuit = Arc::new(Circuit::new(&self.cfg, self.base));
-        m.insert(
-            key.clone(),
-            Entry {
-                circuit: circuit.clone(),
-                used: AtomicU64::new(secs),
-            },
-        );
-        circuit
     }
 
     fn existing(&self, key: &K) -> Option<Arc<Circuit>> {
         let map = self.keyed.as_ref()?;
-        let m = map
-            .map
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.get(key).map(|e| e.circuit.clone())
+        map.store.get(key).map(|c| c.clone())
     }
 
     /// Logs a state change of the global circuit and runs the callback.
@@ -229,22 +121,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
         if let Some(cb) = &self.on_change {
             cb(key, &t);
         }
-    }
-}
-
-/// Evicts one circuit: the least recently used idle one not in use, else the
-/// least recently used one.
-fn evict<K: Hash + Eq + Clone>(m: &mut HashMap<K, Entry>) {
-    let pick = |only_idle: bool| {
-        m.iter()
-            .filter(|(_, e)| {
-                !only_idle || (e.circuit.is_idle() && Arc::strong_count(&e.circuit) == 1)
-            })
-            .min_by_key(|(_, e)| e.used.load(Ordering::Relaxed))
-            .map(|(k, _)| k.clone())
-    };
-    if let Some(k) = pick(true).or_else(|| pick(false)) {
-        m.remove(&k);
     }
 }
 
@@ -327,12 +203,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
 
     /// How many keyed circuits exist.
     pub fn keys(&self) -> usize {
-        self.shared.keyed.as_ref().map_or(0, |m| {
-            m.map
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .len()
-        })
+        self.shared.keyed.as_ref().map_or(0, |m| m.store.len())
     }
 
     fn force(&self, key: Option<&K>, to: State) {

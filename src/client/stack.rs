@@ -21,10 +21,8 @@ use crate::BoxError;
 use crate::body::Body;
 use crate::circuit_breaker::{BreakerHandle, CircuitBreakerLayer};
 use crate::concurrency::{ConcurrencyLimitLayer, LimitHandle};
-use crate::rate_limit::{
-    AccountModel, ByAccountModel, Limits, QuotaTable, RateLimitLayer, RateLimiter,
-};
-use crate::request::RequestInfo;
+use crate::key::{AccountModel, ByAccountModel, ByModel};
+use crate::rate_limit::{Limits, QuotaTable, RateLimitLayer, RateLimiter};
 use crate::retry::{RetryLayer, RetryStats};
 use crate::timeout::TimeoutLayer;
 
@@ -385,17 +383,14 @@ impl QwenClientBuilder {
                 tracing::warn!(target: "tower_qwen::client", "workspace id is not a valid header value; not sent");
             }
         }
-        let rate = RateLimitLayer::qwen_with(self.quotas, self.accounts)
+        let rate = RateLimitLayer::qwen(self.quotas, self.accounts)
             .wait(self.max_wait)
             .default_output_tokens(self.default_output_tokens);
         let breaker = CircuitBreakerLayer::new()
             .consecutive_failures(self.breaker_failures)
-            .keyed(
-                |req: &mut Request<Body>| RequestInfo::of(req).model.clone(),
-                NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
-            );
+            .keyed(ByModel, NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN));
         let handles = Arc::new(Handles {
-            limiter: rate.limiter().clone(),
+            limiter: rate.backend().clone(),
             breaker: breaker.handle(),
             concurrency: self.concurrency.handle(),
             retry: self.retry.stats(),

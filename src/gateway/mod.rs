@@ -234,7 +234,8 @@ use tower_layer::Layer;
 
 use crate::circuit_breaker::{CircuitBreakerLayer, State as BreakerState, TripAction};
 use crate::client::TransportConfig;
-use crate::rate_limit::{ByModel, Limits, RateLimitLayer, RateLimiter, SlowStart};
+use crate::key::ByModel;
+use crate::rate_limit::{Limits, RateLimitLayer, RateLimiter, SlowStart};
 use crate::timeout::TimeoutLayer;
 
 pub use auth::key_sha256;

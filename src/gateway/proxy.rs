@@ -30,8 +30,9 @@ use crate::body::{Body, BufferedBody};
 use crate::circuit_breaker::error::CircuitOpen;
 use crate::circuit_breaker::{BreakerHandle, CircuitBreaker, State as BreakerState};
 use crate::client::{ApiKey, BaseUrl, HttpClient};
+use crate::key::ByModel;
 use crate::rate_limit::error::RateLimited;
-use crate::rate_limit::{ByModel, Cost, QuotaTable, RateLimit, RateLimiter};
+use crate::rate_limit::{Cost, QuotaTable, RateLimit, RateLimiter};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
 use crate::timeout::Timeout;
@@ -45,7 +46,7 @@ use super::respond::{Refusal, ceil_secs, refuse_saying, sse_error_event};
 /// The client toward DashScope, with the upstream timeouts.
 pub(crate) type Upstream = Timeout<HttpClient>;
 /// One account's admission (reject mode, keyed by model) over the client.
-pub(crate) type AccountSvc = RateLimit<Upstream, ByModel>;
+pub(crate) type AccountSvc = RateLimit<Upstream, RateLimiter<Option<Arc<str>>>, ByModel>;
 /// What an account answers (named through the service, so that it follows
 /// the rate limiter's own response type).
 pub(crate) type PoolResponse = <AccountSvc as Service<http::Request<Body>>>::Response;

@@ -3,12 +3,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::HeaderValue;
-use http::request::Parts;
+use http::{HeaderValue, Request};
 
+use crate::body::Body;
 use crate::circuit_breaker::BreakerHandle;
-use crate::rate_limit::{KeyFn, RateLimiter, Snapshot};
+use crate::key::KeyOf;
+use crate::rate_limit::{Backend, Snapshot};
 
 use super::error::InvalidConfig;
 use super::picker::{Headroom, Health, Score};
@@ -17,20 +19,26 @@ use super::picker::{Headroom, Health, Score};
 pub(crate) const WORKSPACE: http::HeaderName =
     http::HeaderName::from_static("x-dashscope-workspace");
 
-/// Reads an account's rate-limit state for a request.
+/// Reads an account's rate-limit state for a request (its head, with the
+/// request's parsed [`RequestInfo`](crate::request::RequestInfo) and the
+/// account's [`AccountId`](crate::key::AccountId) in the extensions).
 trait Source: Send + Sync + 'static {
-    fn snapshot(&self, parts: &Parts) -> Option<Snapshot>;
+    fn snapshot(&self, head: &mut Request<Body>) -> Option<Snapshot>;
 }
 
-struct LimiterSource<KF: KeyFn> {
-    limiter: RateLimiter<KF::Key>,
-    key_fn: KF,
+struct LimiterSource<B, P> {
+    backend: B,
+    keys: P,
 }
 
-impl<KF: KeyFn> Source for LimiterSource<KF> {
+impl<B, P> Source for LimiterSource<B, P>
+where
+    P: KeyOf<Request<Body>>,
+    B: Backend<P::Key>,
+{
     #[inline]
-    fn snapshot(&self, parts: &Parts) -> Option<Snapshot> {
-        self.limiter.snapshot(&self.key_fn.key(parts))
+    fn snapshot(&self, head: &mut Request<Body>) -> Option<Snapshot> {
+        self.backend.snapshot(&self.keys.key_of(head))
     }
 }
 
@@ -51,26 +59,42 @@ pub struct Account<S> {
 }
 
 /// What the pool keeps of an account, shared by every clone.
-#[derive(Clone)]
 pub(crate) struct Meta {
     pub(crate) name: Arc<str>,
-    pub(crate) auth: HeaderValue,
+    /// The account's API keys (as `Authorization` values), used in turn.
+    auth: Box<[HeaderValue]>,
+    next_key: AtomicUsize,
     pub(crate) workspace: Option<HeaderValue>,
     source: Option<Arc<dyn Source>>,
     breaker: Option<BreakerHandle>,
 }
 
 impl Meta {
+    /// The `Authorization` value for the next call: the account's keys in
+    /// turn.
+    pub(crate) fn next_auth(&self) -> &HeaderValue {
+        if self.auth.len() == 1 {
+            &self.auth[0]
+        } else {
+            &self.auth[self.next_key.fetch_add(1, Ordering::Relaxed) % self.auth.len()]
+        }
+    }
+
+    /// Whether the pool must tell the limiter which account it asks about.
+    pub(crate) fn has_source(&self) -> bool {
+        self.source.is_some()
+    }
+
     /// How good this account is for a call of `tokens` tokens.
     #[inline]
-    pub(crate) fn score(&self, parts: &Parts, tokens: u32) -> Score {
+    pub(crate) fn score(&self, head: &mut Request<Body>, tokens: u32) -> Score {
         let health = match &self.breaker {
             None => Health::Healthy,
             Some(h) => Health::of(h.state(), || h.open_remaining()),
         };
         Score::of(health, || match &self.source {
             None => Headroom::FULL,
-            Some(src) => match src.snapshot(parts) {
+            Some(src) => match src.snapshot(head) {
                 None => Headroom::FULL,
                 Some(s) => Headroom::of(&s, tokens),
             },
@@ -95,20 +119,22 @@ impl<S> Account<S> {
         api_key: impl AsRef<str>,
         service: S,
     ) -> Result<Self, InvalidConfig> {
-        let key = api_key.as_ref().trim();
-        if key.is_empty() {
-            return Err(InvalidConfig::new("an API key is empty"));
-        }
-        if !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(InvalidConfig::new(
-                "an API key has characters an HTTP header cannot carry",
-            ));
-        }
-        let mut auth = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
-            InvalidConfig::new("an API key has characters an HTTP header cannot carry")
-        })?;
-        auth.set_sensitive(true);
-        Self::with_header(name.as_ref(), auth, service)
+        Self::with_header(name.as_ref(), bearer(api_key.as_ref())?, service)
+    }
+
+    /// Adds another API key of the same account: the pool uses the
+    /// account's keys in turn (they share the account's quota; several
+    /// keys spread the calls over keys, e.g. per-key audit or revocation).
+    ///
+    /// # Errors
+    ///
+    /// As [`Account::new`].
+    pub fn key(mut self, api_key: impl AsRef<str>) -> Result<Self, InvalidConfig> {
+        let auth = bearer(api_key.as_ref())?;
+        let mut keys = std::mem::take(&mut self.meta.auth).into_vec();
+        keys.push(auth);
+        self.meta.auth = keys.into_boxed_slice();
+        Ok(self)
     }
 
     /// Like [`Account::new`], with a key from the client preset.
@@ -134,7 +160,8 @@ impl<S> Account<S> {
         Ok(Self {
             meta: Meta {
                 name: Arc::from(name),
-                auth,
+                auth: Box::new([auth]),
+                next_key: AtomicUsize::new(0),
                 workspace: None,
                 source: None,
                 breaker: None,
@@ -157,26 +184,28 @@ impl<S> Account<S> {
         Ok(self)
     }
 
-    /// Reads this account's headroom from `limiter`, under the key
-    /// `key_fn` gives the request: typically the per-account limiter in
-    /// `service`, keyed [`ByModel`](crate::rate_limit::ByModel) (headroom
-    /// for the request's model). The pool parses the request's
-    /// [`RequestInfo`](crate::request::RequestInfo) before it asks, so a key
-    /// function may read it from the extensions.
+    /// Reads this account's headroom from `backend` (any rate-limit
+    /// [`Backend`]: the in-memory limiter, or the Redis one shared with
+    /// other replicas), under the key `keys` gives the request: typically
+    /// the limiter in `service` and the same extractor, e.g.
+    /// [`ByModel`](crate::key::ByModel) (headroom for the request's model)
+    /// or [`ByAccountModel`](crate::key::ByAccountModel).
     ///
-    /// With one limiter shared by several accounts and keyed by (account,
-    /// model), pass a closure that names this account, e.g.
-    /// `move |p: &Parts| (name.clone(), p.extensions.get::<Arc<RequestInfo>>().and_then(|i| i.model.clone()))`,
-    /// and key the limiter layer inside on the [`Picked`](super::Picked)
-    /// extension the same way. (The pool sets the account's
-    /// `Authorization` header only after the pick, so a key function that
-    /// reads it, such as
-    /// [`ByAccountModel`](crate::rate_limit::ByAccountModel), would see the
-    /// caller's header.)
+    /// The pool shows the extractor the request's head with its parsed
+    /// [`RequestInfo`](crate::request::RequestInfo) and, as the account, an
+    /// [`AccountId::Named`](crate::key::AccountId) with this account's
+    /// name; it sets the same extension on the request it sends. So one
+    /// limiter keyed by [`ByAccountModel`](crate::key::ByAccountModel) can
+    /// serve every account of the pool, whichever of an account's API keys
+    /// a call uses.
     ///
     /// Default is none: the account always looks full.
-    pub fn limiter<KF: KeyFn>(mut self, limiter: RateLimiter<KF::Key>, key_fn: KF) -> Self {
-        self.meta.source = Some(Arc::new(LimiterSource { limiter, key_fn }));
+    pub fn limiter<B, P>(mut self, backend: B, keys: P) -> Self
+    where
+        P: KeyOf<Request<Body>>,
+        B: Backend<P::Key>,
+    {
+        self.meta.source = Some(Arc::new(LimiterSource { backend, keys }));
         self
     }
 
@@ -208,6 +237,7 @@ impl fmt::Debug for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Account")
             .field("name", &self.name)
+            .field("keys", &self.auth.len())
             .field("workspace", &self.workspace.is_some())
             .field("limiter", &self.source.is_some())
             .field("breaker", &self.breaker.is_some())
@@ -219,6 +249,7 @@ impl<S: fmt::Debug> fmt::Debug for Account<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Account")
             .field("name", &self.meta.name)
+            .field("keys", &self.meta.auth.len())
             .field("workspace", &self.meta.workspace.is_some())
             .field("limiter", &self.meta.source.is_some())
             .field("breaker", &self.meta.breaker.is_some())
@@ -227,15 +258,38 @@ impl<S: fmt::Debug> fmt::Debug for Account<S> {
     }
 }
 
+/// An API key as a sensitive `Authorization: Bearer` value.
+fn bearer(key: &str) -> Result<HeaderValue, InvalidConfig> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(InvalidConfig::new("an API key is empty"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(InvalidConfig::new(
+            "an API key has characters an HTTP header cannot carry",
+        ));
+    }
+    let mut auth = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|_| InvalidConfig::new("an API key has characters an HTTP header cannot carry"))?;
+    auth.set_sensitive(true);
+    Ok(auth)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn keys_are_validated_and_never_shown() {
-        let a = Account::new("acme", " sk-secret-123 ", ()).unwrap();
-        assert_eq!(a.meta.auth, "Bearer sk-secret-123");
-        assert!(a.meta.auth.is_sensitive());
+        let a = Account::new("acme", " sk-secret-123 ", ())
+            .unwrap()
+            .key("sk-secret-456")
+            .unwrap();
+        assert_eq!(a.meta.next_auth(), "Bearer sk-secret-123");
+        assert_eq!(a.meta.next_auth(), "Bearer sk-secret-456");
+        assert_eq!(a.meta.next_auth(), "Bearer sk-secret-123");
+        assert!(a.meta.auth.iter().all(HeaderValue::is_sensitive));
+        assert!(format!("{:?}", a.meta).contains("keys: 2"));
         let shown = format!("{a:?} {:?}", a.meta);
         assert!(!shown.contains("secret"), "{shown}");
         assert!(Account::new("acme", "", ()).is_err());

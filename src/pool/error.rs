@@ -3,12 +3,13 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::classify::{Outcome, ThrottleCause};
+use crate::classify::{Outcome, PermanentReason, ThrottleCause};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     RateLimited,
     CircuitOpen,
+    UnknownAccount,
 }
 
 /// No account of the pool could take the call; nothing was sent and
@@ -45,6 +46,13 @@ impl Exhausted {
         }
     }
 
+    pub(crate) const fn unknown_account() -> Self {
+        Self {
+            kind: Kind::UnknownAccount,
+            retry_after: None,
+        }
+    }
+
     /// How long until some account could take the call: the shortest
     /// estimated rate-limit wait, or the time until the first open circuit
     /// probes (`None` when no open circuit knows, e.g. all forced open or
@@ -59,9 +67,16 @@ impl Exhausted {
         self.kind == Kind::RateLimited
     }
 
-    /// Whether every account's circuit refuses calls.
+    /// Whether every account's circuit refuses calls (or, for a request
+    /// [`Pinned`](super::Pinned) to one account, its circuit does).
     pub fn is_circuit_open(&self) -> bool {
         self.kind == Kind::CircuitOpen
+    }
+
+    /// Whether the request was [`Pinned`](super::Pinned) to an account the
+    /// pool does not have.
+    pub fn is_unknown_account(&self) -> bool {
+        self.kind == Kind::UnknownAccount
     }
 }
 
@@ -79,6 +94,7 @@ impl fmt::Display for Exhausted {
         f.write_str(match self.kind {
             Kind::RateLimited => "every pool account is rate limited",
             Kind::CircuitOpen => "every pool account's circuit is open",
+            Kind::UnknownAccount => "the request is pinned to an account the pool does not have",
         })?;
         if let Some(d) = self.retry_after {
             write!(f, "; retry after {:.3}s", d.as_secs_f64())?;
@@ -98,6 +114,9 @@ impl crate::classify::KnownError for Exhausted {
             },
             Kind::CircuitOpen => Outcome::Transient {
                 retry_after: self.retry_after,
+            },
+            Kind::UnknownAccount => Outcome::Permanent {
+                reason: PermanentReason::InvalidRequest,
             },
         }
     }

@@ -10,8 +10,8 @@
 //! limiter of its own over the transport all accounts share.
 //!
 //! Add each root account once. Two keys of one account are one account:
-//! give them one [`Account`] (or, if both must be used, one shared
-//! limiter), never two accounts with a limiter each. Against the mock, two
+//! give them one [`Account`] ([`Account::key`] adds a key; the account's
+//! keys are used in turn), never two accounts with a limiter each. Against the mock, two
 //! limiters that each believe in the account's quota send twice what it
 //! allows, draw 429s, and (with the limiters' feedback pausing each key)
 //! end *below* a single key's goodput (`benches/pool.rs`).
@@ -27,11 +27,13 @@
 //!   can take the call without waiting, and its call is the probe); a
 //!   half-open or forced-open one is skipped. One atomic load per account;
 //!   the clock is read only for an open circuit.
-//! * **Headroom** from the account's rate limiter
-//!   ([`Account::limiter`]), read through
-//!   [`RateLimiter::snapshot`](crate::rate_limit::RateLimiter::snapshot)
-//!   for the request's key (its model): the pool keeps no counters of its
-//!   own. An account whose quotas admit the call now is *ready*, ranked by
+//! * **Headroom** from the account's rate limiter ([`Account::limiter`]:
+//!   any [`Backend`](crate::rate_limit::Backend), in memory or on Redis
+//!   shared with other replicas), read through its
+//!   [`snapshot`](crate::rate_limit::Backend::snapshot) for the request's
+//!   key (its model, or its (account, model): one limiter keyed by
+//!   [`ByAccountModel`](crate::key::ByAccountModel) can serve every
+//!   account): the pool keeps no counters of its own. An account whose quotas admit the call now is *ready*, ranked by
 //!   the fraction left of its tighter quota (scaled down during slow start
 //!   or recovery from an upstream throttle, so a throttled account gets
 //!   less); otherwise it *waits*, ranked by the estimated wait.
@@ -60,13 +62,24 @@
 //!
 //! # Credentials
 //!
-//! The chosen account's `Authorization: Bearer <key>` replaces whatever the
-//! request carried, and its `X-DashScope-WorkSpace` is set (or the
+//! The chosen account's `Authorization: Bearer <key>` (its keys in turn)
+//! replaces whatever the request carried, and its `X-DashScope-WorkSpace` is set (or the
 //! request's own removed, when the account has none). The key is held as a
 //! sensitive header value and never appears in `Debug`, logs or errors. The
 //! request and the response carry a [`Picked`] extension naming the
 //! account, so layers inside can key on it and callers can see who
-//! answered; [`PoolStats`] counts calls per account.
+//! answered, and an [`AccountId::Named`](crate::key::AccountId) with the
+//! account's name, so a limiter keyed by
+//! [`ByAccountModel`](crate::key::ByAccountModel) charges the account
+//! whichever of its keys the call carries; [`PoolStats`] counts calls per
+//! account.
+//!
+//! # Pinning
+//!
+//! A request carrying a [`Pinned`] extension goes to the named account
+//! whatever the others' headroom (an async task is polled where it was
+//! created; a follow-up goes where the first call went:
+//! `Pinned::from(picked)`). Its circuit and rate limit still apply.
 //!
 //! # How it differs from tower's `Steer` and `Balance`
 //!
@@ -102,7 +115,8 @@
 //! use tower_qwen::body::Body;
 //! use tower_qwen::circuit_breaker::CircuitBreakerLayer;
 //! use tower_qwen::pool::{Account, Picked, Pool};
-//! use tower_qwen::rate_limit::{ByModel, Limits, Quota, RateLimitLayer, RateLimiter};
+//! use tower_qwen::key::ByModel;
+//! use tower_qwen::rate_limit::{Limits, Quota, RateLimitLayer, RateLimiter};
 //!
 //! // The transport every account shares (a stub that echoes the key).
 //! let transport = service_fn(|req: http::Request<Body>| async move {
@@ -148,4 +162,4 @@ mod picker;
 mod service;
 
 pub use account::Account;
-pub use service::{Picked, Pool, PoolBuilder, PoolStats};
+pub use service::{Picked, Pinned, Pool, PoolBuilder, PoolStats};

@@ -188,6 +188,15 @@ pub(crate) enum Pick {
     AllUnavailable { retry_after: Option<Duration> },
 }
 
+/// The pick of a request pinned to account `index`, whose score is
+/// `score`.
+pub(crate) fn pick_one(index: usize, score: Score) -> Pick {
+    match score {
+        Score::Unavailable { retry_after } => Pick::AllUnavailable { retry_after },
+        score => Pick::Account { index, score },
+    }
+}
+
 /// The two distinct indices of `n >= 2` accounts chosen by the random
 /// `bits`.
 #[inline]

@@ -8,7 +8,8 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::BufferedBody;
+use crate::body::{Body, BufferedBody};
+use crate::key::AccountId;
 use crate::rate_limit::DEFAULT_OUTPUT_TOKENS;
 use crate::request::RequestInfo;
 use crate::time::Deadline;
@@ -42,6 +43,46 @@ impl Picked {
     /// The account's name, shared.
     pub fn name_arc(&self) -> &Arc<str> {
         &self.name
+    }
+}
+
+/// A request extension that sends the request to one account of the pool,
+/// named, whatever the other accounts' headroom: task polls and async
+/// submissions live in the account that created them, and a conversation
+/// may be kept on one account. The account's circuit and rate limit still
+/// apply (an open circuit or a wait beyond the pool's bound fails with
+/// [`Exhausted`]); an unknown name fails with [`Exhausted`]
+/// (`is_unknown_account`), nothing sent.
+///
+/// ```
+/// use tower_qwen::pool::Pinned;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Pinned::to("acme"));
+/// assert_eq!(req.extensions().get::<Pinned>().unwrap().name(), "acme");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pinned {
+    name: Arc<str>,
+}
+
+impl Pinned {
+    /// Pins to the account named `name`.
+    pub fn to(name: impl AsRef<str>) -> Self {
+        Self {
+            name: Arc::from(name.as_ref().trim()),
+        }
+    }
+
+    /// The account's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl From<Picked> for Pinned {
+    /// Pins a follow-up request to the account that answered.
+    fn from(p: Picked) -> Self {
+        Self { name: p.name }
     }
 }
 
@@ -352,14 +393,38 @@ where
             (Some(m), Some(d)) => Some(m.min(d.remaining())),
             (m, d) => m.or_else(|| d.map(|d| d.remaining())),
         };
-        let (mut parts, body) = req.into_parts();
-        let n = shared.accounts.len();
-        let bits = if n > 1 {
-            self.rng.next_u64() ^ self.salt
-        } else {
-            0
+        let (parts, body) = req.into_parts();
+        // The head, shown to each account's limiter as a request to that
+        // account (its key extractor reads the head, the parsed request
+        // info and the account).
+        let mut head = Request::from_parts(parts, Body::empty());
+        let pinned = head.extensions().get::<Pinned>().cloned();
+        let mut score = |i: usize| {
+            let meta = &shared.accounts[i];
+            if meta.has_source() {
+                head.extensions_mut()
+                    .insert(AccountId::Named(meta.name.clone()));
+            }
+            meta.score(&mut head, tokens)
         };
-        let pick = picker::pick(n, bits, |i| shared.accounts[i].score(&parts, tokens));
+        let pick = match pinned {
+            Some(p) => match shared.accounts.iter().position(|m| *m.name == *p.name) {
+                Some(i) => picker::pick_one(i, score(i)),
+                None => {
+                    tracing::debug!(account = &*p.name, "pinned to an unknown pool account");
+                    return self.exhausted(Exhausted::unknown_account());
+                }
+            },
+            None => {
+                let n = shared.accounts.len();
+                let bits = if n > 1 {
+                    self.rng.next_u64() ^ self.salt
+                } else {
+                    0
+                };
+                picker::pick(n, bits, score)
+            }
+        };
         let index = match pick {
             Pick::AllUnavailable { retry_after } => {
                 return self.exhausted(Exhausted::circuit_open(retry_after));
@@ -385,9 +450,10 @@ where
         };
         let meta = &shared.accounts[index];
         shared.stats.inner.picks[index].fetch_add(1, Ordering::Relaxed);
+        let (mut parts, _) = head.into_parts();
         parts
             .headers
-            .insert(http::header::AUTHORIZATION, meta.auth.clone());
+            .insert(http::header::AUTHORIZATION, meta.next_auth().clone());
         match &meta.workspace {
             Some(ws) => {
                 parts.headers.insert(WORKSPACE, ws.clone());
@@ -401,6 +467,7 @@ where
             name: meta.name.clone(),
         };
         parts.extensions.insert(picked.clone());
+        parts.extensions.insert(AccountId::Named(meta.name.clone()));
         let svc = self.services[index].clone();
         ResponseFuture::new(svc, Request::from_parts(parts, body), picked)
     }

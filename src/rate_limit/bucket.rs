@@ -30,6 +30,11 @@
 //! * [`Bucket::refund`] (reconciliation) returns at most the part of the
 //!   charge that lies after every slot already granted and that time has
 //!   not yet repaid; see its docs.
+//!
+//! The bucket is one word; the decision around it (two dimensions at one
+//! slot, slow start, feedback, keys) is [`RateLimiter`](super::RateLimiter)'s,
+//! and the same arithmetic runs as a Redis script in the
+//! [`redis`](crate::redis) backend.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -105,12 +110,11 @@ pub struct Grant {
     pub charge: u64,
 }
 
-/// One bucket's state: the TAT, in nanoseconds since the epoch, and the
-/// latest slot granted to a waiter (read only by refunds).
+/// One bucket's state: its TAT, in nanoseconds since the epoch. One word:
+/// a request-only bucket is exactly this.
 #[derive(Debug, Default)]
 pub struct Bucket {
     tat: AtomicU64,
-    latest: AtomicU64,
 }
 
 impl Bucket {
@@ -118,22 +122,14 @@ impl Bucket {
     pub const fn new() -> Self {
         Self {
             tat: AtomicU64::new(0),
-            latest: AtomicU64::new(0),
         }
     }
 
-    /// Records a future slot before it is booked, so that a concurrent
-    /// refund never returns capacity ahead of it.
-    #[inline]
-    fn note_slot(&self, slot: u64, now: u64) {
-        if slot > now {
-            self.latest.fetch_max(slot, Ordering::AcqRel);
+    /// A bucket with this TAT.
+    pub const fn with_tat(tat: u64) -> Self {
+        Self {
+            tat: AtomicU64::new(tat),
         }
-    }
-
-    /// The latest slot granted to a waiter (0 if none).
-    pub fn latest_slot(&self) -> u64 {
-        self.latest.load(Ordering::Acquire)
     }
 
     /// The current TAT.
@@ -165,7 +161,6 @@ impl Bucket {
                 return Err(slot);
             }
             let after = tat.max(slot).saturating_add(x);
-            self.note_slot(slot, now);
             match self
                 .tat
                 .compare_exchange_weak(tat, after, Ordering::AcqRel, Ordering::Acquire)
@@ -185,26 +180,19 @@ impl Bucket {
 
     /// Reserves a charge `x` at exactly `slot`, if the bucket's current TAT
     /// (`expected`) still lets it conform there. Used to book several
-    /// dimensions at one common slot.
+    /// dimensions at one common slot. A caller that refunds records a
+    /// future slot (see [`Bucket::refund`]'s `latest`) before this call.
     ///
     /// # Errors
     ///
     /// The current TAT when it is no longer `expected`, or when `x` does not
     /// conform at `slot`.
     #[inline]
-    pub fn reserve_at(
-        &self,
-        g: &Gcra,
-        now: u64,
-        slot: u64,
-        x: u64,
-        expected: u64,
-    ) -> Result<Grant, u64> {
+    pub fn reserve_at(&self, g: &Gcra, slot: u64, x: u64, expected: u64) -> Result<Grant, u64> {
         if g.conforms_at(expected, x) > slot {
             return Err(expected);
         }
         let after = expected.max(slot).saturating_add(x);
-        self.note_slot(slot, now);
         match self
             .tat
             .compare_exchange(expected, after, Ordering::AcqRel, Ordering::Acquire)
@@ -238,12 +226,13 @@ impl Bucket {
     ///
     /// Exact when nothing was reserved after `grant` (`tat == grant.after`).
     /// Otherwise the refund keeps the TAT at or above
-    /// `max(now, latest slot granted) + (tat - grant.after)`: everything
-    /// charged after `grant` stays charged and is placed after every slot
-    /// already granted, so capacity is only ever returned behind the queue,
-    /// and only the part of the charge that elapsed time has not already
-    /// repaid.
-    pub fn refund(&self, grant: &Grant, amount: u64, now: u64) -> u64 {
+    /// `max(now, latest) + (tat - grant.after)`, `latest` being the latest
+    /// slot granted to a waiter (recorded by the caller before each
+    /// reservation of a future slot): everything charged after `grant`
+    /// stays charged and is placed after every slot already granted, so
+    /// capacity is only ever returned behind the queue, and only the part of
+    /// the charge that elapsed time has not already repaid.
+    pub fn refund(&self, grant: &Grant, amount: u64, now: u64, latest: u64) -> u64 {
         let amount = amount.min(grant.charge);
         if amount == 0 {
             return 0;
@@ -254,7 +243,7 @@ impl Bucket {
                 tat - amount.min(tat)
             } else {
                 let later = tat.saturating_sub(grant.after);
-                let horizon = now.max(self.latest.load(Ordering::Acquire));
+                let horizon = now.max(latest);
                 tat.saturating_sub(amount)
                     .max(horizon.saturating_add(later))
             };
@@ -444,7 +433,7 @@ mod tests {
         let g = Gcra::new(MS, 1);
         let b = Bucket::new();
         let r = b.reserve(&g, 0, g.charge(100, FULL_RATE), 0).unwrap();
-        assert_eq!(b.refund(&r, 90 * MS, 10 * MS), 90 * MS);
+        assert_eq!(b.refund(&r, 90 * MS, 10 * MS, 0), 90 * MS);
         assert_eq!(b.tat(), 10 * MS);
         // Not the tail: a later call was charged 5; only the part of r's
         // charge still ahead of now can come back, and the later charge stays.
@@ -452,7 +441,7 @@ mod tests {
         let r = b.reserve(&g, 0, g.charge(100, FULL_RATE), 0).unwrap();
         b.charge_more(5 * MS);
         assert_eq!(b.tat(), 105 * MS);
-        let got = b.refund(&r, 90 * MS, 40 * MS);
+        let got = b.refund(&r, 90 * MS, 40 * MS, 0);
         assert_eq!(b.tat(), 45 * MS);
         assert_eq!(got, 60 * MS);
     }

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -12,50 +11,38 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
-use crate::classify::{Classify, Outcome};
-use crate::time::Instant;
+use crate::body::{BodyEnd, EndKind, OnEnd};
+use crate::classify::{Classify, Outcome, ThrottleCause};
+use crate::time;
 
-use super::error::RateLimited;
-use super::limiter::{Admitted, Ticket};
+use super::backend::{Permit, Ticket};
+use super::service::inspect_for;
 
 pin_project! {
     /// The response future of [`RateLimit`](super::RateLimit).
     ///
-    /// A call that must wait holds its reservation here; dropping the
-    /// future before its slot cancels the reservation (given back when no
-    /// later call reserved after it). Once the inner service answers, the
-    /// response is wrapped by the classifier with a [`Reconcile`] hook.
-    pub struct ResponseFuture<F, S, Req, C, K>
+    /// A call that waits (for a backend's round trip, then for its slot)
+    /// holds its reservation here; dropping the future before its slot
+    /// cancels the reservation (given back when no later call reserved
+    /// after it). Once the inner service answers, the response is wrapped
+    /// by the classifier with a [`Reconcile`] hook.
+    pub struct ResponseFuture<F, S, Req, C, T, D>
     where
-        K: Hash,
-        K: Eq,
-        K: Clone,
-        K: Send,
-        K: Sync,
-        K: 'static,
+        T: Ticket,
     {
         #[pin]
-        state: State<F, S, Req, K>,
-        admitted: Option<Admitted<K>>,
+        state: State<F, S, Req, T, D>,
+        permit: Option<T::Permit>,
         classifier: C,
-        inspect: Inspect,
     }
 }
 
 pin_project! {
-    struct Wait<S, Req, K>
-    where
-        K: Hash,
-        K: Eq,
-        K: Clone,
-        K: Send,
-        K: Sync,
-        K: 'static,
-    {
+    struct Wait<S, Req, T, D> {
         #[pin]
         sleep: Sleep,
-        ticket: Option<Ticket<K>>,
+        pending: Option<D>,
+        ticket: Option<T>,
         svc: Option<S>,
         req: Option<Req>,
     }
@@ -63,90 +50,71 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, S, Req, K>
-    where
-        K: Hash,
-        K: Eq,
-        K: Clone,
-        K: Send,
-        K: Sync,
-        K: 'static,
-    {
+    enum State<F, S, Req, T, D> {
         // Boxed: only calls that wait pay for it, and the future every call
         // moves around stays small.
         Waiting {
-            wait: Pin<Box<Wait<S, Req, K>>>,
+            wait: Pin<Box<Wait<S, Req, T, D>>>,
         },
         Called {
             #[pin]
             future: F,
         },
-        Limited {
-            error: Option<RateLimited>,
+        Refused {
+            error: Option<BoxError>,
         },
     }
 }
 
-impl<F, S, Req, C, K> ResponseFuture<F, S, Req, C, K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    pub(crate) fn called(
-        future: F,
-        admitted: Admitted<K>,
-        classifier: C,
-        inspect: Inspect,
-    ) -> Self {
+impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
+    pub(crate) fn called(future: F, permit: T::Permit, classifier: C) -> Self {
         Self {
             state: State::Called { future },
-            admitted: Some(admitted),
+            permit: Some(permit),
             classifier,
-            inspect,
         }
     }
 
-    pub(crate) fn waiting(
-        ticket: Ticket<K>,
-        at: Instant,
-        svc: S,
-        req: Req,
-        classifier: C,
-        inspect: Inspect,
-    ) -> Self {
+    /// Waits for a booked ticket (`Ok`) or a backend's decision (`Err`).
+    pub(crate) fn waiting(booked: Result<T, D>, svc: S, req: Req, classifier: C) -> Self {
+        let (ticket, pending, at) = match booked {
+            Ok(t) => {
+                let at = t.ready_at();
+                (Some(t), None, at)
+            }
+            Err(d) => (None, Some(d), time::now()),
+        };
         Self {
             state: State::Waiting {
                 wait: Box::pin(Wait {
                     sleep: tokio::time::sleep_until(at),
-                    ticket: Some(ticket),
+                    pending,
+                    ticket,
                     svc: Some(svc),
                     req: Some(req),
                 }),
             },
-            admitted: None,
+            permit: None,
             classifier,
-            inspect,
         }
     }
 
-    pub(crate) fn limited(error: RateLimited, classifier: C) -> Self {
+    pub(crate) fn refused(error: BoxError, classifier: C) -> Self {
         Self {
-            state: State::Limited { error: Some(error) },
-            admitted: None,
+            state: State::Refused { error: Some(error) },
+            permit: None,
             classifier,
-            inspect: Inspect::NOTHING,
         }
     }
 }
 
-impl<F, S, Req, C, K> fmt::Debug for ResponseFuture<F, S, Req, C, K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
+impl<F, S, Req, C, T: Ticket, D> fmt::Debug for ResponseFuture<F, S, Req, C, T, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Waiting { wait } if wait.pending.is_some() => "deciding",
             State::Waiting { .. } => "waiting",
             State::Called { .. } => "called",
-            State::Limited { .. } => "limited",
+            State::Refused { .. } => "refused",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -154,15 +122,16 @@ where
     }
 }
 
-impl<F, S, Req, C, K, Res, E> Future for ResponseFuture<F, S, Req, C, K>
+impl<F, S, Req, C, T, D, Res, E> Future for ResponseFuture<F, S, Req, C, T, D>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Res, E>>,
     S: Service<Req, Future = F, Response = Res, Error = E>,
     E: Into<BoxError>,
     C: Classify<Res>,
+    T: Ticket,
+    D: Future<Output = Result<T, BoxError>> + Unpin,
 {
-    type Output = Result<C::Observed<Reconcile<K>>, BoxError>;
+    type Output = Result<C::Observed<Reconcile<T::Permit>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -171,8 +140,25 @@ where
                 StateProj::Waiting { wait } => {
                     let w = wait.as_mut().project();
                     let (mut sleep, ticket, svc, req) = (w.sleep, w.ticket, w.svc, w.req);
-                    ready!(sleep.as_mut().poll(cx));
+                    if let Some(d) = w.pending.as_mut() {
+                        let decided = ready!(Pin::new(d).poll(cx));
+                        *w.pending = None;
+                        let t = decided?;
+                        let at = t.ready_at();
+                        if at > time::now() {
+                            tracing::debug!(
+                                wait_ms =
+                                    at.saturating_duration_since(time::now()).as_millis() as u64,
+                                "waiting for a rate limit slot"
+                            );
+                        }
+                        sleep.as_mut().reset(at);
+                        *ticket = Some(t);
+                    }
                     let t = ticket.as_ref().expect("polled after completion");
+                    if sleep.deadline() > time::now() {
+                        ready!(sleep.as_mut().poll(cx));
+                    }
                     // An upstream throttle may have paused the key meanwhile.
                     let at = t.ready_at();
                     if at > sleep.deadline() {
@@ -185,34 +171,39 @@ where
                         ticket.take();
                         return Poll::Ready(Err(e.into()));
                     }
-                    let admitted = ticket.take().expect("polled after completion").admit();
+                    let permit = ticket.take().expect("polled after completion").admit();
                     let mut s = svc.take().expect("polled after completion");
                     let future = s.call(req.take().expect("polled after completion"));
-                    *this.admitted = Some(admitted);
+                    *this.permit = Some(permit);
                     this.state.set(State::Called { future });
                 }
                 StateProj::Called { future } => {
                     return match ready!(future.poll(cx)) {
                         Ok(res) => {
-                            let hook = Reconcile {
-                                admitted: this.admitted.take(),
+                            let (hook, inspect) = match this.permit.take() {
+                                Some(p) => {
+                                    let inspect = inspect_for(&p);
+                                    (Reconcile { permit: Some(p) }, inspect)
+                                }
+                                None => (Reconcile { permit: None }, crate::body::Inspect::NOTHING),
                             };
-                            Poll::Ready(Ok(this.classifier.observe(res, *this.inspect, hook)))
+                            Poll::Ready(Ok(this.classifier.observe(res, inspect, hook)))
                         }
                         Err(e) => {
                             let e: BoxError = e.into();
-                            if let Some(a) = this.admitted.take()
+                            if let Some(p) = this.permit.take()
                                 && let Outcome::Throttled { cause, .. } =
                                     this.classifier.classify_error(&e)
+                                && cause != ThrottleCause::Local
                             {
-                                a.throttled(cause);
+                                p.finish(Some(cause), None);
                             }
                             Poll::Ready(Err(e))
                         }
                     };
                 }
-                StateProj::Limited { error } => {
-                    return Poll::Ready(Err(error.take().expect("polled after completion").into()));
+                StateProj::Refused { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
             }
         }
@@ -220,8 +211,8 @@ where
 }
 
 /// Called when an admitted call's response ends: reconciles the token
-/// reservation with the real usage, and tightens the key when the upstream
-/// throttled the call.
+/// reservation with the real usage, and tells the backend when the
+/// upstream throttled the call.
 ///
 /// * usage reported: refund the difference or charge the overrun (native
 ///   streams report cumulative usage; the last one counts);
@@ -229,42 +220,40 @@ where
 ///   error): nothing was consumed, the reservation is refunded;
 /// * otherwise (a stream that failed or was dropped, a success without
 ///   usage): the estimate stands.
-pub struct Reconcile<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    admitted: Option<Admitted<K>>,
+pub struct Reconcile<P> {
+    permit: Option<P>,
 }
 
-impl<K> fmt::Debug for Reconcile<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
+impl<P: fmt::Debug> fmt::Debug for Reconcile<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reconcile")
-            .field("admitted", &self.admitted)
+            .field("permit", &self.permit)
             .finish()
     }
 }
 
-impl<K> OnEnd for Reconcile<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
+impl<P: Permit> OnEnd for Reconcile<P> {
     fn on_end(self, end: BodyEnd) {
-        let Some(a) = self.admitted else { return };
-        if let Outcome::Throttled { cause, .. } = end.outcome {
-            a.throttled(cause);
-        }
-        let actual = match (end.usage, end.kind) {
-            (Some(u), _) => Some(u.total()),
-            (None, EndKind::Complete)
-                if end.outcome.is_throttled() || end.outcome.is_permanent() =>
-            {
-                Some(0)
-            }
+        let Some(p) = self.permit else { return };
+        let throttled = match end.outcome {
+            Outcome::Throttled { cause, .. } if cause != ThrottleCause::Local => Some(cause),
             _ => None,
         };
-        a.reconcile(actual);
+        let actual = if p.tokens() == 0 {
+            None
+        } else {
+            match (end.usage, end.kind) {
+                (Some(u), _) => Some(u.total()),
+                (None, EndKind::Complete)
+                    if end.outcome.is_throttled() || end.outcome.is_permanent() =>
+                {
+                    Some(0)
+                }
+                _ => None,
+            }
+        };
+        if throttled.is_some() || actual.is_some() {
+            p.finish(throttled, actual);
+        }
     }
 }

@@ -1,19 +1,22 @@
-//! The shared limiter: per-key state, the two-dimension decision, slow
-//! start, feedback, eviction and snapshots.
+//! The in-memory backend: per-key state (one word for a request-only key),
+//! the two-dimension decision, slow start, feedback, eviction and
+//! snapshots.
 
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::BoxError;
 use crate::classify::ThrottleCause;
+use crate::key::store::Store;
 use crate::time::{self, Instant, duration_nanos};
 
+use super::backend::{Backend, Decision, Immediate, Permit, Reservation, Ticket};
 use super::bucket::{Bucket, FULL_RATE, Gcra, Grant, Ramp, RampKind, rate_from_f64, rate_to_f64};
 use super::error::{Dimension, RateLimited};
 use super::quota::{Limits, Quota};
@@ -155,6 +158,11 @@ impl Feedback {
         self.recover = recover;
         self
     }
+
+    /// The pause.
+    pub(crate) const fn pause_duration(&self) -> Duration {
+        self.pause
+    }
 }
 
 /// Builds a [`RateLimiter`]. See the [module docs](super) for an example.
@@ -202,17 +210,17 @@ impl RateLimiterBuilder {
 
     /// One limiter for everything (key `()`).
     pub fn build(self) -> RateLimiter<()> {
-        let single = KeyState::new(self.limits);
-        RateLimiter::from_parts(self, Box::new(|_: &()| Limits::UNLIMITED), Some(single))
+        let single = Full::new(self.limits);
+        RateLimiter::from_parts(self, None, Some(single))
     }
 
-    /// A keyed limiter: each key gets its own state with these limits.
+    /// A keyed limiter: each key gets its own state with these limits (a
+    /// request-only key without slow start takes one `u64`).
     pub fn build_keyed<K>(self) -> RateLimiter<K>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
-        let limits = self.limits;
-        RateLimiter::from_parts(self, Box::new(move |_: &K| limits), None)
+        RateLimiter::from_parts(self, None, None)
     }
 
     /// A keyed limiter whose limits depend on the key (called once, when a
@@ -222,7 +230,7 @@ impl RateLimiterBuilder {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         F: Fn(&K) -> Limits + Send + Sync + 'static,
     {
-        RateLimiter::from_parts(self, Box::new(limits_for), None)
+        RateLimiter::from_parts(self, Some(Box::new(limits_for)), None)
     }
 }
 
@@ -230,8 +238,6 @@ impl RateLimiterBuilder {
 struct Settings {
     slow_start: Option<(u32, u64, u64)>,
     feedback: Option<(u64, u32, u32, u64)>,
-    max_keys: usize,
-    sweep_every: u64,
 }
 
 impl Settings {
@@ -243,19 +249,35 @@ impl Settings {
     }
 }
 
-/// One dimension of a key: its GCRA, bucket and rate ramp.
+/// The state of one quota of a [`Snapshot`], from its GCRA, TAT and rate
+/// factor at `now` (also the Redis backend's local view).
+pub(crate) fn dim_state(g: Gcra, tat: u64, now: u64, rate: u32) -> DimState {
+    let one = g.charge(1, rate);
+    DimState {
+        limit: (g.tolerance() / g.interval()) as u32,
+        remaining: g.remaining(tat, now),
+        reset: Duration::from_nanos(tat.saturating_sub(now)),
+        retry_after: Duration::from_nanos(g.conforms_at(tat, one).saturating_sub(now)),
+        rate: rate_to_f64(rate),
+    }
+}
+
+/// One dimension of a full key state: its GCRA, bucket, the latest slot
+/// granted to a waiter (read by refunds) and its rate ramp.
 #[derive(Debug)]
-pub(crate) struct Dim {
+struct Dim {
     gcra: Option<Gcra>,
     bucket: Bucket,
+    latest: AtomicU64,
     ramp: AtomicU64,
 }
 
 impl Dim {
-    fn new(q: Option<Quota>) -> Self {
+    fn new(q: Option<Quota>, tat: u64) -> Self {
         Self {
             gcra: q.map(|q| Gcra::new(q.interval_nanos(), q.burst().get())),
-            bucket: Bucket::new(),
+            bucket: Bucket::with_tat(tat),
+            latest: AtomicU64::new(0),
             ramp: AtomicU64::new(0),
         }
     }
@@ -309,23 +331,15 @@ impl Dim {
 
     fn state(&self, now: u64, s: &Settings) -> Option<DimState> {
         let g = self.gcra?;
-        let tat = self.bucket.tat();
         let rate = Self::rate_of(self.ramp.load(Ordering::Relaxed), now, s);
-        let one = g.charge(1, rate);
-        Some(DimState {
-            limit: (g.tolerance() / g.interval()) as u32,
-            remaining: g.remaining(tat, now),
-            reset: Duration::from_nanos(tat.saturating_sub(now)),
-            retry_after: Duration::from_nanos(g.conforms_at(tat, one).saturating_sub(now)),
-            rate: rate_to_f64(rate),
-        })
+        Some(dim_state(g, self.bucket.tat(), now, rate))
     }
 }
 
-/// The state of one key. Shared (Arc) by the map, waiters and in-flight
-/// calls.
+/// The full state of a key: two dimensions with their ramps, and the
+/// feedback state. Boxed in the map: only keys that need it pay for it.
 #[derive(Debug)]
-pub(crate) struct KeyState {
+pub(crate) struct Full {
     req: Dim,
     tok: Dim,
     /// When the key was last tightened (ns since epoch + 1; 0 = never).
@@ -335,22 +349,24 @@ pub(crate) struct KeyState {
     throttles: AtomicU32,
 }
 
-impl KeyState {
+impl Full {
     fn new(limits: Limits) -> Self {
+        Self::with_tat(limits, 0)
+    }
+
+    /// A full state whose request bucket starts at `tat` (a compact key
+    /// being upgraded).
+    fn with_tat(limits: Limits, tat: u64) -> Self {
         Self {
-            req: Dim::new(limits.get_requests()),
-            tok: Dim::new(limits.get_tokens()),
+            req: Dim::new(limits.get_requests(), tat),
+            tok: Dim::new(limits.get_tokens(), 0),
             tightened: AtomicU64::new(0),
             shift: AtomicU64::new(0),
             throttles: AtomicU32::new(0),
         }
     }
 
-    pub(crate) fn shift(&self) -> u64 {
-        self.shift.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn has_tokens(&self) -> bool {
+    fn has_tokens(&self) -> bool {
         self.tok.gcra.is_some()
     }
 
@@ -359,27 +375,66 @@ impl KeyState {
     }
 }
 
+/// A borrowed key state.
+///
+/// A request-only key of a limiter whose keys all have the same limits and
+/// no slow start is *compact*: one bucket word, its request TAT (the GCRA
+/// is the limiter's), in a store of words. Any other key (a token quota,
+/// slow start, limits of its own) has [`Full`] state, in a store of full
+/// states, and so has a compact key once an upstream throttle tightens it:
+/// it moves from the words to the full states, its TAT carried over; once
+/// idle it is evicted from there and comes back compact.
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Compact(&'a Bucket),
+    Full(&'a Full),
+}
+
+impl View<'_> {
+    fn has_tokens(self) -> bool {
+        matches!(self, View::Full(f) if f.has_tokens())
+    }
+
+    fn shift(self) -> u64 {
+        match self {
+            View::Compact(_) => 0,
+            View::Full(f) => f.shift.load(Ordering::Acquire),
+        }
+    }
+}
+
 /// A booked call: the common slot and the grant in each dimension.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Booking {
-    pub(crate) slot: u64,
+    slot: u64,
     req: Option<Grant>,
     tok: Option<Grant>,
-    pub(crate) shift: u64,
-    pub(crate) tokens: u32,
+    shift: u64,
+    tokens: u32,
     tok_rate: u32,
 }
 
-/// Reserves `cost` in both dimensions at one common slot, at most
+impl Booking {
+    const FREE: Booking = Booking {
+        slot: 0,
+        req: None,
+        tok: None,
+        shift: 0,
+        tokens: 0,
+        tok_rate: FULL_RATE,
+    };
+}
+
+/// Reserves `cost` in both dimensions of `st` at one common slot, at most
 /// `max_wait` ns after `now`.
-fn book(
-    st: &KeyState,
+fn book_full(
+    st: &Full,
     s: &Settings,
     now: u64,
     cost: Cost,
     max_wait: u64,
 ) -> Result<Booking, RateLimited> {
-    let shift = st.shift();
+    let shift = st.shift.load(Ordering::Acquire);
     let (gr, xr) = match st.req.gcra {
         Some(g) if cost.requests > 0 => (Some(g), g.charge(cost.requests, st.req.rate(now, s))),
         _ => (None, 0),
@@ -410,7 +465,7 @@ fn book(
             return Err(RateLimited::new(Duration::from_nanos(slot - now), dim));
         }
         let req = match gr {
-            Some(g) => match st.req.bucket.reserve_at(&g, now, slot, xr, tr) {
+            Some(g) => match st.req.bucket.reserve_at(&g, slot, xr, tr) {
                 Ok(grant) => Some(grant),
                 Err(_) => continue,
             },
@@ -418,9 +473,14 @@ fn book(
         };
         let tok = match gt {
             Some(g) => {
+                // Recorded before the booking, so that a concurrent refund
+                // never returns capacity ahead of this slot.
+                if slot > now {
+                    st.tok.latest.fetch_max(slot, Ordering::AcqRel);
+                }
                 let mut expected = tt;
                 loop {
-                    match st.tok.bucket.reserve_at(&g, now, slot, xt, expected) {
+                    match st.tok.bucket.reserve_at(&g, slot, xt, expected) {
                         Ok(grant) => break Some(grant),
                         Err(actual) if actual != expected && g.conforms_at(actual, xt) <= slot => {
                             expected = actual;
@@ -463,30 +523,36 @@ pub(crate) enum Slot {
 pub(crate) struct Shared<K> {
     epoch: Instant,
     settings: Settings,
-    limits_for: LimitsFor<K>,
-    single: Option<KeyState>,
-    /// Per-key state, inline: one cache miss per decision, no allocation
-    /// per key beyond the map's own.
-    map: DashMap<K, KeyState>,
-    count: AtomicUsize,
-    overflow: OnceLock<KeyState>,
+    /// The limits of every key (`build`, `build_keyed`) ...
+    limits: Limits,
+    /// ... or of each key (`build_keyed_with`).
+    limits_for: Option<LimitsFor<K>>,
+    /// The request GCRA of compact keys, for a compact limiter.
+    compact: Option<Option<Gcra>>,
+    single: Option<Full>,
+    /// The compact keys (of a compact limiter).
+    words: Store<K, Bucket>,
+    /// The keys with full state.
+    fulls: Store<K, Full>,
+    overflow: OnceLock<Full>,
     tokens_seen: AtomicBool,
-    last_sweep: AtomicU64,
-    evicted: AtomicU64,
-    overflowed: AtomicU64,
 }
 
-/// A GCRA rate limiter for requests and tokens, shared by every clone
-/// (an `Arc` inside), with or without keys.
+/// The in-memory backend: a GCRA rate limiter for requests and tokens,
+/// shared by every clone (an `Arc` inside), with or without keys.
 ///
 /// [`RateLimitLayer`](super::RateLimitLayer) drives it from a tower stack;
 /// it can also be used directly ([`RateLimiter::check`],
 /// [`RateLimiter::reserve`]) and read ([`RateLimiter::snapshot`]), e.g. by
-/// a gateway writing `x-ratelimit-*` headers.
+/// a gateway writing `x-ratelimit-*` headers. Decisions need no future:
+/// the layer admits a call in `call`, without a round trip.
 ///
-/// Keyed state lives inline in a [`dashmap`](https://docs.rs/dashmap)
-/// `DashMap` (the sharded, read-locked map governor also uses): a decision
-/// takes one shard read lock and one CAS, and a key costs its map slot.
+/// Keyed state lives in the crate's bounded keyed store (a sharded
+/// `DashMap`, as in governor): a decision takes one shard read lock and one
+/// compare-and-swap. A request-only key of a limiter whose keys share their
+/// limits takes one `u64` of state ([`RateLimiter::bytes_per_key`]); a key
+/// with a token quota, slow start or its own limits takes a boxed state of
+/// about 130 bytes.
 ///
 /// See the [module docs](super) for an example.
 ///
@@ -509,7 +575,8 @@ impl<K> fmt::Debug for RateLimiter<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimiter")
             .field("keyed", &self.shared.single.is_none())
-            .field("keys", &self.shared.count.load(Ordering::Relaxed))
+            .field("words", &self.shared.words)
+            .field("fulls", &self.shared.fulls)
             .field("settings", &self.shared.settings)
             .finish_non_exhaustive()
     }
@@ -533,11 +600,12 @@ impl RateLimiter<()> {
     }
 }
 
-impl<K> RateLimiter<K> {
-    fn from_parts(b: RateLimiterBuilder, limits_for: LimitsFor<K>, single: Option<KeyState>) -> Self
-    where
-        K: Hash + Eq,
-    {
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    fn from_parts(
+        b: RateLimiterBuilder,
+        limits_for: Option<LimitsFor<K>>,
+        single: Option<Full>,
+    ) -> Self {
         let settings = Settings {
             slow_start: b
                 .slow_start
@@ -550,27 +618,34 @@ impl<K> RateLimiter<K> {
                     duration_nanos(f.recover),
                 )
             }),
-            max_keys: b.max_keys,
-            sweep_every: duration_nanos(b.sweep_every),
         };
-        let tokens_seen = single.as_ref().is_some_and(KeyState::has_tokens);
+        let compact = (limits_for.is_none()
+            && b.limits.get_tokens().is_none()
+            && settings.slow_start.is_none())
+        .then(|| {
+            b.limits
+                .get_requests()
+                .map(|q| Gcra::new(q.interval_nanos(), q.burst().get()))
+        });
+        let tokens_seen = limits_for.is_none() && b.limits.get_tokens().is_some();
         Self {
             shared: Arc::new(Shared {
                 epoch: time::now(),
                 settings,
+                limits: b.limits,
                 limits_for,
+                compact,
                 single,
-                map: DashMap::new(),
-                count: AtomicUsize::new(0),
+                words: Store::new(b.max_keys, duration_nanos(b.sweep_every), "rate limiter"),
+                fulls: Store::new(b.max_keys, duration_nanos(b.sweep_every), "rate limiter"),
                 overflow: OnceLock::new(),
                 tokens_seen: AtomicBool::new(tokens_seen),
-                last_sweep: AtomicU64::new(0),
-                evicted: AtomicU64::new(0),
-                overflowed: AtomicU64::new(0),
             }),
         }
     }
+}
 
+impl<K> RateLimiter<K> {
     /// Nanoseconds since this limiter's epoch.
     #[inline]
     pub(crate) fn nanos(&self, t: Instant) -> u64 {
@@ -582,15 +657,9 @@ impl<K> RateLimiter<K> {
         self.shared.epoch + Duration::from_nanos(nanos)
     }
 
-    /// Whether this limiter has no keys (one state for everything).
+    /// Whether this limiter has keys (no single state for everything).
     pub fn is_keyed(&self) -> bool {
         self.shared.single.is_none()
-    }
-
-    /// Whether some key limits tokens (so the service should estimate them
-    /// before booking).
-    pub(crate) fn tokens_seen(&self) -> bool {
-        self.shared.tokens_seen.load(Ordering::Relaxed)
     }
 }
 
@@ -598,109 +667,103 @@ impl<K> RateLimiter<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    /// Runs `f` on the state of `key`, created if new. The map's shard lock
-    /// is held (for reading) while `f` runs: `f` must not touch the map.
-    #[inline]
-    pub(crate) fn with_state<R>(
-        &self,
-        key: &K,
-        now: u64,
-        f: impl FnOnce(&KeyState, Slot) -> R,
-    ) -> R {
-        let sh = &*self.shared;
-        if let Some(s) = &sh.single {
-            return f(s, Slot::Single);
-        }
-        if let Some(s) = sh.map.get(key) {
-            return f(&s, Slot::Map);
-        }
-        self.with_new(key, now, f)
-    }
-
-    /// Runs `f` on the existing state a booking used; `None` if it was
-    /// evicted meanwhile.
-    pub(crate) fn with_slot<R>(
-        &self,
-        key: &K,
-        slot: Slot,
-        f: impl FnOnce(&KeyState) -> R,
-    ) -> Option<R> {
-        let sh = &*self.shared;
-        match slot {
-            Slot::Single => sh.single.as_ref().map(f),
-            Slot::Overflow => sh.overflow.get().map(f),
-            Slot::Map => sh.map.get(key).map(|s| f(&s)),
+    fn limits_of(&self, key: &K) -> Limits {
+        match &self.shared.limits_for {
+            Some(f) => f(key),
+            None => self.shared.limits,
         }
     }
 
-    #[cold]
-    fn with_new<R>(&self, key: &K, now: u64, f: impl FnOnce(&KeyState, Slot) -> R) -> R {
-        let sh = &*self.shared;
-        let last = sh.last_sweep.load(Ordering::Relaxed);
-        let full = sh.count.load(Ordering::Relaxed) >= sh.settings.max_keys;
-        let due = now.saturating_sub(last) >= sh.settings.sweep_every
-            || (full && now.saturating_sub(last) >= 1_000_000_000);
-        if due
-            && sh
-                .last_sweep
-                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.sweep(now);
-        }
-        if sh.count.load(Ordering::Relaxed) >= sh.settings.max_keys {
-            if let Some(s) = sh.map.get(key) {
-                return f(&s, Slot::Map);
-            }
-            let n = sh.overflowed.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    max_keys = sh.settings.max_keys,
-                    overflowed = n + 1,
-                    "rate limiter key map is full; new keys share one overflow state"
-                );
-            }
-            let st = sh.overflow.get_or_init(|| self.new_state(key));
-            return f(st, Slot::Overflow);
-        }
-        let mut created = false;
-        let entry = sh.map.entry(key.clone()).or_insert_with(|| {
-            created = true;
-            self.new_state(key)
-        });
-        if created {
-            sh.count.fetch_add(1, Ordering::Relaxed);
-        }
-        let r = entry.downgrade();
-        f(&r, Slot::Map)
-    }
-
-    fn new_state(&self, key: &K) -> KeyState {
-        let st = KeyState::new((self.shared.limits_for)(key));
+    fn new_full(&self, key: &K) -> Full {
+        let st = Full::new(self.limits_of(key));
         if st.has_tokens() {
             self.shared.tokens_seen.store(true, Ordering::Relaxed);
         }
         st
     }
 
-    fn sweep(&self, now: u64) -> usize {
+    /// Runs `f` on the state of `key`, created if new. A store's shard
+    /// lock is held (for reading) while `f` runs: `f` must not touch the
+    /// stores.
+    #[inline]
+    fn with_state<R>(&self, key: &K, now: u64, f: impl FnOnce(View<'_>, Slot) -> R) -> R {
         let sh = &*self.shared;
-        let mut removed = 0;
-        sh.map.retain(|_, st| {
-            let drop = st.is_idle(now, &sh.settings);
-            removed += usize::from(drop);
-            !drop
-        });
-        if removed > 0 {
-            sh.count.fetch_sub(removed, Ordering::Relaxed);
-            sh.evicted.fetch_add(removed as u64, Ordering::Relaxed);
-            tracing::debug!(
-                removed,
-                keys = sh.count.load(Ordering::Relaxed),
-                "evicted idle rate limit keys"
-            );
+        if let Some(s) = &sh.single {
+            return f(View::Full(s), Slot::Single);
         }
-        removed
+        let settings = &sh.settings;
+        if sh.compact.is_some() {
+            if let Some(w) = sh.words.get(key) {
+                return f(View::Compact(&w), Slot::Map);
+            }
+            return self.with_new_compact(key, now, f);
+        }
+        match sh.fulls.get_or_insert_with(
+            key,
+            now,
+            || self.new_full(key),
+            |st| st.is_idle(now, settings),
+        ) {
+            Some(r) => f(View::Full(&r), Slot::Map),
+            None => f(self.overflow(key), Slot::Overflow),
+        }
+    }
+
+    /// A compact limiter's key that is not a word: an upgraded key (full
+    /// state), or a new one.
+    #[cold]
+    fn with_new_compact<R>(&self, key: &K, now: u64, f: impl FnOnce(View<'_>, Slot) -> R) -> R {
+        let sh = &*self.shared;
+        if let Some(st) = sh.fulls.get(key) {
+            return f(View::Full(&st), Slot::Map);
+        }
+        match sh
+            .words
+            .get_or_insert_with(key, now, Bucket::new, |w| w.is_full(now))
+        {
+            Some(w) => f(View::Compact(&w), Slot::Map),
+            None => f(self.overflow(key), Slot::Overflow),
+        }
+    }
+
+    fn overflow(&self, key: &K) -> View<'_> {
+        View::Full(self.shared.overflow.get_or_init(|| self.new_full(key)))
+    }
+
+    /// Books `cost` on a key's state.
+    #[inline]
+    fn book(
+        &self,
+        st: View<'_>,
+        now: u64,
+        cost: Cost,
+        max_wait: u64,
+    ) -> Result<Booking, RateLimited> {
+        match st {
+            View::Full(f) => book_full(f, &self.shared.settings, now, cost, max_wait),
+            View::Compact(b) => {
+                let g = match self.shared.compact {
+                    Some(Some(g)) if cost.requests > 0 => g,
+                    _ => {
+                        return Ok(Booking {
+                            slot: now,
+                            ..Booking::FREE
+                        });
+                    }
+                };
+                match b.reserve(&g, now, g.charge(cost.requests, FULL_RATE), max_wait) {
+                    Ok(grant) => Ok(Booking {
+                        slot: grant.slot,
+                        req: Some(grant),
+                        ..Booking::FREE
+                    }),
+                    Err(slot) => Err(RateLimited::new(
+                        Duration::from_nanos(slot - now),
+                        Dimension::Requests,
+                    )),
+                }
+            }
+        }
     }
 
     /// Removes every idle key now and returns how many were removed. A key
@@ -710,8 +773,9 @@ where
     /// their own; see [`RateLimiterBuilder::sweep_every`].
     pub fn evict_idle(&self) -> usize {
         let now = self.nanos(time::now());
-        self.shared.last_sweep.store(now.max(1), Ordering::Relaxed);
-        self.sweep(now)
+        let sh = &*self.shared;
+        sh.words.sweep(now, |w| w.is_full(now))
+            + sh.fulls.sweep(now, |st| st.is_idle(now, &sh.settings))
     }
 
     /// How many keys are remembered.
@@ -719,7 +783,7 @@ where
         if self.shared.single.is_some() {
             1
         } else {
-            self.shared.count.load(Ordering::Relaxed)
+            self.shared.words.len() + self.shared.fulls.len()
         }
     }
 
@@ -730,14 +794,18 @@ where
 
     /// How many keys were evicted so far.
     pub fn evicted(&self) -> u64 {
-        self.shared.evicted.load(Ordering::Relaxed)
+        self.shared.words.evicted() + self.shared.fulls.evicted()
     }
 
-    /// The bytes one key takes in the map: the slot (key and state) and its
-    /// control byte, at hashbrown's 7/8 load factor. Heap data owned by
-    /// the key itself (a string's bytes) comes on top.
+    /// The bytes a request-only key of a limiter with one set of limits
+    /// and no slow start takes in its map: the slot (the key and its
+    /// request TAT, one `u64`) and its control byte, at hashbrown's 7/8
+    /// load factor (a map grows by doubling, so between this and twice
+    /// this). Heap data owned by the key itself (a string's bytes) comes on
+    /// top. A key with a token quota, slow start or limits of its own takes
+    /// about 130 bytes more.
     pub fn bytes_per_key() -> usize {
-        (std::mem::size_of::<(K, KeyState)>() + 1) * 8 / 7
+        Store::<K, Bucket>::bytes_per_key()
     }
 
     /// Decides a call of `cost` for `key` now, without waiting: admitted
@@ -758,8 +826,7 @@ where
     #[inline]
     pub fn check_at(&self, key: &K, cost: Cost, now: Instant) -> Result<(), RateLimited> {
         let now = self.nanos(now);
-        let s = &self.shared.settings;
-        self.with_state(key, now, |st, _| book(st, s, now, cost, 0).map(drop))
+        self.with_state(key, now, |st, _| self.book(st, now, cost, 0).map(drop))
     }
 
     /// Reserves a slot for a call of `cost`, at most `max_wait` from now.
@@ -776,31 +843,24 @@ where
         key: &K,
         cost: Cost,
         max_wait: Duration,
-    ) -> Result<Reservation<K>, RateLimited> {
+    ) -> Result<Reservation<MemoryTicket<K>>, RateLimited> {
         let now = self.nanos(time::now());
         let (booking, slot) = self.with_state(key, now, |st, slot| {
-            book(
-                st,
-                &self.shared.settings,
-                now,
-                cost,
-                duration_nanos(max_wait),
-            )
-            .map(|b| (b, slot))
+            self.book(st, now, cost, duration_nanos(max_wait))
+                .map(|b| (b, slot))
         })?;
-        Ok(Reservation {
-            ticket: Ticket::new(self.clone(), key.clone(), slot, booking),
-        })
+        Ok(Reservation::new(MemoryTicket {
+            inner: Some(self.booked(key.clone(), slot, booking)),
+        }))
     }
 
-    pub(crate) fn book(
-        &self,
-        st: &KeyState,
-        now: u64,
-        cost: Cost,
-        max_wait: u64,
-    ) -> Result<Booking, RateLimited> {
-        book(st, &self.shared.settings, now, cost, max_wait)
+    fn booked(&self, key: K, slot: Slot, booking: Booking) -> Booked<K> {
+        Booked {
+            limiter: self.clone(),
+            key,
+            slot,
+            booking,
+        }
     }
 
     /// What `key`'s quotas look like now; `None` for a key never seen (or
@@ -809,8 +869,8 @@ where
         let now = self.nanos(time::now());
         let sh = &*self.shared;
         match &sh.single {
-            Some(s) => Some(self.snapshot_of(s, now)),
-            None => sh.map.get(key).map(|s| self.snapshot_of(&s, now)),
+            Some(s) => Some(self.snapshot_of(View::Full(s), now)),
+            None => self.with_slot(key, Slot::Map, |st| self.snapshot_of(st, now)),
         }
     }
 
@@ -819,17 +879,20 @@ where
     /// Returns whether the key was tightened.
     pub fn throttled(&self, key: &K, cause: ThrottleCause) -> bool {
         let now = self.nanos(time::now());
-        self.with_state(key, now, |st, _| self.tighten(st, cause, now, now))
+        let slot = self.with_state(key, now, |_, slot| slot);
+        self.tighten(key, slot, cause, now, now)
     }
 
     /// Reconciles a booking's tokens with what the call really used.
-    pub(crate) fn reconcile(&self, st: &KeyState, b: &Booking, actual: u32, now: u64) {
+    fn reconcile(&self, st: View<'_>, b: &Booking, actual: u32, now: u64) {
+        let View::Full(st) = st else { return };
         let (Some(g), Some(grant)) = (st.tok.gcra, b.tok) else {
             return;
         };
         if actual < b.tokens {
             let back = g.charge(b.tokens - actual, b.tok_rate);
-            let got = st.tok.bucket.refund(&grant, back, now);
+            let latest = st.tok.latest.load(Ordering::Acquire);
+            let got = st.tok.bucket.refund(&grant, back, now, latest);
             tracing::trace!(
                 estimated = b.tokens,
                 actual,
@@ -843,23 +906,62 @@ where
             tracing::trace!(estimated = b.tokens, actual, "token overrun charged");
         }
     }
+}
 
-    /// Gives a booking back (the waiter was cancelled before its slot).
-    fn cancel(&self, st: &KeyState, b: &Booking) {
-        let r = b.req.is_none_or(|g| st.req.bucket.give_back(&g));
-        let t = b.tok.is_none_or(|g| st.tok.bucket.give_back(&g));
-        tracing::trace!(given_back = r && t, "rate limit reservation cancelled");
+/// Gives a booking back (the waiter was cancelled before its slot).
+fn cancel(st: View<'_>, b: &Booking) {
+    let (r, t) = match st {
+        View::Compact(bucket) => (b.req.is_none_or(|g| bucket.give_back(&g)), true),
+        View::Full(st) => (
+            b.req.is_none_or(|g| st.req.bucket.give_back(&g)),
+            b.tok.is_none_or(|g| st.tok.bucket.give_back(&g)),
+        ),
+    };
+    tracing::trace!(given_back = r && t, "rate limit reservation cancelled");
+}
+
+impl<K> RateLimiter<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    /// Tightens `key` after an upstream throttle of a call admitted at
+    /// `admitted`; a compact key is upgraded to a full state first (under
+    /// its shard's write lock, its TAT carried over). Returns whether it
+    /// did.
+    fn tighten(&self, key: &K, slot: Slot, cause: ThrottleCause, admitted: u64, now: u64) -> bool {
+        if self.shared.settings.feedback.is_none() || cause == ThrottleCause::Local {
+            return false;
+        }
+        let full = self.with_slot(key, slot, |st| match st {
+            View::Full(f) => Some(self.tighten_full(f, cause, admitted, now)),
+            View::Compact(_) => None,
+        });
+        match full {
+            Some(Some(done)) => done,
+            None => false,
+            Some(None) => {
+                // Move the key to the full states, its TAT carried over:
+                // the word is removed under the full state's entry lock, so
+                // no call books on either in between.
+                let sh = &*self.shared;
+                let upgraded = sh.fulls.get_or_insert_with(
+                    key,
+                    now,
+                    || {
+                        let tat = sh.words.remove(key).map_or(0, |w| w.tat());
+                        Full::with_tat(sh.limits, tat)
+                    },
+                    |st| st.is_idle(now, &sh.settings),
+                );
+                match upgraded {
+                    Some(st) => self.tighten_full(&st, cause, admitted, now),
+                    None => false,
+                }
+            }
+        }
     }
 
-    /// Tightens `st` after an upstream throttle of a call admitted at
-    /// `admitted`. Returns whether it did.
-    pub(crate) fn tighten(
-        &self,
-        st: &KeyState,
-        cause: ThrottleCause,
-        admitted: u64,
-        now: u64,
-    ) -> bool {
+    fn tighten_full(&self, st: &Full, cause: ThrottleCause, admitted: u64, now: u64) -> bool {
         let settings = &self.shared.settings;
         let Some((pause, factor, floor, recover)) = settings.feedback else {
             return false;
@@ -923,15 +1025,90 @@ where
         true
     }
 
-    fn snapshot_of(&self, st: &KeyState, now: u64) -> Snapshot {
+    fn snapshot_of(&self, st: View<'_>, now: u64) -> Snapshot {
         let settings = &self.shared.settings;
-        let paused = st.tightened.load(Ordering::Acquire);
-        Snapshot {
-            requests: st.req.state(now, settings),
-            tokens: st.tok.state(now, settings),
-            throttles: st.throttles.load(Ordering::Relaxed),
-            last_throttle: (paused > 0).then(|| self.instant(paused - 1)),
+        match st {
+            View::Compact(b) => Snapshot {
+                requests: self
+                    .shared
+                    .compact
+                    .flatten()
+                    .map(|g| dim_state(g, b.tat(), now, FULL_RATE)),
+                tokens: None,
+                throttles: 0,
+                last_throttle: None,
+            },
+            View::Full(st) => {
+                let paused = st.tightened.load(Ordering::Acquire);
+                Snapshot {
+                    requests: st.req.state(now, settings),
+                    tokens: st.tok.state(now, settings),
+                    throttles: st.throttles.load(Ordering::Relaxed),
+                    last_throttle: (paused > 0).then(|| self.instant(paused - 1)),
+                }
+            }
         }
+    }
+}
+
+impl<K> Backend<K> for RateLimiter<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Ticket = MemoryTicket<K>;
+    type Pending = Immediate<Result<MemoryTicket<K>, BoxError>>;
+
+    #[inline]
+    fn decide<W: FnOnce(bool) -> Cost>(
+        &self,
+        key: &K,
+        weigh: W,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Decision<MemoryTicket<K>, Self::Pending> {
+        let now = self.nanos(now);
+        // Once some key has a token quota, the estimate is made before the
+        // lookup, not under the store's shard lock.
+        let mut weigh = Some(weigh);
+        let early = if self.shared.tokens_seen.load(Ordering::Relaxed) {
+            weigh.take().map(|w| w(true))
+        } else {
+            None
+        };
+        let decided = self.with_state(key, now, |st, slot| {
+            let cost = match (early, weigh.take()) {
+                (Some(c), _) => c,
+                (None, Some(w)) => w(st.has_tokens()),
+                (None, None) => Cost::ONE,
+            };
+            self.book(st, now, cost, duration_nanos(max_wait))
+                .map(|b| (b, slot))
+        });
+        match decided {
+            Ok((booking, slot)) => {
+                if booking.slot <= now {
+                    let wants = booking.tokens > 0 || self.shared.settings.feedback.is_some();
+                    Decision::Admitted(MemoryPermit {
+                        inner: wants.then(|| self.booked(key.clone(), slot, booking)),
+                    })
+                } else {
+                    Decision::Booked(MemoryTicket {
+                        inner: Some(self.booked(key.clone(), slot, booking)),
+                    })
+                }
+            }
+            Err(e) => {
+                tracing::debug!(
+                    retry_after_ms = e.retry_after().unwrap_or_default().as_millis() as u64,
+                    "local rate limit refused a call"
+                );
+                Decision::Refused(e.into())
+            }
+        }
+    }
+
+    fn snapshot(&self, key: &K) -> Option<Snapshot> {
+        RateLimiter::snapshot(self, key)
     }
 }
 
@@ -988,181 +1165,137 @@ impl Snapshot {
     }
 }
 
-/// A reserved slot. See [`RateLimiter::reserve`].
-///
-/// Dropping it before [`Reservation::ready`] completes cancels it.
-#[derive(Debug)]
-pub struct Reservation<K = ()>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    ticket: Ticket<K>,
+/// A booked call of the in-memory backend, to find its state again.
+struct Booked<K> {
+    limiter: RateLimiter<K>,
+    key: K,
+    slot: Slot,
+    booking: Booking,
 }
 
-impl<K> Reservation<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    /// When the call may go.
-    pub fn ready_at(&self) -> Instant {
-        self.ticket.ready_at()
-    }
-
-    /// Waits for the slot (moved later if an upstream throttle paused the
-    /// key meanwhile). Dropping the future cancels the reservation.
-    pub async fn ready(self) -> Admission<K> {
-        loop {
-            let at = self.ticket.ready_at();
-            tokio::time::sleep_until(at).await;
-            if self.ticket.ready_at() <= at {
-                break;
-            }
-        }
-        Admission {
-            ticket: self.ticket.admit(),
-        }
-    }
+/// A call booked by [`RateLimiter`] for a later slot. Dropping it gives the
+/// slot back. See [`Ticket`].
+pub struct MemoryTicket<K: Hash + Eq> {
+    inner: Option<Booked<K>>,
 }
 
-/// An admitted call: tell the limiter what it really used, or that the
-/// upstream throttled it.
-#[derive(Debug)]
-pub struct Admission<K = ()>
+impl<K> Ticket for MemoryTicket<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    ticket: Admitted<K>,
-}
-
-impl<K> Admission<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    /// Reconciles the token estimate with the `tokens` the call really
-    /// used: refunds the difference or charges the overrun.
-    pub fn reconcile(self, tokens: u32) {
-        self.ticket.reconcile(Some(tokens));
-    }
-
-    /// Reports an upstream throttle of this call; returns whether the key
-    /// was tightened.
-    pub fn throttled(self, cause: ThrottleCause) -> bool {
-        self.ticket.throttled(cause)
-    }
-}
-
-/// A booking not yet admitted; cancels on drop.
-pub(crate) struct Ticket<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    inner: Option<Admitted<K>>,
-}
-
-impl<K> Ticket<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    pub(crate) fn new(limiter: RateLimiter<K>, key: K, slot: Slot, booking: Booking) -> Self {
-        Self {
-            inner: Some(Admitted {
-                limiter,
-                key,
-                slot,
-                booking,
-            }),
-        }
-    }
+    type Permit = MemoryPermit<K>;
 
     /// The slot, moved by any pause added since booking.
-    pub(crate) fn ready_at(&self) -> Instant {
+    fn ready_at(&self) -> Instant {
         let a = self.inner.as_ref().expect("ticket already admitted");
         let shift = a
             .limiter
-            .with_slot(&a.key, a.slot, KeyState::shift)
+            .with_slot(&a.key, a.slot, |v| v.shift())
             .unwrap_or(a.booking.shift);
         let moved = shift.saturating_sub(a.booking.shift);
         a.limiter.instant(a.booking.slot.saturating_add(moved))
     }
 
-    /// The call goes: no cancellation any more.
-    pub(crate) fn admit(mut self) -> Admitted<K> {
-        self.inner.take().expect("ticket already admitted")
+    fn admit(mut self) -> MemoryPermit<K> {
+        MemoryPermit {
+            inner: self.inner.take(),
+        }
     }
 }
 
-impl<K> Drop for Ticket<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
+impl<K: Hash + Eq> Drop for MemoryTicket<K> {
     fn drop(&mut self) {
         if let Some(a) = self.inner.take() {
-            a.limiter
-                .with_slot(&a.key, a.slot, |st| a.limiter.cancel(st, &a.booking));
+            a.limiter.cancel_booked(&a);
         }
     }
 }
 
-impl<K> fmt::Debug for Ticket<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
+impl<K: Hash + Eq> RateLimiter<K> {
+    /// Runs `f` on the existing state a booking used; `None` if it was
+    /// evicted meanwhile.
+    fn with_slot<R>(&self, key: &K, slot: Slot, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
+        let sh = &*self.shared;
+        match slot {
+            Slot::Single => sh.single.as_ref().map(|s| f(View::Full(s))),
+            Slot::Overflow => sh.overflow.get().map(|s| f(View::Full(s))),
+            Slot::Map => {
+                if sh.compact.is_some()
+                    && let Some(w) = sh.words.get(key)
+                {
+                    return Some(f(View::Compact(&w)));
+                }
+                sh.fulls.get(key).map(|s| f(View::Full(&s)))
+            }
+        }
+    }
+
+    fn cancel_booked(&self, a: &Booked<K>) {
+        let sh = &*self.shared;
+        let st = match a.slot {
+            Slot::Single => sh.single.as_ref().map(View::Full),
+            Slot::Overflow => sh.overflow.get().map(View::Full),
+            Slot::Map => {
+                self.with_slot(&a.key, Slot::Map, |st| cancel(st, &a.booking));
+                return;
+            }
+        };
+        if let Some(st) = st {
+            cancel(st, &a.booking);
+        }
+    }
+}
+
+impl<K: Hash + Eq> fmt::Debug for MemoryTicket<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ticket")
-            .field("admitted", &self.inner)
-            .finish()
-    }
-}
-
-/// An admitted call's booking, for reconciliation and feedback.
-pub(crate) struct Admitted<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    limiter: RateLimiter<K>,
-    key: K,
-    slot: Slot,
-    pub(crate) booking: Booking,
-}
-
-impl<K> Admitted<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    /// Reconciles tokens with `actual` (`None`: the estimate stands).
-    pub(crate) fn reconcile(&self, actual: Option<u32>) {
-        let Some(actual) = actual else { return };
-        if self.booking.tokens == 0 {
-            return;
-        }
-        let now = self.limiter.nanos(time::now());
-        self.limiter.with_slot(&self.key, self.slot, |st| {
-            self.limiter.reconcile(st, &self.booking, actual, now)
-        });
-    }
-
-    /// Feeds an upstream throttle back.
-    pub(crate) fn throttled(&self, cause: ThrottleCause) -> bool {
-        if cause == ThrottleCause::Local {
-            return false;
-        }
-        let now = self.limiter.nanos(time::now());
-        self.limiter
-            .with_slot(&self.key, self.slot, |st| {
-                self.limiter.tighten(st, cause, self.booking.slot, now)
-            })
-            .unwrap_or(false)
-    }
-}
-
-impl<K> fmt::Debug for Admitted<K>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Admitted")
-            .field("slot", &self.booking.slot)
-            .field("tokens", &self.booking.tokens)
+        f.debug_struct("MemoryTicket")
+            .field("slot", &self.inner.as_ref().map(|a| a.booking.slot))
             .finish_non_exhaustive()
+    }
+}
+
+/// A call admitted by [`RateLimiter`]. See [`Permit`].
+pub struct MemoryPermit<K> {
+    /// `None` when there is nothing to report (no tokens, no feedback).
+    inner: Option<Booked<K>>,
+}
+
+impl<K> Permit for MemoryPermit<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn tokens(&self) -> u32 {
+        self.inner.as_ref().map_or(0, |a| a.booking.tokens)
+    }
+
+    fn wants_feedback(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|a| a.limiter.shared.settings.feedback.is_some())
+    }
+
+    fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {
+        let Some(a) = self.inner else { return };
+        let now = a.limiter.nanos(time::now());
+        if let Some(cause) = throttled {
+            a.limiter
+                .tighten(&a.key, a.slot, cause, a.booking.slot, now);
+        }
+        if let Some(actual) = tokens
+            && a.booking.tokens > 0
+        {
+            a.limiter.with_slot(&a.key, a.slot, |st| {
+                a.limiter.reconcile(st, &a.booking, actual, now)
+            });
+        }
+    }
+}
+
+impl<K> fmt::Debug for MemoryPermit<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryPermit")
+            .field("slot", &self.inner.as_ref().map(|a| a.booking.slot))
+            .field("tokens", &self.inner.as_ref().map(|a| a.booking.tokens))
+            .finish()
     }
 }

@@ -1,6 +1,7 @@
-//! Rate limiting for requests **and tokens**: a shared, lock-free GCRA,
-//! keyed, with wait and reject modes, slow start and feedback from the
-//! upstream's throttles.
+//! Rate limiting for requests **and tokens**: one layer over pluggable
+//! backends (in memory, Redis, your own), keyed, with wait and reject
+//! modes, slow start and feedback from the upstream's throttles, for any
+//! request type.
 //!
 //! DashScope limits each (root account, model) by requests per minute and
 //! tokens per minute, both also enforced per second, plus a growth guard
@@ -8,6 +9,21 @@
 //! `x-ratelimit-*` headers. Retrying 429s harder makes it worse; the cure is
 //! admission control before the request leaves. [`RateLimit`] does that:
 //!
+//! * **One layer, several backends.** The layer owns admission, FIFO
+//!   waiting, give-back on cancel, token reservation and reconciliation at
+//!   the body's end, the wait and reject modes; a [`Backend`] decides and
+//!   stores. [`RateLimiter`] decides in memory, at once, with no future;
+//!   [`RedisLimiter`](crate::redis::RedisLimiter) decides in Redis so that
+//!   replicas share one quota; implement [`Backend`] for a third.
+//! * **Any request type.** A key function ([`key`](crate::key): global,
+//!   by model, by (account, model), by header, or a closure) and a cost
+//!   function ([`CostOf`]: [`Estimate`] for DashScope HTTP requests,
+//!   [`PerCall`], or a closure) make it a layer for a tonic channel or a
+//!   plain `service_fn` as well as for `http::Request` (with an
+//!   [`FnClassifier`](crate::classify::FnClassifier) reading your response
+//!   type). Token reconciliation reads the `usage` of HTTP bodies; with
+//!   other response types a token estimate stands, unless you reconcile by
+//!   hand with a backend's [`Reservation`] and [`Admission`].
 //! * **Two dimensions.** A call passes only when both the request quota
 //!   (cost 1) and the token quota (cost = the request's estimate:
 //!   [`RequestInfo::estimated_tokens`](crate::request::RequestInfo::estimated_tokens),
@@ -15,23 +31,19 @@
 //!   [`RateLimitLayer::default_output_tokens`]) admit it, at one common
 //!   slot. When the response body ends, the token reservation is
 //!   reconciled with the real `usage` (see [`future::Reconcile`]).
-//! * **GCRA, one atomic word per quota** ([`bucket`]): the decision is a
-//!   compare-and-swap, no lock, no allocation. Costs above the burst are
-//!   admitted when the bucket is full and leave a debt (never stuck,
-//!   never an error for being big).
+//! * **GCRA, one atomic word per quota** ([`bucket`]): the in-memory
+//!   decision is a compare-and-swap, no lock, no allocation. Costs above
+//!   the burst are admitted when the bucket is full and leave a debt (never
+//!   stuck, never an error for being big).
 //! * **Reservations.** In [`Mode::Wait`] a call that must wait reserves its
 //!   slot, so waiters go in FIFO order, each at its own instant (no
 //!   thundering herd); a call whose slot is beyond `max_wait` fails at
 //!   once with [`RateLimited`](error::RateLimited) and reserves nothing.
 //!   Dropping a waiting call gives its slot back. [`Mode::Reject`] fails
 //!   at once with the exact `retry_after` (gateways turn it into a 429).
-//! * **Keys** ([`KeyFn`]): one limiter ([`Global`]), per model
-//!   ([`ByModel`]), per (account, model) ([`ByAccountModel`], DashScope's
-//!   own scope; keys of one account share its budget), per client key
-//!   header ([`ByHeader`]), or any closure over the request head. Idle keys
-//!   are evicted and the key count is capped
-//!   ([`RateLimiterBuilder::max_keys`]); memory per key is
-//!   [`RateLimiter::bytes_per_key`].
+//! * **Bounded keys.** Idle keys are evicted and the key count is capped
+//!   ([`RateLimiterBuilder::max_keys`]); a request-only key takes one
+//!   `u64` of state ([`RateLimiter::bytes_per_key`]).
 //! * **Slow start** ([`SlowStart`]): after idle, start at a fraction of the
 //!   quota and ramp up linearly.
 //! * **Feedback** ([`Feedback`]): when the upstream throttles a call we
@@ -40,9 +52,26 @@
 //!   readable in a [`Snapshot`].
 //! * **Quotas** ([`Quota`], [`Limits`]): governor-style constructors with
 //!   `NonZero` arguments, and the Qwen defaults per model
-//!   ([`qwen_defaults`], [`QuotaTable`]) with the burst that DashScope's
-//!   per-second enforcement allows (see [`qwen_defaults`] for the
-//!   arithmetic).
+//!   ([`QuotaTable::qwen`], the one source of them) with the burst that
+//!   DashScope's per-second enforcement allows.
+//!
+//! # The backends
+//!
+//! | | [`RateLimiter`] (memory) | [`RedisLimiter`](crate::redis::RedisLimiter) |
+//! |---|---|---|
+//! | shared by | the clones in one process | every replica on the Redis |
+//! | a decision | a CAS, no future | a script call (batched), or a local lease |
+//! | two dimensions, FIFO slots, give-back, reconciliation | yes | yes (the same arithmetic, property-tested) |
+//! | pause on an upstream throttle | yes | yes, for every replica |
+//! | reduced-rate recovery after a throttle, slow start | yes | no (see below) |
+//! | snapshots (`x-ratelimit-*`, the pool's pick) | exact | this replica's view as of its last round trip for the key |
+//!
+//! The Redis backend lacks the two rate *ramps* (slow start, and recovery
+//! at a reduced rate after a throttle) on purpose: a ramp changes the time
+//! charge of every call (`units × interval / rate`), which the script
+//! would compute in Lua's doubles, inexactly above 2^53 ns, and the two
+//! backends would no longer decide alike to the nanosecond (the property
+//! `tests/redis` checks). The pause itself is exact and replicated.
 //!
 //! # How it differs from tower's `RateLimit`
 //!
@@ -50,11 +79,11 @@
 //! clone** (so users wrap it in a `Buffer` to share it), waits in
 //! `poll_ready` (blocking every caller behind one), and knows nothing of
 //! tokens, keys or the upstream's answers. Here every clone of the service
-//! a layer makes shares one [`RateLimiter`]; the wait happens in the
-//! response future, per call; and the limiter learns from the response.
-//! Compared with governor, the decision is the same GCRA, plus weighted
+//! a layer makes shares one backend; the wait happens in the response
+//! future, per call; and the limiter learns from the response. Compared
+//! with governor, the decision is the same GCRA, plus weighted
 //! reservations with FIFO waiting and give-back, two dimensions at once,
-//! reconciliation, slow start and feedback.
+//! reconciliation, slow start, feedback, and a distributed backend.
 //!
 //! # With other layers
 //!
@@ -105,21 +134,55 @@
 //! assert_eq!(limiter.snapshot(&()).unwrap().requests.unwrap().remaining, 0);
 //! # }
 //! ```
+//!
+//! Any request type: a key and a cost function over a plain `service_fn`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use std::num::NonZeroU32;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_qwen::classify::{FnClassifier, Outcome};
+//! use tower_qwen::key::key_fn;
+//! use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimitLayer, RateLimiter};
+//!
+//! // A job queue: jobs are (user, weight); each user may spend 10 weight
+//! // units a minute.
+//! let limiter = RateLimiter::builder(Limits::tokens(Quota::per_minute(NonZeroU32::new(10).unwrap())))
+//!     .build_keyed();
+//! let svc = ServiceBuilder::new()
+//!     .layer(
+//!         RateLimitLayer::keyed(limiter, key_fn(|job: &mut (&'static str, u32)| job.0))
+//!             .cost(|job: &mut (&'static str, u32)| Cost::new(0, job.1))
+//!             .classifier(FnClassifier::new(|_: &u32| Outcome::Success))
+//!             .reject(),
+//!     )
+//!     .service(service_fn(|job: (&'static str, u32)| async move { Ok::<_, std::convert::Infallible>(job.1) }));
+//!
+//! assert_eq!(svc.clone().oneshot(("ann", 8)).await.unwrap(), 8);
+//! assert!(svc.clone().oneshot(("ann", 8)).await.is_err()); // ann has 2 left
+//! assert_eq!(svc.oneshot(("bob", 8)).await.unwrap(), 8);
+//! # }
+//! ```
 
+mod backend;
 pub mod bucket;
 pub mod error;
 pub mod future;
-mod key;
 mod layer;
 mod limiter;
 mod quota;
 mod service;
 
-pub use key::{Account, AccountModel, ByAccountModel, ByHeader, ByModel, Global, KeyFn};
-pub use layer::{DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS, Mode, RateLimitLayer};
-pub use limiter::{
-    Admission, Cost, DimState, Feedback, RateLimiter, RateLimiterBuilder, Reservation, SlowStart,
-    Snapshot,
+pub use backend::{Admission, Backend, Decision, Immediate, Permit, Reservation, Ticket};
+pub use layer::{
+    CostOf, DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS, Estimate, Mode, PerCall, RateLimitLayer,
 };
-pub use quota::{Limits, Quota, QuotaTable, qwen_defaults, qwen_limits};
+#[cfg(feature = "redis")]
+pub(crate) use limiter::dim_state;
+pub use limiter::{
+    Cost, DimState, Feedback, MemoryPermit, MemoryTicket, RateLimiter, RateLimiterBuilder,
+    SlowStart, Snapshot,
+};
+pub use quota::{Limits, Quota, QuotaTable, qwen_limits};
 pub use service::RateLimit;

@@ -49,7 +49,7 @@ impl Quota {
 
     /// `n` tokens per minute, burst `n` (the same arithmetic as
     /// [`Quota::per_minute`]; the name says what the unit is). DashScope
-    /// enforces TPM per second too; see [`qwen_defaults`] for the burst
+    /// enforces TPM per second too; see [`QuotaTable::qwen`] for the burst
     /// that respects that.
     pub const fn tokens_per_minute(n: NonZeroU32) -> Self {
         Self::per_minute(n)
@@ -166,11 +166,6 @@ impl Limits {
     pub const fn get_tokens(&self) -> Option<Quota> {
         self.tokens
     }
-
-    /// The DashScope defaults for `model`; see [`qwen_defaults`].
-    pub fn qwen(model: &str) -> Self {
-        qwen_defaults(model)
-    }
 }
 
 const fn nz(n: u32) -> NonZeroU32 {
@@ -181,7 +176,8 @@ const fn nz(n: u32) -> NonZeroU32 {
 }
 
 /// DashScope limits for an RPM / TPM pair, smoothed for per-second
-/// enforcement: one unit of burst in each dimension (see [`qwen_defaults`]).
+/// enforcement: one unit of burst in each dimension (see
+/// [`QuotaTable::qwen`] for why).
 pub const fn qwen_limits(rpm: u32, tpm: u32) -> Limits {
     Limits {
         requests: Some(Quota::per_minute(nz(rpm)).allow_burst(NonZeroU32::MIN)),
@@ -189,43 +185,8 @@ pub const fn qwen_limits(rpm: u32, tpm: u32) -> Limits {
     }
 }
 
-/// The published default limits of a Qwen model (international / Singapore
-/// table, QWEN-API.md A3), as limits that never trip DashScope's
-/// per-second enforcement.
-///
-/// | model | RPM | TPM |
-/// |---|---|---|
-/// | `qwen-max`, `qwen-plus`, `qwen3-max`, `qwen3-*` (open source) | 600 | 1,000,000 |
-/// | `qwen-turbo` | 600 | 5,000,000 |
-/// | `qwen-vl-max`, `qwen-vl-plus` | 1,200 | 1,000,000 |
-/// | `qwen2.5-*-instruct-1m` | 1,200 | 5,000,000 |
-/// | `qwq-plus`, any `-latest` or dated snapshot (`qwen-plus-2025-01-25`) | 60 | 100,000 |
-/// | anything else | 60 | 100,000 (the most conservative published row) |
-///
-/// (The table gives no TPM for `qwen-turbo` snapshots; 100,000 is assumed,
-/// like the other snapshots.) Numbers change by region, date and account:
-/// override them with a [`QuotaTable`].
-///
-/// # Why a burst of one
-///
-/// DashScope enforces RPM and TPM also per second: RPS = RPM / 60,
-/// TPS = TPM / 60 ("a burst of requests in a short time can still trigger
-/// rate limiting"). A GCRA with rate `r` and burst `b` admits up to
-/// `b + r·T` in a window of length `T`; over one second that is `b + RPS`,
-/// so any burst above one request lets a second see more than RPS requests
-/// once the bucket has filled. With `b = 1` the requests of any one-second
-/// window (aligned however the server likes) are at most RPS.
-///
-/// Tokens work the same way with the *admit-when-full* rule (see
-/// [`bucket`](super::bucket)): with a burst of one token, every call costs
-/// more than the burst, so a call is admitted only when the token bucket
-/// has no debt left, and its estimate then becomes debt repaid at TPS. In
-/// any one-second window, the tokens of all calls but the last are covered
-/// by elapsed time (`< TPS`), so every call arrives while the window is
-/// still under its limit, which is exactly the test DashScope (and the
-/// mock) apply, charging the arriving call in full. The sustained rate is
-/// the full quota; only the first-second burst is given up.
-pub fn qwen_defaults(model: &str) -> Limits {
+/// The published default limits of a Qwen model; see [`QuotaTable::qwen`].
+fn qwen_defaults(model: &str) -> Limits {
     let m = model.trim().to_ascii_lowercase();
     let snapshot = m.ends_with("-latest") || has_date_suffix(&m);
     let (rpm, tpm) = if snapshot || m == "qwq-plus" {
@@ -297,7 +258,44 @@ impl QuotaTable {
         }
     }
 
-    /// Models get [`qwen_defaults`] unless overridden.
+    /// Models get the published default limits of Qwen models (international /
+    /// Singapore table, QWEN-API.md A3), as limits that never trip DashScope's
+    /// per-second enforcement, unless overridden ([`QuotaTable::set`]). This is
+    /// the crate's one source of the default quotas (the client preset, the
+    /// rate limiter's preset and the gateway's `quotas = "qwen"` read it).
+    ///
+    /// | model | RPM | TPM |
+    /// |---|---|---|
+    /// | `qwen-max`, `qwen-plus`, `qwen3-max`, `qwen3-*` (open source) | 600 | 1,000,000 |
+    /// | `qwen-turbo` | 600 | 5,000,000 |
+    /// | `qwen-vl-max`, `qwen-vl-plus` | 1,200 | 1,000,000 |
+    /// | `qwen2.5-*-instruct-1m` | 1,200 | 5,000,000 |
+    /// | `qwq-plus`, any `-latest` or dated snapshot (`qwen-plus-2025-01-25`) | 60 | 100,000 |
+    /// | anything else | 60 | 100,000 (the most conservative published row) |
+    ///
+    /// (The table gives no TPM for `qwen-turbo` snapshots; 100,000 is assumed,
+    /// like the other snapshots.) Numbers change by region, date and account:
+    /// override them with [`QuotaTable::set`].
+    ///
+    /// # Why a burst of one
+    ///
+    /// DashScope enforces RPM and TPM also per second: RPS = RPM / 60,
+    /// TPS = TPM / 60 ("a burst of requests in a short time can still trigger
+    /// rate limiting"). A GCRA with rate `r` and burst `b` admits up to
+    /// `b + r·T` in a window of length `T`; over one second that is `b + RPS`,
+    /// so any burst above one request lets a second see more than RPS requests
+    /// once the bucket has filled. With `b = 1` the requests of any one-second
+    /// window (aligned however the server likes) are at most RPS.
+    ///
+    /// Tokens work the same way with the *admit-when-full* rule (see
+    /// [`bucket`](super::bucket)): with a burst of one token, every call costs
+    /// more than the burst, so a call is admitted only when the token bucket
+    /// has no debt left, and its estimate then becomes debt repaid at TPS. In
+    /// any one-second window, the tokens of all calls but the last are covered
+    /// by elapsed time (`< TPS`), so every call arrives while the window is
+    /// still under its limit, which is exactly the test DashScope (and the
+    /// mock) apply, charging the arriving call in full. The sustained rate is
+    /// the full quota; only the first-second burst is given up.
     pub fn qwen() -> Self {
         Self {
             models: Arc::default(),
@@ -314,8 +312,8 @@ impl QuotaTable {
         self
     }
 
-    /// The limits for models not overridden. Default is [`qwen_defaults`]
-    /// for [`QuotaTable::qwen`].
+    /// The limits for models not overridden. Default is the published
+    /// default of each model for [`QuotaTable::qwen`].
     pub fn default_limits(mut self, limits: Limits) -> Self {
         self.default = Some(limits);
         self

@@ -1,30 +1,34 @@
-//! The distributed limiter: decisions in Redis, the failure policy, leases,
-//! reservations and admissions.
+//! The distributed limiter: decisions in Redis (batched), the failure
+//! policy, leases, and the backend's tickets and permits.
 
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::redis::RedisError;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use dashmap::DashMap;
-use tokio::sync::Notify;
 
 use crate::BoxError;
 use crate::classify::ThrottleCause;
+use crate::key::StoreKey;
+use crate::key::store::Store;
 use crate::rate_limit::bucket::{FULL_RATE, Gcra};
+use crate::rate_limit::dim_state;
 use crate::rate_limit::error::{Dimension, RateLimited};
-use crate::rate_limit::{self, Cost, Limits, RateLimiter};
+use crate::rate_limit::{
+    Admission, Backend, Cost, Decision, Feedback, Limits, MemoryPermit, MemoryTicket, Permit,
+    Quota, RateLimiter, Reservation, Snapshot, Ticket,
+};
 use crate::time::{self, Instant, duration_nanos};
 
+use super::batch::{Background, Batcher, Counters, Exec, Failure};
 use super::error::StoreUnavailable;
 use super::fallback::{FailurePolicy, Health, scale};
-use super::key::StoreKey;
 use super::lease::{Lease, LeaseCell, Renewal};
-use super::script::{Booked, Call, DimArgs, Grant, Now, Refund};
+use super::script::{Booked, DimArgs, Grant, Now, Op, Refund};
 
 /// Whose clock the script decides on.
 ///
@@ -111,13 +115,14 @@ impl RedisLimiterBuilder {
     }
 
     /// When the upstream throttles a call the limiter admitted, pause the
-    /// key in Redis for this long (for every replica; a pause applied
-    /// while calls already hold later slots does not move those). Default
-    /// is 1 s, like the in-memory [`Feedback`](crate::rate_limit::Feedback)
-    /// (whose reduced-rate recovery is not replicated here); `None`
-    /// disables.
-    pub fn feedback(mut self, pause: impl Into<Option<Duration>>) -> Self {
-        self.feedback = pause.into();
+    /// key in Redis for [`Feedback::pause`] (for every replica; a pause
+    /// applied while calls already hold later slots does not move those).
+    /// Only the pause is replicated: the reduced rate and its recovery are
+    /// the in-memory backend's alone (see the
+    /// [rate limiter's docs](crate::rate_limit#the-backends)). Default is
+    /// [`Feedback::new`] (a 1 s pause); `None` disables.
+    pub fn feedback(mut self, feedback: impl Into<Option<Feedback>>) -> Self {
+        self.feedback = feedback.into().map(|f| f.pause_duration());
         self
     }
 
@@ -164,28 +169,28 @@ impl RedisLimiterBuilder {
                 .max_keys(self.max_keys)
                 .build_keyed_with(move |k: &K| scale(f(k), n.get()))
         });
-        let origin = time::now();
+        let exec = Arc::new(Exec {
+            conn,
+            timeout: self.timeout,
+            origin: time::now(),
+            slack_ms: u64::try_from(self.expiry_slack.as_millis()).unwrap_or(u64::MAX),
+            health: Health::new(duration_nanos(self.probe_every)),
+            policy: self.policy,
+            counters: Counters::default(),
+            background: Background::default(),
+        });
         RedisLimiter {
             shared: Arc::new(Shared {
                 core: Arc::new(Core {
-                    conn,
-                    timeout: self.timeout,
+                    batcher: Batcher::new(exec),
                     clock: self.clock,
-                    origin,
-                    slack_ms: u64::try_from(self.expiry_slack.as_millis()).unwrap_or(u64::MAX),
-                    health: Health::new(duration_nanos(self.probe_every)),
-                    policy: self.policy,
                     feedback: self.feedback.map(duration_nanos),
-                    counters: Counters::default(),
-                    background: Background::default(),
                 }),
                 prefix: self.prefix,
                 limits_for,
                 fallback,
                 lease: self.lease,
-                leases: DashMap::new(),
-                max_keys: self.max_keys,
-                last_sweep: AtomicU64::new(0),
+                local: Store::new(self.max_keys, duration_nanos(SWEEP_EVERY), "redis limiter"),
             }),
         }
     }
@@ -194,67 +199,26 @@ impl RedisLimiterBuilder {
 /// How many renewals in flight a call waits for before it books alone.
 const LEASE_WAITS: usize = 4;
 
+/// How often the local state is swept when new keys arrive.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 type LimitsFor<K> = Arc<dyn Fn(&K) -> Limits + Send + Sync>;
 
-#[derive(Debug, Default)]
-struct Counters {
-    redis: AtomicU64,
-    leased: AtomicU64,
-    fallback: AtomicU64,
-    closed: AtomicU64,
-    errors: AtomicU64,
-}
-
-/// Background Redis calls (give-backs, reconciliations, pauses) in flight.
-#[derive(Debug, Default)]
-struct Background {
-    inflight: AtomicUsize,
-    idle: Notify,
-}
-
-/// What every Redis call needs; not generic, shared by admissions.
+/// What every Redis operation needs; not generic, shared by permits.
+#[derive(Debug)]
 struct Core {
-    conn: ConnectionManager,
-    timeout: Option<Duration>,
+    batcher: Batcher,
     clock: Clock,
-    origin: Instant,
-    slack_ms: u64,
-    health: Health,
-    policy: FailurePolicy,
     feedback: Option<u64>,
-    counters: Counters,
-    background: Background,
-}
-
-impl fmt::Debug for Core {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Core")
-            .field("timeout", &self.timeout)
-            .field("clock", &self.clock)
-            .field("policy", &self.policy)
-            .field("down", &self.health.is_down())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a Redis call gave no answer.
-enum Failure {
-    Timeout,
-    Redis(RedisError),
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Timeout => f.write_str("timed out"),
-            Failure::Redis(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 impl Core {
+    fn exec(&self) -> &Exec {
+        self.batcher.exec()
+    }
+
     fn nanos(&self, t: Instant) -> u64 {
-        duration_nanos(t.saturating_duration_since(self.origin))
+        self.exec().nanos(t)
     }
 
     /// The script's "now" for a decision at local instant `t`.
@@ -265,62 +229,10 @@ impl Core {
         }
     }
 
-    /// Runs a script call with the timeout, and keeps the health state.
-    async fn run(&self, call: Call) -> Result<Vec<i64>, Failure> {
-        let mut conn = self.conn.clone();
-        let res = match self.timeout {
-            Some(d) => match tokio::time::timeout(d, call.run(&mut conn)).await {
-                Ok(r) => r.map_err(Failure::Redis),
-                Err(_) => Err(Failure::Timeout),
-            },
-            None => call.run(&mut conn).await.map_err(Failure::Redis),
-        };
-        let now = self.nanos(time::now());
-        match &res {
-            Ok(_) => {
-                self.health.up(now);
-            }
-            Err(e) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                if is_store_failure(e) {
-                    self.health.down(now, e, self.policy);
-                } else {
-                    tracing::warn!(error = %e, "redis rate limit script failed");
-                }
-            }
-        }
-        res
-    }
-
-    /// Runs `fut` in the background (a give-back or reconciliation from a
-    /// synchronous context), counted for [`RedisLimiter::settle`]. Skipped
-    /// while Redis is known to be down: a give-back or refund is then lost
-    /// (capacity, never a burst), and so is an overrun (the fallback
-    /// decides meanwhile anyway).
-    fn spawn(self: &Arc<Self>, fut: impl Future<Output = ()> + Send + 'static) {
-        if self.health.is_down() {
-            tracing::debug!("redis is down; a rate limit give-back or reconciliation is dropped");
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            tracing::debug!(
-                "no tokio runtime; a rate limit give-back or reconciliation is dropped"
-            );
-            return;
-        };
-        self.background.inflight.fetch_add(1, Ordering::AcqRel);
-        let core = self.clone();
-        rt.spawn(async move {
-            fut.await;
-            if core.background.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-                core.background.idle.notify_waiters();
-            }
-        });
-    }
-
     fn unavailable(&self, now: u64, failure: Option<&Failure>) -> StoreUnavailable {
-        self.counters.closed.fetch_add(1, Ordering::Relaxed);
-        let after = self.health.retry_after(now);
+        let exec = self.exec();
+        exec.counters.closed.fetch_add(1, Ordering::Relaxed);
+        let after = exec.health.retry_after(now);
         match failure {
             None => StoreUnavailable::down(after),
             Some(Failure::Timeout) => StoreUnavailable::timeout(after),
@@ -329,19 +241,31 @@ impl Core {
     }
 }
 
-/// Whether a failure says Redis cannot decide (as opposed to, say, a script
-/// error on a healthy server).
-fn is_store_failure(f: &Failure) -> bool {
-    match f {
-        Failure::Timeout => true,
-        Failure::Redis(e) => {
-            e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || e.is_unrecoverable_error()
-                || !matches!(e.kind(), ::redis::ErrorKind::Server(_))
-        }
+/// This replica's state of one key: its Redis name, its buckets as of the
+/// last round trip (for snapshots), and its lease.
+struct Local {
+    name: Arc<str>,
+    /// Request and token TATs, in nanoseconds since the limiter's origin,
+    /// as the last answer for the key said.
+    view: [AtomicU64; 2],
+    lease: Option<Arc<LeaseCell>>,
+}
+
+impl Local {
+    fn is_idle(self: &Arc<Self>, now: u64) -> bool {
+        Arc::strong_count(self) == 1
+            && self.view.iter().all(|t| t.load(Ordering::Relaxed) <= now)
+            && self
+                .lease
+                .as_ref()
+                .is_none_or(|l| Arc::strong_count(l) == 1 && l.lock().is_idle(now))
+    }
+
+    /// Notes the debts an answer reported, `at` (local ns) being when it
+    /// arrived.
+    fn saw(&self, at: u64, (dr, dt): (u64, u64)) {
+        self.view[0].store(at.saturating_add(dr), Ordering::Relaxed);
+        self.view[1].store(at.saturating_add(dt), Ordering::Relaxed);
     }
 }
 
@@ -351,24 +275,26 @@ struct Shared<K> {
     limits_for: LimitsFor<K>,
     fallback: Option<RateLimiter<K>>,
     lease: Option<Lease>,
-    leases: DashMap<K, Arc<LeaseCell>>,
-    max_keys: usize,
-    last_sweep: AtomicU64,
+    local: Store<K, Arc<Local>>,
 }
 
-/// A GCRA rate limiter for requests and tokens whose state lives in Redis,
-/// so that every replica sharing the Redis (and the key prefix) shares one
-/// budget per key. Shared by every clone (an `Arc` inside).
+/// The Redis backend: a GCRA rate limiter for requests and tokens whose
+/// state lives in Redis, so that every replica sharing the Redis (and the
+/// key prefix) shares one budget per key. Shared by every clone (an `Arc`
+/// inside).
 ///
-/// The decision is the in-memory [`RateLimiter`]'s, made by one atomic
+/// The decision is the in-memory [`RateLimiter`]'s, made by an atomic
 /// server-side script: a weighted cost in two dimensions booked at one
 /// common slot, reservations up to a maximum wait (given back when
-/// cancelled), refunds and overruns when tokens are reconciled. Idle keys
-/// expire on their own. When Redis is slow or down, a [`FailurePolicy`]
-/// decides; with a [`Lease`], most calls are decided locally.
+/// cancelled), refunds and overruns when tokens are reconciled. Decisions
+/// waiting at the same moment share one script call (see the
+/// [module docs](super)). Idle keys expire on their own. When Redis is slow
+/// or down, a [`FailurePolicy`] decides; with a [`Lease`], most calls are
+/// decided locally.
 ///
-/// [`RedisRateLimitLayer`](super::RedisRateLimitLayer) drives it from a
-/// tower stack. See the [module docs](super) for an example.
+/// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) drives it from a
+/// tower stack, like any [`Backend`]. See the [module docs](super) for an
+/// example.
 ///
 /// # Clone
 ///
@@ -401,6 +327,9 @@ impl<K> fmt::Debug for RedisLimiter<K> {
 pub struct Stats {
     /// Decisions made by Redis.
     pub redis: u64,
+    /// Script calls sent (a call carries a batch of decisions and other
+    /// operations).
+    pub round_trips: u64,
     /// Calls admitted from a local lease, without a round trip.
     pub leased: u64,
     /// Decisions made by the local fallback limiter (fail open).
@@ -472,10 +401,10 @@ pub fn connect_lazy(
 
 /// The GCRA parameters and charges of `cost` under `limits`.
 fn dims(limits: &Limits, cost: Cost) -> (DimArgs, DimArgs) {
-    let one = |q: Option<rate_limit::Quota>, units: u32| match q {
+    let one = |q: Option<Quota>, units: u32| match q {
         None => DimArgs::default(),
         Some(q) => {
-            let g = Gcra::new(q.interval_nanos(), q.burst().get());
+            let g = gcra(q);
             DimArgs {
                 charge: if units > 0 {
                     g.charge(units, FULL_RATE)
@@ -493,6 +422,31 @@ fn dims(limits: &Limits, cost: Cost) -> (DimArgs, DimArgs) {
     )
 }
 
+fn gcra(q: Quota) -> Gcra {
+    Gcra::new(q.interval_nanos(), q.burst().get())
+}
+
+/// The charges of `cost` in the dimensions `limits` has (a dimension
+/// without a quota is free).
+fn effective(limits: &Limits, cost: Cost) -> Cost {
+    Cost {
+        requests: if limits.get_requests().is_some() {
+            cost.requests
+        } else {
+            0
+        },
+        tokens: if limits.get_tokens().is_some() {
+            cost.tokens
+        } else {
+            0
+        },
+    }
+}
+
+/// A decision in flight: the round trip to Redis (or the failure policy).
+pub type Pending<K> =
+    std::pin::Pin<Box<dyn Future<Output = Result<RedisTicket<K>, BoxError>> + Send>>;
+
 impl<K> RedisLimiter<K>
 where
     K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
@@ -504,7 +458,7 @@ where
     /// [`RateLimited`] when some quota has no room now;
     /// [`StoreUnavailable`] when Redis cannot decide and the policy fails
     /// closed. Downcast the [`BoxError`].
-    pub async fn check(&self, key: &K, cost: Cost) -> Result<Admission<K>, BoxError> {
+    pub async fn check(&self, key: &K, cost: Cost) -> Result<Admission<RedisPermit<K>>, BoxError> {
         self.check_at(key, cost, time::now()).await
     }
 
@@ -519,15 +473,16 @@ where
         key: &K,
         cost: Cost,
         now: Instant,
-    ) -> Result<Admission<K>, BoxError> {
-        let r = self.reserve_at(key, cost, Duration::ZERO, now).await?;
-        Ok(r.into_admission().await)
+    ) -> Result<Admission<RedisPermit<K>>, BoxError> {
+        let t = self.reserve_ticket(key, cost, Duration::ZERO, now).await?;
+        Ok(Admission::new(t.admit()))
     }
 
     /// Reserves a slot for a call of `cost`, at most `max_wait` from now.
     /// Await [`Reservation::ready`] to wait for it; drop the reservation to
-    /// cancel (its slot is given back in Redis when nothing was booked
-    /// after it).
+    /// cancel (its slot is given back in Redis, in the background, when
+    /// nothing was booked after it; [`RedisLimiter::settle`] waits for
+    /// that).
     ///
     /// # Errors
     ///
@@ -539,7 +494,7 @@ where
         key: &K,
         cost: Cost,
         max_wait: Duration,
-    ) -> Result<Reservation<K>, BoxError> {
+    ) -> Result<Reservation<RedisTicket<K>>, BoxError> {
         self.reserve_at(key, cost, max_wait, time::now()).await
     }
 
@@ -554,10 +509,25 @@ where
         cost: Cost,
         max_wait: Duration,
         now: Instant,
-    ) -> Result<Reservation<K>, BoxError> {
-        let limits = (self.shared.limits_for)(key);
-        self.decide(key, limits, cost, duration_nanos(max_wait), now)
-            .await
+    ) -> Result<Reservation<RedisTicket<K>>, BoxError> {
+        Ok(Reservation::new(
+            self.reserve_ticket(key, cost, max_wait, now).await?,
+        ))
+    }
+
+    async fn reserve_ticket(
+        &self,
+        key: &K,
+        cost: Cost,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Result<RedisTicket<K>, BoxError> {
+        match self.decide(key, |_| cost, max_wait, now) {
+            Decision::Admitted(p) => Ok(RedisTicket::now(p, now)),
+            Decision::Booked(t) => Ok(t),
+            Decision::Refused(e) => Err(e),
+            Decision::Pending(p) => p.await,
+        }
     }
 
     /// The limits of `key`.
@@ -567,19 +537,21 @@ where
 
     /// Whether Redis is currently considered up.
     pub fn is_available(&self) -> bool {
-        !self.shared.core.health.is_down()
+        !self.shared.core.exec().health.is_down()
     }
 
     /// The limiter's counters.
     pub fn stats(&self) -> Stats {
-        let c = &self.shared.core.counters;
+        let exec = self.shared.core.exec();
+        let c = &exec.counters;
         Stats {
             redis: c.redis.load(Ordering::Relaxed),
+            round_trips: c.calls.load(Ordering::Relaxed),
             leased: c.leased.load(Ordering::Relaxed),
             fallback: c.fallback.load(Ordering::Relaxed),
             failed_closed: c.closed.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
-            outages: self.shared.core.health.outages(),
+            outages: exec.health.outages(),
             available: self.is_available(),
         }
     }
@@ -589,10 +561,10 @@ where
     /// [`probe_every`](RedisLimiterBuilder::probe_every) while Redis is
     /// down; this is for health checks and tests.
     pub async fn probe(&self) -> bool {
-        let core = &self.shared.core;
-        let mut conn = core.conn.clone();
+        let exec = self.shared.core.exec();
+        let mut conn = exec.conn.clone();
         let ping = ::redis::cmd("PING");
-        let res = match core.timeout {
+        let res = match exec.timeout {
             Some(d) => tokio::time::timeout(d, ping.query_async::<String>(&mut conn))
                 .await
                 .map_err(|_| Failure::Timeout)
@@ -602,88 +574,76 @@ where
                 .await
                 .map_err(Failure::Redis),
         };
-        let now = core.nanos(time::now());
+        let now = exec.nanos(time::now());
         match res {
             Ok(_) => {
-                core.health.up(now);
+                exec.health.up(now);
                 true
             }
             Err(e) => {
-                core.health.down(now, &e, core.policy);
+                exec.health.down(now, &e, exec.policy);
                 false
             }
         }
     }
 
-    /// Waits until the background Redis calls started so far (give-backs of
-    /// cancelled reservations, reconciliations and pauses sent from
-    /// response bodies) have completed or timed out. For tests and
-    /// graceful shutdown.
+    /// Waits until the background Redis operations queued so far
+    /// (give-backs of cancelled reservations, reconciliations and pauses
+    /// sent from response bodies) have completed or timed out. For tests
+    /// and graceful shutdown.
     pub async fn settle(&self) {
-        let bg = &self.shared.core.background;
-        loop {
-            let idle = bg.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if bg.inflight.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.shared.core.exec().background.settle().await;
     }
 
-    fn redis_key(&self, key: &K) -> String {
+    fn redis_key(&self, key: &K) -> Arc<str> {
         let mut s = String::with_capacity(self.shared.prefix.len() + 24);
         s.push_str(&self.shared.prefix);
         key.write_key(&mut s);
-        s
+        Arc::from(s)
     }
 
-    /// The charges of `cost` in the dimensions `limits` has (a dimension
-    /// without a quota is free).
-    fn effective(limits: &Limits, cost: Cost) -> Cost {
-        Cost {
-            requests: if limits.get_requests().is_some() {
-                cost.requests
-            } else {
-                0
-            },
-            tokens: if limits.get_tokens().is_some() {
-                cost.tokens
-            } else {
-                0
-            },
-        }
+    /// `key`'s local state, created if new; `None` when the store is full
+    /// of busy keys (that key then goes without a view or a lease).
+    fn local(&self, key: &K, now: u64) -> Option<Arc<Local>> {
+        let sh = &*self.shared;
+        sh.local
+            .get_or_insert_with(
+                key,
+                now,
+                || {
+                    Arc::new(Local {
+                        name: self.redis_key(key),
+                        view: [AtomicU64::new(0), AtomicU64::new(0)],
+                        lease: sh.lease.map(|_| Arc::new(LeaseCell::default())),
+                    })
+                },
+                |l| l.is_idle(now),
+            )
+            .map(|l| l.clone())
     }
 
     /// Admits `cost` from `key`'s local lease, if it covers it (no round
     /// trip). `None` when leases are off or the slice does not cover it.
-    pub(crate) fn try_lease(
+    fn try_lease(
         &self,
-        key: &K,
+        local: &Arc<Local>,
         limits: &Limits,
         cost: Cost,
-        now: Instant,
-    ) -> Option<Admission<K>> {
-        self.shared.lease?;
-        let cost = Self::effective(limits, cost);
-        let state = self.shared.leases.get(key)?.clone();
-        let ln = self.shared.core.nanos(now);
-        let generation = state.lock().take(cost, ln)?;
-        self.shared
-            .core
-            .counters
-            .leased
-            .fetch_add(1, Ordering::Relaxed);
+        now: u64,
+    ) -> Option<RedisPermit<K>> {
+        let cell = local.lease.as_ref()?;
+        let generation = cell.lock().take(cost, now)?;
+        let core = &self.shared.core;
+        core.exec().counters.leased.fetch_add(1, Ordering::Relaxed);
         let (r, t) = dims(limits, cost);
-        Some(Admission {
-            inner: AdmissionInner::Leased {
-                lease: state,
+        Some(RedisPermit {
+            inner: PermitInner::Leased {
+                lease: cell.clone(),
                 generation,
                 tokens: cost.tokens,
                 redis: RedisCall {
-                    core: self.shared.core.clone(),
-                    key: self.redis_key(key),
+                    core: core.clone(),
+                    key: local.name.clone(),
                     r,
                     t,
                 },
@@ -691,62 +651,38 @@ where
         })
     }
 
-    /// `key`'s lease, created if new. `None` when the map is full of live
-    /// leases (swept at most once a second): that key goes without a lease.
-    fn lease_cell(&self, key: &K, now: u64) -> Option<Arc<LeaseCell>> {
-        let sh = &*self.shared;
-        if let Some(s) = sh.leases.get(key) {
-            return Some(s.clone());
-        }
-        if sh.leases.len() >= sh.max_keys {
-            let last = sh.last_sweep.load(Ordering::Relaxed);
-            if now.saturating_sub(last) >= 1_000_000_000
-                && sh
-                    .last_sweep
-                    .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                sh.leases
-                    .retain(|_, s| Arc::strong_count(s) > 1 || !s.lock().is_idle(now));
-            }
-            if sh.leases.len() >= sh.max_keys {
-                return None;
-            }
-        }
-        Some(sh.leases.entry(key.clone()).or_default().clone())
-    }
-
-    pub(crate) async fn decide(
+    /// The round trip: books the call in Redis (with a lease slice when
+    /// leases are on), or lets the failure policy decide.
+    async fn book(
         &self,
-        key: &K,
+        key: K,
+        local: Option<Arc<Local>>,
         limits: Limits,
         cost: Cost,
         max_wait: u64,
         at: Instant,
-    ) -> Result<Reservation<K>, BoxError> {
-        let cost = Self::effective(&limits, cost);
-        if cost.requests == 0 && cost.tokens == 0 {
-            return Ok(Reservation::now(Admission::free()));
-        }
-        if let Some(a) = self.try_lease(key, &limits, cost, at) {
-            return Ok(Reservation::now(a));
-        }
+    ) -> Result<RedisTicket<K>, BoxError> {
         let core = &self.shared.core;
-        let ln = core.nanos(at);
-        if !core.health.should_try(ln) {
-            return self.fail(key, cost, max_wait, at, None);
+        let exec = core.exec();
+        let ln = exec.nanos(at);
+        if !exec.health.should_try(ln) {
+            return self.fail(&key, cost, max_wait, at, None);
         }
         let (r, t) = dims(&limits, cost);
-        let redis_key = self.redis_key(key);
+        let name = match &local {
+            Some(l) => l.name.clone(),
+            None => self.redis_key(&key),
+        };
         let now = core.script_now(at);
         // With leases on, ask for a slice too. One renewal per key at a
         // time: a call that finds one in flight waits for it and tries its
         // slice (a few times: many callers may be waiting), then books
         // alone.
         let mut lease = None;
-        if let Some(l) = self.shared.lease
-            && let Some(cell) = self.lease_cell(key, ln)
-        {
+        if let (Some(l), Some(cell)) = (
+            self.shared.lease,
+            local.as_ref().and_then(|x| x.lease.clone()),
+        ) {
             for attempt in 0..=LEASE_WAITS {
                 let renewed = cell.renewed().notified();
                 tokio::pin!(renewed);
@@ -759,36 +695,35 @@ where
                     }
                     None if attempt < LEASE_WAITS => {
                         renewed.await;
-                        if let Some(a) = self.try_lease(key, &limits, cost, at) {
-                            return Ok(Reservation::now(a));
+                        if let Some(p) = local
+                            .as_ref()
+                            .and_then(|x| self.try_lease(x, &limits, cost, ln))
+                        {
+                            return Ok(RedisTicket::now(p, at));
                         }
                     }
                     None => {}
                 }
             }
         }
-        let (call, slice) = match &lease {
+        let (op, slice) = match &lease {
             Some((l, _, refund)) => {
-                let slice = Self::effective(&limits, l.slice());
+                let slice = effective(&limits, l.slice());
                 let (sr, st) = dims(&limits, slice);
-                let call = Call::lease(
-                    redis_key.clone(),
+                let op = Op::lease(
+                    name.clone(),
                     now,
-                    core.slack_ms,
                     r,
                     t,
                     max_wait,
                     (sr.charge, st.charge),
                     *refund,
                 );
-                (call, Some((slice, sr.charge, st.charge)))
+                (op, Some((slice, sr.charge, st.charge)))
             }
-            None => (
-                Call::book(redis_key.clone(), now, core.slack_ms, r, t, max_wait),
-                None,
-            ),
+            None => (Op::book(name.clone(), now, r, t, max_wait), None),
         };
-        let reply = core.run(call).await;
+        let reply = core.batcher.call(op).await;
         let booked = reply.and_then(|v| {
             let lc = slice.map_or((0, 0), |(_, a, b)| (a, b));
             super::script::parse_booked(&v, r, t, lc).map_err(Failure::Redis)
@@ -797,18 +732,25 @@ where
             Ok(b) => b,
             Err(e) => {
                 drop(lease);
-                return self.fail(key, cost, max_wait, at, Some(&e));
+                return self.fail(&key, cost, max_wait, at, Some(&e));
             }
         };
-        core.counters.redis.fetch_add(1, Ordering::Relaxed);
+        exec.counters.redis.fetch_add(1, Ordering::Relaxed);
         // A wait from Redis's clock counts from when the answer arrived.
         let base = match core.clock {
             Clock::Server => time::now(),
             Clock::Local(_) => at,
         };
         match booked {
-            Booked::Refused { wait, tokens } => {
+            Booked::Refused {
+                wait,
+                tokens,
+                debts,
+            } => {
                 drop(lease);
+                if let Some(l) = &local {
+                    l.saw(exec.nanos(base), debts);
+                }
                 let dim = if tokens {
                     Dimension::Tokens
                 } else {
@@ -820,20 +762,24 @@ where
                 wait,
                 grant,
                 leased,
+                debts,
             } => {
+                if let Some(l) = &local {
+                    l.saw(exec.nanos(base), debts);
+                }
                 if let (Some((l, renewal, _)), Some((slice, _, _))) = (&mut lease, slice)
                     && leased
                 {
                     let (ir, it) = (r.interval.max(1), t.interval.max(1));
-                    let expires = core.nanos(base).saturating_add(duration_nanos(l.ttl()));
+                    let expires = exec.nanos(base).saturating_add(duration_nanos(l.ttl()));
                     renewal.granted((slice, expires, grant, ir, it));
                 }
                 drop(lease);
-                let admission = Admission {
-                    inner: AdmissionInner::Redis {
+                let permit = RedisPermit {
+                    inner: PermitInner::Redis {
                         redis: RedisCall {
                             core: core.clone(),
-                            key: redis_key,
+                            key: name,
                             r,
                             t,
                         },
@@ -841,10 +787,10 @@ where
                         tokens: cost.tokens,
                     },
                 };
-                Ok(Reservation {
-                    inner: ReservationInner::Redis {
+                Ok(RedisTicket {
+                    inner: TicketInner::Redis {
                         at: base + Duration::from_nanos(wait),
-                        pending: Pending(Some(admission)),
+                        pending: Some(permit),
                     },
                 })
             }
@@ -859,157 +805,211 @@ where
         max_wait: u64,
         at: Instant,
         failure: Option<&Failure>,
-    ) -> Result<Reservation<K>, BoxError> {
+    ) -> Result<RedisTicket<K>, BoxError> {
         let core = &self.shared.core;
         match &self.shared.fallback {
             Some(local) => {
-                core.counters.fallback.fetch_add(1, Ordering::Relaxed);
-                let r = local.reserve(key, cost, Duration::from_nanos(max_wait))?;
-                Ok(Reservation {
-                    inner: ReservationInner::Local(r),
-                })
+                core.exec()
+                    .counters
+                    .fallback
+                    .fetch_add(1, Ordering::Relaxed);
+                match local.decide(key, |_| cost, Duration::from_nanos(max_wait), at) {
+                    Decision::Admitted(p) => Ok(RedisTicket::now(
+                        RedisPermit {
+                            inner: PermitInner::Local(p),
+                        },
+                        at,
+                    )),
+                    Decision::Booked(t) => Ok(RedisTicket {
+                        inner: TicketInner::Local(t),
+                    }),
+                    Decision::Refused(e) => Err(e),
+                }
             }
             None => Err(core.unavailable(core.nanos(at), failure).into()),
         }
     }
+
+    /// What `key`'s quotas look like, as this replica last saw them in
+    /// Redis (exact as of its last round trip for the key; other replicas'
+    /// calls since then are not seen), or in the local fallback while Redis
+    /// is down. `None` for a key this replica has no state for.
+    pub fn snapshot(&self, key: &K) -> Option<Snapshot> {
+        let sh = &*self.shared;
+        if !self.is_available()
+            && let Some(f) = &sh.fallback
+        {
+            return f.snapshot(key);
+        }
+        let local = sh.local.get(key)?;
+        let limits = (sh.limits_for)(key);
+        let now = sh.core.nanos(time::now());
+        let dim = |q: Option<Quota>, i: usize| {
+            q.map(|q| {
+                dim_state(
+                    gcra(q),
+                    local.view[i].load(Ordering::Relaxed),
+                    now,
+                    FULL_RATE,
+                )
+            })
+        };
+        Some(Snapshot {
+            requests: dim(limits.get_requests(), 0),
+            tokens: dim(limits.get_tokens(), 1),
+            throttles: 0,
+            last_throttle: None,
+        })
+    }
+}
+
+impl<K> Backend<K> for RedisLimiter<K>
+where
+    K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Ticket = RedisTicket<K>;
+    type Pending = Pending<K>;
+
+    fn decide<W: FnOnce(bool) -> Cost>(
+        &self,
+        key: &K,
+        weigh: W,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Decision<RedisTicket<K>, Pending<K>> {
+        let limits = (self.shared.limits_for)(key);
+        let cost = effective(&limits, weigh(limits.get_tokens().is_some()));
+        if cost.requests == 0 && cost.tokens == 0 {
+            return Decision::Admitted(RedisPermit::free());
+        }
+        let ln = self.shared.core.nanos(now);
+        let local = self.local(key, ln);
+        if let Some(p) = local
+            .as_ref()
+            .and_then(|l| self.try_lease(l, &limits, cost, ln))
+        {
+            return Decision::Admitted(p);
+        }
+        let this = self.clone();
+        let key = key.clone();
+        let max_wait = duration_nanos(max_wait);
+        Decision::Pending(Box::pin(async move {
+            this.book(key, local, limits, cost, max_wait, now).await
+        }))
+    }
+
+    fn snapshot(&self, key: &K) -> Option<Snapshot> {
+        RedisLimiter::snapshot(self, key)
+    }
 }
 
 /// The parts of a booking needed to talk to Redis about it later.
-#[derive(Debug)]
 struct RedisCall {
     core: Arc<Core>,
-    key: String,
+    key: Arc<str>,
     r: DimArgs,
     t: DimArgs,
 }
 
-/// A reserved slot. See [`RedisLimiter::reserve`].
-///
-/// Dropping it before [`Reservation::ready`] completes cancels it: the slot
-/// is given back in Redis (in the background) when nothing was booked after
-/// it.
-#[derive(Debug)]
-pub struct Reservation<K = ()>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    inner: ReservationInner<K>,
-}
-
-#[derive(Debug)]
-enum ReservationInner<K: Hash + Eq + Clone + Send + Sync + 'static> {
-    Now(Option<Admission<K>>),
-    Redis { at: Instant, pending: Pending<K> },
-    Local(rate_limit::Reservation<K>),
-}
-
-/// A Redis booking not yet admitted: cancelled on drop.
-#[derive(Debug)]
-struct Pending<K: Hash + Eq + Clone + Send + Sync + 'static>(Option<Admission<K>>);
-
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> Drop for Pending<K> {
-    fn drop(&mut self) {
-        if let Some(Admission {
-            inner: AdmissionInner::Redis { redis, grant, .. },
-        }) = self.0.take()
-        {
-            let core = redis.core.clone();
-            core.spawn(async move {
-                let now = redis.core.script_now(time::now());
-                let call = Call::cancel(redis.key, redis.core.slack_ms, now, &grant);
-                let _ = redis.core.run(call).await;
-            });
-        }
+impl fmt::Debug for RedisCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCall")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> Reservation<K> {
-    fn now(a: Admission<K>) -> Self {
+/// A call booked by [`RedisLimiter`]. Dropping it before its slot gives the
+/// slot back in Redis (in the background) when nothing was booked after
+/// it. See [`Ticket`].
+#[derive(Debug)]
+pub struct RedisTicket<K: Hash + Eq> {
+    inner: TicketInner<K>,
+}
+
+#[derive(Debug)]
+enum TicketInner<K: Hash + Eq> {
+    /// Admitted when decided (a lease, the fallback, a free call).
+    Now {
+        at: Instant,
+        permit: Option<RedisPermit<K>>,
+    },
+    /// Booked in Redis for `at`.
+    Redis {
+        at: Instant,
+        pending: Option<RedisPermit<K>>,
+    },
+    /// Booked in the local fallback limiter.
+    Local(MemoryTicket<K>),
+}
+
+impl<K: Hash + Eq> RedisTicket<K> {
+    fn now(permit: RedisPermit<K>, at: Instant) -> Self {
         Self {
-            inner: ReservationInner::Now(Some(a)),
-        }
-    }
-
-    /// When the call may go.
-    pub fn ready_at(&self) -> Instant {
-        match &self.inner {
-            ReservationInner::Now(_) => time::now(),
-            ReservationInner::Redis { at, .. } => *at,
-            ReservationInner::Local(r) => r.ready_at(),
-        }
-    }
-
-    /// Whether the call may go at once.
-    pub fn is_ready(&self) -> bool {
-        self.ready_at() <= time::now()
-    }
-
-    /// Waits for the slot. Dropping the future cancels the reservation.
-    pub async fn ready(self) -> Admission<K> {
-        match self.inner {
-            ReservationInner::Now(mut a) => a.take().unwrap_or_else(Admission::free),
-            ReservationInner::Redis { at, mut pending } => {
-                tokio::time::sleep_until(at).await;
-                pending.0.take().unwrap_or_else(Admission::free)
-            }
-            ReservationInner::Local(r) => Admission {
-                inner: AdmissionInner::Local(r.ready().await),
-            },
-        }
-    }
-
-    /// Gives the slot back now and waits for Redis to confirm; returns
-    /// whether it was given back (false when a later call was booked after
-    /// it: the slot then stays consumed, capacity lost, never a burst). A
-    /// reservation of the local fallback is given back as when dropped (and
-    /// this returns true).
-    pub async fn cancel(self) -> bool {
-        match self.inner {
-            ReservationInner::Now(_) => false,
-            ReservationInner::Local(r) => {
-                drop(r);
-                true
-            }
-            ReservationInner::Redis { mut pending, .. } => {
-                let Some(Admission {
-                    inner: AdmissionInner::Redis { redis, grant, .. },
-                }) = pending.0.take()
-                else {
-                    return false;
-                };
-                let now = redis.core.script_now(time::now());
-                let call = Call::cancel(redis.key, redis.core.slack_ms, now, &grant);
-                matches!(redis.core.run(call).await.as_deref(), Ok([1, _] | [_, 1]))
-            }
-        }
-    }
-
-    /// The admission of a reservation made with no wait (its slot is now).
-    async fn into_admission(self) -> Admission<K> {
-        match self.inner {
-            ReservationInner::Now(mut a) => a.take().unwrap_or_else(Admission::free),
-            ReservationInner::Redis { mut pending, .. } => {
-                pending.0.take().unwrap_or_else(Admission::free)
-            }
-            ReservationInner::Local(r) => Admission {
-                inner: AdmissionInner::Local(r.ready().await),
+            inner: TicketInner::Now {
+                at,
+                permit: Some(permit),
             },
         }
     }
 }
 
-/// An admitted call: tell the limiter what it really used, or that the
-/// upstream throttled it. Dropping it keeps the estimate.
-#[derive(Debug)]
-pub struct Admission<K = ()>
+impl<K: Hash + Eq> Drop for RedisTicket<K> {
+    fn drop(&mut self) {
+        if let TicketInner::Redis { pending, .. } = &mut self.inner
+            && let Some(RedisPermit {
+                inner: PermitInner::Redis { redis, grant, .. },
+            }) = pending.take()
+        {
+            let now = redis.core.script_now(time::now());
+            let op = Op::cancel(redis.key, now, &grant);
+            redis.core.batcher.background(op);
+        }
+    }
+}
+
+impl<K> Ticket for RedisTicket<K>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
 {
-    inner: AdmissionInner<K>,
+    type Permit = RedisPermit<K>;
+
+    fn ready_at(&self) -> Instant {
+        match &self.inner {
+            TicketInner::Now { at, .. } | TicketInner::Redis { at, .. } => *at,
+            TicketInner::Local(t) => t.ready_at(),
+        }
+    }
+
+    fn admit(mut self) -> RedisPermit<K> {
+        let inner = std::mem::replace(
+            &mut self.inner,
+            TicketInner::Now {
+                at: time::now(),
+                permit: None,
+            },
+        );
+        match inner {
+            TicketInner::Now { permit, .. }
+            | TicketInner::Redis {
+                pending: permit, ..
+            } => permit.unwrap_or_else(RedisPermit::free),
+            TicketInner::Local(t) => RedisPermit {
+                inner: PermitInner::Local(t.admit()),
+            },
+        }
+    }
+}
+
+/// A call admitted by [`RedisLimiter`]: by Redis, from a local lease, or by
+/// the local fallback while Redis was down. See [`Permit`].
+#[derive(Debug)]
+pub struct RedisPermit<K: Hash + Eq> {
+    inner: PermitInner<K>,
 }
 
 #[derive(Debug)]
-enum AdmissionInner<K: Hash + Eq + Clone + Send + Sync + 'static> {
+enum PermitInner<K: Hash + Eq> {
     Free,
     Redis {
         redis: RedisCall,
@@ -1022,215 +1022,150 @@ enum AdmissionInner<K: Hash + Eq + Clone + Send + Sync + 'static> {
         tokens: u32,
         redis: RedisCall,
     },
-    Local(rate_limit::Admission<K>),
+    Local(MemoryPermit<K>),
 }
 
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> Admission<K> {
+impl<K: Hash + Eq> RedisPermit<K> {
     fn free() -> Self {
         Self {
-            inner: AdmissionInner::Free,
+            inner: PermitInner::Free,
         }
     }
 
     /// Whether Redis decided this call (not a lease, not the fallback).
     pub fn is_from_redis(&self) -> bool {
-        matches!(self.inner, AdmissionInner::Redis { .. })
+        matches!(self.inner, PermitInner::Redis { .. })
     }
 
     /// Whether the call was admitted from a local lease.
     pub fn is_leased(&self) -> bool {
-        matches!(self.inner, AdmissionInner::Leased { .. })
+        matches!(self.inner, PermitInner::Leased { .. })
     }
 
     /// Whether the local fallback admitted the call (Redis was down).
     pub fn is_fallback(&self) -> bool {
-        matches!(self.inner, AdmissionInner::Local(_))
+        matches!(self.inner, PermitInner::Local(_))
+    }
+}
+
+impl<K> Permit for RedisPermit<K>
+where
+    K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn tokens(&self) -> u32 {
+        match &self.inner {
+            PermitInner::Free => 0,
+            PermitInner::Redis { tokens, .. } | PermitInner::Leased { tokens, .. } => *tokens,
+            PermitInner::Local(p) => p.tokens(),
+        }
     }
 
-    /// Reconciles the token estimate with the `tokens` the call really
-    /// used: refunds the difference or charges the overrun, in Redis (or
-    /// in the lease or local limiter the call came from).
-    pub async fn reconcile(self, tokens: u32) {
-        self.reconcile_at(tokens, time::now()).await;
+    fn wants_feedback(&self) -> bool {
+        match &self.inner {
+            PermitInner::Free => false,
+            PermitInner::Redis { redis, .. } | PermitInner::Leased { redis, .. } => {
+                redis.core.feedback.is_some()
+            }
+            PermitInner::Local(p) => p.wants_feedback(),
+        }
     }
 
-    /// [`Admission::reconcile`] as of `now` (with [`Clock::Local`]).
-    pub async fn reconcile_at(self, tokens: u32, now: Instant) {
-        match self.inner {
-            AdmissionInner::Free => {}
-            AdmissionInner::Local(a) => a.reconcile(tokens),
-            AdmissionInner::Leased {
+    /// Feedback pauses the key in Redis for every replica (see
+    /// [`feedback`](RedisLimiterBuilder::feedback)); the reconciliation
+    /// refunds or charges in Redis, or in the lease the call came from. Both
+    /// run in the background, in this order.
+    fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {
+        let now = time::now();
+        let (redis, slot, est) = match self.inner {
+            PermitInner::Free => return,
+            PermitInner::Local(p) => return p.finish(throttled, tokens),
+            PermitInner::Redis {
+                redis,
+                grant,
+                tokens: est,
+            } => {
+                let n = redis.core.script_now(now);
+                if let Some(actual) = tokens
+                    && actual != est
+                    && let Some(tok) = grant.tok
+                {
+                    let (refund, more) = if actual < est {
+                        let amount = redis.t.interval.saturating_mul(u64::from(est - actual));
+                        let r = Refund {
+                            after: tok.after,
+                            charge: tok.charge,
+                            amount,
+                        };
+                        (Some((grant.epoch, Refund::default(), r)), 0)
+                    } else {
+                        (
+                            None,
+                            redis.t.interval.saturating_mul(u64::from(actual - est)),
+                        )
+                    };
+                    tracing::trace!(
+                        estimated = est,
+                        actual,
+                        "token reservation reconciled in redis"
+                    );
+                    // Feedback first: a pause is judged against the slot.
+                    if let Some(cause) = throttled {
+                        pause(&redis, (grant.epoch, grant.slot), cause, n);
+                    }
+                    let op = Op::reconcile(redis.key.clone(), n, refund, (0, more));
+                    redis.core.batcher.background(op);
+                    return;
+                }
+                (redis, Some((grant.epoch, grant.slot)), None)
+            }
+            PermitInner::Leased {
                 lease,
                 generation,
                 tokens: est,
                 redis,
             } => {
                 let ln = redis.core.nanos(now);
-                let over = {
-                    let mut l = lease.lock();
-                    if tokens < est {
-                        l.give_back_tokens(generation, est - tokens, ln);
-                        0
-                    } else {
-                        let over = tokens - est;
-                        over - l.take_tokens(generation, over, ln)
+                let over = match tokens {
+                    Some(actual) => {
+                        let mut l = lease.lock();
+                        if actual < est {
+                            l.give_back_tokens(generation, est - actual, ln);
+                            0
+                        } else {
+                            let over = actual - est;
+                            over - l.take_tokens(generation, over, ln)
+                        }
                     }
+                    None => 0,
                 };
-                if over > 0 && redis.t.interval > 0 {
-                    let more = redis.t.interval.saturating_mul(u64::from(over));
-                    let n = redis.core.script_now(now);
-                    let call = Call::reconcile(redis.key, n, redis.core.slack_ms, None, (0, more));
-                    let _ = redis.core.run(call).await;
-                }
+                let slot = lease.lock().granted_at();
+                let more = (over > 0 && redis.t.interval > 0)
+                    .then(|| redis.t.interval.saturating_mul(u64::from(over)));
+                (redis, slot, more)
             }
-            AdmissionInner::Redis {
-                redis,
-                grant,
-                tokens: est,
-            } => {
-                let Some(tok) = grant.tok else { return };
-                if tokens == est {
-                    return;
-                }
-                let (refund, more) = if tokens < est {
-                    let amount = redis.t.interval.saturating_mul(u64::from(est - tokens));
-                    let r = Refund {
-                        after: tok.after,
-                        charge: tok.charge,
-                        amount,
-                    };
-                    (Some((grant.epoch, Refund::default(), r)), 0)
-                } else {
-                    (
-                        None,
-                        redis.t.interval.saturating_mul(u64::from(tokens - est)),
-                    )
-                };
-                let n = redis.core.script_now(now);
-                let call = Call::reconcile(redis.key, n, redis.core.slack_ms, refund, (0, more));
-                let res = redis.core.run(call).await;
-                tracing::trace!(
-                    estimated = est,
-                    actual = tokens,
-                    ok = res.is_ok(),
-                    "token reservation reconciled in redis"
-                );
-            }
+        };
+        let n = redis.core.script_now(now);
+        if let (Some(cause), Some(slot)) = (throttled, slot) {
+            pause(&redis, slot, cause, n);
+        }
+        if let Some(more) = est {
+            let op = Op::reconcile(redis.key.clone(), n, None, (0, more));
+            redis.core.batcher.background(op);
         }
     }
+}
 
-    /// Reports an upstream throttle of this call: the key is paused in
-    /// Redis for every replica (see
-    /// [`feedback`](RedisLimiterBuilder::feedback)), or in the local
-    /// fallback limiter if that admitted the call. Returns whether the key
-    /// was paused (false for [`ThrottleCause::Local`], and when the key was
-    /// paused after this call was admitted).
-    pub async fn throttled(self, cause: ThrottleCause) -> bool {
-        if cause == ThrottleCause::Local {
-            return false;
-        }
-        let (redis, epoch, slot) = match self.inner {
-            AdmissionInner::Free => return false,
-            AdmissionInner::Local(a) => return a.throttled(cause),
-            AdmissionInner::Redis { redis, grant, .. } => (redis, grant.epoch, grant.slot),
-            AdmissionInner::Leased { redis, lease, .. } => {
-                let l = lease.lock();
-                match l.granted_at() {
-                    Some((e, s)) => {
-                        drop(l);
-                        (redis, e, s)
-                    }
-                    None => return false,
-                }
-            }
-        };
-        let Some(pause) = redis.core.feedback else {
-            return false;
-        };
-        let n = redis.core.script_now(time::now());
-        let call = Call::pause(
-            redis.key,
-            n,
-            redis.core.slack_ms,
-            epoch,
-            slot,
-            pause,
-            redis.r,
-            redis.t,
-        );
-        let paused = matches!(redis.core.run(call).await.as_deref(), Ok([1, ..]));
-        if paused {
-            tracing::warn!(
-                ?cause,
-                pause_ms = Duration::from_nanos(pause).as_millis() as u64,
-                "upstream throttled a call the distributed limit admitted; pausing the key"
-            );
-        }
-        paused
-    }
-
-    /// Runs [`Admission::reconcile`] and/or [`Admission::throttled`] in the
-    /// background (from a response body's end).
-    pub(crate) fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {
-        let core = match &self.inner {
-            AdmissionInner::Free => return,
-            AdmissionInner::Redis { redis, .. } | AdmissionInner::Leased { redis, .. } => {
-                Some(redis.core.clone())
-            }
-            AdmissionInner::Local(_) => None,
-        };
-        let throttled = throttled.filter(|c| *c != ThrottleCause::Local);
-        match core {
-            // Local admissions act synchronously: feedback first (it
-            // consumes the admission), else reconciliation.
-            None => match (self.inner, throttled, tokens) {
-                (AdmissionInner::Local(a), Some(c), _) => {
-                    a.throttled(c);
-                }
-                (AdmissionInner::Local(a), None, Some(t)) => a.reconcile(t),
-                _ => {}
-            },
-            Some(core) => {
-                let twin = throttled.and_then(|_| self.twin());
-                core.spawn(async move {
-                    if let (Some(c), Some(t)) = (throttled, twin) {
-                        t.throttled(c).await;
-                    }
-                    if let Some(t) = tokens {
-                        self.reconcile(t).await;
-                    }
-                });
-            }
-        }
-    }
-
-    /// A copy able to report feedback (Redis and lease admissions).
-    fn twin(&self) -> Option<Admission<K>> {
-        let copy = |r: &RedisCall| RedisCall {
-            core: r.core.clone(),
-            key: r.key.clone(),
-            r: r.r,
-            t: r.t,
-        };
-        let inner = match &self.inner {
-            AdmissionInner::Redis { redis, grant, .. } => AdmissionInner::Redis {
-                redis: copy(redis),
-                grant: *grant,
-                tokens: 0,
-            },
-            AdmissionInner::Leased {
-                lease,
-                generation,
-                redis,
-                ..
-            } => AdmissionInner::Leased {
-                lease: lease.clone(),
-                generation: *generation,
-                tokens: 0,
-                redis: copy(redis),
-            },
-            _ => return None,
-        };
-        Some(Admission { inner })
-    }
+/// Queues the pause of a key after an upstream throttle of a call admitted
+/// at `slot`.
+fn pause(redis: &RedisCall, slot: (i64, i64), cause: ThrottleCause, now: Now) {
+    let Some(pause) = redis.core.feedback else {
+        return;
+    };
+    tracing::warn!(
+        ?cause,
+        pause_ms = Duration::from_nanos(pause).as_millis() as u64,
+        "upstream throttled a call the distributed limit admitted; pausing the key"
+    );
+    let op = Op::pause(redis.key.clone(), now, slot, pause, redis.r, redis.t);
+    redis.core.batcher.background(op);
 }

@@ -3,21 +3,27 @@
 //!
 //! DashScope's quota belongs to the account, so N gateway replicas (or N
 //! services) each running the in-memory [`RateLimiter`] would send N times
-//! the quota. [`RedisLimiter`] keeps the limiter's state in Redis instead,
-//! and [`RedisRateLimitLayer`] is the [`RateLimitLayer`] on top of it:
-//! the same key functions ([`KeyFn`]), the same [`Mode`]s (wait for a
-//! reserved slot, or reject with the exact `retry_after`), the same token
-//! estimate, reconciliation from the response's `usage` and feedback from
-//! upstream throttles, and the same error,
-//! [`RateLimited`](crate::rate_limit::error::RateLimited).
+//! the quota. [`RedisLimiter`] is a rate-limit [`Backend`] that keeps the
+//! state in Redis instead: put it in the one
+//! [`RateLimitLayer`] (the same key functions, the same [`Mode`]s, the same
+//! token estimate, reconciliation from the response's `usage` and feedback
+//! from upstream throttles, and the same error,
+//! [`RateLimited`](crate::rate_limit::error::RateLimited)), or call it
+//! directly ([`RedisLimiter::check`], [`RedisLimiter::reserve`]).
 //!
-//! * **One atomic script per decision** (Lua, in `src/redis/script.rs`):
-//!   the in-memory GCRA operation for operation (a weighted cost in the
+//! * **Atomic scripts, batched** (Lua, in `src/redis/script.rs`): the
+//!   in-memory GCRA operation for operation (a weighted cost in the
 //!   request and token dimensions booked at one common slot, reservations
 //!   up to a maximum wait with give-back, refunds and overruns with the
 //!   same safety rules), run with `EVALSHA` (falling back to `EVAL`, which
 //!   also caches it). A property test checks that the script and the
 //!   in-memory core decide alike, to the nanosecond, for the same arrivals.
+//!   Operations waiting at the same moment (decisions of concurrent calls,
+//!   for one key or many, give-backs, reconciliations) go in **one script
+//!   call**, each key read and written once: with one caller a decision is
+//!   one round trip, with many a round trip carries many exact decisions
+//!   (`cargo bench --bench redis`: more decisions per second than the
+//!   usual `INCR` + `PEXPIRE` limiter, see `BENCHMARKS.md`).
 //! * **Keys** are the limiter's keys written with [`StoreKey`] under a
 //!   prefix; each is one small hash that expires (`PEXPIRE`) when its
 //!   buckets would be full again (plus a slack), so idle keys vanish.
@@ -27,9 +33,9 @@
 //!   (late by at most one network latency, never early). [`Clock::Local`]
 //!   passes the caller's tokio time instead, for tests and one-process use.
 //! * **Failure policy** ([`FailurePolicy`]): every Redis call has its own
-//!   timeout ([`RedisLimiterBuilder::timeout`]); when Redis fails or is
-//!   slow, the limiter fails open to an in-memory limiter at `1/N` of the
-//!   quota (`N` replicas) or fails closed with
+//!   timeout ([`RedisLimiterBuilder::timeout`], queueing included); when
+//!   Redis fails or is slow, the limiter fails open to an in-memory limiter
+//!   at `1/N` of the quota (`N` replicas) or fails closed with
 //!   [`StoreUnavailable`](error::StoreUnavailable). While Redis is down,
 //!   one call per [`probe_every`](RedisLimiterBuilder::probe_every) tries
 //!   it again (the others do not wait for it), and the first success
@@ -43,32 +49,34 @@
 //!
 //! # How it differs
 //!
-//! From the in-memory limiter: a decision costs a round trip (or none with
-//! a lease); slow start and the reduced-rate recovery after a throttle are
-//! not replicated (a throttle pauses the key for every replica, see
-//! [`RedisLimiterBuilder::feedback`]); a waiter keeps its slot when another
-//! replica pauses the key. From a fixed-window `INCR` + `EXPIRE` counter
-//! (the usual Redis limiter): no double burst at window edges, weighted
-//! costs, waiting in FIFO order with exact slots, and refunds. From
-//! redis-cell: no server module to install, two dimensions at once,
-//! reservations and refunds.
+//! From the in-memory backend: a decision costs a round trip (shared with
+//! the other calls of the moment, or none with a lease); slow start and
+//! the reduced-rate recovery after a throttle are not replicated (a
+//! throttle pauses the key for every replica; see the
+//! [rate limiter's docs](crate::rate_limit#the-backends) for why); a
+//! waiter keeps its slot when another replica pauses the key; snapshots
+//! are this replica's view as of its last round trip for the key. From a
+//! fixed-window `INCR` + `EXPIRE` counter (the usual Redis limiter): no
+//! double burst at window edges, weighted costs, waiting in FIFO order
+//! with exact slots, and refunds. From redis-cell: no server module to
+//! install, two dimensions at once, reservations and refunds.
 //!
-//! Every decision touches exactly one key, so the keys could be spread over
-//! a Redis Cluster; this module talks to one Redis (a primary) through a
-//! [`ConnectionManager`]. After a failover to an asynchronously replicated
-//! Redis, the last decisions may be lost: a brief overshoot, at most what
-//! was admitted during the replication lag.
+//! This module talks to one Redis (a primary) through a
+//! [`ConnectionManager`]; a batch touches several keys, so a Redis Cluster
+//! would need them in one hash slot. After a failover to an asynchronously
+//! replicated Redis, the last decisions may be lost: a brief overshoot, at
+//! most what was admitted during the replication lag.
 //!
 //! Unknown API keys are keyed by a hash of the secret in
-//! [`ByAccountModel`](crate::rate_limit::ByAccountModel) and
-//! [`ByHeader`](crate::rate_limit::ByHeader) that is the same in every
+//! [`ByAccountModel`](crate::key::ByAccountModel) and
+//! [`ByHeader`](crate::key::ByHeader) that is the same in every
 //! replica running the same build (see [`StoreKey`]); name accounts when
 //! replicas of different versions must share a limit.
 //!
 //! # With other layers
 //!
-//! As the in-memory [`RateLimitLayer`]: inside `Retry` and the circuit
-//! breaker, outside the concurrency limit and timeouts.
+//! As with the in-memory backend: inside `Retry` and the circuit breaker,
+//! outside the concurrency limit and timeouts.
 //! [`StoreUnavailable`](error::StoreUnavailable) is classified as
 //! transient (with the time until Redis is tried again), so a retry waits
 //! and a breaker outside it counts it.
@@ -98,7 +106,8 @@
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_qwen::rate_limit::{Limits, Quota};
 //! use tower_qwen::rate_limit::error::RateLimited;
-//! use tower_qwen::redis::{FailurePolicy, RedisLimiter, RedisRateLimitLayer, connect_lazy};
+//! use tower_qwen::rate_limit::RateLimitLayer;
+//! use tower_qwen::redis::{FailurePolicy, RedisLimiter, connect_lazy};
 //!
 //! let limits = Limits::requests(Quota::per_hour(NonZeroU32::new(2).unwrap()));
 //! let replica = || {
@@ -108,7 +117,7 @@
 //!         .on_failure(FailurePolicy::fail_open(NonZeroU32::new(3).unwrap()))
 //!         .build(conn);
 //!     ServiceBuilder::new()
-//!         .layer(RedisRateLimitLayer::new(limiter).reject())
+//!         .layer(RateLimitLayer::new(limiter).reject())
 //!         .service_fn(|_req: http::Request<Full<Bytes>>| async {
 //!             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
 //!         })
@@ -127,26 +136,21 @@
 //!
 //! [`RateLimiter`]: crate::rate_limit::RateLimiter
 //! [`RateLimitLayer`]: crate::rate_limit::RateLimitLayer
-//! [`KeyFn`]: crate::rate_limit::KeyFn
+//! [`Backend`]: crate::rate_limit::Backend
+//! [`StoreKey`]: crate::key::StoreKey
 //! [`Mode`]: crate::rate_limit::Mode
 //! [`ConnectionManager`]: ::redis::aio::ConnectionManager
 
+mod batch;
 pub mod error;
 mod fallback;
-pub mod future;
-mod key;
-mod layer;
 mod lease;
 mod limiter;
 mod script;
-mod service;
 
 pub use fallback::FailurePolicy;
-pub use key::StoreKey;
-pub use layer::RedisRateLimitLayer;
 pub use lease::Lease;
 pub use limiter::{
-    Admission, Clock, DEFAULT_TIMEOUT, RedisLimiter, RedisLimiterBuilder, Reservation, Stats,
-    connect_lazy, manager_config,
+    Clock, DEFAULT_TIMEOUT, Pending, RedisLimiter, RedisLimiterBuilder, RedisPermit, RedisTicket,
+    Stats, connect_lazy, manager_config,
 };
-pub use service::RedisRateLimit;

@@ -36,8 +36,19 @@
 //! write the key gets `PEXPIRE` = time until both buckets are full again,
 //! plus a slack, so idle keys vanish on their own: an expired key reads as
 //! full buckets, which is what it was.
+//!
+//! # Batches
+//!
+//! One script call runs a batch of operations, in order, on any number of
+//! keys: each key is read once (`HMGET`) and written once (`HSET` and
+//! `PEXPIRE`) however many operations touch it, and the answers come back
+//! together, one per operation. The [`batch`](super::batch) client sends
+//! the operations that wait at the same moment in one call, so a round trip
+//! carries many exact decisions. (All keys of a batch go to one Redis: a
+//! Redis Cluster would need them in one hash slot.)
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 
 use ::redis::aio::ConnectionLike;
 use ::redis::{Cmd, ErrorKind, RedisError, ServerErrorKind};
@@ -47,45 +58,31 @@ pub(crate) const MAX_EXACT: u64 = (1 << 53) - 1;
 
 /// The script. See the module docs.
 pub(crate) const SOURCE: &str = r#"
--- tower-qwen: GCRA rate limit (requests and tokens) on one Redis hash.
-local key = KEYS[1]
-local op = ARGV[1]
-local sec, nsec
-if ARGV[2] == 'server' then
+-- tower-qwen: GCRA rate limits (requests and tokens) on Redis hashes, a
+-- batch of operations per call.
+-- ARGV: clock ('server' or 'local'), slack (ms), then per operation:
+--   key index, op, sec, nsec (local clock), n, then n numbers.
+local server = ARGV[1] == 'server'
+local ssec, snsec = 0, 0
+if server then
   local t = redis.call('TIME')
-  sec = tonumber(t[1])
-  nsec = tonumber(t[2]) * 1000
-else
-  sec = tonumber(ARGV[2])
-  nsec = tonumber(ARGV[3])
+  ssec = tonumber(t[1])
+  snsec = tonumber(t[2]) * 1000
 end
-local slack = tonumber(ARGV[4])
-local A = 5
-
-local raw = redis.call('HMGET', key, 'e', 'r', 't', 'lr', 'lt', 'p')
-local e = tonumber(raw[1])
-local exists = e ~= nil
-if not exists then e = sec end
-local st = {r = tonumber(raw[2]), t = tonumber(raw[3]), lr = tonumber(raw[4]),
-            lt = tonumber(raw[5]), p = tonumber(raw[6])}
+local slack = tonumber(ARGV[2])
 local FIELDS = {'r', 't', 'lr', 'lt', 'p'}
-if sec - e > 86400 then
-  local d = (sec - e) * 1e9
-  for _, f in ipairs(FIELDS) do
-    if st[f] then st[f] = st[f] - d end
-  end
-  e = sec
-end
-local now = (sec - e) * 1e9 + nsec
-local dirty = false
+local keys = {}
 
-local function num(i)
-  return tonumber(ARGV[A + i])
-end
-
--- Shift of a value made in epoch `ge` into the current epoch.
-local function shift_of(ge)
-  return (ge - e) * 1e9
+local function load(i, sec)
+  local k = keys[i]
+  if k then return k end
+  local raw = redis.call('HMGET', KEYS[i], 'e', 'r', 't', 'lr', 'lt', 'p')
+  local e = tonumber(raw[1])
+  k = {exists = e ~= nil, e = e or sec, r = tonumber(raw[2]), t = tonumber(raw[3]),
+       lr = tonumber(raw[4]), lt = tonumber(raw[5]), p = tonumber(raw[6]),
+       dirty = false, now = 0}
+  keys[i] = k
+  return k
 end
 
 -- Redis writes Lua numbers with 14 significant digits: exact below 1e14
@@ -96,15 +93,16 @@ local function enc(v)
   return string.format('%.0f', v)
 end
 
-local function save()
-  redis.call('HSET', key, 'e', e, 'r', enc(st.r), 't', enc(st.t), 'lr', enc(st.lr),
-             'lt', enc(st.lt), 'p', enc(st.p))
+local function save(i, k)
+  redis.call('HSET', KEYS[i], 'e', k.e, 'r', enc(k.r), 't', enc(k.t), 'lr', enc(k.lr),
+             'lt', enc(k.lt), 'p', enc(k.p))
+  local now = k.now
   local hi = now
-  if st.r and st.r > hi then hi = st.r end
-  if st.t and st.t > hi then hi = st.t end
+  if k.r and k.r > hi then hi = k.r end
+  if k.t and k.t > hi then hi = k.t end
   local ttl = math.ceil((hi - now) / 1e6) + slack
   if ttl < 1 then ttl = 1 end
-  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', KEYS[i], ttl)
 end
 
 local function conforms(tat, x, tol)
@@ -113,10 +111,23 @@ local function conforms(tat, x, tol)
   return tat - (tol - m)
 end
 
--- Reserves xr / xt at one common slot at most max_wait after now.
-local function book(xr, tolr, xt, tolt, max_wait)
-  local tr = st.r or now
-  local tt = st.t or now
+-- What is left to repay in each bucket after now (for the caller's view).
+local function debts(k, now)
+  local dr, dt = 0, 0
+  if k.r and k.r > now then dr = k.r - now end
+  if k.t and k.t > now then dt = k.t - now end
+  return dr, dt
+end
+
+-- Reserves xr / xt at one common slot at most max_wait after now, and
+-- appends the answer to `out` (2 numbers): the wait, and 0 when booked
+-- (the caller replays the TATs: before = the TAT, after = max(before,
+-- slot) + charge), or the dimension that refused (1 requests, 2 tokens).
+-- Returns whether it booked.
+local function book(k, now, xr, tolr, xt, tolt, max_wait, out)
+  local n = #out
+  local tr = k.r or now
+  local tt = k.t or now
   local at_r, at_t = now, now
   if xr > 0 then at_r = math.max(conforms(tr, xr, tolr), now) end
   if xt > 0 then at_t = math.max(conforms(tt, xt, tolt), now) end
@@ -124,30 +135,39 @@ local function book(xr, tolr, xt, tolt, max_wait)
   if slot - now > max_wait then
     local dim = 1
     if at_t > at_r then dim = 2 end
-    return {0, slot - now, dim}
+    out[n + 1], out[n + 2] = slot - now, dim
+    return false
   end
-  local g = {1, slot - now, e, now, 0, 0, 0, 0, 0, 0}
   if xr > 0 then
-    g[5] = 1
-    g[6] = tr
-    st.r = math.max(tr, slot) + xr
-    g[7] = st.r
-    if slot > now then st.lr = math.max(st.lr or slot, slot) end
+    k.r = math.max(tr, slot) + xr
+    if slot > now then k.lr = math.max(k.lr or slot, slot) end
   end
   if xt > 0 then
-    g[8] = 1
-    g[9] = tt
-    st.t = math.max(tt, slot) + xt
-    g[10] = st.t
-    if slot > now then st.lt = math.max(st.lt or slot, slot) end
+    k.t = math.max(tt, slot) + xt
+    if slot > now then k.lt = math.max(k.lt or slot, slot) end
   end
-  dirty = true
-  return g
+  k.dirty = true
+  out[n + 1], out[n + 2] = slot - now, 0
+  return true
+end
+
+-- What a booking answer ends with: the key's epoch, the script's now, and
+-- each bucket's TAT (an unset TAT reads as now).
+local function head(k, now)
+  return {k.e, now, k.r or now, k.t or now}
+end
+
+-- Appends the debts left in each bucket after now.
+local function tail(k, now, out)
+  local n = #out
+  local dr, dt = debts(k, now)
+  out[n + 1], out[n + 2] = dr, dt
+  return out
 end
 
 -- Returns up to `amount` of a grant's charge (see Bucket::refund).
-local function refund(f, lf, after, charge, amount)
-  local tat = st[f]
+local function refund(k, now, f, lf, after, charge, amount)
+  local tat = k[f]
   if tat == nil then return 0 end
   if amount > charge then amount = charge end
   if amount <= 0 then return 0 end
@@ -158,96 +178,141 @@ local function refund(f, lf, after, charge, amount)
     local later = tat - after
     if later < 0 then later = 0 end
     local horizon = now
-    if st[lf] and st[lf] > horizon then horizon = st[lf] end
+    if k[lf] and k[lf] > horizon then horizon = k[lf] end
     new = math.max(tat - amount, horizon + later)
   end
   if new >= tat then return 0 end
-  st[f] = new
-  dirty = true
+  k[f] = new
+  k.dirty = true
   return tat - new
 end
 
 -- Charges an overrun (see Bucket::charge_more). An expired key has been
 -- full for at least `slack` ms: its TAT is taken as the latest it can be.
-local function more(f, amount)
+local function more(k, now, f, amount)
   if amount <= 0 then return end
-  st[f] = (st[f] or (now - slack * 1e6)) + amount
-  dirty = true
+  k[f] = (k[f] or (now - slack * 1e6)) + amount
+  k.dirty = true
+end
+
+-- Shift of a value made in epoch `ge` into the key's current epoch.
+local function shift_of(k, ge)
+  return (ge - k.e) * 1e9
 end
 
 -- Refunds of a grant in both dims: (has, epoch, after/charge/amount r,
--- after/charge/amount t) from i. Returns the two refunded amounts.
-local function refund_both(i)
-  if num(i) ~= 1 then return 0, 0 end
-  local s = shift_of(num(i + 1))
-  local a = refund('r', 'lr', num(i + 2) + s, num(i + 3), num(i + 4))
-  local b = refund('t', 'lt', num(i + 5) + s, num(i + 6), num(i + 7))
-  return a, b
+-- after/charge/amount t) from i of `a`. Returns the two refunded amounts.
+local function refund_both(k, now, a, i)
+  if a[i] ~= 1 then return 0, 0 end
+  local s = shift_of(k, a[i + 1])
+  local x = refund(k, now, 'r', 'lr', a[i + 2] + s, a[i + 3], a[i + 4])
+  local y = refund(k, now, 't', 'lt', a[i + 5] + s, a[i + 6], a[i + 7])
+  return x, y
 end
 
-local reply
-if op == 'b' then
-  -- book: xr, tolr, xt, tolt, max_wait
-  reply = book(num(0), num(1), num(2), num(3), num(4))
-elseif op == 'l' then
-  -- lease: the call (xr, tolr, xt, tolt, max_wait), the lease (lr, lt), then
-  -- the refund of the previous lease (from 7).
-  refund_both(7)
-  reply = book(num(0) + num(5), num(1), num(2) + num(6), num(3), 0)
-  if reply[1] == 1 then
-    reply[11] = 1
+local replies = {}
+local pos = 3
+local nargs = #ARGV
+while pos <= nargs do
+  local ki = tonumber(ARGV[pos])
+  local op = ARGV[pos + 1]
+  local sec, nsec = ssec, snsec
+  if not server then
+    sec = tonumber(ARGV[pos + 2])
+    nsec = tonumber(ARGV[pos + 3])
+  end
+  local n = tonumber(ARGV[pos + 4])
+  local a = {}
+  for j = 0, n - 1 do a[j] = tonumber(ARGV[pos + 5 + j]) end
+  pos = pos + 5 + n
+
+  local k = load(ki, sec)
+  if sec - k.e > 86400 then
+    -- Rebase the key's epoch to this second (exact for ~104 days).
+    local d = (sec - k.e) * 1e9
+    for _, f in ipairs(FIELDS) do
+      if k[f] then k[f] = k[f] - d end
+    end
+    k.e = sec
+  end
+  local now = (sec - k.e) * 1e9 + nsec
+  k.now = now
+
+  local reply
+  if op == 'B' then
+    -- book calls in order: tolr, tolt, max_wait, then (xr, xt) per call.
+    -- Reply: epoch, now, TATs before, (wait, refused) per call, debts.
+    reply = head(k, now)
+    for i = 3, n - 1, 2 do
+      book(k, now, a[i], a[0], a[i + 1], a[1], a[2], reply)
+    end
+    tail(k, now, reply)
+  elseif op == 'l' then
+    -- lease: the call (xr, tolr, xt, tolt, max_wait), the lease (lr, lt),
+    -- then the refund of the previous lease (from 7). Reply: epoch, now,
+    -- TATs before, (wait, refused), leased, debts.
+    refund_both(k, now, a, 7)
+    reply = head(k, now)
+    if book(k, now, a[0] + a[5], a[1], a[2] + a[6], a[3], 0, reply) then
+      reply[7] = 1
+    else
+      reply[5], reply[6] = nil, nil
+      book(k, now, a[0], a[1], a[2], a[3], a[4], reply)
+      reply[7] = 0
+    end
+    tail(k, now, reply)
+  elseif op == 'c' then
+    -- cancel (give back): epoch, has_r, before_r, after_r, has_t, before_t, after_t
+    reply = {0, 0}
+    if k.exists or k.dirty then
+      local s = shift_of(k, a[0])
+      if a[1] == 1 and k.r ~= nil and k.r == a[3] + s then
+        k.r = a[2] + s
+        reply[1] = 1
+        k.dirty = true
+      end
+      if a[4] == 1 and k.t ~= nil and k.t == a[6] + s then
+        k.t = a[5] + s
+        reply[2] = 1
+        k.dirty = true
+      end
+    end
+  elseif op == 'r' then
+    -- reconcile: refund (from 0), then overruns r, t
+    local x, y = 0, 0
+    if k.exists or k.dirty then x, y = refund_both(k, now, a, 0) end
+    more(k, now, 'r', a[8])
+    more(k, now, 't', a[9])
+    reply = {x, y}
+  elseif op == 'p' then
+    -- pause (feedback): epoch, admitted slot, pause, ir, tolr, it, tolt
+    local admitted = a[1] + shift_of(k, a[0])
+    local pause = a[2]
+    if k.p ~= nil and admitted <= k.p then
+      reply = {0}
+    else
+      local delta = 0
+      local function pd(tat, iv, tol)
+        local empty = now + tol - math.min(iv, tol)
+        return math.max(tat, empty) + pause - tat
+      end
+      if a[4] > 0 then delta = math.max(delta, pd(k.r or now, a[3], a[4])) end
+      if a[6] > 0 then delta = math.max(delta, pd(k.t or now, a[5], a[6])) end
+      if a[4] > 0 then k.r = (k.r or now) + delta end
+      if a[6] > 0 then k.t = (k.t or now) + delta end
+      k.p = now
+      k.dirty = true
+      reply = {1, delta}
+    end
   else
-    reply = book(num(0), num(1), num(2), num(3), num(4))
-    reply[11] = 0
+    return redis.error_reply('tower-qwen: unknown op')
   end
-elseif op == 'c' then
-  -- cancel (give back): epoch, has_r, before_r, after_r, has_t, before_t, after_t
-  reply = {0, 0}
-  if exists then
-    local s = shift_of(num(0))
-    if num(1) == 1 and st.r ~= nil and st.r == num(3) + s then
-      st.r = num(2) + s
-      reply[1] = 1
-      dirty = true
-    end
-    if num(4) == 1 and st.t ~= nil and st.t == num(6) + s then
-      st.t = num(5) + s
-      reply[2] = 1
-      dirty = true
-    end
-  end
-elseif op == 'r' then
-  -- reconcile: refund (from 0), then overruns r, t
-  local a, b = 0, 0
-  if exists then a, b = refund_both(0) end
-  more('r', num(8))
-  more('t', num(9))
-  reply = {a, b}
-elseif op == 'p' then
-  -- pause (feedback): epoch, admitted slot, pause, ir, tolr, it, tolt
-  local admitted = num(1) + shift_of(num(0))
-  local pause = num(2)
-  if st.p ~= nil and admitted <= st.p then
-    reply = {0}
-  else
-    local delta = 0
-    local function pd(tat, iv, tol)
-      local empty = now + tol - math.min(iv, tol)
-      return math.max(tat, empty) + pause - tat
-    end
-    if num(4) > 0 then delta = math.max(delta, pd(st.r or now, num(3), num(4))) end
-    if num(6) > 0 then delta = math.max(delta, pd(st.t or now, num(5), num(6))) end
-    if num(4) > 0 then st.r = (st.r or now) + delta end
-    if num(6) > 0 then st.t = (st.t or now) + delta end
-    st.p = now
-    dirty = true
-    reply = {1, delta}
-  end
-else
-  return redis.error_reply('tower-qwen: unknown op')
+  replies[#replies + 1] = reply
 end
-if dirty then save() end
-return reply
+for i, k in pairs(keys) do
+  if k.dirty then save(i, k) end
+end
+return replies
 "#;
 
 static SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(SOURCE));
@@ -302,10 +367,16 @@ pub(crate) enum Booked {
         grant: Grant,
         /// Whether the lease slice was booked too (lease op only).
         leased: bool,
+        /// What is left to repay in each bucket after the script's now.
+        debts: (u64, u64),
     },
     /// Not within `max_wait`: the earliest slot is `wait` ns away; `tokens`
     /// says the token quota is the one that refused.
-    Refused { wait: u64, tokens: bool },
+    Refused {
+        wait: u64,
+        tokens: bool,
+        debts: (u64, u64),
+    },
 }
 
 /// What to refund in one dimension of a grant.
@@ -317,7 +388,7 @@ pub(crate) struct Refund {
 }
 
 /// A malformed reply (a different script under the same SHA, or a bug).
-fn bad_reply() -> RedisError {
+pub(crate) fn bad_reply() -> RedisError {
     RedisError::from((
         ErrorKind::Parse,
         "unexpected reply from the rate limit script",
@@ -328,25 +399,22 @@ fn cap(x: u64) -> i64 {
     x.min(MAX_EXACT) as i64
 }
 
-/// Builds one script call: `EVALSHA sha 1 key op clock.. slack args..`.
-pub(crate) struct Call {
-    cmd: Cmd,
-    args: Vec<i64>,
-    key: String,
-    op: &'static str,
+/// One operation of a batch, on one Redis key.
+#[derive(Clone, Debug)]
+pub(crate) struct Op {
+    key: Arc<str>,
+    code: &'static str,
     now: Now,
-    slack_ms: u64,
+    args: Vec<i64>,
 }
 
-impl Call {
-    pub(crate) fn new(key: String, op: &'static str, now: Now, slack_ms: u64) -> Self {
+impl Op {
+    fn new(key: Arc<str>, code: &'static str, now: Now) -> Self {
         Self {
-            cmd: Cmd::new(),
-            args: Vec::with_capacity(16),
             key,
-            op,
+            code,
             now,
-            slack_ms,
+            args: Vec::with_capacity(16),
         }
     }
 
@@ -362,74 +430,29 @@ impl Call {
             .arg(cap(t.tolerance))
     }
 
-    fn fill(&mut self, verb: &str, body: &str) {
-        let mut cmd = ::redis::cmd(verb);
-        cmd.arg(body).arg(1).arg(&self.key).arg(self.op);
-        match self.now {
-            Now::Server => {
-                cmd.arg("server").arg(0);
-            }
-            Now::Local(ns) => {
-                cmd.arg(ns / 1_000_000_000).arg(ns % 1_000_000_000);
-            }
-        }
-        cmd.arg(self.slack_ms.min(MAX_EXACT));
-        for a in &self.args {
-            cmd.arg(*a);
-        }
-        self.cmd = cmd;
-    }
-
-    /// Runs the call: `EVALSHA`, and `EVAL` (which also caches the script)
-    /// when the server does not know the SHA.
-    pub(crate) async fn run<C: ConnectionLike>(
-        mut self,
-        conn: &mut C,
-    ) -> Result<Vec<i64>, RedisError> {
-        self.fill("EVALSHA", sha());
-        match self.cmd.query_async::<Vec<i64>>(conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.fill("EVAL", SOURCE);
-                self.cmd.query_async(conn).await
-            }
-            other => other,
-        }
-    }
-
     /// `b`: reserve `r`/`t` at one slot at most `max_wait` ns away.
-    pub(crate) fn book(
-        key: String,
-        now: Now,
-        slack_ms: u64,
-        r: DimArgs,
-        t: DimArgs,
-        max_wait: u64,
-    ) -> Self {
-        Self::new(key, "b", now, slack_ms)
-            .dims(r, t)
-            .arg(cap(max_wait))
+    pub(crate) fn book(key: Arc<str>, now: Now, r: DimArgs, t: DimArgs, max_wait: u64) -> Self {
+        Self::new(key, "b", now).dims(r, t).arg(cap(max_wait))
     }
 
     /// `l`: book the call plus a lease slice (`lease_r`, `lease_t` ns) if
     /// both conform now, else the call alone within `max_wait`; first
     /// refund what is left of the previous lease.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn lease(
-        key: String,
+        key: Arc<str>,
         now: Now,
-        slack_ms: u64,
         r: DimArgs,
         t: DimArgs,
         max_wait: u64,
         lease: (u64, u64),
         prev: Option<(i64, Refund, Refund)>,
     ) -> Self {
-        let c = Self::new(key, "l", now, slack_ms)
+        Self::new(key, "l", now)
             .dims(r, t)
             .arg(cap(max_wait))
             .arg(cap(lease.0))
-            .arg(cap(lease.1));
-        c.refunds(prev)
+            .arg(cap(lease.1))
+            .refunds(prev)
     }
 
     fn refunds(self, prev: Option<(i64, Refund, Refund)>) -> Self {
@@ -452,10 +475,10 @@ impl Call {
     }
 
     /// `c`: give a grant back.
-    pub(crate) fn cancel(key: String, slack_ms: u64, now: Now, g: &Grant) -> Self {
+    pub(crate) fn cancel(key: Arc<str>, now: Now, g: &Grant) -> Self {
         let (hr, br, ar) = g.req.map_or((0, 0, 0), |d| (1, d.before, d.after));
         let (ht, bt, at) = g.tok.map_or((0, 0, 0), |d| (1, d.before, d.after));
-        Self::new(key, "c", now, slack_ms)
+        Self::new(key, "c", now)
             .arg(g.epoch)
             .arg(hr)
             .arg(br)
@@ -467,31 +490,27 @@ impl Call {
 
     /// `r`: refund part of a grant and/or charge overruns.
     pub(crate) fn reconcile(
-        key: String,
+        key: Arc<str>,
         now: Now,
-        slack_ms: u64,
         refund: Option<(i64, Refund, Refund)>,
         more: (u64, u64),
     ) -> Self {
-        Self::new(key, "r", now, slack_ms)
+        Self::new(key, "r", now)
             .refunds(refund)
             .arg(cap(more.0))
             .arg(cap(more.1))
     }
 
     /// `p`: pause the key (feedback) unless it was paused after `slot`.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn pause(
-        key: String,
+        key: Arc<str>,
         now: Now,
-        slack_ms: u64,
-        epoch: i64,
-        slot: i64,
+        (epoch, slot): (i64, i64),
         pause: u64,
         r: DimArgs,
         t: DimArgs,
     ) -> Self {
-        Self::new(key, "p", now, slack_ms)
+        Self::new(key, "p", now)
             .arg(epoch)
             .arg(slot)
             .arg(cap(pause))
@@ -502,43 +521,186 @@ impl Call {
     }
 }
 
-/// Parses a `b` or `l` reply.
+/// Consecutive operations of a batch sent as one script operation: a run
+/// of bookings on one key with the same tolerances, maximum wait and
+/// clock (`B`), or any other operation alone.
+fn groups(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
+    let joins = |a: &Op, b: &Op| {
+        a.code == "b"
+            && b.code == "b"
+            && a.key == b.key
+            && a.now == b.now
+            && (a.args[1], a.args[3], a.args[4]) == (b.args[1], b.args[3], b.args[4])
+    };
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in 0..ops.len() {
+        match out.last_mut() {
+            Some(g) if joins(&ops[g.start], &ops[i]) => g.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// Builds the script call for a batch: `EVALSHA sha nkeys keys.. clock
+/// slack (key index, op, sec, nsec, n, args..)..`, bookings grouped.
+fn command(
+    verb: &str,
+    body: &str,
+    ops: &[Op],
+    groups: &[std::ops::Range<usize>],
+    slack_ms: u64,
+) -> Cmd {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
+    let mut keys: Vec<&str> = Vec::new();
+    for op in ops {
+        index.entry(&op.key).or_insert_with(|| {
+            keys.push(&op.key);
+            keys.len()
+        });
+    }
+    let mut cmd = ::redis::cmd(verb);
+    cmd.arg(body).arg(keys.len());
+    for k in &keys {
+        cmd.arg(*k);
+    }
+    let server = ops.iter().all(|o| o.now == Now::Server);
+    cmd.arg(if server { "server" } else { "local" })
+        .arg(slack_ms.min(MAX_EXACT));
+    for g in groups {
+        let op = &ops[g.start];
+        let (sec, nsec) = match op.now {
+            Now::Server => (0, 0),
+            Now::Local(ns) => (ns / 1_000_000_000, ns % 1_000_000_000),
+        };
+        cmd.arg(index[&*op.key]);
+        if op.code == "b" {
+            // tolr, tolt, max_wait, then (xr, xt) per booking.
+            cmd.arg("B")
+                .arg(sec)
+                .arg(nsec)
+                .arg(3 + 2 * g.len())
+                .arg(op.args[1])
+                .arg(op.args[3])
+                .arg(op.args[4]);
+            for o in &ops[g.clone()] {
+                cmd.arg(o.args[0]).arg(o.args[2]);
+            }
+        } else {
+            cmd.arg(op.code).arg(sec).arg(nsec).arg(op.args.len());
+            for a in &op.args {
+                cmd.arg(*a);
+            }
+        }
+    }
+    cmd
+}
+
+/// Runs a batch: `EVALSHA`, and `EVAL` (which also caches the script)
+/// when the server does not know the SHA. One reply per operation (a
+/// booking's reply is `[answer (6), leased, epoch, now, debts (2)]`).
+pub(crate) async fn run<C: ConnectionLike>(
+    conn: &mut C,
+    ops: &[Op],
+    slack_ms: u64,
+) -> Result<Vec<Vec<i64>>, RedisError> {
+    let groups = groups(ops);
+    let replies = match command("EVALSHA", sha(), ops, &groups, slack_ms)
+        .query_async::<Vec<Vec<i64>>>(conn)
+        .await
+    {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            command("EVAL", SOURCE, ops, &groups, slack_ms)
+                .query_async(conn)
+                .await?
+        }
+        other => other?,
+    };
+    if replies.len() != groups.len() {
+        return Err(bad_reply());
+    }
+    let mut out = Vec::with_capacity(ops.len());
+    for (g, reply) in groups.iter().zip(replies) {
+        let op = &ops[g.start];
+        if op.code != "b" {
+            out.push(reply);
+            continue;
+        }
+        // Replay the bookings of the group in order: each one's TATs
+        // before are the previous one's after.
+        let [epoch, now, mut tr, mut tt] = reply[..4.min(reply.len())] else {
+            return Err(bad_reply());
+        };
+        if reply.len() != 4 + 2 * g.len() + 2 {
+            return Err(bad_reply());
+        }
+        let debts = &reply[reply.len() - 2..];
+        for (o, answer) in ops[g.clone()].iter().zip(reply[4..].chunks_exact(2)) {
+            let (wait, refused) = (answer[0], answer[1]);
+            let mut v = vec![epoch, now, tr, tt, wait, refused, 0, debts[0], debts[1]];
+            if refused == 0 {
+                let slot = now.saturating_add(wait);
+                if o.args[0] > 0 {
+                    tr = tr.max(slot).saturating_add(o.args[0]);
+                }
+                if o.args[2] > 0 {
+                    tt = tt.max(slot).saturating_add(o.args[2]);
+                }
+            }
+            v.shrink_to_fit();
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a booking's reply: `[epoch, now, TAT before r, TAT before t,
+/// wait, refused, leased, debt r, debt t]`, `refused` being 0 when booked
+/// or the dimension that refused (1 requests, 2 tokens). The TATs after a
+/// booking are replayed: `max(before, slot) + charge`, as the script does.
 pub(crate) fn parse_booked(
     v: &[i64],
     r: DimArgs,
     t: DimArgs,
     lease: (u64, u64),
 ) -> Result<Booked, RedisError> {
-    match v {
-        [0, wait, dim, ..] => Ok(Booked::Refused {
-            wait: u64::try_from(*wait).map_err(|_| bad_reply())?,
-            tokens: *dim == 2,
-        }),
-        [1, wait, epoch, now, hr, br, ar, ht, bt, at, rest @ ..] => {
-            let wait = u64::try_from(*wait).map_err(|_| bad_reply())?;
-            let leased = rest.first() == Some(&1);
-            let (lr, lt) = if leased { lease } else { (0, 0) };
-            Ok(Booked::Granted {
-                wait,
-                leased,
-                grant: Grant {
-                    epoch: *epoch,
-                    slot: now + wait as i64,
-                    req: (*hr == 1).then_some(DimGrant {
-                        before: *br,
-                        after: *ar,
-                        charge: cap(r.charge.saturating_add(lr)) as u64,
-                    }),
-                    tok: (*ht == 1).then_some(DimGrant {
-                        before: *bt,
-                        after: *at,
-                        charge: cap(t.charge.saturating_add(lt)) as u64,
-                    }),
-                },
-            })
-        }
-        _ => Err(bad_reply()),
+    let unsigned = |d: &i64| u64::try_from(*d).map_err(|_| bad_reply());
+    let [epoch, now, tr, tt, wait, refused, leased, dr, dt] = v else {
+        return Err(bad_reply());
+    };
+    let wait = unsigned(wait)?;
+    let debts = (unsigned(dr)?, unsigned(dt)?);
+    if *refused != 0 {
+        return Ok(Booked::Refused {
+            wait,
+            tokens: *refused == 2,
+            debts,
+        });
     }
+    let leased = *leased == 1;
+    let (lr, lt) = if leased { lease } else { (0, 0) };
+    let slot = now.saturating_add(wait as i64);
+    let grant = |before: i64, charge: u64| {
+        (charge > 0).then(|| {
+            let charge = cap(charge);
+            DimGrant {
+                before,
+                after: before.max(slot).saturating_add(charge),
+                charge: charge as u64,
+            }
+        })
+    };
+    Ok(Booked::Granted {
+        wait,
+        leased,
+        debts,
+        grant: Grant {
+            epoch: *epoch,
+            slot,
+            req: grant(*tr, r.charge.saturating_add(lr)),
+            tok: grant(*tt, t.charge.saturating_add(lt)),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -554,24 +716,27 @@ mod tests {
         };
         let t = DimArgs::default();
         assert_eq!(
-            parse_booked(&[0, 5, 2], r, t, (0, 0)).unwrap(),
+            parse_booked(&[7, 100, 104, 100, 5, 2, 0, 4, 0], r, t, (0, 0)).unwrap(),
             Booked::Refused {
                 wait: 5,
-                tokens: true
+                tokens: true,
+                debts: (4, 0),
             }
         );
-        let g = parse_booked(&[1, 3, 7, 100, 1, 90, 113, 0, 0, 0, 1], r, t, (30, 0)).unwrap();
+        // Booked 3 ns away with a lease slice of 30: 90 -> max(90, 103) + 40.
+        let g = parse_booked(&[7, 100, 90, 100, 3, 0, 1, 43, 0], r, t, (30, 0)).unwrap();
         assert_eq!(
             g,
             Booked::Granted {
                 wait: 3,
                 leased: true,
+                debts: (43, 0),
                 grant: Grant {
                     epoch: 7,
                     slot: 103,
                     req: Some(DimGrant {
                         before: 90,
-                        after: 113,
+                        after: 143,
                         charge: 40
                     }),
                     tok: None,
@@ -579,7 +744,69 @@ mod tests {
             }
         );
         assert!(parse_booked(&[1, 3], r, t, (0, 0)).is_err());
-        assert!(parse_booked(&[0, -1, 1], r, t, (0, 0)).is_err());
+        assert!(parse_booked(&[7, 100, 0, 0, -1, 1, 0, 0, 0], r, t, (0, 0)).is_err());
+    }
+
+    #[test]
+    fn bookings_of_one_key_go_as_one_group() {
+        let r = DimArgs {
+            charge: 10,
+            interval: 10,
+            tolerance: 20,
+        };
+        let t = DimArgs::default();
+        let ops = [
+            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
+            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
+            Op::book(Arc::from("k2"), Now::Local(1_500_000_000), r, t, 0),
+            Op::cancel(
+                Arc::from("k1"),
+                Now::Local(1_500_000_000),
+                &Grant {
+                    epoch: 1,
+                    slot: 0,
+                    req: None,
+                    tok: None,
+                },
+            ),
+            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
+            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 5),
+        ];
+        let g = groups(&ops);
+        // k1 twice, k2, the cancel, k1 (a later maximum wait apart).
+        assert_eq!(g, [0..2, 2..3, 3..4, 4..5, 5..6]);
+        let cmd = command("EVALSHA", "sha", &ops, &g, 9);
+        let args: Vec<String> = cmd
+            .args_iter()
+            .map(|a| match a {
+                ::redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "other".to_owned(),
+            })
+            .collect();
+        // Two distinct keys; k1's operations point at key 1.
+        assert_eq!(
+            &args[..7],
+            ["EVALSHA", "sha", "2", "k1", "k2", "local", "9"]
+        );
+        // The group: tolr, tolt, max_wait, then (xr, xt) twice.
+        assert_eq!(
+            &args[7..19],
+            [
+                "1",
+                "B",
+                "1",
+                "500000000",
+                "7",
+                "20",
+                "0",
+                "0",
+                "10",
+                "0",
+                "10",
+                "0"
+            ]
+        );
+        assert_eq!(&args[19..21], ["2", "B"]);
     }
 
     #[test]

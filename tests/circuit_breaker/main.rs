@@ -439,13 +439,13 @@ async fn keyed_breakers_are_independent_and_bounded() {
     let seen = changes.clone();
     let layer = breaker()
         .keyed(
-            |r: &mut Req| {
+            tower_qwen::key::key_fn(|r: &mut Req| {
                 r.headers()
                     .get("x-account")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned()
-            },
+            }),
             NonZeroUsize::new(2).unwrap(),
         )
         .on_state_change(move |k: &String, t: &Transition| {

@@ -175,7 +175,7 @@ fn the_key_never_shows() {
 /// bodies"); the gateway refuses such bodies instead.
 #[tokio::test(start_paused = true)]
 async fn an_ambiguous_body_is_charged_as_its_strictest_reading() {
-    use tower_qwen::rate_limit::{Account, AccountModel};
+    use tower_qwen::key::{AccountId, AccountModel};
     use tower_qwen::tokens::estimate_text_tokens;
 
     let mock = mock_with_quota(6000).await;
@@ -183,7 +183,7 @@ async fn an_ambiguous_body_is_charged_as_its_strictest_reading() {
     let client = client_with(&mock, 60, 60_000);
     // The key is set below the limiter: one account.
     let key = AccountModel {
-        account: Account::Anonymous,
+        account: AccountId::Anonymous,
         model: Some("qwen-plus".into()),
     };
     let filler = "lorem ipsum ".repeat(40);

@@ -14,8 +14,10 @@ use http_body_util::BodyExt;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_qwen::body::Body;
 use tower_qwen::client::{ApiKey, ChatRequest, SetUpstreamLayer, TransportConfig};
+use tower_qwen::key::ByAccountModel;
 use tower_qwen::mock::{MockDashScope, MockHandle};
-use tower_qwen::{circuit_breaker, concurrency, rate_limit, retry, timeout};
+use tower_qwen::rate_limit::{QuotaTable, RateLimitLayer};
+use tower_qwen::{circuit_breaker, concurrency, retry, timeout};
 
 const KEY: &str = "sk-compile";
 
@@ -33,7 +35,7 @@ macro_rules! readme_stack {
         ServiceBuilder::new()
             .layer(retry::RetryLayer::new()) // retry what heals, with a budget
             .layer(circuit_breaker::CircuitBreakerLayer::new()) // fail fast (or degrade) when broken
-            .layer(rate_limit::RateLimitLayer::qwen()) // RPM + TPM per (account, model)
+            .layer(RateLimitLayer::qwen(QuotaTable::qwen(), ByAccountModel::new())) // RPM + TPM per (account, model)
             .layer(concurrency::ConcurrencyLimitLayer::new(
                 NonZeroUsize::new(64).unwrap(),
             ))

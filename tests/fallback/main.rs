@@ -206,10 +206,8 @@ async fn sse_error_first_frame_falls_back_but_a_flowing_stream_does_not() {
 async fn open_circuit_of_one_model_moves_to_the_next() {
     let calls = Calls::default();
     static ANSWERS: [(&str, u16, &str, &str); 0] = [];
-    let breaker = CircuitBreakerLayer::new().keyed(
-        |req: &mut Request<Body>| RequestInfo::of(req).model.clone(),
-        NonZeroUsize::new(16).unwrap(),
-    );
+    let breaker =
+        CircuitBreakerLayer::new().keyed(tower_qwen::key::ByModel, NonZeroUsize::new(16).unwrap());
     let handle = breaker.handle();
     handle.force_open_key(&Some(Arc::from("qwen-turbo")));
     let svc = ServiceBuilder::new()
@@ -302,7 +300,8 @@ fn recommended_stack(
     tower_qwen::retry::RetryStats,
     tower_qwen::fallback::FallbackStats,
 ) {
-    use tower_qwen::rate_limit::{ByModel, Limits, Quota, RateLimitLayer, RateLimiter};
+    use tower_qwen::key::ByModel;
+    use tower_qwen::rate_limit::{Limits, Quota, RateLimitLayer, RateLimiter};
     let nz = |n| NonZeroU32::new(n).unwrap();
     let turbo = Limits::requests(Quota::per_minute(nz(turbo_rpm)).allow_burst(nz(1)));
     let limiter = RateLimiter::builder(Limits::UNLIMITED).build_keyed_with(
@@ -318,10 +317,11 @@ fn recommended_stack(
     let svc = ServiceBuilder::new()
         .layer(fallback)
         .layer(retry)
-        .layer(CircuitBreakerLayer::new().jitter(0.0).keyed(
-            |req: &mut Request<Body>| RequestInfo::of(req).model.clone(),
-            NonZeroUsize::new(16).unwrap(),
-        ))
+        .layer(
+            CircuitBreakerLayer::new()
+                .jitter(0.0)
+                .keyed(ByModel, NonZeroUsize::new(16).unwrap()),
+        )
         .layer(RateLimitLayer::keyed(limiter, ByModel))
         .service(upstream(answers, calls));
     (svc, retry_stats, fallback_stats)

@@ -20,12 +20,11 @@ use tokio_test::{assert_pending, assert_ready_ok, task};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_qwen::circuit_breaker::{BreakerHandle, CircuitBreaker, CircuitBreakerLayer, State};
 use tower_qwen::classify::{Classifier, Outcome, ThrottleCause};
+use tower_qwen::key::ByModel;
 use tower_qwen::pool::error::Exhausted;
 use tower_qwen::pool::{Account, Picked, Pool, PoolBuilder};
 use tower_qwen::rate_limit::error::RateLimited;
-use tower_qwen::rate_limit::{
-    ByModel, Cost, Limits, Quota, RateLimit, RateLimitLayer, RateLimiter,
-};
+use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimit, RateLimitLayer, RateLimiter};
 use tower_qwen::time::Deadline;
 use tower_qwen::util::rng::{Rng, SeededRng};
 
@@ -147,7 +146,7 @@ impl Service<Req> for Upstream {
     }
 }
 
-type Stack = CircuitBreaker<RateLimit<Upstream, ByModel>>;
+type Stack = CircuitBreaker<RateLimit<Upstream, RateLimiter<Option<Arc<str>>>, ByModel>>;
 type Limiter = RateLimiter<Option<Arc<str>>>;
 
 /// One account's stack: breaker → rate limit (keyed by model) → the shared
@@ -891,6 +890,208 @@ async fn works_for_services_without_limiter_or_breaker() {
 // ---------------------------------------------------------------------------
 // Against the mock DashScope (loopback, paused clock)
 
+// ---------------------------------------------------------------------------
+// Several keys of one account, pinned requests, any backend (issue 13)
+
+#[tokio::test(start_paused = true)]
+async fn an_accounts_keys_are_used_in_turn_and_share_its_limit() {
+    let up = Upstream::new();
+    // One account, three keys, 3 requests a second: the keys take turns,
+    // and all three draw on the one account's budget.
+    let limiter: Limiter = RateLimiter::builder(requests(3, 3)).build_keyed();
+    let svc = RateLimitLayer::keyed(limiter.clone(), ByModel)
+        .reject()
+        .layer(up.clone());
+    let account = Account::new("acme", "sk-1", svc)
+        .unwrap()
+        .key("sk-2")
+        .unwrap()
+        .key("sk-3")
+        .unwrap()
+        .limiter(limiter, ByModel);
+    let mut p = Pool::builder().account(account).build().unwrap();
+    for _ in 0..3 {
+        drain(send(&mut p, chat("qwen-plus", 10)).await.unwrap()).await;
+    }
+    // The fourth call (with sk-1) finds the account's budget spent.
+    let e = send(&mut p, chat("qwen-plus", 10)).await.unwrap_err();
+    assert!(e.is::<RateLimited>(), "{e}");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for _ in 0..2 {
+        drain(send(&mut p, chat("qwen-plus", 10)).await.unwrap()).await;
+    }
+    assert_eq!(
+        up.keys(),
+        [
+            "Bearer sk-1",
+            "Bearer sk-2",
+            "Bearer sk-3",
+            "Bearer sk-2",
+            "Bearer sk-3"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_request_goes_to_its_account_whatever_the_headroom() {
+    use tower_qwen::pool::Pinned;
+    let up = Upstream::new();
+    let (mut p, limiters, breakers) = pool(
+        vec![
+            acct("a", requests(1, 10), None, &up),
+            acct("b", requests(1, 10), None, &up),
+        ],
+        Fixed(0),
+    );
+    // b has less headroom, but the request is pinned to it.
+    limiters[1]
+        .check(&model("qwen-plus"), Cost::new(8, 0))
+        .unwrap();
+    let mut req = chat("qwen-plus", 10);
+    req.extensions_mut().insert(Pinned::to("b"));
+    let res = drain(send(&mut p, req).await.unwrap()).await;
+    assert_eq!(picked(&res), "b");
+    // A follow-up pinned from the answer's account.
+    let mut req = chat("qwen-plus", 10);
+    req.extensions_mut().insert(Pinned::from(
+        res.extensions().get::<Picked>().unwrap().clone(),
+    ));
+    assert_eq!(picked(&drain(send(&mut p, req).await.unwrap()).await), "b");
+    // An unknown account: a typed error, nothing sent.
+    let mut req = chat("qwen-plus", 10);
+    req.extensions_mut().insert(Pinned::to("nobody"));
+    let e = send(&mut p, req).await.unwrap_err();
+    assert!(exhausted(&e).is_unknown_account());
+    assert!(Classifier::new().classify_error(&e).is_permanent());
+    // A pinned account whose circuit is open: the pinned request fails fast
+    // (it does not move to another account).
+    breakers[1].force_open();
+    let mut req = chat("qwen-plus", 10);
+    req.extensions_mut().insert(Pinned::to("b"));
+    let e = send(&mut p, req).await.unwrap_err();
+    assert!(exhausted(&e).is_circuit_open());
+    assert_eq!(up.count("Bearer sk-a"), 0);
+    assert_eq!(up.count("Bearer sk-b"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_limiter_by_account_and_model_serves_every_account() {
+    use tower_qwen::key::{AccountModel, ByAccountModel};
+    let up = Upstream::new();
+    // One limiter for the whole pool, keyed (account, model): the pool
+    // shows it each account by name, and sets the name on the request it
+    // sends, whichever key of the account the call uses.
+    let limiter: RateLimiter<AccountModel> = RateLimiter::builder(requests(1, 1)).build_keyed();
+    let layer = RateLimitLayer::keyed(limiter.clone(), ByAccountModel::new()).reject();
+    let account = |name: &str| {
+        Account::new(name, format!("sk-{name}-1"), layer.layer(up.clone()))
+            .unwrap()
+            .key(format!("sk-{name}-2"))
+            .unwrap()
+            .limiter(limiter.clone(), ByAccountModel::new())
+    };
+    let mut p = Pool::builder()
+        .accounts([account("a"), account("b")])
+        .rng(Fixed(0))
+        .build()
+        .unwrap();
+    let first = picked(&drain(send(&mut p, chat("qwen-plus", 10)).await.unwrap()).await);
+    let second = picked(&drain(send(&mut p, chat("qwen-plus", 10)).await.unwrap()).await);
+    assert_ne!(
+        first, second,
+        "the pool saw the first account's budget spent"
+    );
+    // Both accounts' budgets are spent for this second: the limiter keys by
+    // account name, not by the API key the call carried.
+    let e = send(&mut p, chat("qwen-plus", 10)).await.unwrap_err();
+    assert!(e.is::<RateLimited>(), "{e}");
+    assert_eq!(limiter.len(), 2);
+    for name in ["a", "b"] {
+        let key = AccountModel {
+            account: tower_qwen::key::AccountId::Named(Arc::from(name)),
+            model: model("qwen-plus"),
+        };
+        assert_eq!(
+            limiter.snapshot(&key).unwrap().requests.unwrap().remaining,
+            0
+        );
+    }
+}
+
+/// A backend of the test's own: every account has a fixed picture of its
+/// quota (what a user's backend reports through `snapshot`), and admits
+/// everything.
+#[derive(Clone)]
+struct Pictured(tower_qwen::rate_limit::Snapshot);
+
+struct Go;
+
+impl tower_qwen::rate_limit::Ticket for Go {
+    type Permit = Go;
+    fn ready_at(&self) -> Instant {
+        Instant::now()
+    }
+    fn admit(self) -> Go {
+        self
+    }
+}
+
+impl tower_qwen::rate_limit::Permit for Go {
+    fn tokens(&self) -> u32 {
+        0
+    }
+    fn wants_feedback(&self) -> bool {
+        false
+    }
+    fn finish(self, _: Option<ThrottleCause>, _: Option<u32>) {}
+}
+
+impl<K> tower_qwen::rate_limit::Backend<K> for Pictured {
+    type Ticket = Go;
+    type Pending = tower_qwen::rate_limit::Immediate<Result<Go, BoxError>>;
+    fn decide<W: FnOnce(bool) -> Cost>(
+        &self,
+        _: &K,
+        _: W,
+        _: Duration,
+        _: Instant,
+    ) -> tower_qwen::rate_limit::Decision<Go, Self::Pending> {
+        tower_qwen::rate_limit::Decision::Admitted(Go)
+    }
+    fn snapshot(&self, _: &K) -> Option<tower_qwen::rate_limit::Snapshot> {
+        Some(self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_reads_any_backend() {
+    let up = Upstream::new();
+    let full = RateLimiter::new(requests(1, 10));
+    let spent = RateLimiter::new(requests(1, 10));
+    spent.check(&(), Cost::new(9, 0)).unwrap();
+    let picture = |l: &RateLimiter| Pictured(l.snapshot(&()).unwrap());
+    let account = |name: &str, b: Pictured| {
+        Account::new(name, format!("sk-{name}"), up.clone())
+            .unwrap()
+            .limiter(b, tower_qwen::key::Global)
+    };
+    let mut p = Pool::builder()
+        .accounts([account("a", picture(&spent)), account("b", picture(&full))])
+        .rng(Fixed(0))
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            picked(&drain(send(&mut p, chat("qwen-plus", 10)).await.unwrap()).await),
+            "b"
+        );
+    }
+    // The same backend drives the rate-limit layer.
+    let svc = RateLimitLayer::new(picture(&full)).layer(up.clone());
+    drain(svc.oneshot(chat("qwen-plus", 10)).await.unwrap()).await;
+    assert_eq!(up.count("Bearer sk-b"), 3);
+}
+
 #[cfg(feature = "mock")]
 mod against_the_mock {
     use std::num::NonZeroU64;
@@ -906,7 +1107,7 @@ mod against_the_mock {
     use super::*;
 
     type Http = Client<HttpConnector, Full<Bytes>>;
-    type Stack = CircuitBreaker<RateLimit<Http, ByModel>>;
+    type Stack = CircuitBreaker<RateLimit<Http, RateLimiter<Option<Arc<str>>>, ByModel>>;
 
     struct Run {
         ok: u64,

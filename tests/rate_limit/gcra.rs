@@ -40,6 +40,8 @@ struct Call {
 fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
     let b = Bucket::new();
     let mut now = 0u64;
+    // The latest slot granted to a waiter (what a refund must stay behind).
+    let mut latest = 0u64;
     let mut calls: Vec<Call> = Vec::new();
     for (gap, op) in ops {
         now += gap;
@@ -48,6 +50,9 @@ fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
                 let x = g.charge(cost, FULL_RATE);
                 if let Ok(grant) = b.reserve(g, now, x, wait * g.interval()) {
                     assert!(grant.slot >= now && grant.slot - now <= wait * g.interval());
+                    if grant.slot > now {
+                        latest = latest.max(grant.slot);
+                    }
                     calls.push(Call {
                         grant,
                         cost,
@@ -70,7 +75,7 @@ fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
                 let c = &mut calls[idx % n];
                 if !c.cancelled && !c.refunded && now >= c.grant.slot {
                     let used = c.cost * pct / 100;
-                    b.refund(&c.grant, g.charge(c.cost - used, FULL_RATE), now);
+                    b.refund(&c.grant, g.charge(c.cost - used, FULL_RATE), now, latest);
                     c.used = used;
                     c.refunded = true;
                 }

@@ -14,9 +14,10 @@ use tokio::time::Instant;
 use tokio_test::{assert_pending, assert_ready, task};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_qwen::classify::{Classifier, Outcome, ThrottleCause};
+use tower_qwen::key::{ByAccountModel, ByModel};
 use tower_qwen::rate_limit::error::RateLimited;
 use tower_qwen::rate_limit::{
-    ByAccountModel, ByModel, Cost, Feedback, Limits, Quota, RateLimitLayer, RateLimiter, SlowStart,
+    Cost, Feedback, Limits, Quota, RateLimitLayer, RateLimiter, SlowStart,
 };
 
 mod gcra;
@@ -147,9 +148,8 @@ async fn qwen_preset_keys_by_account_and_model() {
     let accounts = ByAccountModel::new()
         .account("sk-a", "acme")
         .account("sk-b", "acme");
-    let layer =
-        RateLimitLayer::qwen_with(tower_qwen::rate_limit::QuotaTable::qwen(), accounts).reject();
-    let limiter = layer.limiter().clone();
+    let layer = RateLimitLayer::qwen(tower_qwen::rate_limit::QuotaTable::qwen(), accounts).reject();
+    let limiter = layer.backend().clone();
     let svc = layer.layer(upstream(Log::default(), ok));
     let with_key = |key: &str, model: &str| {
         let mut r = chat(model, 10, 0);
@@ -691,7 +691,8 @@ async fn a_pause_moves_waiters_already_in_line() {
     let t0 = Instant::now();
     assert_eq!(b.ready_at() - t0, 100 * MS);
     let adm = a.ready().await;
-    assert!(adm.throttled(ThrottleCause::Burst));
+    adm.throttled(ThrottleCause::Burst);
+    assert_eq!(limiter.snapshot(&()).unwrap().throttles, 1);
     // b's slot moved by the pause (1 s) plus the debt it was behind.
     assert_eq!(b.ready_at() - t0, 1_100 * MS);
     let start = Instant::now();
@@ -699,6 +700,182 @@ async fn a_pause_moves_waiters_already_in_line() {
     assert_eq!(Instant::now() - start, 1_100 * MS);
     // Local throttles never tighten.
     assert!(!limiter.throttled(&(), ThrottleCause::Local));
+}
+
+// ---------------------------------------------------------------------------
+// One layer, any request type, any backend (issue 13)
+
+#[tokio::test(start_paused = true)]
+async fn any_request_type_with_a_key_and_a_cost_function() {
+    use tower_qwen::classify::FnClassifier;
+    use tower_qwen::key::key_fn;
+    // Jobs are (tenant, weight): 10 weight units a second per tenant, no
+    // burst beyond 10.
+    type Job = (u32, u32);
+    let limiter =
+        RateLimiter::builder(Limits::tokens(Quota::per_second(nz(10)))).build_keyed::<u32>();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let inner = service_fn(move |job: Job| {
+        seen.lock().unwrap().push((job, Instant::now()));
+        async move { Ok::<_, BoxError>(job.1) }
+    });
+    let layer = RateLimitLayer::keyed(limiter.clone(), key_fn(|job: &mut Job| job.0))
+        .cost(|job: &mut Job| Cost::new(0, job.1))
+        .classifier(FnClassifier::new(|_: &u32| Outcome::Success));
+    let wait = layer
+        .clone()
+        .wait(Duration::from_secs(5))
+        .layer(inner.clone());
+    let reject = layer.reject().layer(inner);
+    let t0 = Instant::now();
+    assert_eq!(reject.clone().oneshot((1, 8)).await.unwrap(), 8);
+    // Tenant 1 has 2 units left: 5 is refused with the exact wait, ...
+    let e = reject.clone().oneshot((1, 5)).await.unwrap_err();
+    assert_eq!(limited(&e).retry_after(), Some(300 * MS));
+    assert!(limited(&e).is_tokens());
+    // ... tenant 2 is on its own budget, ...
+    assert_eq!(reject.oneshot((2, 10)).await.unwrap(), 10);
+    // ... and in wait mode the call goes at its slot.
+    assert_eq!(wait.oneshot((1, 5)).await.unwrap(), 5);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[2], ((1, 5), t0 + 300 * MS));
+    assert_eq!(limiter.len(), 2);
+}
+
+/// What the layer reported back to a backend: throttles and usage.
+type Reports = Arc<Mutex<Vec<(Option<ThrottleCause>, Option<u32>)>>>;
+
+/// A backend of the test's own: a fixed allowance of calls per key (no
+/// refill), deciding at once; it records what the layer reports back.
+#[derive(Clone, Default)]
+struct Allowance {
+    left: Arc<Mutex<std::collections::HashMap<Option<Arc<str>>, u32>>>,
+    reported: Reports,
+}
+
+struct Spent {
+    tokens: u32,
+    reported: Reports,
+}
+
+impl tower_qwen::rate_limit::Ticket for Spent {
+    type Permit = Spent;
+    fn ready_at(&self) -> Instant {
+        Instant::now()
+    }
+    fn admit(self) -> Spent {
+        self
+    }
+}
+
+impl tower_qwen::rate_limit::Permit for Spent {
+    fn tokens(&self) -> u32 {
+        self.tokens
+    }
+    fn wants_feedback(&self) -> bool {
+        true
+    }
+    fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {
+        self.reported.lock().unwrap().push((throttled, tokens));
+    }
+}
+
+impl tower_qwen::rate_limit::Backend<Option<Arc<str>>> for Allowance {
+    type Ticket = Spent;
+    type Pending = tower_qwen::rate_limit::Immediate<Result<Spent, BoxError>>;
+
+    fn decide<W: FnOnce(bool) -> Cost>(
+        &self,
+        key: &Option<Arc<str>>,
+        weigh: W,
+        _max_wait: Duration,
+        _now: Instant,
+    ) -> tower_qwen::rate_limit::Decision<Spent, Self::Pending> {
+        use tower_qwen::rate_limit::Decision;
+        let cost = weigh(true);
+        let mut left = self.left.lock().unwrap();
+        let n = left.entry(key.clone()).or_insert(2);
+        if *n == 0 {
+            return Decision::Refused("allowance spent".into());
+        }
+        *n -= 1;
+        Decision::Admitted(Spent {
+            tokens: cost.tokens,
+            reported: self.reported.clone(),
+        })
+    }
+
+    fn snapshot(&self, _: &Option<Arc<str>>) -> Option<tower_qwen::rate_limit::Snapshot> {
+        None
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_of_your_own_plugs_into_the_layer() {
+    let backend = Allowance::default();
+    let svc = RateLimitLayer::keyed(backend.clone(), ByModel)
+        .reject()
+        .layer(upstream(Log::default(), || usage(30)));
+    // The layer found the key, estimated the tokens (5 + 95), and
+    // reconciled them with the real usage when the body ended.
+    for id in 0..2 {
+        drain(
+            svc.clone()
+                .oneshot(chat("qwen-plus", 95, id))
+                .await
+                .unwrap(),
+        )
+        .await;
+    }
+    let e = svc
+        .clone()
+        .oneshot(chat("qwen-plus", 95, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "allowance spent");
+    drain(svc.oneshot(chat("qwen-max", 95, 3)).await.unwrap()).await;
+    assert_eq!(*backend.reported.lock().unwrap(), vec![(None, Some(30)); 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_only_key_is_one_word_until_an_upstream_throttle_upgrades_it() {
+    // The same key type as governor's keyed limiter in the bench.
+    assert!(
+        RateLimiter::<u64>::bytes_per_key() <= 20,
+        "{} B",
+        RateLimiter::<u64>::bytes_per_key()
+    );
+    let limiter: RateLimiter<u64> =
+        RateLimiter::builder(Limits::requests(smooth(10))).build_keyed();
+    let waiter = limiter
+        .reserve(&1, Cost::ONE, Duration::from_secs(5))
+        .unwrap();
+    let queued = limiter
+        .reserve(&1, Cost::ONE, Duration::from_secs(5))
+        .unwrap();
+    let t0 = Instant::now();
+    assert_eq!(queued.ready_at() - t0, 100 * MS);
+    limiter.check(&2, Cost::ONE).unwrap();
+    let s = limiter.snapshot(&1).unwrap();
+    assert_eq!((s.throttles, s.tokens), (0, None));
+    // An upstream throttle of the first call: the key gets the full state,
+    // its bucket carried over, paused for 1 s, at half rate after.
+    waiter.ready().await.throttled(ThrottleCause::Requests);
+    let s = limiter.snapshot(&1).unwrap();
+    assert_eq!(s.throttles, 1);
+    assert!(s.requests.unwrap().rate < 1.0);
+    // The waiter already in line moved with the pause; the other key did not.
+    assert_eq!(queued.ready_at() - t0, 1_100 * MS);
+    assert_eq!(
+        limiter.check(&2, Cost::ONE).unwrap_err().retry_after(),
+        Some(100 * MS)
+    );
+    drop(queued);
+    // The key recovers and is evicted once idle, like any other.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(limiter.evict_idle(), 2);
 }
 
 // ---------------------------------------------------------------------------

@@ -21,12 +21,12 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_qwen::classify::{Classifier, ThrottleCause};
+use tower_qwen::key::StoreKey;
 use tower_qwen::rate_limit::error::RateLimited;
-use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimiter};
+use tower_qwen::rate_limit::{Admission, Cost, Limits, Quota, RateLimitLayer, RateLimiter};
 use tower_qwen::redis::error::StoreUnavailable;
 use tower_qwen::redis::{
-    Clock, FailurePolicy, Lease, RedisLimiter, RedisLimiterBuilder, RedisRateLimitLayer,
-    connect_lazy,
+    Clock, FailurePolicy, Lease, RedisLimiter, RedisLimiterBuilder, RedisPermit, connect_lazy,
 };
 
 mod script;
@@ -82,7 +82,7 @@ async fn three_replicas_share_one_budget_and_in_memory_would_admit_three_times()
         for r in &replicas {
             match r.check_at(&(), Cost::ONE, now).await {
                 Ok(a) => {
-                    assert!(a.is_from_redis());
+                    assert!(a.get_ref().is_from_redis());
                     in_redis += 1;
                 }
                 Err(e) => {
@@ -173,16 +173,53 @@ async fn keys_are_separate_and_expire_when_full() {
 }
 
 // ---------------------------------------------------------------------------
+// Batches: concurrent decisions share round trips and stay exact (issue 13).
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_decisions_share_round_trips_and_decide_like_memory() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    // 10 an hour per key (burst 10); 40 concurrent calls on each of 2 keys,
+    // all at t0, some with a token cost too.
+    let limits = Limits::requests(Quota::per_hour(nz(10)))
+        .and_tokens(Quota::per_hour(nz(1_000)).allow_burst(nz(1_000)));
+    let lim: RedisLimiter<u32> = local(limits, "batch", t0).build_keyed(conn(&server));
+    let memory: RateLimiter<u32> = RateLimiter::builder(limits).build_keyed();
+    let cost = |i: u32| Cost::call(if i.is_multiple_of(3) { 150 } else { 0 });
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..80u32 {
+        let l = lim.clone();
+        set.spawn(async move { (i, l.check_at(&(i % 2), cost(i), t0).await.is_ok()) });
+    }
+    let mut got = Vec::new();
+    while let Some(r) = set.join_next().await {
+        got.push(r.unwrap());
+    }
+    // Exact decisions: as many admitted per key as one in-memory limiter
+    // admits for the same calls.
+    let s = lim.stats();
+    assert_eq!((s.redis, s.errors, s.fallback), (80, 0, 0));
+    let admitted = |key: u32| got.iter().filter(|(i, ok)| i % 2 == key && *ok).count();
+    let in_memory = |key: u32| {
+        (0..80u32)
+            .filter(|i| i % 2 == key)
+            .filter(|&i| memory.check_at(&key, cost(i), t0).is_ok())
+            .count()
+    };
+    assert_eq!((admitted(0), admitted(1)), (in_memory(0), in_memory(1)));
+    assert!(admitted(0) >= 6 && admitted(0) <= 10, "{}", admitted(0));
+    println!("80 concurrent decisions in {} round trips", s.round_trips);
+    assert!(s.round_trips <= 10, "{} round trips", s.round_trips);
+}
+
+// ---------------------------------------------------------------------------
 // Failure policy: Redis killed or frozen mid-run.
 
 /// Calls `check` with a guard against hanging (the test fails, instead of
 /// hanging, if a call never returns).
-async fn guarded<K>(
-    lim: &RedisLimiter<K>,
-    key: &K,
-) -> Result<tower_qwen::redis::Admission<K>, BoxError>
+async fn guarded<K>(lim: &RedisLimiter<K>, key: &K) -> Result<Admission<RedisPermit<K>>, BoxError>
 where
-    K: tower_qwen::redis::StoreKey + std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    K: StoreKey + std::hash::Hash + Eq + Clone + Send + Sync + 'static,
 {
     tokio::time::timeout(Duration::from_secs(30), lim.check(key, Cost::ONE))
         .await
@@ -195,7 +232,7 @@ where
 /// sleeping here).
 async fn until_back<K>(lim: &RedisLimiter<K>)
 where
-    K: tower_qwen::redis::StoreKey + std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    K: StoreKey + std::hash::Hash + Eq + Clone + Send + Sync + 'static,
 {
     for _ in 0..50 {
         if lim.probe().await {
@@ -218,14 +255,14 @@ async fn fail_open_at_one_nth_when_redis_dies_and_resume_when_it_returns() {
         .on_failure(FailurePolicy::fail_open(nz(3)))
         .build(conn(&server));
     for _ in 0..5 {
-        assert!(guarded(&lim, &()).await.unwrap().is_from_redis());
+        assert!(guarded(&lim, &()).await.unwrap().get_ref().is_from_redis());
     }
     server.stop();
     let mut admitted = 0;
     for _ in 0..20 {
         match guarded(&lim, &()).await {
             Ok(a) => {
-                assert!(a.is_fallback());
+                assert!(a.get_ref().is_fallback());
                 admitted += 1;
             }
             Err(e) => {
@@ -247,7 +284,7 @@ async fn fail_open_at_one_nth_when_redis_dies_and_resume_when_it_returns() {
     for _ in 0..40 {
         match guarded(&lim, &()).await {
             Ok(a) => {
-                assert!(a.is_from_redis());
+                assert!(a.get_ref().is_from_redis());
                 admitted += 1;
             }
             Err(e) => {
@@ -287,7 +324,7 @@ async fn fail_closed_on_a_frozen_redis_times_out_then_refuses_fast_then_recovers
     assert_eq!(lim.stats().failed_closed, 2);
     server.thaw();
     until_back(&lim).await;
-    assert!(guarded(&lim, &()).await.unwrap().is_from_redis());
+    assert!(guarded(&lim, &()).await.unwrap().get_ref().is_from_redis());
 }
 
 // ---------------------------------------------------------------------------
@@ -422,9 +459,9 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let log = Log::default();
     // Two replicas (two limiters, two connections), same key.
-    let a = RedisRateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let a = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
         .layer(upstream(log.clone(), || usage(10)));
-    let b = RedisRateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let b = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
         .wait(Duration::from_secs(5))
         .layer(upstream(log.clone(), || usage(10)));
     drain(a.clone().oneshot(chat(10, 0)).await.unwrap()).await;
@@ -435,7 +472,7 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
     assert_eq!(calls[0], ("0".to_owned(), t0));
     assert_eq!(calls[1], ("1".to_owned(), t0 + Duration::from_secs(1)));
     // Reject mode on a clone of a third replica: the exact wait.
-    let c = RedisRateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let c = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
         .reject()
         .layer(upstream(log.clone(), || usage(10)));
     let e = c.clone().oneshot(chat(10, 2)).await.unwrap_err();
@@ -450,7 +487,7 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
         }
     ));
     // A wait beyond max_wait fails at once and reserves nothing.
-    let short = RedisRateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let short = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
         .wait(Duration::from_millis(500))
         .layer(upstream(log.clone(), || usage(10)));
     let e = short.oneshot(chat(10, 3)).await.unwrap_err();
@@ -465,7 +502,7 @@ async fn layer_dropped_waiter_gives_its_slot_back() {
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let limiter = local(limits, "layer-drop", t0).build(conn(&server));
-    let layer = RedisRateLimitLayer::new(limiter.clone());
+    let layer = RateLimitLayer::new(limiter.clone());
     let log = Log::default();
     let svc = layer.layer(upstream(log.clone(), || usage(10)));
     drain(svc.clone().oneshot(chat(10, 0)).await.unwrap()).await;
@@ -478,7 +515,7 @@ async fn layer_dropped_waiter_gives_its_slot_back() {
     assert!(waiter.await.unwrap_err().is_cancelled());
     limiter.settle().await;
     // Its slot came back: the next call's slot is 1 s away, not 2 s.
-    let reject = RedisRateLimitLayer::new(limiter.clone())
+    let reject = RateLimitLayer::new(limiter.clone())
         .reject()
         .layer(upstream(log.clone(), || usage(10)));
     let e = reject.oneshot(chat(10, 2)).await.unwrap_err();
@@ -505,7 +542,7 @@ async fn layer_reconciles_tokens_with_the_real_usage() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limiter = local(tokens_only(), "layer-usage", t0).build(conn(&server));
-    let layer = RedisRateLimitLayer::new(limiter.clone()).reject();
+    let layer = RateLimitLayer::new(limiter.clone()).reject();
     let svc = layer.layer(upstream(Log::default(), || usage(10)));
     drain(svc.clone().oneshot(chat(95, 0)).await.unwrap()).await;
     limiter.settle().await;
@@ -518,7 +555,7 @@ async fn layer_keeps_the_estimate_of_a_dropped_stream() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limiter = local(tokens_only(), "layer-stream", t0).build(conn(&server));
-    let layer = RedisRateLimitLayer::new(limiter.clone()).reject();
+    let layer = RateLimitLayer::new(limiter.clone()).reject();
     let sse = || {
         Response::builder()
             .header("content-type", "text/event-stream")
@@ -538,13 +575,13 @@ async fn layer_pauses_the_key_for_every_replica_on_an_upstream_429() {
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let a_lim = local(limits, "layer-429", t0).build(conn(&server));
-    let a = RedisRateLimitLayer::new(a_lim.clone()).layer(upstream(Log::default(), rate_quota_429));
+    let a = RateLimitLayer::new(a_lim.clone()).layer(upstream(Log::default(), rate_quota_429));
     let res = a.oneshot(chat(10, 0)).await.unwrap();
     assert_eq!(res.status(), 429);
     drain(res).await;
     a_lim.settle().await;
     // Another replica sees the pause: 1 s of debt + 1 s of pause.
-    let b = RedisRateLimitLayer::new(local(limits, "layer-429", t0).build(conn(&server)))
+    let b = RateLimitLayer::new(local(limits, "layer-429", t0).build(conn(&server)))
         .reject()
         .layer(upstream(Log::default(), || usage(10)));
     let e = b.oneshot(chat(10, 1)).await.unwrap_err();
@@ -562,7 +599,7 @@ async fn layer_fails_closed_with_a_typed_transient_error_when_redis_is_gone() {
         .on_failure(FailurePolicy::fail_closed())
         .build(connect_lazy(&url, None).unwrap());
     let log = Log::default();
-    let svc = RedisRateLimitLayer::new(limiter).layer(upstream(log.clone(), || usage(10)));
+    let svc = RateLimitLayer::new(limiter).layer(upstream(log.clone(), || usage(10)));
     let e = tokio::time::timeout(Duration::from_secs(30), svc.oneshot(chat(10, 0)))
         .await
         .expect("never hangs")
@@ -579,7 +616,7 @@ async fn layer_holds_no_inner_capacity_while_deciding_or_waiting() {
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let limiter = local(limits, "layer-permit", t0).build(conn(&server));
     let inner = tower::limit::ConcurrencyLimit::new(upstream(Log::default(), || usage(10)), 1);
-    let mut svc = RedisRateLimitLayer::new(limiter).layer(inner);
+    let mut svc = RateLimitLayer::new(limiter).layer(inner);
     // poll_ready takes the only permit ...
     svc.ready().await.unwrap();
     let call = svc.call(chat(10, 0));

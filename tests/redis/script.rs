@@ -61,8 +61,8 @@ fn limits() -> impl Strategy<Value = Limits> {
 }
 
 type Pair = (
-    rate_limit::Reservation<()>,
-    tower_qwen::redis::Reservation<()>,
+    rate_limit::Reservation<rate_limit::MemoryTicket<()>>,
+    rate_limit::Reservation<tower_qwen::redis::RedisTicket<()>>,
 );
 
 async fn run_case(
@@ -129,7 +129,8 @@ async fn run_case(
                 }
                 let (m, r) = pending.swap_remove(k % pending.len());
                 drop(m);
-                r.cancel().await;
+                drop(r);
+                redis.settle().await;
             }
             Op::Reconcile(k, actual) => {
                 let now = Instant::now();
@@ -141,7 +142,8 @@ async fn run_case(
                 }
                 let (m, r) = pending.swap_remove(due[k % due.len()]);
                 m.ready().await.reconcile(actual);
-                r.ready().await.reconcile_at(actual, now).await;
+                r.ready().await.reconcile(actual);
+                redis.settle().await;
             }
         }
     }
@@ -196,10 +198,7 @@ async fn grants_survive_the_daily_epoch_rebase_exactly() {
         redis: &RedisLimiter,
         tokens: u32,
         max_wait: Duration,
-    ) -> (
-        rate_limit::Reservation<()>,
-        tower_qwen::redis::Reservation<()>,
-    ) {
+    ) -> Pair {
         let now = Instant::now();
         let m = memory.reserve(&(), Cost::new(0, tokens), max_wait).unwrap();
         let r = redis
@@ -242,15 +241,18 @@ async fn grants_survive_the_daily_epoch_rebase_exactly() {
     // c is the tail: its give-back (epoch after the rebase) is exact; then
     // b's (epoch before the rebase) too.
     drop(mc);
-    assert!(rc.cancel().await);
+    drop(rc);
+    redis.settle().await;
     drop(mb);
-    assert!(rb.cancel().await);
+    drop(rb);
+    redis.settle().await;
     let w = same_wait(&memory, &redis).await;
     assert_eq!(w, behind_c - Duration::from_secs(70));
     // a used 99,000 tokens: the refund of 1,000 (a grant from before the
     // rebase) lands exactly.
     ma.ready().await.reconcile(99_000);
-    ra.ready().await.reconcile_at(99_000, Instant::now()).await;
+    ra.ready().await.reconcile(99_000);
+    redis.settle().await;
     assert_eq!(
         same_wait(&memory, &redis).await,
         w - Duration::from_secs(1_000)
