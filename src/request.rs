@@ -125,7 +125,8 @@ impl Endpoint {
 ///
 /// What decides admission (the model, the token estimate, streaming) must
 /// be read as the upstream reads it. A body is read strictly: valid UTF-8,
-/// one JSON object and nothing after it, at most 128 levels deep, each
+/// one JSON object (what serde_json accepts: no lone surrogate escapes)
+/// and nothing after it, at most 128 levels deep anywhere, each
 /// field that admission reads (`model`, `stream`, `stream_options`,
 /// `max_tokens`, `max_completion_tokens`, `messages`, `input`,
 /// `parameters`, and inside them `include_usage`, `max_tokens`, `stream`,
@@ -185,9 +186,10 @@ pub struct RequestInfo {
 }
 
 /// A request body that cannot be read the way the upstream will read it:
-/// not UTF-8, not JSON, not a JSON object, data after the object, nested
-/// deeper than 128 levels, a field that admission reads given twice or
-/// spelled two ways, or of the wrong type. See
+/// not UTF-8, not JSON (a lone UTF-16 surrogate escape included), not a
+/// JSON object, data after the object, nested deeper than 128 levels, a
+/// field that admission reads given twice or spelled two ways, or of the
+/// wrong type. See
 /// [Ambiguous bodies](RequestInfo#ambiguous-bodies).
 ///
 /// Its message names the field and the position, never the body's content.
@@ -416,7 +418,7 @@ enum Place {
     /// Text in any shape DashScope accepts: a string, `null`, an array of
     /// strings or parts (`{"text": ...}`, `{"image": ...}`).
     Text,
-    /// Anything else: skipped (its depth still counts).
+    /// Anything else: skipped (its depth and strings still checked).
     Ignore,
 }
 
@@ -702,6 +704,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let mut seen = 0u32;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let Some((i, exact)) = lookup(fields, &key) else {
+                // Read only to be skipped, but read as a JSON parser
+                // would (depth, string escapes): what serde_json refuses
+                // anywhere in the body is refused.
                 map.next_value_seed(self.at(Place::Ignore, "value"))?;
                 continue;
             };
@@ -888,7 +893,19 @@ mod tests {
             ("null".into(), "not a JSON object"),
             ("\"qwen-plus\"".into(), "not a JSON object"),
             (
-                format!(r#"{{"model":"qwen-plus","user":"\ud800",{msgs}}}"#),
+                r#"{"model":"qwen-plus","messages":[{"role":"user","content":"\ud800"}]}"#.into(),
+                "not valid JSON",
+            ),
+            (
+                format!(
+                    r#"{{"model":"qwen-plus","messages":[{{"role":"user","content":{}"x"{}}}]}}"#,
+                    "[".repeat(200),
+                    "]".repeat(200)
+                ),
+                "nested more than 128 levels",
+            ),
+            (
+                format!(r#"{{"model":"qwen-plus","user":"\udc00",{msgs}}}"#),
                 "not valid JSON",
             ),
             (
@@ -959,6 +976,12 @@ mod tests {
             r#"{"model":"qwen-plus","max_tokens":null,"stream":null,"stream_options":null,"parameters":null,"input":null,"messages":null}"#,
             r#"{"model":"qwen-plus","messages":[{"role":"user","role":"user","content":[{"text":"a"},{"image":"http://x/y.png"}]}]}"#,
             r#"{"model":"qwen-plus","temperature":0.7,"top_p":1e-1,"seed":-3,"n":1,"user":"\ud83d\ude00"}"#,
+            // Deep nesting within the limit, where admission does not read.
+            &format!(
+                r#"{{"model":"qwen-plus","x":{}1{}}}"#,
+                "[".repeat(100),
+                "]".repeat(100)
+            ),
         ] {
             let i = parse(CHAT, body);
             assert_eq!(i.body_error, None, "{body}");

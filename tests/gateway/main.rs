@@ -335,6 +335,15 @@ impl Write for LogWriter {
 
 impl Logs {
     fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        // A global subscriber that wants everything (and does nothing with
+        // it), set once: with a single thread-local subscriber alive,
+        // tracing computes a callsite's interest from the thread that hits
+        // it first, so a test without a subscriber running beside this one
+        // could otherwise switch a callsite off for good.
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let buf = self.0.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
@@ -627,7 +636,7 @@ async fn ambiguous_bodies_get_400_and_never_reach_the_upstream() {
     assert_native(&a, 400, "InvalidParameter");
     let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
     let deep = format!(
-        r#"{{"model":"qwen-plus","x":{}0{},{msgs}}}"#,
+        r#"{{"model":"qwen-plus","messages":[{{"role":"user","content":{}"hi"{}}}]}}"#,
         "[".repeat(300),
         "]".repeat(300)
     );
