@@ -127,14 +127,15 @@ impl SseScanner {
         }
     }
 
-    /// Ends the stream: a last line without a newline is processed.
+    /// Ends the stream: a last line without a newline is processed, and the
+    /// scanner is back at the start of a stream.
     pub fn finish(&mut self, mut on_data: impl FnMut(&[u8], &EventMeta)) {
-        if !self.carry.is_empty() && !self.overlong {
-            let carry = std::mem::take(&mut self.carry);
+        // An overlong line keeps nothing in `carry`.
+        let carry = std::mem::take(&mut self.carry);
+        if !carry.is_empty() {
             self.line(&carry, &mut on_data);
         }
-        self.carry.clear();
-        self.overlong = false;
+        *self = Self::new().max_line(self.max_line);
     }
 
     fn line(&mut self, line: &[u8], on_data: &mut impl FnMut(&[u8], &EventMeta)) {
@@ -435,6 +436,174 @@ mod tests {
         assert_eq!(
             streamed[1].1.data_lines, 1,
             "one event, as parse_events has it"
+        );
+    }
+
+    /// #19: a line of exactly [`MAX_LINE`] bytes is still read; one more
+    /// byte and it is skipped.
+    #[test]
+    fn max_line_is_the_last_length_kept() {
+        for (len, kept) in [(MAX_LINE, true), (MAX_LINE + 1, false)] {
+            let mut s = SseScanner::new();
+            let mut got = Vec::new();
+            s.feed(b"data:", |d, _| got.push(d.len()));
+            s.feed(&vec![b'x'; len - 5], |d, _| got.push(d.len()));
+            s.feed(b"\ndata:next\n", |d, _| got.push(d.len()));
+            let want = if kept { vec![len - 5, 4] } else { vec![4] };
+            assert_eq!(got, want, "line of {len} bytes");
+        }
+    }
+
+    /// #19: `finish` reads a last line without a newline, and leaves the
+    /// scanner at the start of a new stream.
+    #[test]
+    fn finish_reads_the_last_line_and_starts_afresh() {
+        let mut s = SseScanner::new();
+        let mut got = Vec::new();
+        s.feed(b"event:error\n:HTTP_STATUS/500\ndata:{\"a\"", |d, m| {
+            got.push((d.to_vec(), *m))
+        });
+        assert!(got.is_empty());
+        s.finish(|d, m| got.push((d.to_vec(), *m)));
+        let meta = EventMeta {
+            error_event: true,
+            http_status: Some(500),
+            data_lines: 0,
+        };
+        assert_eq!(got, vec![(b"{\"a\"".to_vec(), meta)]);
+        got.clear();
+        s.finish(|d, m| got.push((d.to_vec(), *m)));
+        assert!(got.is_empty());
+        s.feed(b"data:x\n", |d, m| got.push((d.to_vec(), *m)));
+        assert_eq!(got, vec![(b"x".to_vec(), EventMeta::default())]);
+        // The line limit is a setting: it stays.
+        let mut s = SseScanner::new().max_line(8);
+        s.finish(|_, _| {});
+        let mut got = Vec::new();
+        s.feed(b"data:123456\ndata:1\n", |d, _| got.push(d.to_vec()));
+        assert_eq!(got, [b"1".to_vec()]);
+    }
+
+    /// #19: the metadata a `data:` line is handed.
+    #[test]
+    fn event_metadata() {
+        let meta = |error_event, http_status, data_lines| EventMeta {
+            error_event,
+            http_status,
+            data_lines,
+        };
+        let wire = concat!(
+            // Lines of one event are counted; a blank line starts afresh.
+            "data:a\ndata:b\n\ndata:c\n\n",
+            // A status comment before `event:` and `id:` is kept.
+            ": HTTP_STATUS/429 \nevent: Error \nid:1\ndata:d\n\n",
+            // Only the first space after the colon is dropped; a field
+            // without a colon has an empty value.
+            "data:  e\ndata\n\n",
+            // An unfinished JSON frame goes on; a finished one followed by
+            // more data (no blank line) is a new frame of the same event.
+            "event:error\ndata:{\"a\":\ndata:1}\ndata:{\"b\":2}\n\n",
+            // A later `event:` line that is not `error` clears the flag.
+            "event:error\nevent:result\ndata:f\n\n",
+            // An unparseable status is no status.
+            ":HTTP_STATUS/abc\ndata:g\n",
+        );
+        let got = scan_all(&[wire.as_bytes()]);
+        let want = [
+            ("a", meta(false, None, 0)),
+            ("b", meta(false, None, 1)),
+            ("c", meta(false, None, 0)),
+            ("d", meta(true, Some(429), 0)),
+            (" e", meta(false, None, 0)),
+            ("", meta(false, None, 1)),
+            ("{\"a\":", meta(true, None, 0)),
+            ("1}", meta(true, None, 1)),
+            ("{\"b\":2}", meta(true, None, 0)),
+            ("f", meta(false, None, 0)),
+            ("g", meta(false, None, 0)),
+        ];
+        let got: Vec<(&str, EventMeta)> = got.iter().map(|(d, m)| (d.as_str(), *m)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn error_by_metadata() {
+        let with = |error_event, http_status| EventMeta {
+            error_event,
+            http_status,
+            data_lines: 0,
+        };
+        assert!(with(true, None).is_error());
+        assert!(with(true, Some(200)).is_error());
+        assert!(with(false, Some(400)).is_error());
+        assert!(!with(false, Some(399)).is_error());
+        assert!(!with(false, None).is_error());
+        let ev = |event: Option<&str>, http_status, data: &str| SseEvent {
+            id: None,
+            event: event.map(str::to_owned),
+            http_status,
+            data: data.to_owned(),
+        };
+        assert!(ev(Some("ERROR"), None, "x").is_error());
+        assert!(!ev(Some("result"), None, "x").is_error());
+        assert!(ev(None, Some(400), "x").is_error());
+        assert!(!ev(None, Some(399), "x").is_error());
+        assert!(ev(None, Some(200), r#"{"error":"x"}"#).is_error());
+        assert!(!ev(None, Some(200), r#"{"error":null}"#).is_error());
+        assert!(!ev(None, Some(200), r#"{"ok":1}"#).is_error());
+        assert!(!ev(None, None, "not json").is_error());
+    }
+
+    /// #19: how [`parse_events`] cuts and fills events.
+    #[test]
+    fn parse_events_shapes() {
+        let ev = |id: Option<&str>, event: Option<&str>, http_status, data: &str| SseEvent {
+            id: id.map(str::to_owned),
+            event: event.map(str::to_owned),
+            http_status,
+            data: data.to_owned(),
+        };
+        // Events of metadata only are kept; empty ones are not.
+        let got =
+            parse_events(b"\n\nid:1\n\nevent:ping\n\n:HTTP_STATUS/200\n\n: just a comment\n\n");
+        assert_eq!(
+            got,
+            [
+                ev(Some("1"), None, None, ""),
+                ev(None, Some("ping"), None, ""),
+                ev(None, None, Some(200), ""),
+            ]
+        );
+        // Data lines are joined; CRLF, one leading space and a missing
+        // colon are read as the scanner reads them.
+        assert_eq!(
+            parse_events(b"data:a\r\ndata:  b\r\ndata\r\n\r\n"),
+            [ev(None, None, None, "a\n b\n")]
+        );
+        // A finished frame followed by more data: a new event with the
+        // same metadata. An unfinished one goes on.
+        assert_eq!(
+            parse_events(
+                b"id:1\nevent:error\n:HTTP_STATUS/500\ndata:{\"a\":\ndata:1}\ndata:{\"b\":2}\n"
+            ),
+            [
+                ev(Some("1"), Some("error"), Some(500), "{\"a\":\n1}"),
+                ev(Some("1"), Some("error"), Some(500), "{\"b\":2}"),
+            ]
+        );
+        // `event:` or `id:` after data: a new event, without the old
+        // metadata. Before data they belong to the event.
+        assert_eq!(
+            parse_events(b"event:error\ndata:x\nevent:result\ndata:y\nid:7\ndata:z\n"),
+            [
+                ev(None, Some("error"), None, "x"),
+                ev(None, Some("result"), None, "y"),
+                ev(Some("7"), None, None, "z"),
+            ]
+        );
+        assert_eq!(
+            parse_events(b"event:a\nid:1\n: HTTP_STATUS/ 404 \nretry:5\ndata:x\n\n"),
+            [ev(Some("1"), Some("a"), Some(404), "x")]
         );
     }
 

@@ -78,4 +78,57 @@ mod tests {
         assert_eq!(short, 13);
         assert_eq!(long, 1250);
     }
+
+    /// Each class is counted with its own rate, and the classes add up
+    /// (#19: mutants of the arithmetic survived the examples above).
+    #[test]
+    fn each_class_at_its_rate() {
+        // CJK: two tokens per three characters, rounded up per text.
+        assert_eq!(estimate_text_tokens("中文"), 2);
+        assert_eq!(estimate_text_tokens("你好世界"), 3);
+        assert_eq!(estimate_text_tokens("你好世界你好"), 4);
+        assert_eq!(estimate_text_tokens("こんにちは안녕"), 5);
+        // Other non-ASCII: one token per two characters.
+        assert_eq!(estimate_text_tokens("éé"), 1);
+        assert_eq!(estimate_text_tokens("ééé"), 2);
+        assert_eq!(estimate_text_tokens("éééé"), 2);
+        // The three classes add up.
+        assert_eq!(estimate_text_tokens("abcdefgh你好世界éé"), 2 + 3 + 1);
+        assert_eq!(estimate_text_tokens("abcdefghéé"), 2 + 1);
+    }
+
+    #[test]
+    fn every_cjk_block_counts_as_cjk() {
+        // Four characters of one block: 3 tokens as CJK, 2 as "other".
+        for first in [
+            '\u{3041}',
+            '\u{30FF}',
+            '\u{3400}',
+            '\u{4DBF}',
+            '\u{4E00}',
+            '\u{9FFF}',
+            '\u{AC00}',
+            '\u{D7AF}',
+            '\u{F900}',
+            '\u{FAFF}',
+            '\u{FF01}',
+            '\u{FFEF}',
+            '\u{20000}',
+            '\u{2FFFF}',
+        ] {
+            let text: String = std::iter::repeat_n(first, 4).collect();
+            assert_eq!(estimate_text_tokens(&text), 3, "U+{:X}", first as u32);
+        }
+        for outside in [
+            '\u{303F}',
+            '\u{3100}',
+            '\u{D7B0}',
+            '\u{FFF0}',
+            '\u{30000}',
+            'é',
+        ] {
+            let text: String = std::iter::repeat_n(outside, 4).collect();
+            assert_eq!(estimate_text_tokens(&text), 2, "U+{:X}", outside as u32);
+        }
+    }
 }

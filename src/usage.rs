@@ -52,11 +52,10 @@ impl Usage {
     pub fn find(json: &[u8]) -> Option<Usage> {
         static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
             std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-        let finder = &*FINDER;
-        let mut from = 0;
-        while let Some(i) = finder.find(&json[from..]) {
-            let after = &json[from + i + 7..];
-            let after = after.trim_ascii_start();
+        // `find_iter` always moves forward, so no input (and no wrong
+        // offset) can make this loop spin.
+        for i in FINDER.find_iter(json) {
+            let after = json[i + b"\"usage\"".len()..].trim_ascii_start();
             if let Some(value) = after.strip_prefix(b":") {
                 let mut it =
                     serde_json::Deserializer::from_slice(value).into_iter::<Option<RawUsage>>();
@@ -65,7 +64,6 @@ impl Usage {
                     _ => None,
                 };
             }
-            from += i + 7;
         }
         None
     }
@@ -125,5 +123,39 @@ mod tests {
         assert_eq!(Usage::find(b"not json \"usage\""), None);
         let u = Usage::find(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#).unwrap();
         assert_eq!(u.total(), 7);
+    }
+
+    /// #19: the reported total wins over input + output; the key is found
+    /// after earlier mentions of the word that are not keys; both
+    /// dialects' names; huge counts saturate.
+    #[test]
+    fn total_and_key_search() {
+        let u = |i, o, t| Usage {
+            input_tokens: i,
+            output_tokens: o,
+            total_tokens: t,
+        };
+        assert_eq!(u(3, 4, 10).total(), 10);
+        assert_eq!(u(3, 4, 1).total(), 1);
+        assert_eq!(u(3, 4, 0).total(), 7);
+        assert_eq!(u(u32::MAX, 4, 0).total(), u32::MAX);
+        assert_eq!(
+            Usage::find(br#"{"tags":["usage", "usage"] ,"usage" : {"prompt_tokens":5,"completion_tokens":6}}"#),
+            Some(u(5, 6, 0))
+        );
+        assert_eq!(
+            Usage::find(br#"{"usage":{"input_tokens":1},"x":{"usage":{"input_tokens":2}}}"#),
+            Some(u(1, 0, 0))
+        );
+        assert_eq!(Usage::find(br#""usage""#), None);
+        assert_eq!(Usage::find(br#""usage":"#), None);
+        assert_eq!(
+            Usage::find(br#"{"usage":{"output_tokens":99999999999}}"#),
+            Some(u(0, u32::MAX, 0))
+        );
+        assert_eq!(
+            Usage::find(br#"{"usage":{"input_tokens":null,"total_tokens":4}}"#),
+            Some(u(0, 0, 4))
+        );
     }
 }

@@ -888,6 +888,338 @@ mod tests {
         }
     }
 
+    fn trip_now(c: &Circuit, cfg: &Config, now: Instant) -> Transition {
+        loop {
+            let t = pass(c, cfg, now);
+            if let Some(tr) = c.record(cfg, t, Verdict::Failure, || now) {
+                return tr;
+            }
+        }
+    }
+
+    fn gen_of(c: &Circuit) -> u64 {
+        generation(c.word.load(Ordering::Acquire))
+    }
+
+    /// #19: the clock is read only off the closed fast path and when a
+    /// call trips the circuit.
+    #[test]
+    fn the_clock_is_read_only_when_needed() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let no_clock = || -> Instant { panic!("the clock was read") };
+        for v in [
+            Verdict::Success,
+            Verdict::Failure,
+            Verdict::Ignore,
+            Verdict::Failure,
+        ] {
+            let (Admit::Pass(t), None) = c.admit(&cfg, no_clock) else {
+                panic!("closed circuits admit");
+            };
+            assert!(c.record(&cfg, t, v, no_clock).is_none());
+        }
+        let t = pass(&c, &cfg, t0);
+        let mut read = 0;
+        let tr = c.record(&cfg, t, Verdict::Failure, || {
+            read += 1;
+            t0
+        });
+        assert_eq!((tr.map(|t| t.to), read), (Some(State::Open), 1));
+    }
+
+    /// #19: every change of state moves to a new generation, so no ticket
+    /// of an earlier state is ever taken for one of the current state.
+    #[test]
+    fn generations_only_grow() {
+        let mut cfg = cfg();
+        cfg.half_open_probes = 2;
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let mut seen = vec![gen_of(&c)];
+        let mut step = |c: &Circuit| {
+            let g = gen_of(c);
+            assert!(g > *seen.last().unwrap(), "{seen:?} then {g}");
+            seen.push(g);
+        };
+        trip_now(&c, &cfg, t0);
+        step(&c);
+        let probe = pass(&c, &cfg, t0 + 5 * S);
+        step(&c);
+        let late_probe = pass(&c, &cfg, t0 + 5 * S);
+        c.record(&cfg, probe, Verdict::Success, || t0 + 5 * S)
+            .unwrap();
+        step(&c);
+        c.force(State::ForcedOpen).unwrap();
+        step(&c);
+        c.force(State::ForcedClosed).unwrap();
+        step(&c);
+        c.force(State::Closed).unwrap();
+        step(&c);
+        // A probe of an earlier half-open does not close a later one.
+        trip_now(&c, &cfg, t0 + 6 * S);
+        step(&c);
+        let _current = pass(&c, &cfg, t0 + 20 * S);
+        step(&c);
+        assert_eq!(c.state(), State::HalfOpen);
+        assert!(
+            c.record(&cfg, late_probe, Verdict::Success, || t0 + 20 * S)
+                .is_none()
+        );
+        assert!(
+            c.record(&cfg, late_probe, Verdict::Failure, || t0 + 20 * S)
+                .is_none()
+        );
+        assert_eq!(c.state(), State::HalfOpen);
+    }
+
+    /// #19: both triggers at once still trip; the window counts past 64
+    /// calls; idle means closed with nothing counted.
+    #[test]
+    fn triggers_windows_and_idleness() {
+        let mut cfg = cfg();
+        cfg.failure_rate = Some(FailureRate::new(1.0).unwrap().min_calls(3));
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        assert!(c.is_idle());
+        for _ in 0..2 {
+            let t = pass(&c, &cfg, t0);
+            assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_none());
+            assert!(!c.is_idle());
+        }
+        // The third failure meets both the streak and the rate.
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_some());
+        assert!(!c.is_idle());
+
+        // A window of 130 calls: bits beyond the first word count.
+        let mut cfg = cfg.clone();
+        cfg.consecutive_failures = None;
+        cfg.failure_rate = Some(
+            FailureRate::new(0.5)
+                .unwrap()
+                .window(NonZeroU32::new(130).unwrap())
+                .min_calls(130),
+        );
+        let c = Circuit::new(&cfg, t0);
+        for i in 0..129 {
+            let v = if i % 2 == 0 {
+                Verdict::Failure
+            } else {
+                Verdict::Success
+            };
+            let t = pass(&c, &cfg, t0);
+            assert!(c.record(&cfg, t, v, || t0).is_none(), "call {i}");
+        }
+        assert_eq!(c.counts(), (129, 65, 1));
+        // A success resets the streak but the window still holds failures.
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Success, || t0).is_none());
+        assert_eq!(c.counts(), (130, 65, 0));
+        assert!(!c.is_idle());
+        // The 131st call replaces the first (a failure) with a success.
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Success, || t0).is_none());
+        assert_eq!(c.counts(), (130, 64, 0));
+        // One more failure brings the rate to one half: the circuit trips.
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_some());
+        // Without a window, idleness is the streak alone.
+        let mut cfg = cfg.clone();
+        cfg.failure_rate = None;
+        cfg.consecutive_failures = NonZeroU32::new(5);
+        let c = Circuit::new(&cfg, t0);
+        let t = pass(&c, &cfg, t0);
+        c.record(&cfg, t, Verdict::Failure, || t0);
+        assert!(!c.is_idle());
+        assert_eq!(c.counts(), (0, 0, 1));
+        let t = pass(&c, &cfg, t0);
+        c.record(&cfg, t, Verdict::Success, || t0);
+        assert!(c.is_idle());
+    }
+
+    /// #19: what forcing resets, and the trips it reports.
+    #[test]
+    fn forcing_resets_and_reports() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        // Releasing a closed circuit clears its counts.
+        for _ in 0..2 {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, Verdict::Failure, || t0);
+        }
+        assert!(c.force(State::Closed).is_none());
+        assert!(c.is_idle());
+        let t = pass(&c, &cfg, t0);
+        assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_none());
+        // Forcing open keeps the trips; releasing clears them.
+        let c = Circuit::new(&cfg, t0);
+        assert_eq!(trip_now(&c, &cfg, t0).trips, 1);
+        let tr = c.force(State::ForcedOpen).unwrap();
+        assert_eq!(
+            (tr.from, tr.to, tr.trips, tr.open_for),
+            (State::Open, State::ForcedOpen, 1, None)
+        );
+        assert_eq!(c.open_remaining(t0), None);
+        let tr = c.force(State::Closed).unwrap();
+        assert_eq!(
+            (tr.from, tr.to, tr.trips),
+            (State::ForcedOpen, State::Closed, 0)
+        );
+        let tr = trip_now(&c, &cfg, t0);
+        assert_eq!((tr.trips, tr.open_for), (1, Some(5 * S)));
+        // Forced open rejects without a wait; forced closed passes quietly.
+        c.force(State::ForcedOpen);
+        assert_eq!(
+            c.admit(&cfg, || t0).0,
+            Admit::Reject {
+                retry_after: None,
+                state: State::ForcedOpen
+            }
+        );
+        c.force(State::ForcedClosed);
+        assert_eq!(pass(&c, &cfg, t0), Ticket::Quiet);
+        assert!(c.force(State::ForcedClosed).is_none());
+        assert_eq!(c.state(), State::ForcedClosed);
+    }
+
+    /// #19: the half-open admission under the lock, whatever state it
+    /// finds (another thread may have moved the circuit meanwhile).
+    #[test]
+    fn half_open_admission_in_every_state() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let admit = |c: &Circuit| c.admit_half_open(&cfg, &mut c.lock());
+        assert_eq!(admit(&c), Admit::Pass(Ticket::Closed(0)));
+        c.force(State::ForcedClosed);
+        assert_eq!(admit(&c), Admit::Pass(Ticket::Quiet));
+        c.force(State::ForcedOpen);
+        assert_eq!(
+            admit(&c),
+            Admit::Reject {
+                retry_after: None,
+                state: State::ForcedOpen
+            }
+        );
+        c.force(State::Closed);
+        // The slow path admits a circuit found closed as the fast path does.
+        assert_eq!(
+            c.admit_slow(&cfg, t0),
+            (Admit::Pass(c.closed_ticket().unwrap()), None)
+        );
+        trip_now(&c, &cfg, t0);
+        assert_eq!(
+            admit(&c),
+            Admit::Reject {
+                retry_after: None,
+                state: State::Open
+            }
+        );
+    }
+
+    /// #19: a success clears the failure it replaces in the window, also
+    /// when that failure is the only one left in its word.
+    #[test]
+    fn successes_clear_the_failures_they_replace() {
+        let mut cfg = cfg();
+        cfg.consecutive_failures = None;
+        cfg.failure_rate = Some(
+            FailureRate::new(1.0)
+                .unwrap()
+                .window(NonZeroU32::new(4).unwrap())
+                .min_calls(100),
+        );
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let verdicts = [
+            Verdict::Failure,
+            Verdict::Success,
+            Verdict::Success,
+            Verdict::Success,
+            Verdict::Success,
+        ];
+        let mut counts = Vec::new();
+        for v in verdicts {
+            let t = pass(&c, &cfg, t0);
+            c.record(&cfg, t, v, || t0);
+            counts.push(c.counts());
+        }
+        assert_eq!(
+            counts,
+            [(1, 1, 1), (2, 1, 0), (3, 1, 0), (4, 1, 0), (4, 0, 0)]
+        );
+        assert!(c.is_idle());
+    }
+
+    /// #19: a failed probe in the degraded state keeps the pace: the next
+    /// admission waits for the rate interval.
+    #[test]
+    fn degraded_again_keeps_the_pace() {
+        let mut cfg = cfg();
+        cfg.action = TripAction::degrade();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let tr = trip_now(&c, &cfg, t0);
+        assert_eq!(
+            (tr.from, tr.to, tr.open_for),
+            (State::Closed, State::Degraded, Some(5 * S))
+        );
+        assert_eq!(c.open_remaining(t0 + S), Some(4 * S));
+        let at = t0 + 5 * S;
+        let probe = pass(&c, &cfg, at);
+        assert!(matches!(probe, Ticket::Probe(_)));
+        let ms = Duration::from_millis;
+        c.record(&cfg, probe, Verdict::Failure, || at + ms(10))
+            .unwrap();
+        assert_eq!(rejected(&c, &cfg, at + ms(20)), Some(ms(180)));
+        assert_eq!(pass(&c, &cfg, at + ms(200)), Ticket::Quiet);
+        assert_eq!(c.open_remaining(at + ms(10)), Some(10 * S));
+        // An abandoned probe of a degraded circuit changes nothing.
+        let at = at + ms(10) + 10 * S;
+        let probe = pass(&c, &cfg, at);
+        assert!(c.record(&cfg, probe, Verdict::Ignore, || at).is_none());
+        assert_eq!(c.state(), State::Degraded);
+        // Degrading after a close starts a fresh pace.
+        let probe = pass(&c, &cfg, at + S);
+        c.record(&cfg, probe, Verdict::Success, || at + S).unwrap();
+        trip_now(&c, &cfg, at + S);
+        assert_eq!(pass(&c, &cfg, at + S), Ticket::Quiet);
+    }
+
+    #[test]
+    fn verdicts_of_slow_calls_and_debug() {
+        use crate::classify::PermanentReason;
+        let f = Outcome::is_transient as fn(&Outcome) -> bool;
+        let perm = Outcome::Permanent {
+            reason: PermanentReason::Auth,
+        };
+        assert_eq!(Verdict::of(&perm, f, true), Verdict::Success);
+        assert_eq!(Verdict::of(&Outcome::TRANSIENT, f, true), Verdict::Failure);
+        assert_eq!(Verdict::of(&Outcome::Success, f, false), Verdict::Success);
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        let t = pass(&c, &cfg, t0);
+        c.record(&cfg, t, Verdict::Failure, || t0);
+        assert_eq!(
+            format!("{c:?}"),
+            "Circuit { state: Closed, calls: 1, failures: 1, consecutive: 1 }"
+        );
+        assert_eq!(
+            (
+                pack(DEGRADED, 5),
+                mode(pack(DEGRADED, 5)),
+                generation(pack(DEGRADED, 5))
+            ),
+            (43, DEGRADED, 5)
+        );
+        assert_eq!(nanos(t0 + S, t0), 0);
+        assert_eq!(nanos(t0, t0 + S), 1_000_000_000);
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Admit,

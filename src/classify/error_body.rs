@@ -47,6 +47,11 @@ impl ErrorInfo {
     /// A success body parses to an `ErrorInfo` for which
     /// [`ErrorInfo::is_error`] is false.
     pub fn parse(json: &[u8]) -> Option<ErrorInfo> {
+        // serde reads a struct from a JSON array too (`["x"]` would be a
+        // `code`): only an object is an error body.
+        if !json.trim_ascii_start().starts_with(b"{") {
+            return None;
+        }
         let raw: Raw<'_> = serde_json::from_slice(json).ok()?;
         let mut info = ErrorInfo {
             code: raw.code.as_ref().and_then(value_str),

@@ -402,3 +402,698 @@ proptest! {
         let _ = c.classify(StatusCode::from_u16(status).unwrap(), &HeaderMap::new(), body.as_bytes());
     }
 }
+
+/// #19: every alternative of `by_code` decides on its own. At status 200
+/// the status fallback is `Permanent(Other)`, and with no status it is
+/// transient, so a code that is not recognised shows.
+#[test]
+fn every_code_decides_on_its_own() {
+    let c = Classifier::new();
+    let rows: &[(&str, &str, Outcome, bool)] = &[
+        (
+            "AllocationQuota.FreeTierOnly",
+            "x",
+            perm(P::FreeQuotaExhausted),
+            true,
+        ),
+        ("Throttling.AllocationQuota", "x", thr(T::Tokens), true),
+        ("insufficient_quota", "x", thr(T::Tokens), true),
+        (
+            "Throttling.AllocationQuota",
+            "Free allocated quota exceeded.",
+            perm(P::FreeQuotaExhausted),
+            true,
+        ),
+        (
+            "Throttling.AllocationQuota",
+            "The free tier of the model has been exhausted.",
+            perm(P::FreeQuotaExhausted),
+            true,
+        ),
+        (
+            "insufficient_quota",
+            "Your free quota is used up.",
+            perm(P::FreeQuotaExhausted),
+            true,
+        ),
+        ("Throttling.BurstRate", "x", thr(T::Burst), true),
+        ("limit_burst_rate", "x", thr(T::Burst), true),
+        (
+            "Throttling.User",
+            "Request rate increased too quickly.",
+            thr(T::Burst),
+            false,
+        ),
+        ("Throttling.RateQuota", "x", thr(T::Requests), true),
+        ("limit_requests", "x", thr(T::Requests), true),
+        ("rate_limit_exceeded", "x", thr(T::Requests), true),
+        ("Throttling", "x", thr(T::Unknown), true),
+        ("concurrency_limit_exceeded", "x", thr(T::Unknown), true),
+        ("Throttling.User", "x", thr(T::Unknown), false),
+        ("Arrearage", "x", perm(P::Billing), true),
+        ("PrepaidBillOverdue", "x", perm(P::Billing), false),
+        ("billing_hard_limit_reached", "x", perm(P::Billing), true),
+        ("InvalidApiKey", "x", perm(P::Auth), true),
+        ("invalid_api_key", "x", perm(P::Auth), true),
+        ("authentication_error", "x", perm(P::Auth), true),
+        ("AccessDenied", "x", perm(P::AccessDenied), false),
+        (
+            "AccessDenied.Unpurchased",
+            "x",
+            perm(P::AccessDenied),
+            false,
+        ),
+        ("Model.AccessDenied", "x", perm(P::AccessDenied), true),
+        ("model_access_denied", "x", perm(P::AccessDenied), true),
+        ("permission_denied", "x", perm(P::AccessDenied), true),
+        ("Model.NotExist", "x", perm(P::ModelNotFound), true),
+        ("model_not_found", "x", perm(P::ModelNotFound), true),
+        ("ModelNotFound", "x", perm(P::ModelNotFound), true),
+        (
+            "InvalidParameter",
+            "Model not exist.",
+            perm(P::ModelNotFound),
+            false,
+        ),
+        (
+            "invalid_parameter_error",
+            "Model not exist.",
+            perm(P::ModelNotFound),
+            true,
+        ),
+        (
+            "invalid_request_error",
+            "Model not exist.",
+            perm(P::InvalidRequest),
+            true,
+        ),
+        ("DataInspectionFailed", "x", perm(P::ContentFilter), true),
+        ("data_inspection_failed", "x", perm(P::ContentFilter), true),
+        ("content_filter", "x", perm(P::ContentFilter), true),
+        ("request_too_large", "x", perm(P::TooLarge), true),
+        ("RequestTooLarge", "x", perm(P::TooLarge), true),
+        ("InvalidParameter", "x", perm(P::InvalidRequest), false),
+        (
+            "InternalError.Algo.InvalidParameter",
+            "x",
+            perm(P::InvalidRequest),
+            false,
+        ),
+        (
+            "invalid_parameter_error",
+            "x",
+            perm(P::InvalidRequest),
+            true,
+        ),
+        ("invalid_parameter", "x", perm(P::InvalidRequest), true),
+        ("invalid_request_error", "x", perm(P::InvalidRequest), true),
+        (
+            "context_length_exceeded",
+            "x",
+            perm(P::InvalidRequest),
+            true,
+        ),
+        ("InvalidURL", "x", perm(P::InvalidRequest), true),
+        ("BadRequest.EmptyInput", "x", perm(P::InvalidRequest), false),
+        (
+            "InvalidParameter",
+            "This model only support stream mode.",
+            perm(P::StreamOnly),
+            false,
+        ),
+        (
+            "invalid_parameter_error",
+            "The API does not support http call.",
+            perm(P::StreamOnly),
+            true,
+        ),
+        (
+            "BadRequest",
+            "This model only supports stream output.",
+            perm(P::StreamOnly),
+            false,
+        ),
+        (
+            "InternalError",
+            "The engine is currently overloaded.",
+            thr(T::Overloaded),
+            false,
+        ),
+        ("InternalError", "x", Outcome::TRANSIENT, false),
+        ("InternalError.Algo", "x", Outcome::TRANSIENT, false),
+        ("ServiceUnavailable", "x", Outcome::TRANSIENT, true),
+        ("GatewayTimeout", "x", Outcome::TRANSIENT, true),
+        ("gateway_timeout", "x", Outcome::TRANSIENT, true),
+        ("RequestTimeOut", "x", Outcome::TRANSIENT, true),
+        ("Timeout", "x", Outcome::TRANSIENT, true),
+        ("internal_error", "x", Outcome::TRANSIENT, true),
+        ("server_error", "x", Outcome::TRANSIENT, true),
+        ("service_unavailable", "x", Outcome::TRANSIENT, true),
+    ];
+    let h = HeaderMap::new();
+    // The last column: a compatible `type` of that name decides as its
+    // `code` would (codes matched by prefix or part are native only).
+    for (code, message, want, by_type) in rows {
+        let body = native(code, message);
+        let got = c.classify(StatusCode::OK, &h, body.as_bytes());
+        assert_eq!(got, *want, "native {code} {message:?}");
+        if !by_type {
+            continue;
+        }
+        let body = format!(
+            r#"{{"error":{{"message":"{message}","type":"{code}","code":"unrecognised"}}}}"#
+        );
+        let info = ErrorInfo::parse(body.as_bytes()).unwrap();
+        assert_eq!(
+            c.classify_info(None, &info),
+            *want,
+            "compatible type {code} {message:?}"
+        );
+    }
+    let unknown = native("SomethingNew", "x");
+    let info = ErrorInfo::parse(unknown.as_bytes()).unwrap();
+    assert_eq!(c.classify_info(Some(200), &info), perm(P::Other));
+    assert_eq!(c.classify_info(Some(299), &info), perm(P::Other));
+    assert_eq!(c.classify_info(Some(300), &info), perm(P::Other));
+    assert_eq!(c.classify_info(Some(429), &info), thr(T::Unknown));
+    assert_eq!(c.classify_info(None, &info), Outcome::TRANSIENT);
+    // A body that is not an error answers by its status, or success.
+    let ok = ErrorInfo::parse(br#"{"output":{}}"#).unwrap();
+    assert_eq!(c.classify_info(None, &ok), Outcome::Success);
+    assert_eq!(c.classify_info(Some(503), &ok), Outcome::TRANSIENT);
+}
+
+/// #19: an overloaded engine, by a nested kind or by message; before any
+/// throttling code, and after the others.
+#[test]
+fn overloaded_engine() {
+    let c = Classifier::new();
+    let nested = |code: &str, kind: &str, message: &str| {
+        let inner = format!(r#"{{\"error\":{{\"message\":\"{message}\",\"type\":\"{kind}\"}}}}"#);
+        format!(r#"{{"code":"{code}","message":"{inner}"}}"#)
+    };
+    let h = HeaderMap::new();
+    let ok = StatusCode::OK;
+    let o = |body: String| c.classify(ok, &h, body.as_bytes());
+    assert_eq!(
+        o(nested(
+            "Throttling.RateQuota",
+            "EngineOverloadedError",
+            "busy"
+        )),
+        thr(T::Overloaded)
+    );
+    assert_eq!(
+        o(nested("Throttling", "engine_overloaded", "busy")),
+        thr(T::Overloaded)
+    );
+    assert_eq!(
+        o(nested("Throttling.RateQuota", "Other", "busy")),
+        thr(T::Requests)
+    );
+    assert_eq!(
+        o(nested("InternalError", "EngineOverloadedError", "busy")),
+        thr(T::Overloaded)
+    );
+    assert_eq!(
+        o(nested("InvalidParameter", "EngineOverloadedError", "busy")),
+        perm(P::InvalidRequest)
+    );
+    assert_eq!(
+        o(native(
+            "Throttling.RateQuota",
+            "The engine is currently overloaded, please try again later"
+        )),
+        thr(T::Overloaded)
+    );
+    assert_eq!(
+        o(r#"{"error":{"message":"The engine is currently overloaded"}}"#.into()),
+        thr(T::Overloaded)
+    );
+    // No code, a kind that names a limit, and an overloaded engine: the
+    // engine decides first.
+    let mut info = ErrorInfo::parse(b"{}").unwrap();
+    info.kind = Some("limit_requests".into());
+    info.nested_kind = Some("EngineOverloadedError".into());
+    assert_eq!(c.classify_info(Some(200), &info), thr(T::Overloaded));
+    info.nested_kind = None;
+    assert_eq!(c.classify_info(Some(200), &info), thr(T::Requests));
+}
+
+/// #19: what the content type and the first bytes of a body decide.
+#[test]
+fn whole_bodies_by_content_type_and_sniffing() {
+    let c = Classifier::new();
+    let typed = |ct: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static(ct));
+        h
+    };
+    let none = HeaderMap::new();
+    let sse = typed("text/event-stream");
+    // Only the content type says SSE: a body starting with a field the
+    // sniffer does not know (`retry:`).
+    let body = b"retry:100\nevent:error\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n";
+    assert_eq!(c.classify(StatusCode::OK, &sse, body), thr(T::Requests));
+    assert_eq!(c.classify(StatusCode::OK, &none, body), Outcome::Success);
+    // Sniffed by each prefix, after leading whitespace.
+    for body in [
+        &b"id:1\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n"[..],
+        b"event:result\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n",
+        b"data:{\"code\":\"Throttling.RateQuota\"}\n\n",
+        b":HTTP_STATUS/429\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n",
+        b"\n\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n",
+    ] {
+        assert_eq!(
+            c.classify(StatusCode::OK, &none, body),
+            thr(T::Requests),
+            "{body:?}"
+        );
+    }
+    // An error event without a usable payload takes the event's status,
+    // else the response's; a named `ERROR` event counts.
+    assert_eq!(
+        c.classify(
+            StatusCode::OK,
+            &sse,
+            b"event:ERROR\ndata:{\"code\":\"\"}\n\n"
+        ),
+        Outcome::TRANSIENT
+    );
+    assert_eq!(
+        c.classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            &sse,
+            b"event:error\ndata:oops\n\n"
+        ),
+        thr(T::Unknown)
+    );
+    assert_eq!(
+        c.classify(
+            StatusCode::OK,
+            &sse,
+            b"event:error\n:HTTP_STATUS/403\ndata:oops\n\n"
+        ),
+        perm(P::AccessDenied)
+    );
+    // A stream of ordinary frames is its status.
+    let frames = b"data:{\"choices\":[{\"delta\":{\"content\":\"code\"}}]}\n\ndata: [DONE]\n\n";
+    assert_eq!(c.classify(StatusCode::OK, &sse, frames), Outcome::Success);
+    assert_eq!(
+        c.classify(StatusCode::BAD_GATEWAY, &sse, frames),
+        Outcome::TRANSIENT
+    );
+    // A frame that mentions `"code"` without being an error is skipped;
+    // a later error frame decides.
+    let later = b"data:{\"code\":\"\",\"output\":{}}\n\ndata:{\"code\":\"Arrearage\"}\n\n";
+    assert_eq!(c.classify(StatusCode::OK, &sse, later), perm(P::Billing));
+}
+
+/// #19: error events by their status: the event's status decides at 400
+/// and above, otherwise the event is transient.
+#[test]
+fn error_events_without_a_payload() {
+    let c = Classifier::new();
+    let event = |http_status| EventMeta {
+        error_event: true,
+        http_status,
+        data_lines: 0,
+    };
+    assert_eq!(
+        c.classify_event(&event(Some(400)), b"oops"),
+        Some(perm(P::InvalidRequest))
+    );
+    assert_eq!(
+        c.classify_event(&event(Some(429)), b"oops"),
+        Some(thr(T::Unknown))
+    );
+    assert_eq!(
+        c.classify_event(&event(Some(399)), b"oops"),
+        Some(Outcome::TRANSIENT)
+    );
+    assert_eq!(
+        c.classify_event(&event(Some(200)), b"oops"),
+        Some(Outcome::TRANSIENT)
+    );
+    assert_eq!(
+        c.classify_event(&event(None), b"oops"),
+        Some(Outcome::TRANSIENT)
+    );
+    // A status comment of 400 or more flags the frame without `event:error`.
+    let status = |s| EventMeta {
+        error_event: false,
+        http_status: Some(s),
+        data_lines: 0,
+    };
+    assert_eq!(
+        c.classify_event(&status(404), b"oops"),
+        Some(perm(P::NotFound))
+    );
+    assert_eq!(c.classify_event(&status(200), b"oops"), None);
+    // A payload that is an error decides with the event's status.
+    assert_eq!(
+        c.classify_event(&status(200), br#"{"code":"SomethingNew"}"#),
+        Some(perm(P::Other))
+    );
+}
+
+/// #19: where the body limit, the content type and the header facts apply.
+#[test]
+fn limits_content_types_and_header_facts() {
+    let body = native("InvalidApiKey", "Invalid API-key provided.");
+    let h = HeaderMap::new();
+    let s = StatusCode::TOO_MANY_REQUESTS;
+    // A body exactly at the limit is read; one byte more is not.
+    let at = Classifier::new().body_limit(body.len());
+    assert_eq!(at.get_body_limit(), body.len());
+    assert_eq!(at.classify(s, &h, body.as_bytes()), perm(P::Auth));
+    let below = Classifier::new().body_limit(body.len() - 1);
+    assert_eq!(below.classify(s, &h, body.as_bytes()), thr(T::Unknown));
+    // Content types.
+    let c = Classifier::new();
+    let typed = |ct: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static(ct));
+        h
+    };
+    for (ct, json) in [
+        ("application/json", true),
+        ("Application/JSON; charset=utf-8", true),
+        ("application/problem+json", true),
+        ("application/vnd.api+JSON ;x=y", true),
+        ("+json", true),
+        ("json", false),
+        ("a/b", false),
+        ("text/plain", false),
+        ("application/jsonl", false),
+        ("text/event-stream", false),
+    ] {
+        assert_eq!(c.needs_body(StatusCode::OK, &typed(ct)), json, "{ct}");
+        assert!(c.needs_body(StatusCode::BAD_GATEWAY, &typed(ct)), "{ct}");
+    }
+    assert!(!c.needs_body(StatusCode::OK, &h));
+    assert!(c.needs_body(StatusCode::INTERNAL_SERVER_ERROR, &h));
+    assert!(is_event_stream(&typed(" text/event-stream ;charset=utf-8")));
+    assert!(is_event_stream(&typed("TEXT/EVENT-STREAM")));
+    assert!(!is_event_stream(&typed("application/json")));
+    assert!(!is_event_stream(&h));
+    assert_eq!(ContentKind::of(&h), ContentKind::Untyped);
+    assert_eq!(ContentKind::of(&typed("text/plain")), ContentKind::Other);
+    // `x-should-retry` never turns a success into anything else, and never
+    // turns a permanent failure permanent in another way.
+    let mut yes = HeaderMap::new();
+    yes.insert("x-should-retry", HeaderValue::from_static(" TRUE "));
+    let mut no = HeaderMap::new();
+    no.insert("x-should-retry", HeaderValue::from_static("False"));
+    assert_eq!(c.classify(StatusCode::OK, &yes, b"fine"), Outcome::Success);
+    assert_eq!(c.classify(StatusCode::OK, &no, b"fine"), Outcome::Success);
+    assert_eq!(
+        c.classify(StatusCode::OK, &no, br#"{"x":1}"#),
+        Outcome::Success
+    );
+    assert_eq!(
+        c.classify(StatusCode::UNAUTHORIZED, &no, b""),
+        perm(P::Auth)
+    );
+    assert_eq!(
+        c.classify(StatusCode::UNAUTHORIZED, &yes, b""),
+        Outcome::TRANSIENT
+    );
+    assert_eq!(c.classify(s, &no, b""), perm(P::Declined));
+    assert_eq!(
+        c.classify(StatusCode::BAD_GATEWAY, &no, b""),
+        perm(P::Declined)
+    );
+    // A JSON body that mentions neither key still gets the header facts.
+    let mut wait = HeaderMap::new();
+    wait.insert("retry-after", HeaderValue::from_static("7"));
+    assert_eq!(
+        c.classify(StatusCode::SERVICE_UNAVAILABLE, &wait, br#"{"x":1}"#),
+        Outcome::Transient {
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
+    assert_eq!(
+        c.classify(StatusCode::OK, &wait, br#"{"x":1}"#),
+        Outcome::Success
+    );
+    // An over-long body too.
+    assert_eq!(
+        below.classify(StatusCode::SERVICE_UNAVAILABLE, &wait, body.as_bytes()),
+        Outcome::Transient {
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
+    // A wait the body already carries is not replaced by the header's.
+    let o = Outcome::Throttled {
+        cause: T::Requests,
+        retry_after: Some(Duration::from_secs(1)),
+    };
+    assert_eq!(o.with_retry_after(Some(Duration::from_secs(9))), o);
+    let o = Outcome::Transient {
+        retry_after: Some(Duration::from_secs(1)),
+    };
+    assert_eq!(o.with_retry_after(Some(Duration::from_secs(9))), o);
+    assert_eq!(
+        perm(P::Auth).with_retry_after(Some(Duration::from_secs(9))),
+        perm(P::Auth)
+    );
+}
+
+/// #19: zero is a valid wait; the cap applies to both headers.
+#[test]
+fn zero_and_capped_waits() {
+    let c = Classifier::new().max_retry_after(Duration::from_secs(5));
+    assert_eq!(c.get_max_retry_after(), Duration::from_secs(5));
+    let with = |name: &'static str, v: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(v));
+        c.retry_after(&h)
+    };
+    assert_eq!(with("retry-after", "0"), Some(Duration::ZERO));
+    assert_eq!(with("retry-after-ms", "0"), Some(Duration::ZERO));
+    assert_eq!(
+        with("retry-after-ms", "1500"),
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(
+        with("retry-after-ms", "60000"),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(with("retry-after-ms", "-1"), None);
+    assert_eq!(
+        with("retry-after", "4.5"),
+        Some(Duration::from_millis(4500))
+    );
+    assert_eq!(c.retry_after(&HeaderMap::new()), None);
+}
+
+#[test]
+fn outcome_predicates_and_display() {
+    let all = [
+        Outcome::Success,
+        thr(T::Burst),
+        Outcome::Transient {
+            retry_after: Some(Duration::from_secs(2)),
+        },
+        perm(P::Auth),
+    ];
+    let flags: Vec<_> = all
+        .iter()
+        .map(|o| {
+            (
+                o.is_success(),
+                o.is_throttled(),
+                o.is_transient(),
+                o.is_permanent(),
+                o.is_retryable(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            (true, false, false, false, false),
+            (false, true, false, false, true),
+            (false, false, true, false, true),
+            (false, false, false, true, false),
+        ]
+    );
+    let waits: Vec<_> = all.iter().map(Outcome::retry_after).collect();
+    assert_eq!(waits, [None, None, Some(Duration::from_secs(2)), None]);
+    let causes: Vec<_> = all.iter().map(Outcome::throttle_cause).collect();
+    assert_eq!(causes, [None, Some(T::Burst), None, None]);
+    let text: Vec<_> = all.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "success",
+            "throttled (Burst)",
+            "transient failure",
+            "permanent failure (Auth)"
+        ]
+    );
+    assert_eq!(Classifier::default(), Classifier::new());
+}
+
+#[test]
+fn status_table_edges() {
+    let cases = [
+        (100, perm(P::Other)),
+        (199, perm(P::Other)),
+        (200, Outcome::Success),
+        (299, Outcome::Success),
+        (300, perm(P::Other)),
+        (402, perm(P::InvalidRequest)),
+        (422, perm(P::InvalidRequest)),
+        (425, Outcome::TRANSIENT),
+        (499, perm(P::InvalidRequest)),
+        (599, Outcome::TRANSIENT),
+        (600, perm(P::Other)),
+    ];
+    for (s, want) in cases {
+        assert_eq!(by_status(s), want, "{s}");
+    }
+}
+
+#[test]
+fn error_body_fields() {
+    // Numeric codes, `msg`, and an `error` string.
+    let info = ErrorInfo::parse(br#"{"code":401,"msg":"bad key","request_id":"r1"}"#).unwrap();
+    assert_eq!(info.code.as_deref(), Some("401"));
+    assert_eq!(info.message.as_deref(), Some("bad key"));
+    assert_eq!(info.request_id.as_deref(), Some("r1"));
+    assert!(info.is_error());
+    let info = ErrorInfo::parse(br#"{"error":"boom"}"#).unwrap();
+    assert!(info.is_error());
+    assert_eq!(info.message.as_deref(), Some("boom"));
+    let info = ErrorInfo::parse(br#"{"message":"outer","error":"boom"}"#).unwrap();
+    assert_eq!(info.message.as_deref(), Some("outer"));
+    assert!(!ErrorInfo::parse(br#"{"error":""}"#).unwrap().is_error());
+    assert!(
+        !ErrorInfo::parse(br#"{"code":"","error":null}"#)
+            .unwrap()
+            .is_error()
+    );
+    assert!(!ErrorInfo::parse(br#"{"code":true}"#).unwrap().is_error());
+    // Only an object is an error body: serde would read an array as the
+    // struct's fields in order (#19).
+    assert_eq!(ErrorInfo::parse(b"[1]"), None);
+    assert_eq!(ErrorInfo::parse(br#" ["Throttling.RateQuota","x"]"#), None);
+    assert_eq!(
+        Classifier::new().classify_event(&EventMeta::default(), br#"["code","error"]"#),
+        None
+    );
+    assert!(ErrorInfo::parse(b" \n{\"code\":\"X\"}").unwrap().is_error());
+    // Compatible: `code` first, then the outer code, then `type`.
+    let info =
+        ErrorInfo::parse(br#"{"code":"outer","error":{"type":"t","code":"c","message":"m"}}"#)
+            .unwrap();
+    assert_eq!(
+        (
+            info.code.as_deref(),
+            info.kind.as_deref(),
+            info.message.as_deref()
+        ),
+        (Some("c"), Some("t"), Some("m"))
+    );
+    let info = ErrorInfo::parse(br#"{"code":"outer","error":{"type":"t"}}"#).unwrap();
+    assert_eq!(info.code.as_deref(), Some("outer"));
+    let info = ErrorInfo::parse(br#"{"error":{"type":"t","code":null}}"#).unwrap();
+    assert_eq!(info.code.as_deref(), Some("t"));
+    let info = ErrorInfo::parse(br#"{"error":{}}"#).unwrap();
+    assert!(info.is_error());
+    // A kind alone is an error.
+    assert!(!ErrorInfo::default().is_error());
+    let kind = |k: &str| {
+        let mut info = ErrorInfo::parse(b"{}").unwrap();
+        info.kind = Some(k.into());
+        info
+    };
+    assert!(kind("t").is_error());
+    assert!(!kind("").is_error());
+    // Nested JSON in the message: its `type`, else its `code`; its message.
+    let info = ErrorInfo::parse(
+        br#"{"code":"X","message":" {\"type\":\"Inner\",\"code\":\"c\",\"message\":\"deep\"}"}"#,
+    )
+    .unwrap();
+    assert_eq!(info.nested_kind.as_deref(), Some("Inner"));
+    assert_eq!(info.message.as_deref(), Some("deep"));
+    let info = ErrorInfo::parse(br#"{"code":"X","message":"{\"error\":{\"code\":7}}"}"#).unwrap();
+    assert_eq!(info.nested_kind.as_deref(), Some("7"));
+    assert_eq!(info.message.as_deref(), Some("{\"error\":{\"code\":7}}"));
+    let info = ErrorInfo::parse(br#"{"code":"X","message":"{not json"}"#).unwrap();
+    assert_eq!(info.nested_kind, None);
+    let info = ErrorInfo::parse(br#"{"code":"X","message":"[1]"}"#).unwrap();
+    assert_eq!(info.nested_kind, None);
+}
+
+/// #19: the adapters for foreign errors and non-HTTP services.
+#[test]
+fn foreign_errors_and_closures() {
+    #[derive(Debug)]
+    struct Status(u8);
+    impl std::fmt::Display for Status {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "status {}", self.0)
+        }
+    }
+    impl std::error::Error for Status {}
+    let c = Classifier::new()
+        .max_retry_after(Duration::from_secs(3))
+        .on_error(|s: &Status| {
+            if s.0 == 0 {
+                perm(P::NotFound)
+            } else {
+                Outcome::TRANSIENT
+            }
+        });
+    fn of<E: std::fmt::Display + 'static>(
+        c: &impl Classify<http::Response<String>>,
+        err: &E,
+    ) -> Outcome {
+        c.classify_error(err)
+    }
+    assert_eq!(of(&c, &Status(0)), perm(P::NotFound));
+    let boxed: crate::BoxError = Box::new(Status(0));
+    assert_eq!(of(&c, &boxed), perm(P::NotFound));
+    assert_eq!(of(&c, &Status(1)), Outcome::TRANSIENT);
+    assert_eq!(c.get_ref().get_max_retry_after(), Duration::from_secs(3));
+    let copy = c;
+    assert_eq!(of(&copy, &Status(0)), perm(P::NotFound));
+    let text = format!("{c:?}");
+    assert!(text.starts_with("OnError { inner: Classifier {"), "{text}");
+    assert!(text.contains("Status"), "{text}");
+    let f = FnClassifier::new(|n: &u8| {
+        if *n == 0 {
+            Outcome::Success
+        } else {
+            Outcome::TRANSIENT
+        }
+    });
+    assert_eq!(format!("{f:?}"), "FnClassifier { .. }");
+    let g = f.on_error(|_: &Status| perm(P::Other));
+    assert_eq!(g.classify_error(&Status(9)), perm(P::Other));
+    let io = std::io::Error::from(std::io::ErrorKind::TimedOut);
+    assert_eq!(g.classify_error(&io), Outcome::TRANSIENT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = g.observe(
+        1u8,
+        crate::body::Inspect::NOTHING,
+        move |end: crate::body::BodyEnd| {
+            tx.send(end.outcome).unwrap();
+        },
+    );
+    assert_eq!((out, rx.try_recv()), (1, Ok(Outcome::TRANSIENT)));
+}
+
+#[test]
+fn empty_strings_are_no_codes() {
+    let info = ErrorInfo::parse(br#"{"code":"outer","error":{"code":"","type":"t"}}"#).unwrap();
+    assert_eq!(info.code.as_deref(), Some("outer"));
+    let info = ErrorInfo::parse(br#"{"error":{"code":"","type":"t"}}"#).unwrap();
+    assert_eq!(info.code.as_deref(), Some("t"));
+    let info =
+        ErrorInfo::parse(br#"{"code":"X","message":"{\"type\":\"\",\"code\":\"c\"}"}"#).unwrap();
+    assert_eq!(info.nested_kind.as_deref(), Some("c"));
+}

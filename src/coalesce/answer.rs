@@ -433,6 +433,170 @@ mod tests {
         assert!(matches!(err(b"[]", 1), Failure::Error(_)));
     }
 
+    /// #19: what a split keeps of the head, and what it refuses.
+    #[test]
+    fn heads_and_refusals() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Mark(u8);
+        let mut p = parts(200);
+        p.version = Version::HTTP_2;
+        p.extensions.insert(Mark(7));
+        p.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        p.headers
+            .insert("x-request-id", HeaderValue::from_static("r"));
+        let head = Head::new(p);
+        assert_eq!(head.status(), StatusCode::OK);
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!head.headers.contains_key(header::TRANSFER_ENCODING));
+        let res = head.response(Bytes::from_static(b"abc"));
+        assert_eq!(res.version(), Version::HTTP_2);
+        assert_eq!(res.extensions().get::<Mark>(), Some(&Mark(7)));
+        assert_eq!(res.headers()["x-request-id"], "r");
+        assert_eq!(res.headers()["content-length"], "3");
+        assert_eq!(res.body().as_ref(), b"abc");
+
+        let split_err = |body: &'static [u8], protocol, n: usize| {
+            split(parts(200), Bytes::from_static(body), protocol, &vec![1; n]).unwrap_err()
+        };
+        let malformed = |f: Failure| match f.reply() {
+            Err(e) => e
+                .downcast_ref::<BatchFailed>()
+                .is_some_and(|b| b.is_malformed()),
+            Ok(_) => false,
+        };
+        for (body, protocol, n) in [
+            (&b"not json"[..], Protocol::Native, 1),
+            (b"[]", Protocol::Compatible, 1),
+            (br#"{"output":{}}"#, Protocol::Native, 1),
+            (br#"{"output":[]}"#, Protocol::Native, 1),
+            (br#"{"output":{"embeddings":{}}}"#, Protocol::Native, 1),
+            (br#"{"data":[{"index":0}]}"#, Protocol::Compatible, 2),
+            (
+                br#"{"data":[{"index":0},{"index":1},{"index":2}]}"#,
+                Protocol::Compatible,
+                2,
+            ),
+            (br#"{"data":[{"index":"0"}]}"#, Protocol::Compatible, 1),
+            (br#"{"data":[{"index":-1}]}"#, Protocol::Compatible, 1),
+            (br#"{"data":[{"index":1}]}"#, Protocol::Compatible, 1),
+            (br#"{"data":[7]}"#, Protocol::Compatible, 1),
+            (
+                br#"{"data":[{"index":1},{"index":1}]}"#,
+                Protocol::Compatible,
+                2,
+            ),
+            // A native list under the compatible key, and the reverse.
+            (br#"{"data":[{"index":0}]}"#, Protocol::Native, 1),
+            (
+                br#"{"output":{"embeddings":[{"text_index":0}]}}"#,
+                Protocol::Compatible,
+                1,
+            ),
+        ] {
+            let got = split_err(body, protocol, n);
+            assert!(malformed(got), "{}", String::from_utf8_lossy(body));
+        }
+        // A business error in a 200 goes to every caller as it came.
+        let error = br#"{"code":"InternalError","message":"boom"}"#;
+        match split_err(error, Protocol::Native, 1).reply() {
+            Ok(res) => {
+                assert_eq!(res.status(), StatusCode::OK);
+                assert_eq!(res.body().as_ref(), error);
+                assert_eq!(
+                    res.headers()["content-length"],
+                    error.len().to_string().as_str()
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// #19: items without an index are taken in order; only integer
+    /// `usage` fields are split; answers without `usage` join with ones
+    /// that have it.
+    #[test]
+    fn positions_and_usage_fields() {
+        let body = Bytes::from_static(
+            br#"{"data":[{"embedding":[1]},{"embedding":[2]},{"embedding":[3]}],"usage":{"prompt_tokens":10,"total_tokens":10,"unit":"tokens","ratio":0.5}}"#,
+        );
+        let pieces = split(parts(200), body, Protocol::Compatible, &[1, 0, 1]).unwrap();
+        let shares: Vec<_> = pieces.iter().map(|p| p.usage.clone()).collect();
+        assert_eq!(shares, [vec![5, 5], vec![0, 0], vec![5, 5]]);
+        let v = json(&render(pieces));
+        assert_eq!(
+            v["data"],
+            serde_json::json!([
+                {"embedding":[1],"index":0},
+                {"embedding":[2],"index":1},
+                {"embedding":[3],"index":2},
+            ])
+        );
+        assert_eq!(
+            v["usage"],
+            serde_json::json!({"prompt_tokens":10,"total_tokens":10,"unit":"tokens","ratio":0.5})
+        );
+        // The first answer has no usage; the second one's shares are kept.
+        let bare = Bytes::from_static(br#"{"data":[{"index":0,"embedding":[1]}],"model":"a"}"#);
+        let counted = Bytes::from_static(
+            br#"{"data":[{"index":0,"embedding":[2]},{"index":1,"embedding":[3]}],"usage":{"total_tokens":6}}"#,
+        );
+        let mut all = split(parts(200), bare, Protocol::Compatible, &[1]).unwrap();
+        all.extend(split(parts(200), counted, Protocol::Compatible, &[1, 2]).unwrap());
+        let v = json(&render(all));
+        assert_eq!(v["model"], "a");
+        assert_eq!(v["usage"], serde_json::json!({"total_tokens":6}));
+        assert_eq!(v["data"][2], serde_json::json!({"index":2,"embedding":[3]}));
+        // No usage anywhere: none is made up.
+        let bare = Bytes::from_static(br#"{"data":[{"index":0,"embedding":[1]}]}"#);
+        let v = json(&render(
+            split(parts(200), bare, Protocol::Compatible, &[1]).unwrap(),
+        ));
+        assert_eq!(v.get("usage"), None);
+    }
+
+    #[test]
+    fn apportion_ties_and_remainders() {
+        // The largest remainder gets the unit left over...
+        assert_eq!(apportion(10, &[1, 2]), vec![3, 7]);
+        assert_eq!(apportion(10, &[2, 1]), vec![7, 3]);
+        // ...the earlier text on ties, one unit each at most.
+        assert_eq!(apportion(5, &[1, 1, 1]), vec![2, 2, 1]);
+        assert_eq!(apportion(2, &[1, 1, 1, 1]), vec![1, 1, 0, 0]);
+        assert_eq!(apportion(3, &[0, 0, 0, 0]), vec![1, 1, 1, 0]);
+        assert_eq!(apportion(6, &[1, 1, 1]), vec![2, 2, 2]);
+        assert_eq!(apportion(1, &[0, 5]), vec![0, 1]);
+        assert_eq!(apportion(7, &[4]), vec![7]);
+    }
+
+    #[test]
+    fn size_error_statuses_and_numbers() {
+        let native = br#"{"code":"InvalidParameter","message":"Batch size is invalid, it should not be larger than 25."}"#;
+        for (status, want) in [
+            (StatusCode::BAD_REQUEST, Some(Some(25))),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some(Some(25))),
+            (StatusCode::OK, Some(Some(25))),
+            (StatusCode::NOT_FOUND, None),
+            (StatusCode::INTERNAL_SERVER_ERROR, None),
+        ] {
+            assert_eq!(batch_size_error(status, native), want, "{status}");
+        }
+        let zero =
+            br#"{"code":"InvalidParameter","message":"batch size should not be larger than 0"}"#;
+        assert_eq!(batch_size_error(StatusCode::BAD_REQUEST, zero), Some(None));
+        // Not an error, or no message: not a size refusal.
+        let ok = br#"{"output":{},"message":"batch size 10"}"#;
+        assert_eq!(batch_size_error(StatusCode::OK, ok), None);
+        let bare = br#"{"code":"InvalidParameter"}"#;
+        assert_eq!(batch_size_error(StatusCode::BAD_REQUEST, bare), None);
+        assert_eq!(
+            batch_size_error(StatusCode::BAD_REQUEST, b"batch size 3"),
+            None
+        );
+    }
+
     #[test]
     fn size_errors() {
         let native = br#"{"code":"InvalidParameter","message":"batch size is invalid, it should not be larger than 10.","request_id":"x"}"#;

@@ -296,6 +296,106 @@ mod tests {
         assert_eq!(b.wait(1, &o, &mut SeededRng::new(1)), S(60));
     }
 
+    /// #19: each setter is read, and each bound is inclusive where the
+    /// docs say so.
+    #[test]
+    fn setters_and_bounds() {
+        let t = |cause| Outcome::throttled(cause);
+        let b = Backoff::new()
+            .jitter(false)
+            .requests_floor(S(3))
+            .tokens_floor(S(2))
+            .burst_floor(S(7))
+            .max_wait(S(20));
+        let mut rng = SeededRng::new(1);
+        assert_eq!(b.wait(1, &t(ThrottleCause::Requests), &mut rng), MS(3500));
+        assert_eq!(b.wait(2, &t(ThrottleCause::Tokens), &mut rng), S(5));
+        assert_eq!(b.wait(1, &t(ThrottleCause::Burst), &mut rng), MS(7500));
+        assert_eq!(b.wait(2, &t(ThrottleCause::Burst), &mut rng), S(15));
+        assert_eq!(b.wait(3, &t(ThrottleCause::Burst), &mut rng), S(20));
+        let server = Outcome::Transient {
+            retry_after: Some(S(30)),
+        };
+        assert_eq!(b.wait(1, &server, &mut rng), S(20));
+        // A base equal to the cap is a constant schedule.
+        let flat = Backoff::exponential(S(1), 3.0, S(1)).unwrap().jitter(false);
+        assert_eq!(flat.exponential_part(1), S(1));
+        assert_eq!(flat.exponential_part(5), S(1));
+        let b = Backoff::exponential(MS(125), 4.0, S(10))
+            .unwrap()
+            .jitter(false);
+        let parts: Vec<_> = (1..=5).map(|n| b.exponential_part(n)).collect();
+        assert_eq!(parts, [MS(125), MS(500), S(2), S(8), S(10)]);
+        assert_eq!(b.exponential_part(0), MS(125));
+        assert_eq!(b.exponential_part(u32::MAX), S(10));
+        // A factor so large that the power is infinite: the cap.
+        let huge = Backoff::exponential(MS(1), f64::MAX, S(10)).unwrap();
+        assert_eq!(huge.exponential_part(3), S(10));
+        // Floors double from the first retry on and stop doubling at 2^16.
+        let b = Backoff::new().tokens_floor(MS(1)).max_wait(Duration::MAX);
+        assert_eq!(b.floor(1, &t(ThrottleCause::Tokens)), MS(1));
+        assert_eq!(b.floor(17, &t(ThrottleCause::Tokens)), MS(65_536));
+        assert_eq!(b.floor(40, &t(ThrottleCause::Tokens)), MS(65_536));
+        assert_eq!(b.floor(3, &Outcome::TRANSIENT), Duration::ZERO);
+        assert_eq!(b.floor(3, &Outcome::Success), Duration::ZERO);
+    }
+
+    #[test]
+    fn jitter_draws_from_the_rng() {
+        /// An RNG that always answers `x`.
+        struct Fixed(f64);
+        impl crate::util::rng::Rng for Fixed {
+            fn next_u64(&mut self) -> u64 {
+                (self.0 * (1u64 << 53) as f64) as u64
+            }
+            fn next_f64(&mut self) -> f64 {
+                self.0
+            }
+        }
+        let b = Backoff::new();
+        let o = Outcome::Throttled {
+            cause: ThrottleCause::Requests,
+            retry_after: Some(S(10)),
+        };
+        // The server's wait plus up to a tenth more.
+        assert_eq!(b.wait(1, &o, &mut Fixed(0.5)), S(10) + MS(500));
+        assert_eq!(b.wait(1, &o, &mut Fixed(0.0)), S(10));
+        // Full jitter on the exponential part, on top of the floor.
+        let t = Outcome::throttled(ThrottleCause::Requests);
+        assert_eq!(b.wait(4, &t, &mut Fixed(0.25)), S(1) + S(1));
+        assert_eq!(b.wait(4, &Outcome::TRANSIENT, &mut Fixed(0.75)), S(3));
+    }
+
+    #[test]
+    fn debug_and_errors_read_well() {
+        let text = format!("{:?}", Backoff::default());
+        for field in [
+            "base: 500ms",
+            "factor: 2.0",
+            "cap: 8s",
+            "jitter: true",
+            "requests_floor: 1s",
+            "tokens_floor: 1s",
+            "burst_floor: 5s",
+            "max_wait: 60s",
+        ] {
+            assert!(text.contains(field), "{text}");
+        }
+        assert_eq!(Backoff::default(), Backoff::new());
+        let err = Backoff::exponential(Duration::ZERO, 2.0, S(1)).unwrap_err();
+        assert_eq!(err.to_string(), "invalid backoff: base must be positive");
+        let err = Backoff::exponential(S(2), 2.0, S(1)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backoff: base must not exceed the cap"
+        );
+        let err = Backoff::exponential(S(1), 0.99, S(2)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backoff: factor must be a finite number of at least 1"
+        );
+    }
+
     proptest! {
         #[test]
         fn waits_are_bounded_and_respect_floors(

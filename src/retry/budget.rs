@@ -347,6 +347,127 @@ mod tests {
         assert_eq!(b.balance(o), 40_000);
     }
 
+    /// #19: the window's bounds are inclusive; the reserve and the deposit
+    /// follow the configuration; the counters count.
+    #[test]
+    fn configuration_and_counters() {
+        let o = crate::time::now();
+        assert!(Budget::new_at(Duration::from_secs(1), 1, 0.2, o).is_ok());
+        assert!(Budget::new_at(Duration::from_secs(60), 1, 0.2, o).is_ok());
+        assert!(Budget::new_at(Duration::from_millis(60_001), 1, 0.2, o).is_err());
+        assert!(Budget::new_at(Duration::from_secs(10), 1, 0.0, o).is_ok());
+        assert!(Budget::new_at(Duration::from_secs(10), 1, f32::INFINITY, o).is_err());
+        let err = Budget::new_at(Duration::ZERO, 1, 0.2, o).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid retry budget: window must be between 1 and 60 seconds"
+        );
+        let err = Budget::new_at(Duration::from_secs(1), 1, -1.0, o).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid retry budget: ratio must be between 0 and 10"
+        );
+        // 2 per second over 5 s: 10 in reserve.
+        let b = Budget::new_at(Duration::from_secs(5), 2, 0.5, o).unwrap();
+        assert_eq!(b.balance(o), 10);
+        // Two requests at half a retry each pay for one.
+        b.deposit(o);
+        assert_eq!(b.balance(o), 10);
+        b.deposit(o);
+        assert_eq!(b.balance(o), 11);
+        for _ in 0..11 {
+            assert!(b.withdraw(at(o, 100)));
+        }
+        assert!(!b.withdraw(at(o, 100)));
+        assert!(!b.withdraw(at(o, 200)));
+        assert_eq!((b.withdrawn(), b.denied()), (11, 2));
+        assert_eq!(b.balance(at(o, 200)), 0);
+        let text = format!("{b:?}");
+        assert_eq!(
+            text,
+            "Budget { window: 5s, reserve: 10.0, ratio: 0.5, denied: 2 }"
+        );
+        // Clones share the budget.
+        let c = b.clone();
+        assert!(!c.withdraw(at(o, 300)));
+        assert_eq!(b.denied(), 3);
+        assert_eq!(Budget::default().balance(crate::time::now()), 10);
+    }
+
+    /// #19: a deposit counts for exactly one window (ten slots), and a
+    /// balance below zero reads as none.
+    #[test]
+    fn a_deposit_lasts_one_window() {
+        let o = crate::time::now();
+        let b = Budget::new_at(Duration::from_secs(10), 0, 1.0, o).unwrap();
+        b.deposit(at(o, 1_500));
+        assert_eq!(b.balance(o), 0);
+        assert_eq!(b.balance(at(o, 1_500)), 1);
+        assert_eq!(b.balance(at(o, 10_999)), 1);
+        assert_eq!(b.balance(at(o, 11_000)), 0);
+        // The deposit of slot 11 expires at slot 21, the withdrawal of
+        // slot 16 at slot 26: in between the balance is below zero.
+        b.deposit(at(o, 11_000));
+        assert!(b.withdraw(at(o, 16_000)));
+        assert_eq!(b.balance(at(o, 20_999)), 0);
+        assert_eq!(b.balance(at(o, 21_000)), 0);
+        b.deposit(at(o, 22_000));
+        assert_eq!(b.balance(at(o, 22_000)), 0);
+        assert_eq!(b.balance(at(o, 26_000)), 1);
+    }
+
+    #[test]
+    fn pack_saturates_and_masks() {
+        let big = (1i64 << 39) - 1;
+        assert_eq!(unpack(pack(3, i64::MAX)), (3, big));
+        assert_eq!(unpack(pack(3, i64::MIN)), (3, -big - 1));
+        assert_eq!(unpack(pack((1 << 24) | 5, -7)), (5, -7));
+        assert_eq!(pack(1, -1), (1 << 40) | ((1 << 40) - 1));
+        assert_eq!(unpack(u64::MAX), ((1 << 24) - 1, -1));
+    }
+
+    /// #19: one warning when the budget runs out, one note when it is
+    /// back, however many retries are denied in between.
+    #[test]
+    fn exhaustion_is_logged_once_per_episode() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Log(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Log {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let o = crate::time::now();
+        let b = Budget::new_at(Duration::from_secs(1), 1, 0.0, o).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(b.withdraw(o));
+            assert!(!b.withdraw(o));
+            assert!(!b.withdraw(o));
+            assert!(b.is_exhausted());
+            assert!(b.withdraw(at(o, 1_000)));
+            assert!(!b.is_exhausted());
+            assert!(!b.withdraw(at(o, 1_000)));
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("retry budget exhausted").count(), 2, "{text}");
+        assert_eq!(text.matches("available again").count(), 1, "{text}");
+        let first_warn = text.find("exhausted").unwrap();
+        let back = text.find("available again").unwrap();
+        assert!(first_warn < back, "{text}");
+    }
+
     proptest! {
         /// Over any single window, retries granted never exceed
         /// reserve + ratio × requests (the property the layer's outage test
