@@ -378,6 +378,9 @@ mod tests {
         s.feed(b"data:", |_, _| n += 1);
         s.feed(&big, |_, _| n += 1);
         assert!(s.carry.is_empty());
+        // More of the same line keeps nothing either (#19).
+        s.feed(b"more", |_, _| n += 1);
+        assert!(s.carry.is_empty());
         s.feed(b"tail\ndata:ok\n", |d, _| {
             assert_eq!(d, b"ok");
             n += 1

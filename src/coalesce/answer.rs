@@ -449,6 +449,7 @@ mod tests {
             .insert("x-request-id", HeaderValue::from_static("r"));
         let head = Head::new(p);
         assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(Head::new(parts(400)).status(), StatusCode::BAD_REQUEST);
         assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
         assert!(!head.headers.contains_key(header::TRANSFER_ENCODING));
         let res = head.response(Bytes::from_static(b"abc"));
