@@ -457,6 +457,24 @@ mod tests {
         }
     }
 
+    /// #19: the limit counts the carried part and the rest together.
+    #[test]
+    fn the_limit_counts_both_parts_of_a_cut_line() {
+        for (first, rest, kept) in [
+            (&b"d"[..], &b"ata:123\n"[..], true),
+            (b"d", b"ata:1234\n", false),
+            (b"data:", b"123\n", true),
+            (b"data:", b"1234\n", false),
+        ] {
+            let mut s = SseScanner::new().max_line(8);
+            let mut got = 0;
+            s.feed(first, |_, _| got += 1);
+            s.feed(rest, |_, _| got += 1);
+            s.feed(b"data:x\n", |_, _| got += 1);
+            assert_eq!(got, if kept { 2 } else { 1 }, "{first:?} {rest:?}");
+        }
+    }
+
     /// #19: `finish` reads a last line without a newline, and leaves the
     /// scanner at the start of a new stream.
     #[test]
