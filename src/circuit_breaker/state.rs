@@ -888,13 +888,16 @@ mod tests {
         }
     }
 
+    /// Failures until the circuit trips: a bounded number, so a breaker
+    /// that never trips fails the test instead of hanging it.
     fn trip_now(c: &Circuit, cfg: &Config, now: Instant) -> Transition {
-        loop {
+        for _ in 0..1_000 {
             let t = pass(c, cfg, now);
             if let Some(tr) = c.record(cfg, t, Verdict::Failure, || now) {
                 return tr;
             }
         }
+        panic!("1000 failures in a row did not trip the circuit");
     }
 
     fn gen_of(c: &Circuit) -> u64 {
