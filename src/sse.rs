@@ -96,10 +96,13 @@ impl SseScanner {
 
     /// Feeds the next chunk; `on_data` is called for every complete `data:`
     /// line (without the `data:` prefix and one optional space).
-    pub fn feed(&mut self, mut chunk: &[u8], mut on_data: impl FnMut(&[u8], &EventMeta)) {
-        while let Some(pos) = memchr::memchr(b'\n', chunk) {
-            let (line, rest) = (&chunk[..pos], &chunk[pos + 1..]);
-            chunk = rest;
+    pub fn feed(&mut self, chunk: &[u8], mut on_data: impl FnMut(&[u8], &EventMeta)) {
+        // The newlines are found by one forward pass: no input (and no
+        // wrong offset) can make this loop spin.
+        let mut start = 0;
+        for pos in memchr::memchr_iter(b'\n', chunk) {
+            let line = &chunk[start..pos];
+            start = pos + 1;
             if self.carry.is_empty() && !self.overlong {
                 if line.len() <= self.max_line {
                     self.line(line, &mut on_data);
@@ -117,6 +120,7 @@ impl SseScanner {
                 self.carry.clear();
             }
         }
+        let chunk = &chunk[start..];
         if !chunk.is_empty() && !self.overlong {
             if self.carry.len() + chunk.len() > self.max_line {
                 self.carry.clear();
