@@ -563,6 +563,8 @@ mod tests {
         // The largest remainder gets the unit left over...
         assert_eq!(apportion(10, &[1, 2]), vec![3, 7]);
         assert_eq!(apportion(10, &[2, 1]), vec![7, 3]);
+        // ...which need not be the largest share.
+        assert_eq!(apportion(3, &[5, 1, 1]), vec![2, 1, 0]);
         // ...the earlier text on ties, one unit each at most.
         assert_eq!(apportion(5, &[1, 1, 1]), vec![2, 2, 1]);
         assert_eq!(apportion(2, &[1, 1, 1, 1]), vec![1, 1, 0, 0]);
