@@ -165,6 +165,19 @@ registry! {
     #[cfg(feature = "gateway")]
     gateway_config_error: crate::gateway::error::ConfigError =
         crate::gateway::error::ConfigError::one("sample", "sample");
+    #[cfg(feature = "gateway")]
+    gateway_limits_unavailable: crate::gateway::error::LimitsUnavailable =
+        crate::gateway::error::LimitsUnavailable { retry_after: std::time::Duration::from_secs(1) };
+    #[cfg(feature = "gateway")]
+    gateway_refused: crate::gateway::error::Refused = crate::gateway::error::Refused {
+        refusal: crate::gateway::error::sample_refusal(),
+        message: None,
+    };
+    #[cfg(feature = "gateway")]
+    gateway_failed: crate::gateway::error::Failed = crate::gateway::error::Failed {
+        info: std::sync::Arc::default(),
+        source: std::sync::Arc::new(crate::gateway::error::LimitsUnavailable { retry_after: std::time::Duration::from_secs(1) }),
+    };
 }
 
 /// The links of an error's `source()` chain, from the error itself.
@@ -174,7 +187,7 @@ fn chain<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Er
 
 /// `err` seen as a `dyn Error`, when it is one of the shapes errors travel
 /// in: a [`BoxError`](crate::BoxError) (or one boxed again), another boxed
-/// `dyn Error`, an I/O error, or one of this crate's errors.
+/// or shared (`Arc`) `dyn Error`, an I/O error, or one of this crate's errors.
 fn as_dyn<E: 'static>(err: &E) -> Option<&(dyn Error + 'static)> {
     let any = err as &dyn Any;
     if let Some(boxed) = any.downcast_ref::<crate::BoxError>() {
@@ -188,6 +201,9 @@ fn as_dyn<E: 'static>(err: &E) -> Option<&(dyn Error + 'static)> {
     }
     if let Some(boxed) = any.downcast_ref::<Box<dyn Error + 'static>>() {
         return Some(&**boxed);
+    }
+    if let Some(shared) = any.downcast_ref::<std::sync::Arc<dyn Error + Send + Sync + 'static>>() {
+        return Some(&**shared);
     }
     if let Some(e) = any.downcast_ref::<std::io::Error>() {
         return Some(e);

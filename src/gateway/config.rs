@@ -1,7 +1,10 @@
-//! The gateway's configuration: TOML, environment overrides, validation that
-//! names every bad field.
+//! The gateway's configuration: TOML read by serde into the structs of
+//! [`file`] (unknown fields denied), the environment laid over it, then
+//! one validation pass. Every bad or unknown field is named, with its path
+//! (and the environment variable it came from, when it did).
 
-use std::cell::RefCell;
+mod file;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -10,16 +13,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::HeaderValue;
+use serde_path_to_error::Segment;
 
 use crate::client::{ApiKey, BaseUrl, Region};
 use crate::rate_limit::{Limits, Quota, QuotaTable, qwen_limits};
 
 use super::auth::{KeyDigest, digest_of, parse_digest};
 use super::error::ConfigError;
+use file::{AccountFile, FailureMode, File, KeyFile, QuotaMode};
 
 /// The prefix of environment variables that override scalar settings:
-/// `QWEN_GATEWAY_<SECTION>_<FIELD>`, e.g. `QWEN_GATEWAY_SERVER_LISTEN` or
-/// `QWEN_GATEWAY_UPSTREAM_BASE_URL`.
+/// `QWEN_GATEWAY_<SECTION>_<FIELD>`, e.g. `QWEN_GATEWAY_SERVER_LISTEN`,
+/// `QWEN_GATEWAY_UPSTREAM_BASE_URL` or `QWEN_GATEWAY_REDIS_URL`.
 pub const ENV_PREFIX: &str = "QWEN_GATEWAY";
 
 /// A validated gateway configuration. See the [module docs](super) for the
@@ -28,12 +33,13 @@ pub const ENV_PREFIX: &str = "QWEN_GATEWAY";
 /// Built only by parsing ([`GatewayConfig::from_toml`],
 /// [`GatewayConfig::load`]), so a value of this type is always valid. Its
 /// `Debug` output shows no key material: client keys appear by their
-/// redacted id, upstream keys by [`ApiKey`]'s.
+/// redacted id, upstream keys by [`ApiKey`]'s, the Redis URL not at all.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub(crate) server: ServerConfig,
     pub(crate) upstream: UpstreamConfig,
     pub(crate) degrade: DegradeConfig,
+    pub(crate) redis: Option<RedisConfig>,
     pub(crate) accounts: Vec<AccountConfig>,
     pub(crate) keys: Vec<ClientKeyConfig>,
 }
@@ -60,6 +66,7 @@ pub(crate) struct UpstreamConfig {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) total_timeout: Option<Duration>,
     pub(crate) pool_max_idle_per_host: usize,
+    pub(crate) pool_idle_timeout: Option<Duration>,
     /// How long a call may wait for its account's (account, model) budget.
     pub(crate) admission_wait: Option<Duration>,
 }
@@ -92,11 +99,47 @@ pub(crate) struct DegradeConfig {
     pub(crate) jitter: f64,
 }
 
+/// Where the replicas share their limits.
+#[derive(Clone)]
+pub(crate) struct RedisConfig {
+    /// May hold a password: never shown.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) url: String,
+    pub(crate) prefix: String,
+    /// `Some(n)`: fail open at 1/n of each quota; `None`: fail closed.
+    pub(crate) fail_open: Option<NonZeroU32>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) probe_every: Duration,
+    #[cfg(feature = "redis")]
+    pub(crate) clock: crate::redis::Clock,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("prefix", &self.prefix)
+            .field("fail_open", &self.fail_open)
+            .field("timeout", &self.timeout)
+            .field("probe_every", &self.probe_every)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An upstream API key, checked; never shown.
+#[derive(Clone)]
+pub(crate) struct UpstreamKey(pub(crate) String);
+
+impl fmt::Debug for UpstreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamKey(..)")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct AccountConfig {
     pub(crate) name: String,
-    pub(crate) keys: Vec<ApiKey>,
-    pub(crate) workspace: Option<HeaderValue>,
+    pub(crate) keys: Vec<UpstreamKey>,
+    pub(crate) workspace: Option<String>,
     /// `None`: no local limit toward the upstream.
     pub(crate) quotas: Option<QuotaTable>,
     /// Ramp up from a fraction of the quota after idle.
@@ -145,18 +188,16 @@ impl GatewayConfig {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let table: toml::Table = text
+        let mut root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::one("toml", e.to_string().trim_end()))?;
-        let ctx = Ctx {
-            problems: RefCell::new(Vec::new()),
-            env: &env,
-        };
-        let cfg = parse(&ctx, &table);
-        let problems = ctx.problems.into_inner();
+        let mut problems = Problems::default();
+        let sources = overlay_env(&mut root, &env);
+        let cfg = deserialize(root, &sources, &mut problems)
+            .and_then(|file| validate(file, &env, &mut problems));
         match cfg {
-            Some(cfg) if problems.is_empty() => Ok(cfg),
-            _ => Err(ConfigError::many(problems)),
+            Some(cfg) if problems.0.is_empty() => Ok(cfg),
+            _ => Err(ConfigError::many(problems.in_file_order())),
         }
     }
 
@@ -184,444 +225,326 @@ impl GatewayConfig {
     pub fn shutdown_grace(&self) -> Duration {
         self.server.shutdown_grace
     }
+
+    /// Whether a `[redis]` section makes the replicas share their limits.
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Whose clock the Redis limits decide on. Default is
+    /// [`Clock::Server`](crate::redis::Clock::Server), what replicas in
+    /// separate processes need; [`Clock::Local`](crate::redis::Clock::Local)
+    /// with one origin suits replicas in one process under a paused test
+    /// clock (keys then stay an hour in Redis after they are full, as Redis
+    /// expires them on its own clock). No effect without `[redis]`.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis_clock(mut self, clock: crate::redis::Clock) -> Self {
+        if let Some(r) = &mut self.redis {
+            r.clock = clock;
+        }
+        self
+    }
 }
 
 // ---------------------------------------------------------------------------
-// Parsing.
+// Problems.
 
-struct Ctx<'e> {
-    problems: RefCell<Vec<(String, String)>>,
-    env: &'e dyn Fn(&str) -> Option<String>,
-}
+#[derive(Default)]
+struct Problems(Vec<(String, String)>);
 
-impl Ctx<'_> {
-    fn bad(&self, field: impl Into<String>, why: impl Into<String>) {
-        self.problems.borrow_mut().push((field.into(), why.into()));
+impl Problems {
+    fn bad(&mut self, field: impl Into<String>, why: impl Into<String>) {
+        self.0.push((field.into(), why.into()));
+    }
+
+    /// The problems in the order of the sections and fields of the file
+    /// format (as [`file::File`] declares them), whatever order they were
+    /// found in; problems of one field keep their order.
+    fn in_file_order(mut self) -> Vec<(String, String)> {
+        fn segments(label: &str) -> (&str, &str) {
+            let mut parts = label.split(['.', '[', ' ']);
+            (parts.next().unwrap_or(""), parts.next().unwrap_or(""))
+        }
+        let sections = file::section_names();
+        let fields = file::env_sections();
+        self.0.sort_by_key(|(label, _)| {
+            let (section, field) = segments(label);
+            let s = sections
+                .iter()
+                .position(|&n| n == section)
+                .unwrap_or(usize::MAX);
+            let f = fields
+                .iter()
+                .find(|(n, _)| *n == section)
+                .and_then(|(_, names)| names.iter().position(|&n| n == field))
+                .unwrap_or(usize::MAX);
+            (s, f)
+        });
+        self.0
+    }
+
+    fn has_under(&self, path: &str) -> bool {
+        self.0.iter().any(|(f, _)| {
+            f.strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[', ' ']))
+        })
     }
 }
 
-/// A value read for a field: from the file, or from an environment
-/// variable (a string, parsed by the field's type).
-enum Raw {
-    Toml(toml::Value),
-    Env(String),
+// ---------------------------------------------------------------------------
+// The environment, laid over the file.
+
+/// A value taken from the environment: where it went, from which variable,
+/// and its text.
+struct EnvSource {
+    path: [String; 2],
+    var: String,
+    text: String,
 }
 
-/// One table of the file, read field by field; remembers which fields were
-/// read so that the rest are reported as unknown.
-struct Section<'c, 'e> {
-    ctx: &'c Ctx<'e>,
-    path: String,
-    table: toml::Table,
-    env_prefix: Option<String>,
-    known: Vec<&'static str>,
-}
-
-impl<'c, 'e> Section<'c, 'e> {
-    fn new(ctx: &'c Ctx<'e>, path: impl Into<String>, value: Option<&toml::Value>) -> Self {
-        let path = path.into();
-        let table = match value {
-            None => toml::Table::new(),
-            Some(toml::Value::Table(t)) => t.clone(),
-            Some(other) => {
-                ctx.bad(
-                    &path,
-                    format!("expected a table, found {}", other.type_str()),
-                );
-                toml::Table::new()
+/// Sets `[section].field` from `QWEN_GATEWAY_<SECTION>_<FIELD>` for every
+/// field of the overridable sections: a number or boolean when the text
+/// reads as one, else a string.
+fn overlay_env(root: &mut toml::Table, env: &dyn Fn(&str) -> Option<String>) -> Vec<EnvSource> {
+    let mut sources = Vec::new();
+    for (section, fields) in file::env_sections() {
+        for &field in fields {
+            let var = format!(
+                "{ENV_PREFIX}_{}_{}",
+                section.to_ascii_uppercase(),
+                field.to_ascii_uppercase()
+            );
+            let Some(text) = env(&var) else { continue };
+            let entry = root
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = entry {
+                t.insert(field.to_owned(), env_literal(&text));
             }
-        };
-        Self {
-            ctx,
-            path,
-            table,
-            env_prefix: None,
-            known: Vec::new(),
+            sources.push(EnvSource {
+                path: [section.to_owned(), field.to_owned()],
+                var,
+                text,
+            });
         }
     }
+    sources
+}
 
-    fn with_env(mut self, section: &str) -> Self {
-        self.env_prefix = Some(format!("{ENV_PREFIX}_{}", section.to_ascii_uppercase()));
-        self
+/// An environment value as TOML would read it bare: an integer, a float,
+/// a boolean, or else the string itself.
+fn env_literal(text: &str) -> toml::Value {
+    let t = text.trim();
+    let digits = t.replace('_', "");
+    if let Ok(i) = digits.parse::<i64>() {
+        return toml::Value::Integer(i);
     }
-
-    fn field(&self, name: &str) -> String {
-        if self.path.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{}.{name}", self.path)
-        }
+    let numeric = !t.is_empty()
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
+    if numeric && let Ok(f) = t.parse::<f64>() {
+        return toml::Value::Float(f);
     }
-
-    fn env_name(&self, name: &str) -> Option<String> {
-        self.env_prefix
-            .as_ref()
-            .map(|p| format!("{p}_{}", name.to_ascii_uppercase()))
+    match t {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(text.to_owned()),
     }
+}
 
-    /// The field's display name, with the environment variable it came
-    /// from when it did.
-    fn label(&self, name: &str, raw: &Raw) -> String {
-        match (raw, self.env_name(name)) {
-            (Raw::Env(_), Some(var)) => format!("{} (from {var})", self.field(name)),
-            _ => self.field(name),
-        }
-    }
+// ---------------------------------------------------------------------------
+// Deserializing, every problem found.
 
-    fn raw(&mut self, name: &'static str) -> Option<Raw> {
-        self.known.push(name);
-        if let Some(var) = self.env_name(name)
-            && let Some(v) = (self.ctx.env)(&var)
-        {
-            return Some(Raw::Env(v));
-        }
-        self.table.get(name).cloned().map(Raw::Toml)
-    }
+/// A path into the document.
+#[derive(Clone, Debug, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
 
-    fn bad(&self, name: &str, raw: &Raw, why: impl Into<String>) {
-        self.ctx.bad(self.label(name, raw), why);
-    }
-
-    fn string(&mut self, name: &'static str) -> Option<String> {
-        let raw = self.raw(name)?;
-        match &raw {
-            Raw::Env(s) => Some(s.clone()),
-            Raw::Toml(toml::Value::String(s)) => Some(s.clone()),
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected a string, found {}", v.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    /// A secret string: never echoed in an error.
-    fn secret(&mut self, name: &'static str) -> Option<String> {
-        let raw = self.raw(name)?;
-        match raw {
-            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => Some(s),
-            Raw::Toml(ref v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected a string, found {}", v.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn strings(&mut self, name: &'static str) -> Option<Vec<String>> {
-        let raw = self.raw(name)?;
-        match &raw {
-            Raw::Env(s) => Some(
-                s.split(',')
-                    .map(|p| p.trim().to_owned())
-                    .filter(|p| !p.is_empty())
-                    .collect(),
-            ),
-            Raw::Toml(toml::Value::String(s)) => Some(vec![s.clone()]),
-            Raw::Toml(toml::Value::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        toml::Value::String(s) => out.push(s.clone()),
-                        v => self.ctx.bad(
-                            format!("{}[{i}]", self.label(name, &raw)),
-                            format!("expected a string, found {}", v.type_str()),
-                        ),
-                    }
+fn show(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
                 }
-                Some(out)
+                s.push_str(k);
             }
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected an array of strings, found {}", v.type_str()),
-                );
-                None
-            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
         }
     }
+    s
+}
 
-    fn boolean(&mut self, name: &'static str, default: bool) -> bool {
-        let Some(raw) = self.raw(name) else {
-            return default;
-        };
-        match &raw {
-            Raw::Toml(toml::Value::Boolean(b)) => *b,
-            Raw::Env(s) => match s.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    self.bad(
-                        name,
-                        &raw,
-                        format!("{s:?} is not a boolean (true or false)"),
-                    );
-                    default
-                }
-            },
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected a boolean, found {}", v.type_str()),
-                );
-                default
-            }
+/// The field an "unknown field `x`, expected one of `a`, `b`" message is
+/// about, and the expected names.
+fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (name, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    Some((name.to_owned(), expected))
+}
+
+/// Removes (or, in an array, empties) the value at `path`; false when
+/// there is nothing there.
+fn remove(root: &mut toml::Table, path: &[Seg]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut cur: &mut toml::Value = match parents.first() {
+        None => {
+            return match last {
+                Seg::Key(k) => root.remove(k).is_some(),
+                Seg::Index(_) => false,
+            };
         }
-    }
-
-    /// An integer in `[min, max]`.
-    fn int(&mut self, name: &'static str, default: u64, min: u64, max: u64) -> u64 {
-        let Some(raw) = self.raw(name) else {
-            return default;
-        };
-        let v = match &raw {
-            Raw::Toml(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
-            Raw::Env(s) => s.trim().replace('_', "").parse::<u64>().ok(),
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected an integer, found {}", v.type_str()),
-                );
-                return default;
-            }
-        };
-        match v {
-            Some(v) if (min..=max).contains(&v) => v,
-            _ => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("must be an integer from {min} to {max}"),
-                );
-                default
-            }
-        }
-    }
-
-    /// A number in `(0, max]` (integers are accepted).
-    fn positive(&mut self, name: &'static str, default: f64, max: f64) -> f64 {
-        self.number_in(
-            name,
-            default,
-            |v| v > 0.0 && v <= max,
-            || format!("must be a number above 0 and at most {max}"),
-        )
-    }
-
-    /// A fraction in `[0, 1]`.
-    fn fraction(&mut self, name: &'static str, default: f64) -> f64 {
-        self.number_in(
-            name,
-            default,
-            |v| (0.0..=1.0).contains(&v),
-            || "must be a number from 0 to 1".to_owned(),
-        )
-    }
-
-    /// A number (integer or float in the file, any number in the
-    /// environment) that `ok` accepts; otherwise the field is reported with
-    /// `why` and `default` is used.
-    fn number_in(
-        &mut self,
-        name: &'static str,
-        default: f64,
-        ok: impl Fn(f64) -> bool,
-        why: impl Fn() -> String,
-    ) -> f64 {
-        let Some(raw) = self.raw(name) else {
-            return default;
-        };
-        let v = match &raw {
-            Raw::Toml(toml::Value::Integer(i)) => Some(*i as f64),
-            Raw::Toml(toml::Value::Float(f)) => Some(*f),
-            Raw::Env(s) => s.trim().parse::<f64>().ok(),
-            Raw::Toml(v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected a number, found {}", v.type_str()),
-                );
-                return default;
-            }
-        };
-        match v {
-            Some(v) if ok(v) => v,
-            _ => {
-                self.bad(name, &raw, why());
-                default
-            }
-        }
-    }
-
-    /// A duration: an integer or float number of seconds, or a string
-    /// `"250ms"`, `"30s"`, `"5m"`, `"1h"`. With `allow_off`, `"off"` and 0
-    /// mean none.
-    fn duration(
-        &mut self,
-        name: &'static str,
-        default: Option<Duration>,
-        allow_off: bool,
-    ) -> Option<Duration> {
-        let Some(raw) = self.raw(name) else {
-            return default;
-        };
-        let parsed = match &raw {
-            Raw::Toml(toml::Value::Integer(i)) if *i >= 0 => {
-                Some(Duration::from_secs(u64::try_from(*i).unwrap_or(0)))
-            }
-            Raw::Toml(toml::Value::Float(f)) => Duration::try_from_secs_f64(*f).ok(),
-            Raw::Toml(toml::Value::String(s)) | Raw::Env(s) => parse_duration(s),
+        Some(Seg::Key(k)) => match root.get_mut(k) {
+            Some(v) => v,
+            None => return false,
+        },
+        Some(Seg::Index(_)) => return false,
+    };
+    for seg in &parents[1..] {
+        let next = match (seg, cur) {
+            (Seg::Key(k), toml::Value::Table(t)) => t.get_mut(k),
+            (Seg::Index(i), toml::Value::Array(a)) => a.get_mut(*i),
             _ => None,
         };
-        let off = parsed.is_some_and(|d| d.is_zero())
-            || matches!(&raw, Raw::Toml(toml::Value::String(s)) | Raw::Env(s) if s.trim().eq_ignore_ascii_case("off"));
-        if off {
-            if allow_off {
-                return None;
-            }
-            self.bad(name, &raw, "must be a positive duration");
-            return default;
+        match next {
+            Some(v) => cur = v,
+            None => return false,
         }
-        match parsed {
-            Some(d) if d <= Duration::from_secs(86_400 * 365) => Some(d),
-            _ => {
-                let hint = if allow_off {
-                    "expected a duration such as 30, \"30s\", \"500ms\", \"5m\" or \"off\""
+    }
+    match (last, cur) {
+        (Seg::Key(k), toml::Value::Table(t)) => t.remove(k).is_some(),
+        (Seg::Index(i), toml::Value::Array(a)) if *i < a.len() => {
+            // Keep the indices of the entries after it.
+            a[*i] = toml::Value::Table(toml::Table::new());
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Sets the value at `path` (a section field).
+fn set(root: &mut toml::Table, path: &[String; 2], v: toml::Value) {
+    if let Some(toml::Value::Table(t)) = root.get_mut(&path[0]) {
+        t.insert(path[1].clone(), v);
+    }
+}
+
+/// Reads the file with serde, as many times as it takes to find every bad
+/// or unknown field: each pass reports the first problem serde meets, with
+/// its path, and takes that field out (its default applies) for the next.
+fn deserialize(
+    mut root: toml::Table,
+    sources: &[EnvSource],
+    problems: &mut Problems,
+) -> Option<File> {
+    // Environment values retried as text, with what was wrong with them
+    // as read first.
+    let mut retyped: HashMap<usize, String> = HashMap::new();
+    // Each pass removes a value, so the passes are bounded by the values.
+    for _ in 0..10_000 {
+        let doc = toml::Value::Table(root.clone());
+        let err = match serde_path_to_error::deserialize::<_, File>(doc) {
+            Ok(file) => return Some(file),
+            Err(e) => e,
+        };
+        let mut path: Vec<Seg> = err
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Seq { index } => Some(Seg::Index(*index)),
+                Segment::Map { key } => Some(Seg::Key(key.clone())),
+                Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+                Segment::Unknown => None,
+            })
+            .collect();
+        let message = err.into_inner().message().trim_end().to_owned();
+        let source = sources.iter().position(|s| {
+            path.len() == 2
+                && path[0] == Seg::Key(s.path[0].clone())
+                && path[1] == Seg::Key(s.path[1].clone())
+        });
+        // An environment value read as a number or boolean may have been
+        // meant as text: try it as a string once before reporting it (with
+        // what was wrong with it as first read).
+        let mut message = message;
+        if let Some(i) = source {
+            if let Some(first) = retyped.get(&i) {
+                message = first.clone();
+            } else if !matches!(env_literal(&sources[i].text), toml::Value::String(_)) {
+                retyped.insert(i, message);
+                set(
+                    &mut root,
+                    &sources[i].path,
+                    toml::Value::String(sources[i].text.clone()),
+                );
+                continue;
+            }
+        }
+        let why = match unknown_field(&message) {
+            Some((name, expected)) => {
+                // serde_path_to_error may or may not have the unknown key
+                // as the path's last segment already.
+                if path.last() != Some(&Seg::Key(name.clone())) {
+                    path.push(Seg::Key(name));
+                }
+                if path.len() == 1 {
+                    format!("unknown section (expected one of: {})", expected.join(", "))
                 } else {
-                    "expected a duration such as 30, \"30s\", \"500ms\" or \"5m\""
-                };
-                self.bad(name, &raw, hint);
-                default
+                    format!("unknown field (expected one of: {})", expected.join(", "))
+                }
             }
+            None => message,
+        };
+        let label = match source {
+            Some(i) => format!("{} (from {})", show(&path), sources[i].var),
+            None => show(&path),
+        };
+        problems.bad(label, why);
+        if !remove(&mut root, &path) {
+            return None;
         }
     }
-
-    /// Reports the fields of the table that no reader asked for.
-    fn finish(self) {
-        for key in self.table.keys() {
-            if !self.known.contains(&key.as_str()) {
-                let mut known: Vec<&str> = self.known.clone();
-                known.sort_unstable();
-                known.dedup();
-                self.ctx.bad(
-                    self.field(key),
-                    format!("unknown field (expected one of: {})", known.join(", ")),
-                );
-            }
-        }
-    }
+    None
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" | "secs" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" | "mins" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
+// ---------------------------------------------------------------------------
+// Validation: what depends on more than one field, in one pass.
+
+fn validate(
+    f: File,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<GatewayConfig> {
+    let server = ServerConfig {
+        listen: f.server.listen,
+        max_body_bytes: f.server.max_body_bytes.get() as usize,
+        max_header_bytes: f.server.max_header_bytes.get() as usize,
+        body_read_timeout: f.server.body_read_timeout.0,
+        shutdown_grace: f.server.shutdown_grace.0.unwrap_or(Duration::ZERO),
+        max_connections: f
+            .server
+            .max_connections
+            .map_or_else(super::serve::default_max_connections, |n| n.get() as usize),
+        max_auth_failures_per_minute: f.server.max_auth_failures_per_minute.get() as u32,
     };
-    Duration::try_from_secs_f64(secs).ok()
-}
 
-fn parse(ctx: &Ctx<'_>, root: &toml::Table) -> Option<GatewayConfig> {
-    const SECTIONS: [&str; 6] = [
-        "server", "upstream", "limits", "degrade", "accounts", "keys",
-    ];
-    for key in root.keys() {
-        if !SECTIONS.contains(&key.as_str()) {
-            ctx.bad(
-                key.clone(),
-                format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
-            );
-        }
-    }
-    let server = parse_server(ctx, root.get("server"));
-    let upstream = parse_upstream(ctx, root.get("upstream"));
-    let limits = {
-        let mut s = Section::new(ctx, "limits", root.get("limits")).with_env("limits");
-        let b = parse_bucket(&mut s, None);
-        s.finish();
-        b
-    };
-    let degrade = parse_degrade(ctx, root.get("degrade"));
-    let accounts = parse_accounts(ctx, root.get("accounts"));
-    let keys = parse_keys(ctx, root.get("keys"), &accounts, limits);
-    Some(GatewayConfig {
-        server: server?,
-        upstream: upstream?,
-        degrade,
-        accounts,
-        keys,
-    })
-}
-
-fn parse_server(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<ServerConfig> {
-    let mut s = Section::new(ctx, "server", v).with_env("server");
-    let listen = match s.string("listen") {
-        None => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
-        Some(text) => match text.trim().parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                ctx.bad(
-                    s.field("listen"),
-                    format!("{text:?} is not a socket address (expected e.g. \"127.0.0.1:8080\")"),
-                );
-                None
-            }
-        },
-    };
-    let max_body_bytes = s.int("max_body_bytes", 8 << 20, 1, 1 << 30) as usize;
-    let max_header_bytes = s.int("max_header_bytes", 16 << 10, 1024, 1 << 20) as usize;
-    let body_read_timeout = s
-        .duration("body_read_timeout", Some(Duration::from_secs(30)), false)
-        .unwrap_or(Duration::from_secs(30));
-    let shutdown_grace = s
-        .duration("shutdown_grace", Some(Duration::from_secs(30)), true)
-        .unwrap_or(Duration::ZERO);
-    let max_connections = s.int(
-        "max_connections",
-        super::serve::default_max_connections() as u64,
-        1,
-        1 << 20,
-    ) as usize;
-    let max_auth_failures_per_minute =
-        s.int("max_auth_failures_per_minute", 10, 0, 1_000_000) as u32;
-    s.finish();
-    Some(ServerConfig {
-        listen: listen?,
-        max_body_bytes,
-        max_header_bytes,
-        body_read_timeout,
-        shutdown_grace,
-        max_connections,
-        max_auth_failures_per_minute,
-    })
-}
-
-fn parse_upstream(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<UpstreamConfig> {
-    let mut s = Section::new(ctx, "upstream", v).with_env("upstream");
-    let base = s.string("base_url");
-    let region = s.string("region");
-    let base_url = match (base, region) {
+    let up = &f.upstream;
+    let base_url = match (&up.base_url, &up.region) {
         (Some(_), Some(_)) => {
-            ctx.bad(
-                s.field("base_url"),
+            p.bad(
+                "upstream.base_url",
                 "set either base_url or region, not both",
             );
             None
@@ -629,291 +552,251 @@ fn parse_upstream(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Option<UpstreamConf
         (Some(b), None) => match b.parse::<BaseUrl>() {
             Ok(u) => Some(u),
             Err(e) => {
-                ctx.bad(s.field("base_url"), format!("{b:?}: {e}"));
+                p.bad("upstream.base_url", format!("{b:?}: {e}"));
                 None
             }
         },
         (None, Some(r)) => match r.parse::<Region>() {
             Ok(r) => Some(BaseUrl::region(r)),
             Err(e) => {
-                ctx.bad(s.field("region"), e.to_string());
+                p.bad("upstream.region", e.to_string());
                 None
             }
         },
         (None, None) => Some(BaseUrl::region(Region::Singapore)),
     };
-    let connect_timeout = s.duration("connect_timeout", Some(Duration::from_secs(5)), true);
-    let header_timeout = s.duration("header_timeout", None, true);
-    let idle_timeout = s.duration("idle_timeout", Some(Duration::from_secs(60)), true);
-    let total_timeout = s.duration("total_timeout", Some(Duration::from_secs(300)), true);
-    let pool_max_idle_per_host = s.int("pool_max_idle_per_host", 64, 0, 100_000) as usize;
-    let admission_wait = s.duration("admission_wait", Some(Duration::from_secs(2)), true);
-    s.finish();
-    Some(UpstreamConfig {
-        base_url: base_url?,
-        connect_timeout,
-        header_timeout,
-        idle_timeout,
-        total_timeout,
-        pool_max_idle_per_host,
-        admission_wait,
-    })
-}
 
-/// Reads `capacity` and `refill_per_second`, defaulting to `base` (or the
-/// source advice's 50 and 30 per second).
-fn parse_bucket(s: &mut Section<'_, '_>, base: Option<BucketConfig>) -> BucketConfig {
-    let base = base.unwrap_or(BucketConfig {
-        capacity: NonZeroU32::new(50).expect("50 > 0"),
-        refill_per_second: 30.0,
-    });
-    let capacity = s.int(
-        "capacity",
-        u64::from(base.capacity.get()),
-        1,
-        u64::from(u32::MAX),
-    );
-    let refill = s.positive("refill_per_second", base.refill_per_second, 1e9);
-    BucketConfig {
-        capacity: NonZeroU32::new(u32::try_from(capacity).unwrap_or(u32::MAX))
-            .unwrap_or(NonZeroU32::MIN),
-        refill_per_second: refill,
+    let d = &f.degrade;
+    if d.probe_after_max.0 < d.probe_after.0 {
+        p.bad("degrade.probe_after_max", "must be at least probe_after");
     }
+    let degrade = DegradeConfig {
+        enabled: d.enabled.0,
+        consecutive_failures: nz(d.consecutive_failures.get()),
+        rate_per_second: nz(d.rate_per_second.get()),
+        probe_after: d.probe_after.0,
+        probe_after_max: d.probe_after_max.0,
+        jitter: d.jitter.0,
+    };
+
+    let redis = f.redis.as_ref().and_then(|r| validate_redis(r, p));
+    let accounts = validate_accounts(&f.accounts, env, p);
+    if f.redis.is_some() {
+        for (i, a) in accounts.iter().enumerate() {
+            if a.slow_start.is_some() {
+                p.bad(
+                    format!("accounts[{i}].slow_start"),
+                    "not available with [redis]: the Redis backend has no slow start (see the rate limiter's docs)",
+                );
+            }
+        }
+    }
+    let default_bucket = BucketConfig {
+        capacity: nz(f.limits.capacity.get()),
+        refill_per_second: f.limits.refill_per_second.0,
+    };
+    let keys = validate_keys(&f.keys, &accounts, default_bucket, env, p);
+
+    Some(GatewayConfig {
+        server,
+        upstream: UpstreamConfig {
+            base_url: base_url?,
+            connect_timeout: up.connect_timeout.0,
+            header_timeout: up.header_timeout.0,
+            idle_timeout: up.idle_timeout.0,
+            total_timeout: up.total_timeout.0,
+            pool_max_idle_per_host: up.pool_max_idle_per_host.get() as usize,
+            pool_idle_timeout: up.pool_idle_timeout.0,
+            admission_wait: up.admission_wait.0,
+        },
+        degrade,
+        redis,
+        accounts,
+        keys,
+    })
 }
 
 fn nz(v: u64) -> NonZeroU32 {
     NonZeroU32::new(u32::try_from(v).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
 }
 
-fn parse_degrade(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> DegradeConfig {
-    let mut s = Section::new(ctx, "degrade", v).with_env("degrade");
-    let enabled = s.boolean("enabled", true);
-    let consecutive_failures = nz(s.int("consecutive_failures", 3, 1, 1_000_000));
-    let rate_per_second = nz(s.int("rate_per_second", 5, 1, 1_000_000));
-    let probe_after = s
-        .duration("probe_after", Some(Duration::from_secs(5)), false)
-        .unwrap_or(Duration::from_secs(5));
-    let probe_after_max = s
-        .duration("probe_after_max", Some(Duration::from_secs(60)), false)
-        .unwrap_or(Duration::from_secs(60));
-    if probe_after_max < probe_after {
-        ctx.bad(s.field("probe_after_max"), "must be at least probe_after");
+fn validate_redis(r: &file::RedisFile, p: &mut Problems) -> Option<RedisConfig> {
+    if !cfg!(feature = "redis") {
+        p.bad(
+            "redis",
+            "this build has no Redis support (build with the `redis` feature)",
+        );
+        return None;
     }
-    let jitter = s.fraction("jitter", 0.2);
-    s.finish();
-    DegradeConfig {
-        enabled,
-        consecutive_failures,
-        rate_per_second,
-        probe_after,
-        probe_after_max,
-        jitter,
+    let Some(url) = &r.url else {
+        p.bad(
+            "redis.url",
+            "required in a [redis] section (e.g. \"redis://127.0.0.1:6379\")",
+        );
+        return None;
+    };
+    let url = url.0.trim().to_owned();
+    #[cfg(feature = "redis")]
+    if ::redis::Client::open(url.as_str()).is_err() {
+        // The URL may hold a password: not echoed.
+        p.bad(
+            "redis.url",
+            "not a Redis URL (expected e.g. \"redis://127.0.0.1:6379\")",
+        );
+        return None;
     }
+    if r.key_prefix.is_empty() {
+        p.bad("redis.key_prefix", "must not be empty");
+    }
+    Some(RedisConfig {
+        url,
+        prefix: r.key_prefix.clone(),
+        fail_open: match r.failure {
+            FailureMode::Open => Some(nz(r.replicas.get())),
+            FailureMode::Closed => None,
+        },
+        timeout: r.timeout.0,
+        probe_every: r.probe_every.0,
+        #[cfg(feature = "redis")]
+        clock: crate::redis::Clock::Server,
+    })
 }
 
-/// The entries of an array of tables (`[[accounts]]`).
-fn entries<'v>(ctx: &Ctx<'_>, name: &str, v: Option<&'v toml::Value>) -> Vec<&'v toml::Value> {
-    match v {
-        None => Vec::new(),
-        Some(toml::Value::Array(items)) => items.iter().collect(),
-        Some(other) => {
-            ctx.bad(
-                name,
-                format!(
-                    "expected an array of tables ([[{name}]]), found {}",
-                    other.type_str()
-                ),
-            );
-            Vec::new()
-        }
-    }
-}
-
-fn parse_accounts(ctx: &Ctx<'_>, v: Option<&toml::Value>) -> Vec<AccountConfig> {
-    let items = entries(ctx, "accounts", v);
-    if items.is_empty() && v.is_none_or(|v| v.is_array()) {
-        ctx.bad(
+fn validate_accounts(
+    items: &[AccountFile],
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Vec<AccountConfig> {
+    if items.is_empty() && !p.has_under("accounts") {
+        p.bad(
             "accounts",
             "at least one [[accounts]] entry (an upstream account and its API key) is required",
         );
     }
     let mut out = Vec::new();
     let mut names = HashSet::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let mut s = Section::new(ctx, format!("accounts[{i}]"), Some(item));
-        let name = s.string("name").unwrap_or_else(|| format!("account-{i}"));
+    for (i, a) in items.iter().enumerate() {
+        let at = format!("accounts[{i}]");
+        let name = a.name.clone().unwrap_or_else(|| format!("account-{i}"));
         if name.trim().is_empty() {
-            ctx.bad(s.field("name"), "must not be empty");
+            p.bad(format!("{at}.name"), "must not be empty");
         } else if !names.insert(name.clone()) {
-            ctx.bad(
-                s.field("name"),
+            p.bad(
+                format!("{at}.name"),
                 format!("{name:?} is used by another account"),
             );
         }
-        let keys = parse_upstream_keys(ctx, &mut s);
-        let workspace = s
-            .string("workspace")
-            .and_then(|w| match HeaderValue::from_str(w.trim()) {
-                Ok(h) if !w.trim().is_empty() => Some(h),
-                _ => {
-                    ctx.bad(s.field("workspace"), "not a valid workspace id");
-                    None
-                }
-            });
-        let mode = s.string("quotas").unwrap_or_else(|| "qwen".to_owned());
-        let mut table = match mode.trim() {
-            "qwen" => Some(QuotaTable::qwen()),
-            "unlimited" | "none" => None,
-            other => {
-                ctx.bad(
-                    s.field("quotas"),
-                    format!("{other:?} is not a quota mode (expected \"qwen\" or \"unlimited\")"),
-                );
+        let keys = upstream_keys(a, &at, env, p);
+        let workspace = a.workspace.as_ref().and_then(|w| {
+            let w = w.trim();
+            if w.is_empty() || HeaderValue::from_str(w).is_err() {
+                p.bad(format!("{at}.workspace"), "not a valid workspace id");
                 None
+            } else {
+                Some(w.to_owned())
             }
+        });
+        let mut table = match a.quotas {
+            QuotaMode::Qwen => Some(QuotaTable::qwen()),
+            QuotaMode::Unlimited => None,
         };
-        let slow_start = s.duration("slow_start", None, true);
-        s.known.push("models");
-        if let Some(models) = s.table.get("models").cloned() {
-            let path = s.field("models");
-            match models {
-                toml::Value::Table(t) => {
-                    for (model, v) in &t {
-                        let mut m = Section::new(ctx, format!("{path}.{model}"), Some(v));
-                        let rpm = m.int("rpm", 0, 1, u64::from(u32::MAX));
-                        let tpm = m.int("tpm", 0, 1, u64::from(u32::MAX));
-                        let present = (m.table.contains_key("rpm"), m.table.contains_key("tpm"));
-                        m.finish();
-                        let limits = match present {
-                            (true, true) => qwen_limits(nz(rpm).get(), nz(tpm).get()),
-                            (true, false) => Limits::requests(
-                                Quota::per_minute(nz(rpm)).allow_burst(NonZeroU32::MIN),
-                            ),
-                            (false, true) => Limits::tokens(
-                                Quota::tokens_per_minute(nz(tpm)).allow_burst(NonZeroU32::MIN),
-                            ),
-                            (false, false) => {
-                                ctx.bad(format!("{path}.{model}"), "set rpm, tpm or both");
-                                continue;
-                            }
-                        };
-                        table = Some(
-                            table
-                                .unwrap_or_else(|| QuotaTable::new(Limits::UNLIMITED))
-                                .set(model, limits),
-                        );
-                    }
+        for (model, m) in &a.models {
+            let limits = match (m.rpm, m.tpm) {
+                (Some(r), Some(t)) => qwen_limits(nz(r.get()).get(), nz(t.get()).get()),
+                (Some(r), None) => {
+                    Limits::requests(Quota::per_minute(nz(r.get())).allow_burst(NonZeroU32::MIN))
                 }
-                other => ctx.bad(
-                    path,
-                    format!("expected a table of models, found {}", other.type_str()),
+                (None, Some(t)) => Limits::tokens(
+                    Quota::tokens_per_minute(nz(t.get())).allow_burst(NonZeroU32::MIN),
                 ),
-            }
+                (None, None) => {
+                    let path = format!("{at}.models.{model}");
+                    if !p.has_under(&path) {
+                        p.bad(path, "set rpm, tpm or both");
+                    }
+                    continue;
+                }
+            };
+            table = Some(
+                table
+                    .unwrap_or_else(|| QuotaTable::new(Limits::UNLIMITED))
+                    .set(model, limits),
+            );
         }
-        s.finish();
         out.push(AccountConfig {
             name,
             keys,
             workspace,
             quotas: table,
-            slow_start,
+            slow_start: a.slow_start.0,
         });
     }
     out
 }
 
 /// `api_key`, `api_keys`, `api_key_env`, `api_keys_env`: at least one key in
-/// all.
-fn parse_upstream_keys(ctx: &Ctx<'_>, s: &mut Section<'_, '_>) -> Vec<ApiKey> {
+/// all. Keys are never echoed.
+fn upstream_keys(
+    a: &AccountFile,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Vec<UpstreamKey> {
     let mut keys = Vec::new();
-    let mut add = |field: String, text: &str| match ApiKey::new(text) {
-        Ok(k) => keys.push(k),
-        Err(e) => ctx.bad(field, e.to_string()),
+    let mut add = |p: &mut Problems, field: String, text: &str| {
+        // The pool's own check too: the key goes into a header.
+        match ApiKey::new(text) {
+            Ok(_) if crate::pool::Account::new("check", text, ()).is_ok() => {
+                keys.push(UpstreamKey(text.trim().to_owned()));
+            }
+            Ok(_) => p.bad(field, "has characters an HTTP header cannot carry"),
+            Err(e) => p.bad(field, e.to_string()),
+        }
     };
-    if let Some(k) = s.secret("api_key") {
-        add(s.field("api_key"), &k);
+    if let Some(k) = &a.api_key {
+        add(p, format!("{at}.api_key"), &k.0);
     }
-    if let Some(list) = s.strings_secret("api_keys") {
-        for (i, k) in list.iter().enumerate() {
-            add(format!("{}[{i}]", s.field("api_keys")), k);
+    if let Some(list) = &a.api_keys {
+        for (i, k) in list.0.iter().enumerate() {
+            add(p, format!("{at}.api_keys[{i}]"), &k.0);
         }
     }
     let mut vars = Vec::new();
-    if let Some(v) = s.string("api_key_env") {
-        vars.push((s.field("api_key_env"), v));
+    if let Some(v) = &a.api_key_env {
+        vars.push((format!("{at}.api_key_env"), v.clone()));
     }
-    if let Some(list) = s.strings("api_keys_env") {
-        for (i, v) in list.into_iter().enumerate() {
-            vars.push((format!("{}[{i}]", s.field("api_keys_env")), v));
+    if let Some(list) = &a.api_keys_env {
+        for (i, v) in list.0.iter().enumerate() {
+            vars.push((format!("{at}.api_keys_env[{i}]"), v.clone()));
         }
     }
     for (field, var) in vars {
-        match (ctx.env)(var.trim()) {
-            Some(k) => add(field, &k),
-            None => ctx.bad(
+        match env(var.trim()) {
+            Some(k) => add(p, field, &k),
+            None => p.bad(
                 field,
                 format!("environment variable {} is not set", var.trim()),
             ),
         }
     }
-    if keys.is_empty() && !ctx_has_problem_under(ctx, &s.path) {
-        ctx.bad(
-            s.path.clone(),
+    if keys.is_empty() && !p.has_under(at) {
+        p.bad(
+            at,
             "needs an upstream key: api_key, api_keys, api_key_env or api_keys_env",
         );
     }
     keys
 }
 
-fn ctx_has_problem_under(ctx: &Ctx<'_>, path: &str) -> bool {
-    ctx.problems
-        .borrow()
-        .iter()
-        .any(|(f, _)| f.starts_with(path))
-}
-
-impl Section<'_, '_> {
-    /// Like [`Section::strings`], for secrets: values never echoed.
-    fn strings_secret(&mut self, name: &'static str) -> Option<Vec<String>> {
-        let raw = self.raw(name)?;
-        match raw {
-            Raw::Toml(toml::Value::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, item) in items.into_iter().enumerate() {
-                    match item {
-                        toml::Value::String(s) => out.push(s),
-                        v => self.ctx.bad(
-                            format!("{}[{i}]", self.field(name)),
-                            format!("expected a string, found {}", v.type_str()),
-                        ),
-                    }
-                }
-                Some(out)
-            }
-            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => {
-                Some(s.split(',').map(|p| p.trim().to_owned()).collect())
-            }
-            Raw::Toml(ref v) => {
-                self.bad(
-                    name,
-                    &raw,
-                    format!("expected an array of strings, found {}", v.type_str()),
-                );
-                None
-            }
-        }
-    }
-}
-
-fn parse_keys(
-    ctx: &Ctx<'_>,
-    v: Option<&toml::Value>,
+fn validate_keys(
+    items: &[KeyFile],
     accounts: &[AccountConfig],
     default_bucket: BucketConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
 ) -> Vec<ClientKeyConfig> {
-    let items = entries(ctx, "keys", v);
-    if items.is_empty() && v.is_none_or(|v| v.is_array()) {
-        ctx.bad(
+    if items.is_empty() && !p.has_under("keys") {
+        p.bad(
             "keys",
             "at least one [[keys]] entry is required (the gateway never serves without a client key)",
         );
@@ -926,34 +809,36 @@ fn parse_keys(
     let mut out = Vec::new();
     let mut seen: HashMap<KeyDigest, usize> = HashMap::new();
     let mut names = HashSet::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let mut s = Section::new(ctx, format!("keys[{i}]"), Some(item));
+    for (i, k) in items.iter().enumerate() {
+        let at = format!("keys[{i}]");
         let mut digests = Vec::new();
-        if let Some(k) = s.secret("key") {
-            if k.trim().len() < 8 {
-                ctx.bad(s.field("key"), "must be at least 8 characters");
+        if let Some(key) = &k.key {
+            if key.0.trim().len() < 8 {
+                p.bad(format!("{at}.key"), "must be at least 8 characters");
             } else {
-                digests.push(digest_of(k.trim().as_bytes()));
+                digests.push(digest_of(key.0.trim().as_bytes()));
             }
         }
-        if let Some(var) = s.string("key_env") {
-            match (ctx.env)(var.trim()) {
-                Some(k) if k.trim().len() >= 8 => digests.push(digest_of(k.trim().as_bytes())),
-                Some(_) => ctx.bad(
-                    s.field("key_env"),
+        if let Some(var) = &k.key_env {
+            match env(var.trim()) {
+                Some(key) if key.trim().len() >= 8 => {
+                    digests.push(digest_of(key.trim().as_bytes()))
+                }
+                Some(_) => p.bad(
+                    format!("{at}.key_env"),
                     format!("the key in {} must be at least 8 characters", var.trim()),
                 ),
-                None => ctx.bad(
-                    s.field("key_env"),
+                None => p.bad(
+                    format!("{at}.key_env"),
                     format!("environment variable {} is not set", var.trim()),
                 ),
             }
         }
-        if let Some(hex) = s.string("sha256") {
-            match parse_digest(&hex) {
+        if let Some(hex) = &k.sha256 {
+            match parse_digest(hex) {
                 Some(d) => digests.push(d),
-                None => ctx.bad(
-                    s.field("sha256"),
+                None => p.bad(
+                    format!("{at}.sha256"),
                     "expected 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)",
                 ),
             }
@@ -961,45 +846,47 @@ fn parse_keys(
         let digest = match digests.len() {
             1 => Some(digests[0]),
             0 => {
-                if !ctx_has_problem_under(ctx, &s.path) {
-                    ctx.bad(s.path.clone(), "needs one of key, key_env or sha256");
+                if !p.has_under(&at) {
+                    p.bad(&at, "needs one of key, key_env or sha256");
                 }
                 None
             }
             _ => {
-                ctx.bad(s.path.clone(), "set only one of key, key_env or sha256");
+                p.bad(&at, "set only one of key, key_env or sha256");
                 None
             }
         };
         if let Some(d) = digest
             && let Some(j) = seen.insert(d, i)
         {
-            ctx.bad(s.path.clone(), format!("the same key as keys[{j}]"));
+            p.bad(&at, format!("the same key as keys[{j}]"));
         }
-        let name = s.string("name");
-        if let Some(n) = &name {
+        if let Some(n) = &k.name {
             if n.trim().is_empty() {
-                ctx.bad(s.field("name"), "must not be empty");
+                p.bad(format!("{at}.name"), "must not be empty");
             } else if !names.insert(n.clone()) {
-                ctx.bad(s.field("name"), format!("{n:?} is used by another key"));
+                p.bad(
+                    format!("{at}.name"),
+                    format!("{n:?} is used by another key"),
+                );
             }
         }
-        let pool = match s.strings("accounts") {
-            Some(list) if list.is_empty() => {
-                ctx.bad(s.field("accounts"), "must name at least one account");
+        let pool = match &k.accounts {
+            Some(list) if list.0.is_empty() => {
+                p.bad(format!("{at}.accounts"), "must name at least one account");
                 Vec::new()
             }
             Some(list) => {
                 let mut pool = Vec::new();
-                for (j, a) in list.iter().enumerate() {
+                for (j, a) in list.0.iter().enumerate() {
                     match by_name.get(a.trim()) {
                         Some(&idx) if !pool.contains(&idx) => pool.push(idx),
-                        Some(_) => ctx.bad(
-                            format!("{}[{j}]", s.field("accounts")),
+                        Some(_) => p.bad(
+                            format!("{at}.accounts[{j}]"),
                             format!("account {a:?} is listed twice"),
                         ),
-                        None => ctx.bad(
-                            format!("{}[{j}]", s.field("accounts")),
+                        None => p.bad(
+                            format!("{at}.accounts[{j}]"),
                             format!("unknown account {a:?}"),
                         ),
                     }
@@ -1009,19 +896,26 @@ fn parse_keys(
             None if accounts.len() == 1 => vec![0],
             None => {
                 if !accounts.is_empty() {
-                    ctx.bad(
-                        s.field("accounts"),
+                    p.bad(
+                        format!("{at}.accounts"),
                         "required when more than one account is configured",
                     );
                 }
                 Vec::new()
             }
         };
-        let bucket = parse_bucket(&mut s, Some(default_bucket));
-        s.finish();
+        let bucket = BucketConfig {
+            capacity: k.capacity.map_or(default_bucket.capacity, |c| nz(c.get())),
+            refill_per_second: k
+                .refill_per_second
+                .map_or(default_bucket.refill_per_second, |r| r.0),
+        };
         if let Some(digest) = digest {
             out.push(ClientKeyConfig {
-                name: name.unwrap_or_else(|| format!("key-{}", digest.redacted_id())),
+                name: k
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("key-{}", digest.redacted_id())),
                 digest,
                 accounts: pool,
                 bucket,
@@ -1060,23 +954,14 @@ mod tests {
         assert_eq!(c.degrade.consecutive_failures.get(), 3);
         assert_eq!(c.degrade.rate_per_second.get(), 5);
         assert_eq!(c.keys[0].accounts, vec![0]);
+        assert_eq!(c.upstream.admission_wait, Some(Duration::from_secs(2)));
+        assert!(c.redis.is_none());
         assert_eq!(
             c.upstream.base_url.to_string(),
             "https://dashscope-intl.aliyuncs.com"
         );
         let shown = format!("{c:?}");
         assert!(!shown.contains("sk-upstream-secret") && !shown.contains("gw-client-secret"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1.5m"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
-        assert_eq!(parse_duration("fast"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
     }
 
     #[test]
@@ -1087,23 +972,130 @@ mod tests {
                 ("QWEN_GATEWAY_SERVER_LISTEN", "0.0.0.0:9000"),
                 ("QWEN_GATEWAY_LIMITS_CAPACITY", "7"),
                 ("QWEN_GATEWAY_UPSTREAM_BASE_URL", "http://127.0.0.1:1234"),
-                ("QWEN_GATEWAY_DEGRADE_ENABLED", "false"),
+                ("QWEN_GATEWAY_UPSTREAM_ADMISSION_WAIT", "off"),
+                ("QWEN_GATEWAY_DEGRADE_ENABLED", "no"),
+                ("QWEN_GATEWAY_DEGRADE_JITTER", "0.5"),
             ]),
         )
         .unwrap();
         assert_eq!(c.listen().port(), 9000);
         assert_eq!(c.keys[0].bucket.capacity.get(), 7);
         assert_eq!(c.upstream.base_url.to_string(), "http://127.0.0.1:1234");
+        assert_eq!(c.upstream.admission_wait, None);
         assert!(!c.degrade.enabled);
+        assert_eq!(c.degrade.jitter, 0.5);
         let e = GatewayConfig::from_toml_with_env(
             MIN,
-            env(&[("QWEN_GATEWAY_LIMITS_CAPACITY", "lots")]),
+            env(&[
+                ("QWEN_GATEWAY_LIMITS_CAPACITY", "lots"),
+                ("QWEN_GATEWAY_SERVER_MAX_BODY_BYTES", "0"),
+            ]),
         )
         .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("limits.capacity (from QWEN_GATEWAY_LIMITS_CAPACITY)"),
+        let fields: Vec<&str> = e.fields().collect();
+        assert_eq!(
+            fields,
+            [
+                "server.max_body_bytes (from QWEN_GATEWAY_SERVER_MAX_BODY_BYTES)",
+                "limits.capacity (from QWEN_GATEWAY_LIMITS_CAPACITY)",
+            ],
             "{e}"
         );
+    }
+
+    /// An environment value that reads as a number but is meant as text is
+    /// taken as text.
+    #[test]
+    fn env_numbers_fall_back_to_text() {
+        let c = GatewayConfig::from_toml_with_env(
+            &format!("{MIN}\n[redis]\nurl = \"redis://127.0.0.1:1\""),
+            env(&[("QWEN_GATEWAY_REDIS_KEY_PREFIX", "42")]),
+        );
+        if cfg!(feature = "redis") {
+            assert_eq!(c.unwrap().redis.unwrap().prefix, "42");
+        } else {
+            let e = c.unwrap_err();
+            assert_eq!(e.fields().collect::<Vec<_>>(), ["redis"], "{e}");
+        }
+    }
+
+    #[test]
+    fn redis_section_from_file_and_env() {
+        if !cfg!(feature = "redis") {
+            return;
+        }
+        let text = format!(
+            "{MIN}\n[redis]\nurl = \"redis://:hunter2@127.0.0.1:6379\"\nfailure = \"fail-closed\"\ntimeout = \"50ms\""
+        );
+        let c = GatewayConfig::from_toml_with_env(&text, env(&[])).unwrap();
+        let r = c.redis.as_ref().unwrap();
+        assert_eq!(r.fail_open, None);
+        assert_eq!(r.timeout, Some(Duration::from_millis(50)));
+        assert_eq!(r.prefix, "tower-qwen:gw:");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        // The whole section from the environment.
+        let c = GatewayConfig::from_toml_with_env(
+            MIN,
+            env(&[
+                ("QWEN_GATEWAY_REDIS_URL", "redis://127.0.0.1:6380"),
+                ("QWEN_GATEWAY_REDIS_REPLICAS", "3"),
+            ]),
+        )
+        .unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.fail_open, NonZeroU32::new(3));
+        assert_eq!(r.url, "redis://127.0.0.1:6380");
+        // Bad values are named; the URL is never echoed.
+        let e = GatewayConfig::from_toml_with_env(
+            &format!(
+                "{MIN}\n[redis]\nurl = \"hunter2://x\"\nfailure = \"maybe\"\nreplicas = 0\nttl = 1"
+            ),
+            env(&[]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        for f in ["redis.url", "redis.failure", "redis.replicas", "redis.ttl"] {
+            assert!(fields.contains(&f), "{f} not in {e}");
+        }
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e =
+            GatewayConfig::from_toml_with_env(&format!("{MIN}\n[redis]\nreplicas = 2"), env(&[]))
+                .unwrap_err();
+        assert_eq!(e.fields().collect::<Vec<_>>(), ["redis.url"]);
+    }
+
+    #[test]
+    fn secrets_of_the_wrong_type_are_not_echoed() {
+        let e = GatewayConfig::from_toml_with_env(
+            r#"
+            [[accounts]]
+            api_key = 123456789
+            [[keys]]
+            key = ["gw-secret-in-array"]
+            "#,
+            env(&[]),
+        )
+        .unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("123456789") && !shown.contains("gw-secret-in-array"),
+            "{shown}"
+        );
+        let fields: Vec<&str> = e.fields().collect();
+        assert!(
+            fields.contains(&"accounts[0].api_key") && fields.contains(&"keys[0].key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sections_of_the_wrong_shape() {
+        let e = GatewayConfig::from_toml_with_env(
+            "server = 5\naccounts = \"main\"\n[[keys]]\nkey = \"gw-client-secret\"",
+            env(&[]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        assert_eq!(fields, ["server", "accounts"], "{e}");
     }
 }

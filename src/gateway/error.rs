@@ -104,3 +104,89 @@ impl crate::classify::KnownError for UpstreamBusy {
         }
     }
 }
+
+/// The shared rate limits could not decide (Redis failed or is down) and
+/// the configured policy fails closed. Nothing was sent. Classified as a
+/// local throttle, so that the degrade breaker (which this is no upstream
+/// failure for) ignores it and a retry waits `retry_after`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LimitsUnavailable {
+    pub(crate) retry_after: Duration,
+}
+
+impl fmt::Display for LimitsUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "shared rate limits unavailable; retry after {:.3}s",
+            self.retry_after.as_secs_f64()
+        )
+    }
+}
+
+impl std::error::Error for LimitsUnavailable {}
+
+impl crate::classify::KnownError for LimitsUnavailable {
+    fn outcome(&self) -> Outcome {
+        Outcome::Throttled {
+            cause: ThrottleCause::Local,
+            retry_after: Some(self.retry_after),
+        }
+    }
+}
+
+/// A refusal the stack made before anything left (the body), in the
+/// handler's terms.
+#[derive(Clone, Debug)]
+pub(crate) struct Refused {
+    pub(crate) refusal: super::respond::Refusal,
+    /// What is wrong, when the refusal's own words are not enough.
+    pub(crate) message: Option<String>,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request refused: {}", self.refusal.label())
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl crate::classify::KnownError for Refused {
+    fn outcome(&self) -> Outcome {
+        Outcome::Permanent {
+            reason: crate::classify::PermanentReason::InvalidRequest,
+        }
+    }
+}
+
+/// An error of the call after the body was read: with what was read, for
+/// the handler's log lines.
+#[derive(Clone, Debug)]
+pub(crate) struct Failed {
+    pub(crate) info: std::sync::Arc<crate::request::RequestInfo>,
+    pub(crate) source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl std::error::Error for Failed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+impl crate::classify::KnownError for Failed {
+    fn outcome(&self) -> Outcome {
+        crate::classify::Classifier::new().classify_error(&self.source)
+    }
+}
+/// A refusal for the registry's sample.
+#[cfg(test)]
+pub(crate) fn sample_refusal() -> super::respond::Refusal {
+    super::respond::Refusal::BadBody
+}

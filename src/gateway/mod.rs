@@ -61,20 +61,25 @@
 //!    5 calls per second (429 beyond that) and a `warn` event names it by
 //!    its redacted id; after the probe delay (5 s, doubling up to 60 s),
 //!    admitted calls are probes and the first success restores the key.
-//! 5. **Upstream admission**: the key maps to a pool of upstream accounts
-//!    (DashScope's quotas belong to accounts, not keys). Each account has
-//!    a [`RateLimiter`] per model with RPM
-//!    and TPM (the Qwen defaults or configured, smoothed per second as
-//!    DashScope enforces them). The pool takes the first account with room
-//!    now; when none has, the call waits for the account that frees up
-//!    first if that is within `admission_wait` (default 2 s: smoothing, not
+//! 5. **Upstream admission**: the key maps to a [`Pool`](crate::pool::Pool)
+//!    of upstream accounts (DashScope's quotas belong to accounts, not
+//!    keys; an account may list several of its keys, used in turn). Each
+//!    account has a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
+//!    keyed by (account, model)
+//!    ([`ByAccountModel`](crate::key::ByAccountModel)) with RPM and TPM (the
+//!    Qwen defaults or configured, smoothed per second as DashScope enforces
+//!    them). The pool takes the account with the most room now; when none
+//!    has, the call goes to the account that frees up first and waits there
+//!    if that is within `admission_wait` (default 2 s: smoothing, not
 //!    queueing), else it gets 429 (`Throttling.RateQuota` or
 //!    `Throttling.AllocationQuota`) with `Retry-After` and
 //!    `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` per minute
 //!    (the account's RPM and TPM, what is left of them after what is booked
-//!    ahead, and the seconds until nothing is). Token
-//!    reservations are reconciled with the real `usage` when the answer
-//!    ends, and an upstream 429 tightens the account.
+//!    ahead, and the seconds until nothing is). Token reservations are
+//!    reconciled with the real `usage` when the answer ends, and an
+//!    upstream 429 tightens the account. Task polls and async submissions
+//!    are pinned to the key's first account (a task lives in the account
+//!    that created it).
 //! 6. **The upstream call**, to the configured base URL only (no open
 //!    proxying), with the account's key, hop-by-hop headers stripped both
 //!    ways, and the configured connect, header, idle and total timeouts
@@ -115,14 +120,52 @@
 //! the others finish their answer (streams included) up to
 //! `shutdown_grace`.
 //!
+//! # Built from the public pieces
+//!
+//! Each client key's stack is made of this crate's public layers, so the
+//! same behaviour can be assembled in-process without the gateway:
+//!
+//! ```text
+//! RateLimitLayer (the key's bucket: reject mode, keyed by client key)
+//!   -> the body (cap, read timeout, strict RequestInfo, model required)
+//!   -> CircuitBreakerLayer (TripAction::Degrade, keyed by client key)
+//!   -> Pool (the key's accounts: headroom, key rotation, pinning)
+//!        -> per account: RateLimitLayer (ByAccountModel; wait up to
+//!           admission_wait) -> SetUpstreamLayer -> TimeoutLayer -> client
+//! ```
+//!
+//! The handler around it keeps only the path allow-list, authentication,
+//! hop-by-hop header stripping and the answer's body.
+//!
+//! # Replicas: `[redis]`
+//!
+//! Without a `[redis]` section every limit lives in the process. With one,
+//! the client keys' buckets and the accounts' (account, model) quotas are
+//! decided by the [Redis backend](crate::redis) (feature `redis`), so every
+//! replica of the gateway pointed at the same Redis and key prefix shares
+//! them: one key hammered through three replicas gets its bucket once,
+//! not three times, and one account's RPM holds across them. The degrade
+//! breaker stays per replica: a replica degrades a key on the failures it
+//! sees and limits it to `rate_per_second` there, while the shared bucket
+//! still caps the key in total. When Redis fails or is slower than `timeout`, the
+//! `failure` policy decides: `"fail-open"` (default) decides locally at
+//! 1/`replicas` of each quota, `"fail-closed"` answers 503
+//! (`ServiceUnavailable` / `service_unavailable`, `Retry-After`); either
+//! way every request is answered, none waits for Redis longer than
+//! `timeout`, and after Redis returns the replicas share again (each
+//! limiter retries Redis every `probe_every`). Slow start is not available
+//! with `[redis]` (the Redis backend has none).
+//!
 //! # Configuration
 //!
-//! TOML ([`GatewayConfig`]), every scalar of `[server]`, `[upstream]`,
-//! `[limits]` and `[degrade]` overridable by `QWEN_GATEWAY_<SECTION>_<FIELD>`
-//! (e.g. `QWEN_GATEWAY_SERVER_LISTEN`), secrets read from variables named
-//! by `*_env` fields. A bad file gets a [`ConfigError`](error::ConfigError)
-//! naming every bad or unknown field. `examples/gateway.toml` documents
-//! every field with its default:
+//! TOML ([`GatewayConfig`]) read by serde, unknown fields refused, defaults
+//! in one place; every scalar of `[server]`, `[upstream]`, `[limits]`,
+//! `[degrade]` and `[redis]` overridable by
+//! `QWEN_GATEWAY_<SECTION>_<FIELD>` (e.g. `QWEN_GATEWAY_SERVER_LISTEN`,
+//! `QWEN_GATEWAY_REDIS_URL`), secrets read from variables named by `*_env`
+//! fields. A bad file gets a [`ConfigError`](error::ConfigError) naming
+//! every bad or unknown field (and the variable a bad value came from).
+//! `examples/gateway.toml` documents every field with its default:
 //!
 //! ```toml
 //! [server]
@@ -151,6 +194,13 @@
 //! rate_per_second = 5
 //! probe_after = "5s"
 //! probe_after_max = "60s"
+//!
+//! [redis]                         # optional: replicas share their limits
+//! url = "redis://127.0.0.1:6379"
+//! key_prefix = "tower-qwen:gw:"
+//! failure = "fail-open"           # or "fail-closed" (503)
+//! replicas = 3                    # fail-open decides at 1/replicas
+//! timeout = "100ms"
 //!
 //! [[accounts]]
 //! name = "main"
@@ -218,36 +268,30 @@ mod metrics;
 mod proxy;
 mod respond;
 mod serve;
+mod stack;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use axum::Router;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tower_layer::Layer;
-
-use crate::circuit_breaker::{CircuitBreakerLayer, State as BreakerState, TripAction};
-use crate::client::TransportConfig;
-use crate::key::ByModel;
-use crate::rate_limit::{Limits, RateLimitLayer, RateLimiter, SlowStart};
-use crate::timeout::TimeoutLayer;
 
 pub use auth::key_sha256;
 pub use config::{ENV_PREFIX, GatewayConfig};
 
-use proxy::{Account, ClientKey, Inner, Pool};
+use proxy::{ClientKey, Inner};
 
 /// A configured gateway. Cheap to clone (shared state). See the
 /// [module docs](self) for an example.
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
+    #[cfg(feature = "redis")]
+    redis: Arc<[stack::RedisProbe]>,
     max_header_bytes: usize,
     max_connections: usize,
     grace: std::time::Duration,
@@ -264,146 +308,84 @@ impl fmt::Debug for Gateway {
 
 /// The gateway's [`Router`] for `config`: the same as
 /// `Gateway::new(config).router()`.
+///
+/// # Panics
+///
+/// As [`Gateway::new`].
 pub fn router(config: GatewayConfig) -> Router {
     Gateway::new(config).router()
 }
 
 impl Gateway {
-    /// Builds the gateway: the upstream client, one rate limiter per
-    /// account, one bucket and one breaker per client key, the metrics
-    /// recorder. Needs no runtime; nothing is sent until a request comes.
+    /// Builds the gateway: the upstream client, the client keys' buckets,
+    /// the degrade breaker, one pool per client key over the accounts, the
+    /// metrics recorder. Nothing is sent until a request comes; without
+    /// `[redis]` no runtime is needed either.
+    ///
+    /// # Panics
+    ///
+    /// With a `[redis]` section, outside a tokio runtime (the Redis
+    /// connection manager spawns its task; it connects lazily, so Redis
+    /// need not be up yet).
     pub fn new(config: GatewayConfig) -> Self {
-        let up = &config.upstream;
-        let client = TransportConfig::new()
-            .connect_timeout(up.connect_timeout)
-            .pool_max_idle_per_host(up.pool_max_idle_per_host)
-            .build();
-        let upstream = TimeoutLayer::new()
-            .header(up.header_timeout)
-            .idle(up.idle_timeout)
-            .total(up.total_timeout)
-            .layer(client);
-        let accounts: Vec<Arc<Account>> = config
-            .accounts
-            .iter()
-            .map(|a| {
-                let table = a.quotas.clone();
-                let limiter = RateLimiter::builder(Limits::UNLIMITED)
-                    .slow_start(a.slow_start.map(SlowStart::new))
-                    .build_keyed_with(move |model: &Option<Arc<str>>| match (&table, model) {
-                        (Some(t), Some(m)) => t.get(Some(m)),
-                        _ => Limits::UNLIMITED,
-                    });
-                let svc = RateLimitLayer::keyed(limiter.clone(), ByModel)
-                    .reject()
-                    .layer(upstream.clone());
-                let wait_svc = up.admission_wait.map(|wait| {
-                    RateLimitLayer::keyed(limiter.clone(), ByModel)
-                        .wait(wait)
-                        .layer(upstream.clone())
-                });
-                Arc::new(Account {
-                    name: a.name.clone(),
-                    keys: a.keys.clone(),
-                    next_key: AtomicUsize::new(0),
-                    workspace: a.workspace.clone(),
-                    svc,
-                    wait_svc,
-                    limiter,
-                    quotas: a.quotas.clone(),
-                })
-            })
-            .collect();
         let labels: Vec<String> = config.keys.iter().map(|k| k.name.clone()).collect();
         let metrics = metrics::Metrics::new(labels);
-        let degrade = config.degrade;
+        let built = stack::build(&config, &metrics);
         let mut clients = Vec::with_capacity(config.keys.len());
         let mut by_digest = HashMap::with_capacity(config.keys.len());
-        for (idx, k) in config.keys.iter().enumerate() {
-            let pool = Pool {
-                accounts: k.accounts.iter().map(|&i| accounts[i].clone()).collect(),
-                next: Arc::new(AtomicUsize::new(0)),
-            };
-            let id = k.digest.redacted_id();
-            let degradations = metrics.degradations[idx].clone();
-            let (log_id, log_name) = (id.clone(), k.name.clone());
-            let rate = degrade.rate_per_second;
-            let failures = degrade.consecutive_failures;
-            let mut breaker = CircuitBreakerLayer::new()
-                .failure_rate(None)
-                .trip_action(TripAction::Degrade(rate))
-                .open_duration(degrade.probe_after, degrade.probe_after_max)
-                .jitter(degrade.jitter);
-            breaker = if degrade.enabled {
-                breaker.consecutive_failures(failures)
-            } else {
-                breaker.consecutive_failures(None)
-            };
-            let breaker = breaker.on_state_change(move |_: &(), t| match (t.from, t.to) {
-                (from, BreakerState::Degraded) if from != BreakerState::Degraded => {
-                    degradations.increment(1);
-                    tracing::warn!(
-                        key = %log_id,
-                        key_name = %log_name,
-                        consecutive_failures = failures.get(),
-                        rate_per_second = rate.get(),
-                        probe_in_ms = t.open_for.map_or(0, |d| d.as_millis() as u64),
-                        "gateway key degraded after consecutive upstream failures"
-                    );
-                }
-                (BreakerState::Degraded, BreakerState::Degraded) => {
-                    tracing::info!(
-                        key = %log_id,
-                        key_name = %log_name,
-                        probe_in_ms = t.open_for.map_or(0, |d| d.as_millis() as u64),
-                        "gateway key probe failed; still degraded"
-                    );
-                }
-                (_, BreakerState::Closed) => {
-                    tracing::info!(key = %log_id, key_name = %log_name, "gateway key recovered");
-                }
-                _ => {}
-            });
-            let handle = breaker.handle();
-            let svc = breaker.layer(pool);
-            let bucket = RateLimiter::builder(k.bucket.limits())
-                .feedback(None)
-                .build();
+        for ((idx, k), svc) in config.keys.iter().enumerate().zip(built.services) {
             let client = Arc::new(ClientKey {
                 idx: idx as u32,
-                name: k.name.clone(),
-                id,
-                bucket,
+                name: Arc::from(k.name.as_str()),
+                id: k.digest.redacted_id(),
+                capacity: k.bucket.capacity.get(),
+                pin_to: Arc::from(config.accounts[k.accounts[0]].name.as_str()),
                 svc,
-                breaker: handle,
             });
             by_digest.insert(k.digest, client.clone());
             clients.push(client);
         }
         tracing::info!(
             upstream = %config.upstream.base_url,
-            accounts = accounts.len(),
+            accounts = config.accounts.len(),
             keys = clients.len(),
+            redis = config.redis.is_some(),
             "gateway configured"
         );
         let inner = Inner {
-            base: config.upstream.base_url.clone(),
-            max_body_bytes: config.server.max_body_bytes,
             max_header_bytes: config.server.max_header_bytes,
-            body_read_timeout: config.server.body_read_timeout,
-            degrade_rate: degrade.rate_per_second.get(),
+            degrade_rate: config.degrade.rate_per_second.get(),
             keys: by_digest,
             clients,
+            buckets: built.buckets,
+            breaker: built.breaker,
             metrics,
             auth_failures: auth::AuthFailures::new(config.server.max_auth_failures_per_minute),
         };
         Self {
             inner: Arc::new(inner),
+            #[cfg(feature = "redis")]
+            redis: built.redis.into(),
             max_header_bytes: config.server.max_header_bytes,
             max_connections: config.server.max_connections,
             grace: config.server.shutdown_grace,
             listen: config.server.listen,
         }
+    }
+
+    /// Pings Redis from every shared limiter of this gateway (with the
+    /// configured timeout) and returns whether all answered; each limiter
+    /// that gets an answer goes back to Redis at once (otherwise one call
+    /// per `probe_every` tries it). `true` without `[redis]`. For health
+    /// checks and tests.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn probe_redis(&self) -> bool {
+        let mut all = true;
+        for probe in self.redis.iter() {
+            all &= probe().await;
+        }
+        all
     }
 
     /// The axum router: mount it in your app, or run it with
@@ -435,8 +417,8 @@ impl Gateway {
         self.inner
             .clients
             .iter()
-            .find(|c| c.name == name)
-            .map(|c| c.is_degraded())
+            .find(|c| &*c.name == name)
+            .map(|c| self.inner.is_degraded(c))
     }
 
     /// Serves on `listener` (HTTP/1.1) until `shutdown` completes; then
@@ -517,5 +499,4 @@ pub async fn shutdown_signal() {
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Gateway>();
-    let _ = NonZeroU32::MIN;
 }

@@ -1,290 +1,53 @@
-//! The request path: authenticate, charge the client key's bucket, read the
-//! body (capped), pass the key's degrade breaker, pick an upstream account
-//! of the key's pool whose (account, model) budget admits the call, and
-//! stream the answer back.
+//! The request path: the handler (path allow-list, authentication, the
+//! client key's stack, the answer), hop-by-hop header stripping, and the
+//! answer's body on its way to the client. What happens between (buckets,
+//! body, degradation, accounts) is the stack of [`super::stack`].
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Uri};
 use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tower::ServiceExt;
-use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{Body, BufferedBody};
 use crate::circuit_breaker::error::CircuitOpen;
-use crate::circuit_breaker::{BreakerHandle, CircuitBreaker, State as BreakerState};
-use crate::client::{ApiKey, BaseUrl, HttpClient};
-use crate::key::ByModel;
+use crate::circuit_breaker::{BreakerHandle, State as BreakerState};
+use crate::pool::Pinned;
+use crate::pool::error::Exhausted;
 use crate::rate_limit::error::RateLimited;
-use crate::rate_limit::{Cost, QuotaTable, RateLimit, RateLimiter};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
-use crate::timeout::Timeout;
 use crate::timeout::error::{DeadlineExceeded, HeaderTimeout, IdleTimeout};
 
 use super::auth::{AuthFailures, KeyDigest, bearer, digest_of};
-use super::error::UpstreamBusy;
+use super::error::{Failed, LimitsUnavailable, Refused, UpstreamBusy};
 use super::metrics::{KeyIdx, Metrics, route_label};
 use super::respond::{Refusal, ceil_secs, refuse_saying, sse_error_event};
-
-/// The client toward DashScope, with the upstream timeouts.
-pub(crate) type Upstream = Timeout<HttpClient>;
-/// One account's admission (reject mode, keyed by model) over the client.
-pub(crate) type AccountSvc = RateLimit<Upstream, RateLimiter<Option<Arc<str>>>, ByModel>;
-/// What an account answers (named through the service, so that it follows
-/// the rate limiter's own response type).
-pub(crate) type PoolResponse = <AccountSvc as Service<http::Request<Body>>>::Response;
-/// A client key's path: its degrade breaker over its pool.
-pub(crate) type KeySvc = CircuitBreaker<Pool>;
-
-/// An upstream account: its keys (used in turn), its workspace, and its
-/// admission service.
-pub(crate) struct Account {
-    pub(crate) name: String,
-    pub(crate) keys: Vec<ApiKey>,
-    pub(crate) next_key: AtomicUsize,
-    pub(crate) workspace: Option<HeaderValue>,
-    /// Admission in reject mode.
-    pub(crate) svc: AccountSvc,
-    /// Admission that waits up to the configured admission wait, if any.
-    pub(crate) wait_svc: Option<AccountSvc>,
-    pub(crate) limiter: RateLimiter<Option<Arc<str>>>,
-    /// The account's quotas per model (`None`: unlimited).
-    pub(crate) quotas: Option<QuotaTable>,
-}
-
-impl fmt::Debug for Account {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Account")
-            .field("name", &self.name)
-            .field("keys", &self.keys)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Account {
-    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` of the
-    /// (account, `model`) budget, per minute as DashScope states its quotas
-    /// (RPM, TPM) and as OpenAI-style clients read them: the limit is the
-    /// quota per minute (not the burst the limiter smooths it to), the
-    /// remaining is that minus what the budget has booked ahead, and the
-    /// reset is the time until nothing is booked ahead (whole seconds,
-    /// rounded up).
-    fn write_quota_headers(&self, model: &Option<Arc<str>>, headers: &mut HeaderMap) {
-        let Some(table) = &self.quotas else {
-            return;
-        };
-        let limits = table.get(model.as_deref());
-        let snapshot = self.limiter.snapshot(model);
-        for (name, quota, state) in [
-            (
-                "requests",
-                limits.get_requests(),
-                snapshot.and_then(|s| s.requests),
-            ),
-            (
-                "tokens",
-                limits.get_tokens(),
-                snapshot.and_then(|s| s.tokens),
-            ),
-        ] {
-            let Some(quota) = quota else { continue };
-            let per_minute = (quota.per_second_rate() * 60.0).round() as u64;
-            let booked_for = state.map_or(Duration::ZERO, |s| s.reset);
-            let interval = quota.replenish_interval().as_nanos().max(1);
-            let booked =
-                u64::try_from(booked_for.as_nanos().div_ceil(interval)).unwrap_or(u64::MAX);
-            let reset = booked_for.as_secs() + u64::from(booked_for.subsec_nanos() > 0);
-            for (what, v) in [
-                ("limit", per_minute),
-                ("remaining", per_minute.saturating_sub(booked)),
-                ("reset", reset),
-            ] {
-                if let Ok(n) = HeaderName::try_from(format!("x-ratelimit-{what}-{name}")) {
-                    headers.insert(n, HeaderValue::from(v));
-                }
-            }
-        }
-    }
-
-    fn authorize(&self, headers: &mut HeaderMap) {
-        let i = if self.keys.len() == 1 {
-            0
-        } else {
-            self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len()
-        };
-        headers.insert(header::AUTHORIZATION, self.keys[i].header_value().clone());
-        if let Some(ws) = &self.workspace {
-            headers.insert("x-dashscope-workspace", ws.clone());
-        }
-    }
-}
-
-/// A request extension: send only to the pool's first account (task polls,
-/// async submissions: a task lives in the account that created it).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Sticky;
-
-/// A client key's pool of upstream accounts. Tries them in turn, starting
-/// at a rotating one, and moves on when an account's budget refuses the
-/// call locally; fails with [`UpstreamBusy`] when all refuse.
-#[derive(Clone)]
-pub(crate) struct Pool {
-    pub(crate) accounts: Arc<[Arc<Account>]>,
-    pub(crate) next: Arc<AtomicUsize>,
-}
-
-impl fmt::Debug for Pool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool")
-            .field("accounts", &self.accounts.len())
-            .finish()
-    }
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl Service<http::Request<Body>> for Pool {
-    type Response = PoolResponse;
-    type Error = BoxError;
-    type Future = BoxFuture<Result<Self::Response, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let accounts = self.accounts.clone();
-        let sticky = req.extensions().get::<Sticky>().is_some();
-        let n = accounts.len();
-        let (start, tries) = if sticky || n == 1 {
-            (0, 1)
-        } else {
-            (self.next.fetch_add(1, Ordering::Relaxed) % n, n)
-        };
-        Box::pin(async move {
-            if tries == 1 {
-                // One account: wait for its budget (up to the admission
-                // wait) or refuse.
-                let account = &accounts[start];
-                let mut req = req;
-                account.authorize(req.headers_mut());
-                let svc = account.wait_svc.as_ref().unwrap_or(&account.svc).clone();
-                let model = RequestInfo::of(&mut req).model.clone();
-                return match svc.oneshot(req).await {
-                    Err(e) => Err(refused(e, account, &model)),
-                    ok => ok,
-                };
-            }
-            // A pool: the first account with room now takes the call; when
-            // none has, wait on the one that frees up first (if that is
-            // within the admission wait).
-            let mut req = req;
-            let model = RequestInfo::of(&mut req).model.clone();
-            let mut busy: Option<(UpstreamBusy, usize)> = None;
-            for i in 0..tries {
-                let idx = (start + i) % n;
-                let account = &accounts[idx];
-                let mut r = clone_request(&req);
-                account.authorize(r.headers_mut());
-                match account.svc.clone().oneshot(r).await {
-                    Ok(res) => return Ok(res),
-                    Err(e) => match busy_or(e, account, &model, busy.as_ref().map(|b| &b.0)) {
-                        Ok(Some(b)) => busy = Some((b, idx)),
-                        Ok(None) => {}
-                        Err(e) => return Err(e),
-                    },
-                }
-            }
-            let (b, idx) = busy.expect("every account refused");
-            let account = &accounts[idx];
-            if let Some(svc) = &account.wait_svc {
-                account.authorize(req.headers_mut());
-                return match svc.clone().oneshot(req).await {
-                    Err(e) => Err(refused(e, account, &model)),
-                    ok => ok,
-                };
-            }
-            Err(b.into())
-        })
-    }
-}
-
-/// Reads a local refusal of `account`: `Ok(Some(busy))` when it frees up
-/// sooner than `best` (or there is no best yet), `Ok(None)` when not, and
-/// `Err` for any other error.
-fn busy_or(
-    e: BoxError,
-    account: &Account,
-    model: &Option<Arc<str>>,
-    best: Option<&UpstreamBusy>,
-) -> Result<Option<UpstreamBusy>, BoxError> {
-    let limited = e.downcast::<RateLimited>()?;
-    let wait = limited.retry_after().unwrap_or(Duration::from_secs(1));
-    tracing::debug!(
-        account = %account.name,
-        model = model.as_deref().unwrap_or(""),
-        retry_after_ms = wait.as_millis() as u64,
-        "upstream account budget refused the call"
-    );
-    if best.is_some_and(|b| b.retry_after <= wait) {
-        return Ok(None);
-    }
-    let mut headers = HeaderMap::new();
-    account.write_quota_headers(model, &mut headers);
-    Ok(Some(UpstreamBusy {
-        retry_after: wait,
-        tokens: limited.is_tokens(),
-        headers,
-    }))
-}
-
-/// The error for a call refused after its last try.
-fn refused(e: BoxError, account: &Account, model: &Option<Arc<str>>) -> BoxError {
-    match busy_or(e, account, model, None) {
-        Ok(b) => Box::new(b.unwrap_or(UpstreamBusy {
-            retry_after: Duration::from_secs(1),
-            tokens: false,
-            headers: HeaderMap::new(),
-        })),
-        Err(e) => e,
-    }
-}
-
-fn clone_request(req: &http::Request<Body>) -> http::Request<Body> {
-    let mut r = http::Request::new(req.body().try_clone().unwrap_or_default());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    *r.extensions_mut() = req.extensions().clone();
-    r
-}
+use super::stack::{ClientName, KeySvc, Limiter};
 
 /// A configured client key.
 pub(crate) struct ClientKey {
     pub(crate) idx: u32,
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) id: String,
-    pub(crate) bucket: RateLimiter<()>,
+    /// Its bucket's capacity (what a bucket never used has).
+    pub(crate) capacity: u32,
+    /// The first account of its pool: where task polls and async
+    /// submissions go.
+    pub(crate) pin_to: Arc<str>,
     pub(crate) svc: KeySvc,
-    pub(crate) breaker: BreakerHandle<()>,
 }
 
 impl fmt::Debug for ClientKey {
@@ -296,32 +59,16 @@ impl fmt::Debug for ClientKey {
     }
 }
 
-impl ClientKey {
-    /// `x-ratelimit-limit/remaining/reset` of the key's bucket (reset: whole
-    /// seconds until the bucket is full, rounded up).
-    fn write_bucket_headers(&self, headers: &mut HeaderMap) {
-        if let Some(d) = self.bucket.snapshot(&()).and_then(|s| s.requests) {
-            headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
-            headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
-            let reset = d.reset.as_secs() + u64::from(d.reset.subsec_nanos() > 0);
-            headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
-        }
-    }
-
-    pub(crate) fn is_degraded(&self) -> bool {
-        matches!(self.breaker.state(), BreakerState::Degraded)
-    }
-}
-
 /// Everything the handlers share.
 pub(crate) struct Inner {
-    pub(crate) base: BaseUrl,
-    pub(crate) max_body_bytes: usize,
     pub(crate) max_header_bytes: usize,
-    pub(crate) body_read_timeout: Duration,
     pub(crate) degrade_rate: u32,
     pub(crate) keys: HashMap<KeyDigest, Arc<ClientKey>>,
     pub(crate) clients: Vec<Arc<ClientKey>>,
+    /// The client keys' buckets (for `x-ratelimit-*` and `/metrics`).
+    pub(crate) buckets: Limiter<Arc<str>>,
+    /// The degrade breaker's circuits, by client key.
+    pub(crate) breaker: BreakerHandle<Arc<str>>,
     pub(crate) metrics: Metrics,
     /// Failed authentications per client address (`None`: no limit).
     pub(crate) auth_failures: Option<AuthFailures>,
@@ -330,8 +77,8 @@ pub(crate) struct Inner {
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Inner")
-            .field("base", &self.base)
             .field("clients", &self.clients)
+            .field("buckets", &self.buckets)
             .finish_non_exhaustive()
     }
 }
@@ -364,6 +111,30 @@ impl Inner {
         self.metrics.refusal(key, refusal);
         self.metrics.request(key, route, refusal.status().as_u16());
         refuse_saying(protocol, refusal, message, retry_after, extra)
+    }
+
+    /// `x-ratelimit-limit/remaining/reset` of a client key's bucket (reset:
+    /// whole seconds until the bucket is full, rounded up).
+    fn write_bucket_headers(&self, client: &ClientKey, headers: &mut HeaderMap) {
+        let (limit, remaining, reset) = match self.buckets.snapshot(&client.name) {
+            Some(s) => match s.requests {
+                Some(d) => (
+                    d.limit,
+                    d.remaining,
+                    d.reset.as_secs() + u64::from(d.reset.subsec_nanos() > 0),
+                ),
+                None => return,
+            },
+            // No state: a full bucket.
+            None => (client.capacity, u64::from(client.capacity), 0),
+        };
+        headers.insert("x-ratelimit-limit", HeaderValue::from(limit));
+        headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+        headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    }
+
+    pub(crate) fn is_degraded(&self, client: &ClientKey) -> bool {
+        self.breaker.state_of(&client.name) == Some(BreakerState::Degraded)
     }
 }
 
@@ -539,100 +310,40 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
         return gw.refuse(None, route, protocol, Refusal::Unauthorized, None, None);
     };
     let client = client.clone();
-    let key = Some(client.idx);
-    if let Err(limited) = client.bucket.check(&(), Cost::ONE) {
-        let mut h = HeaderMap::new();
-        client.write_bucket_headers(&mut h);
-        tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key bucket empty");
-        return gw.refuse(
-            key,
-            route,
-            protocol,
-            Refusal::KeyRateLimited,
-            limited.retry_after(),
-            Some(h),
-        );
-    }
 
+    // The request as it goes on: the path exactly as received (the
+    // account's service resolves it against the configured base URL, and
+    // only against it: never an absolute URI from the client), the
+    // forwarded headers, and the client key.
     let (parts, body) = req.into_parts();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > gw.max_body_bytes as u64) {
-        return gw.refuse(key, route, protocol, Refusal::BodyTooLarge, None, None);
-    }
-    let limited = http_body_util::Limited::new(body, gw.max_body_bytes);
-    let bytes: Bytes = match tokio::time::timeout(gw.body_read_timeout, limited.collect()).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return gw.refuse(key, route, protocol, Refusal::BodyTooLarge, None, None);
-        }
-        Ok(Err(_)) => return gw.refuse(key, route, protocol, Refusal::BadBody, None, None),
-        Err(_) => return gw.refuse(key, route, protocol, Refusal::BodyTimeout, None, None),
-    };
-
-    // What admission reads, read once and strictly: a body the upstream
-    // might read otherwise is refused before anything leaves.
-    let mut info = RequestInfo::parse(parts.uri.path(), &parts.headers, Some(&bytes));
-    if let Some(err) = &info.body_error {
-        tracing::debug!(key = %client.id, key_name = %client.name, route, error = %err, "refused: ambiguous body");
-        let message = sentence(&err.to_string());
-        return gw.refuse_saying(
-            key,
-            route,
-            protocol,
-            Refusal::InvalidBody,
-            Some(&message),
-            None,
-            None,
-        );
-    }
-    if let Some(m) = &info.model {
-        // The (account, model) budget is keyed by the model as the quota
-        // table reads it, so `Qwen-Plus ` and `qwen-plus` share one budget.
-        let canonical = m.trim().to_ascii_lowercase();
-        info.model = (!canonical.is_empty()).then(|| {
-            if canonical == **m {
-                m.clone()
-            } else {
-                Arc::from(canonical)
-            }
-        });
-    }
-    if info.model.is_none() && (endpoint.is_generation() || endpoint.is_embedding()) {
-        return gw.refuse(key, route, protocol, Refusal::MissingModel, None, None);
-    }
-    let info = Arc::new(info);
-
     let pq = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let Ok(uri) = gw.base.resolve(pq) else {
-        return gw.refuse(key, route, protocol, Refusal::NotFound, None, None);
-    };
-    let mut up = http::Request::new(Body::from(bytes));
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut up = http::Request::new(body);
     *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
+    *up.uri_mut() = Uri::from(pq);
     *up.headers_mut() = forward_request_headers(&parts.headers);
+    let ext = up.extensions_mut();
+    ext.insert(ClientName(client.name.clone()));
     if endpoint == Endpoint::Task || is_async(&parts.headers) {
-        up.extensions_mut().insert(Sticky);
+        // A task lives in the account that created it.
+        ext.insert(Pinned::to(&*client.pin_to));
     }
-    up.extensions_mut().insert(info.clone());
 
     let t0 = time::now();
     gw.metrics.in_flight.increment(1.0);
     let guard = InFlight(gw.clone());
-    let result = client.svc.clone().oneshot(up).await;
-    match result {
+    match client.svc.clone().oneshot(up).await {
         Ok(res) => {
+            let key = Some(client.idx);
             gw.metrics.upstream_latency(route, t0.elapsed());
             let (mut parts, body) = res.into_parts();
+            let info = parts.extensions.remove::<Arc<RequestInfo>>();
+            let model = info.as_ref().and_then(|i| i.model.clone());
             strip_hop_by_hop(&mut parts.headers);
-            client.write_bucket_headers(&mut parts.headers);
+            gw.write_bucket_headers(&client, &mut parts.headers);
             let status = parts.status.as_u16();
             gw.metrics.request(key, route, status);
             if parts.status.is_server_error() {
@@ -640,7 +351,7 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
                     key = %client.id,
                     key_name = %client.name,
                     route,
-                    model = info.model.as_deref().unwrap_or(""),
+                    model = model.as_deref().unwrap_or(""),
                     status,
                     request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
                     "upstream call failed: the upstream answered a server error"
@@ -650,8 +361,8 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
                 key = %client.id,
                 key_name = %client.name,
                 route,
-                model = info.model.as_deref().unwrap_or(""),
-                stream = info.stream,
+                model = model.as_deref().unwrap_or(""),
+                stream = info.as_ref().is_some_and(|i| i.stream),
                 status,
                 latency_us = t0.elapsed().as_micros() as u64,
                 "proxied"
@@ -666,27 +377,51 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
                 who: Some(Box::new(Who {
                     client: client.clone(),
                     route,
-                    model: info.model.clone(),
+                    model,
                 })),
             };
             Response::from_parts(parts, axum::body::Body::new(body))
         }
         Err(e) => {
             drop(guard);
-            upstream_error(&gw, &client, route, protocol, &info, e)
+            refused(&gw, &client, route, protocol, e)
         }
     }
 }
 
-fn upstream_error(
+/// The answer to an error of a client key's stack.
+fn refused(
     gw: &Inner,
     client: &ClientKey,
     route: &'static str,
     protocol: Protocol,
-    info: &RequestInfo,
     e: BoxError,
 ) -> Response {
     let key = Some(client.idx);
+    // Errors after the body was read carry what it said.
+    let (model, e): (_, Arc<dyn std::error::Error + Send + Sync>) = match e.downcast::<Failed>() {
+        Ok(f) => (f.info.model.clone(), f.source),
+        Err(e) => (None, Arc::from(e)),
+    };
+    let model = model.as_deref().unwrap_or("");
+    if let Some(r) = e.downcast_ref::<Refused>() {
+        tracing::debug!(key = %client.id, key_name = %client.name, route, reason = r.refusal.label(), "refused: the request");
+        let message = r.message.as_deref();
+        return gw.refuse_saying(key, route, protocol, r.refusal, message, None, None);
+    }
+    if let Some(limited) = e.downcast_ref::<RateLimited>() {
+        let mut h = HeaderMap::new();
+        gw.write_bucket_headers(client, &mut h);
+        tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key bucket empty");
+        return gw.refuse(
+            key,
+            route,
+            protocol,
+            Refusal::KeyRateLimited,
+            limited.retry_after(),
+            Some(h),
+        );
+    }
     if let Some(open) = e.downcast_ref::<CircuitOpen>() {
         let wait = open
             .retry_after()
@@ -708,7 +443,7 @@ fn upstream_error(
             key = %client.id,
             key_name = %client.name,
             route,
-            model = info.model.as_deref().unwrap_or(""),
+            model,
             retry_after_ms = busy.retry_after.as_millis() as u64,
             "refused: upstream budget exhausted"
         );
@@ -721,12 +456,37 @@ fn upstream_error(
             Some(busy.headers.clone()),
         );
     }
+    if let Some(x) = e.downcast_ref::<Exhausted>() {
+        return gw.refuse(
+            key,
+            route,
+            protocol,
+            Refusal::UpstreamRequests,
+            Some(x.retry_after().unwrap_or(Duration::from_secs(1))),
+            None,
+        );
+    }
+    let store = e
+        .downcast_ref::<LimitsUnavailable>()
+        .map(|u| u.retry_after)
+        .or_else(|| store_unavailable(&*e));
+    if let Some(wait) = store {
+        tracing::warn!(key = %client.id, key_name = %client.name, route, "refused: the shared rate limits are unavailable (fail-closed)");
+        return gw.refuse(
+            key,
+            route,
+            protocol,
+            Refusal::LimitsUnavailable,
+            Some(wait),
+            None,
+        );
+    }
     let timed_out = e.is::<HeaderTimeout>() || e.is::<DeadlineExceeded>();
     tracing::warn!(
         key = %client.id,
         key_name = %client.name,
         route,
-        model = info.model.as_deref().unwrap_or(""),
+        model,
         error = %e,
         "upstream call failed"
     );
@@ -736,6 +496,18 @@ fn upstream_error(
         Refusal::UpstreamUnreachable
     };
     gw.refuse(key, route, protocol, refusal, None, None)
+}
+
+/// The wait of a Redis limiter that failed closed.
+#[cfg(feature = "redis")]
+fn store_unavailable(e: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+    e.downcast_ref::<crate::redis::error::StoreUnavailable>()
+        .and_then(|u| u.retry_after())
+}
+
+#[cfg(not(feature = "redis"))]
+fn store_unavailable(_: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+    None
 }
 
 /// Keeps the in-flight gauge up until the response (body) is over.
@@ -924,14 +696,15 @@ pub(crate) async fn healthz() -> Response {
 pub(crate) async fn metrics(State(gw): State<Arc<Inner>>) -> Response {
     let mut degraded = 0u32;
     for c in &gw.clients {
-        let d = c.is_degraded();
+        let d = gw.is_degraded(c);
         degraded += u32::from(d);
         gw.metrics.key_degraded[c.idx as usize].set(f64::from(u8::from(d)));
-        let level = c
-            .bucket
-            .snapshot(&())
-            .and_then(|s| s.requests)
-            .map_or_else(|| f64::from(u32::MAX), |r| r.remaining as f64);
+        let level = match gw.buckets.snapshot(&c.name) {
+            Some(s) => s
+                .requests
+                .map_or(f64::from(u32::MAX), |r| r.remaining as f64),
+            None => f64::from(c.capacity),
+        };
         gw.metrics.bucket_remaining[c.idx as usize].set(level);
     }
     gw.metrics.degraded_keys.set(f64::from(degraded));
@@ -980,15 +753,6 @@ pub(crate) async fn method_not_allowed(State(gw): State<Arc<Inner>>, req: Reques
         None,
         Some(h),
     )
-}
-
-/// A message as a sentence: capitalised, with a final period.
-fn sentence(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(first) => format!("{}{}.", first.to_uppercase(), c.as_str()),
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]

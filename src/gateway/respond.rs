@@ -54,6 +54,9 @@ pub(crate) enum Refusal {
     UriTooLong,
     /// Too many failed authentications from the client's address (429).
     AuthThrottled,
+    /// The shared rate limits (Redis) cannot decide and the policy fails
+    /// closed (503).
+    LimitsUnavailable,
 }
 
 impl Refusal {
@@ -77,6 +80,7 @@ impl Refusal {
             Refusal::MalformedRequest => StatusCode::BAD_REQUEST,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::AuthThrottled => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -101,6 +105,7 @@ impl Refusal {
             Refusal::MalformedRequest => "malformed_request",
             Refusal::UriTooLong => "uri_too_long",
             Refusal::AuthThrottled => "auth_failures",
+            Refusal::LimitsUnavailable => "limits_unavailable",
         }
     }
 
@@ -216,6 +221,12 @@ impl Refusal {
                 "limit_requests",
                 "limit_requests",
                 "Too many failed authentications from this address, please try again later.",
+            ),
+            Refusal::LimitsUnavailable => (
+                "ServiceUnavailable",
+                "service_unavailable",
+                "server_error",
+                "The gateway's shared rate limits are unavailable, please try again later.",
             ),
         }
     }

@@ -1775,3 +1775,40 @@ async fn no_key_material_in_logs() {
         assert!(!text.contains(secret), "{secret} leaked into:\n{text}");
     }
 }
+
+/// `examples/gateway.toml` documents every field: it stays a valid
+/// configuration, its `[redis]` section included once uncommented.
+#[test]
+fn the_example_config_is_valid() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/gateway.toml"
+    ))
+    .unwrap();
+    let env = |name: &str| (name == "DASHSCOPE_API_KEY").then(|| "sk-example-key".to_owned());
+    let c = GatewayConfig::from_toml_with_env(&text, env).unwrap();
+    assert!(!c.has_redis());
+    // Every commented default, uncommented, is accepted as written.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if (rest.starts_with('[') && rest.trim_end().ends_with(']'))
+                    || rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.contains(' ') && k != "base_url" && k != "sha256" && k != "key_env"
+                    }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = GatewayConfig::from_toml_with_env(&uncommented, env);
+    if cfg!(feature = "redis") {
+        assert!(c.unwrap().has_redis());
+    } else {
+        let e = c.unwrap_err();
+        assert_eq!(e.fields().collect::<Vec<_>>(), ["redis"], "{e}");
+    }
+}
