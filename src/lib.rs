@@ -26,6 +26,7 @@
 //! | [`batch`] | work that can wait goes through the Batch API: half price, no real-time quota; routing by urgency | `batch` |
 //! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
 //! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
+//! | [`telemetry`] | one span per call with the OpenTelemetry GenAI attributes (operation, provider, models, tokens, finish reasons, time to first chunk, `error.type`), held until the body ends; with `otel`, the `gen_ai.client.*` metrics over OTLP | always (`otel` for OpenTelemetry) |
 //! | [`redis`] | a rate-limit backend: the same GCRA decision in Redis, batched, shared by many replicas | `redis` |
 //! | [`mock`] | a faithful mock DashScope server for tests, benches, demos and agent test suites (tools, JSON mode, thinking, scripted decisions and faults) | `mock` |
 //!
@@ -113,11 +114,12 @@
 //! | `mock` | yes | [`mock`]: axum + hyper server (for your tests, and the demo) |
 //! | `gateway` | no | [`gateway`]: axum, metrics, TOML config |
 //! | `redis` | no | [`redis`]: the `redis` crate with its tokio connection manager |
+//! | `otel` | no | [`telemetry::otel`]: the GenAI metrics and spans with `opentelemetry`, exported over OTLP (HTTP + protobuf) |
 //! | `full` | no | all of the above |
 //!
 //! For a lean build, `default-features = false` and pick: each feature
 //! builds alone. The core ([`classify`], [`body`], [`key`], [`request`], [`sse`],
-//! [`usage`], [`tokens`], [`time`]) is always there and depends only on
+//! [`usage`], [`tokens`], [`time`], and [`telemetry`]'s `tracing` spans) is always there and depends only on
 //! `http`, `http-body`, `tokio` (time), `serde_json` and `tracing` (the
 //! keyed store behind [`key`] adds `dashmap` with `rate-limit` or
 //! `circuit-breaker`).
@@ -148,6 +150,7 @@ pub mod classify;
 pub mod key;
 pub mod request;
 pub mod sse;
+pub mod telemetry;
 pub mod time;
 pub mod tokens;
 pub mod usage;

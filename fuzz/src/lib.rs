@@ -437,11 +437,12 @@ pub fn classify(data: &[u8]) {
     if let Some(limit) = opts.get("limit") {
         classifier = classifier.body_limit(limit as usize);
     }
-    let bits = opts.get("inspect").unwrap_or(7);
+    let bits = opts.get("inspect").unwrap_or(15);
     let inspect = Inspect {
         outcome: bits & 1 != 0,
         usage: bits & 2 != 0,
         timing: bits & 4 != 0,
+        answer: bits & 8 != 0,
     };
     let should_retry = headers
         .get("x-should-retry")

@@ -9,7 +9,8 @@
 //! * [`Observed`] wraps a response body and calls an [`OnEnd`] hook exactly
 //!   once, when the body ends, fails or is dropped, with the final
 //!   [`Outcome`](crate::classify::Outcome) (an SSE error frame mid-stream, a
-//!   business error in a 200 JSON body) and the token [`Usage`](crate::usage::Usage). This is how a
+//!   business error in a 200 JSON body), the token [`Usage`](crate::usage::Usage)
+//!   and, when asked, the [`Answer`]'s finish reasons and model. This is how a
 //!   concurrency permit is held until an SSE generation finishes, how the
 //!   circuit breaker sees a stream that failed half-way, and how the rate
 //!   limiter reconciles reserved tokens with real usage. tower's own layers
@@ -50,8 +51,10 @@
 //! # }
 //! ```
 
+mod answer;
 mod observed;
 mod request;
 
+pub use answer::{Answer, FinishReason, ModelName};
 pub use observed::{BodyEnd, EndKind, Inspect, Observed, OnEnd};
 pub use request::{Body, BufferedBody};

@@ -6,6 +6,7 @@ use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::answer::Answer;
 use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome};
 use crate::sse::SseScanner;
 use crate::time::{self, Instant};
@@ -62,6 +63,9 @@ pub struct BodyEnd {
     pub first_frame_at: Option<Instant>,
     /// How many data frames reached the caller.
     pub data_frames: u32,
+    /// The finish reasons and the model the body reported, when
+    /// [`Inspect::answer`] was asked for (empty otherwise).
+    pub answer: Answer,
 }
 
 impl BodyEnd {
@@ -74,6 +78,7 @@ impl BodyEnd {
             kind,
             first_frame_at: None,
             data_frames: 0,
+            answer: Answer::default(),
         }
     }
 }
@@ -89,6 +94,9 @@ pub struct Inspect {
     pub usage: bool,
     /// Record when the first data frame passed.
     pub timing: bool,
+    /// Find the finish reasons and the model the answer names (what
+    /// [telemetry](crate::telemetry) reports).
+    pub answer: bool,
 }
 
 impl Inspect {
@@ -97,18 +105,21 @@ impl Inspect {
         outcome: false,
         usage: false,
         timing: false,
+        answer: false,
     };
     /// Classify errors in the body.
     pub const OUTCOME: Inspect = Inspect {
         outcome: true,
         usage: false,
         timing: false,
+        answer: false,
     };
-    /// Everything: errors, usage and timing.
+    /// Everything: errors, usage, timing and the answer's facts.
     pub const ALL: Inspect = Inspect {
         outcome: true,
         usage: true,
         timing: true,
+        answer: true,
     };
 
     /// Both sets of wishes.
@@ -117,6 +128,7 @@ impl Inspect {
             outcome: self.outcome || other.outcome,
             usage: self.usage || other.usage,
             timing: self.timing || other.timing,
+            answer: self.answer || other.answer,
         }
     }
 }
@@ -165,6 +177,8 @@ struct Deep {
     usage: Option<Usage>,
     mode: Mode,
     want_usage: bool,
+    /// Present when [`Inspect::answer`] was asked for.
+    answer: Option<Answer>,
 }
 
 enum Mode {
@@ -188,7 +202,7 @@ impl<B, H: OnEnd> Observed<B, H> {
         let (parts, body) = res.into_parts();
         let status = parts.status;
         let ended = body.is_end_stream();
-        let mode = if !(inspect.outcome || inspect.usage) || ended {
+        let mode = if !(inspect.outcome || inspect.usage || inspect.answer) || ended {
             None
         } else {
             match (status.is_success(), ContentKind::of(&parts.headers)) {
@@ -222,6 +236,7 @@ impl<B, H: OnEnd> Observed<B, H> {
                 usage: None,
                 mode: mode.unwrap_or(Mode::Done),
                 want_usage: inspect.usage,
+                answer: inspect.answer.then(Answer::default),
             }))
         } else {
             None
@@ -281,10 +296,10 @@ impl<H: OnEnd> Watch<H> {
     }
 
     fn fire(mut self, kind: EndKind) {
-        let (mut usage, mut first_frame_at) = (None, None);
+        let (mut usage, mut first_frame_at, mut answer) = (None, None, None);
         if let Some(deep) = self.deep.take() {
             first_frame_at = deep.first_frame_at;
-            usage = deep.finish(&mut self.outcome, kind);
+            (usage, answer) = deep.finish(&mut self.outcome, kind);
         }
         if kind == EndKind::Failed && self.outcome.is_success() {
             self.outcome = Outcome::TRANSIENT;
@@ -295,6 +310,7 @@ impl<H: OnEnd> Watch<H> {
             kind,
             first_frame_at,
             data_frames: self.data_frames,
+            answer: answer.unwrap_or_default(),
         };
         self.hook.on_end(end);
     }
@@ -305,15 +321,19 @@ impl Deep {
         match &mut self.mode {
             Mode::Done => {}
             Mode::Sse { scanner, error } => {
-                let (classifier, facts, usage, want_usage) = (
+                let (classifier, facts, usage, want_usage, answer) = (
                     &self.classifier,
                     self.facts,
                     &mut self.usage,
                     self.want_usage,
+                    &mut self.answer,
                 );
                 scanner.feed(data, |line, meta| {
                     let usage = want_usage.then_some(&mut *usage);
-                    scan_line(classifier, facts, outcome, usage, error, line, meta)
+                    scan_line(classifier, facts, outcome, usage, error, line, meta);
+                    if let Some(a) = answer.as_mut() {
+                        a.scan(line);
+                    }
                 });
             }
             Mode::Json { buf, overflow } => {
@@ -322,8 +342,8 @@ impl Deep {
                         *outcome =
                             self.classifier
                                 .classify_with(self.status, false, self.facts, data);
-                        if self.want_usage && outcome.is_success() {
-                            self.usage = Usage::find(data);
+                        if outcome.is_success() {
+                            self.read_success(data);
                         }
                     }
                     // Classified (or too long to be): nothing left to do.
@@ -340,9 +360,19 @@ impl Deep {
         }
     }
 
+    /// A whole successful JSON body: its usage and answer, as asked.
+    fn read_success(&mut self, body: &[u8]) {
+        if self.want_usage {
+            self.usage = Usage::find(body);
+        }
+        if let Some(a) = self.answer.as_mut() {
+            a.scan(body);
+        }
+    }
+
     /// The body is over: finish the parse, settle the outcome, return the
-    /// usage seen.
-    fn finish(mut self, outcome: &mut Outcome, kind: EndKind) -> Option<Usage> {
+    /// usage and answer seen.
+    fn finish(mut self, outcome: &mut Outcome, kind: EndKind) -> (Option<Usage>, Option<Answer>) {
         match std::mem::replace(&mut self.mode, Mode::Done) {
             Mode::Done => {}
             Mode::Sse {
@@ -350,15 +380,19 @@ impl Deep {
                 mut error,
             } => {
                 if kind == EndKind::Complete {
-                    let (classifier, facts, usage, want_usage) = (
+                    let (classifier, facts, usage, want_usage, answer) = (
                         &self.classifier,
                         self.facts,
                         &mut self.usage,
                         self.want_usage,
+                        &mut self.answer,
                     );
                     scanner.finish(|line, meta| {
                         let usage = want_usage.then_some(&mut *usage);
-                        scan_line(classifier, facts, outcome, usage, &mut error, line, meta)
+                        scan_line(classifier, facts, outcome, usage, &mut error, line, meta);
+                        if let Some(a) = answer.as_mut() {
+                            a.scan(line);
+                        }
                     });
                 }
             }
@@ -367,13 +401,13 @@ impl Deep {
                     *outcome = self
                         .classifier
                         .classify_with(self.status, false, self.facts, &buf);
-                    if self.want_usage && outcome.is_success() {
-                        self.usage = Usage::find(&buf);
+                    if outcome.is_success() {
+                        self.read_success(&buf);
                     }
                 }
             }
         }
-        self.usage
+        (self.usage, self.answer)
     }
 }
 

@@ -59,6 +59,7 @@ impl<S, C, P: Keys> CircuitBreaker<S, C, P> {
                 outcome: true,
                 usage: false,
                 timing: true,
+                answer: false,
             }
         } else {
             Inspect::OUTCOME

@@ -24,6 +24,7 @@ use crate::concurrency::{ConcurrencyLimitLayer, LimitHandle};
 use crate::key::{AccountModel, ByAccountModel, ByModel};
 use crate::rate_limit::{Limits, QuotaTable, RateLimitLayer, RateLimiter};
 use crate::retry::{RetryLayer, RetryStats};
+use crate::telemetry::GenAiTraceLayer;
 use crate::timeout::TimeoutLayer;
 
 /// The body of a [`QwenClient`] response: the upstream's bytes, streamed as
@@ -166,6 +167,7 @@ pub struct QwenClientBuilder {
     concurrency: ConcurrencyLimitLayer,
     timeout: TimeoutLayer,
     fallback: Option<Vec<String>>,
+    telemetry: Option<GenAiTraceLayer>,
 }
 
 impl fmt::Debug for QwenClientBuilder {
@@ -176,6 +178,7 @@ impl fmt::Debug for QwenClientBuilder {
             .field("transport", &self.transport)
             .field("max_wait", &self.max_wait)
             .field("fallback", &self.fallback)
+            .field("telemetry", &self.telemetry)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +202,7 @@ impl Default for QwenClientBuilder {
             ),
             timeout: TimeoutLayer::new(),
             fallback: None,
+            telemetry: None,
         }
     }
 }
@@ -345,6 +349,15 @@ impl QwenClientBuilder {
         self.build_with(http)
     }
 
+    /// Traces every call outermost (one span per logical call, retries and
+    /// fallbacks inside it) with GenAI attributes, and with the `otel`
+    /// feature records the GenAI metrics: see [`telemetry`](crate::telemetry).
+    /// Default is none.
+    pub fn telemetry(mut self, layer: GenAiTraceLayer) -> Self {
+        self.telemetry = Some(layer);
+        self
+    }
+
     /// Builds the client around your own HTTP service instead of the
     /// [`TransportConfig`] one (a custom connector, a proxy, a counting or
     /// recording wrapper in tests). It receives absolute URIs with the
@@ -408,7 +421,15 @@ impl QwenClientBuilder {
                 res.map(|b| BodyExt::map_err(b, Into::into).boxed_unsync())
             })
             .service(stack);
-        let inner = wrap_fallback(stack, self.fallback);
+        let mut inner = wrap_fallback(stack, self.fallback);
+        if let Some(telemetry) = self.telemetry {
+            inner = BoxCloneSyncService::new(
+                ServiceBuilder::new()
+                    .map_response(|res: Response<_>| res.map(BodyExt::boxed_unsync))
+                    .layer(telemetry)
+                    .service(inner),
+            );
+        }
         Ok(QwenClient { inner, handles })
     }
 }

@@ -66,6 +66,7 @@ impl Shared {
                     outcome: true,
                     usage: false,
                     timing: true,
+                    answer: false,
                 },
                 Some(Latency::PerOutputToken(_)) => Inspect::ALL,
             },

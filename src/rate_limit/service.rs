@@ -171,5 +171,6 @@ pub(crate) fn inspect_for<P: Permit>(permit: &P) -> crate::body::Inspect {
         outcome: usage || permit.wants_feedback(),
         usage,
         timing: false,
+        answer: false,
     }
 }
