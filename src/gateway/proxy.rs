@@ -502,7 +502,7 @@ fn refused(
 #[cfg(feature = "redis")]
 fn store_unavailable(e: &(dyn std::error::Error + 'static)) -> Option<Duration> {
     e.downcast_ref::<crate::redis::error::StoreUnavailable>()
-        .and_then(|u| u.retry_after())
+        .map(|u| u.retry_after().unwrap_or(Duration::from_secs(1)))
 }
 
 #[cfg(not(feature = "redis"))]

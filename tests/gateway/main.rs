@@ -35,6 +35,12 @@ const BOB: &str = "gw-bob-key-0002";
 const UPSTREAM: &str = "sk-upstream-main";
 const UPSTREAM2: &str = "sk-upstream-backup";
 
+#[cfg(feature = "redis")]
+#[path = "../redis/server.rs"]
+mod redis_server;
+#[cfg(feature = "redis")]
+mod replicas;
+
 // ---------------------------------------------------------------------------
 // Harness
 
