@@ -28,7 +28,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -124,54 +124,160 @@ where
     });
 }
 
+/// The stacks of the benchmark, by name. Built by one function so that the
+/// criterion run and the instruction count use the very same services.
+macro_rules! with_stacks {
+    (|$name:ident, $svc:ident| $body:block) => {{
+        let nz = |n| NonZeroU32::new(n).unwrap();
+        {
+            let ($name, $svc) = ("stack/upstream", Upstream);
+            $body
+        }
+
+        let tower_stack = ServiceBuilder::new()
+            .retry(NoRetry)
+            .concurrency_limit(1024)
+            .timeout(Duration::from_secs(30))
+            .service(Upstream);
+        {
+            let ($name, $svc) = (
+                "stack/tower (Retry + ConcurrencyLimit + Timeout)",
+                tower_stack,
+            );
+            $body
+        }
+
+        let huge = Limits::requests(Quota::per_second(nz(1_000_000_000)));
+        let ours = ServiceBuilder::new()
+            .layer(RetryLayer::new())
+            .layer(CircuitBreakerLayer::new())
+            .layer(RateLimitLayer::from_limits(huge))
+            .layer(ConcurrencyLimitLayer::new(NonZeroUsize::new(1024).unwrap()))
+            .layer(
+                TimeoutLayer::new()
+                    .idle(Duration::from_secs(60))
+                    .total(Duration::from_secs(300)),
+            )
+            .service(Upstream);
+        {
+            let ($name, $svc) = ("stack/tower-qwen", ours);
+            $body
+        }
+
+        let table = QuotaTable::new(
+            Limits::requests(Quota::per_second(nz(1_000_000_000)))
+                .and_tokens(Quota::per_second(nz(1_000_000_000))),
+        );
+        let qwen = ServiceBuilder::new()
+            .layer(RetryLayer::new())
+            .layer(CircuitBreakerLayer::new())
+            .layer(RateLimitLayer::qwen(table, ByAccountModel::new()))
+            .layer(ConcurrencyLimitLayer::new(NonZeroUsize::new(1024).unwrap()))
+            .layer(
+                TimeoutLayer::new()
+                    .idle(Duration::from_secs(60))
+                    .total(Duration::from_secs(300)),
+            )
+            .service(Upstream);
+        {
+            let ($name, $svc) = ("stack/tower-qwen (qwen preset: keyed, tokens)", qwen);
+            $body
+        }
+    }};
+}
+
+/// The size of one call's response future and of its response.
+fn sizes<S, B>(name: &str, mut svc: S)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let fut = svc.call(request());
+    println!(
+        "{name}: response future {} bytes, response {} bytes",
+        std::mem::size_of_val(&fut),
+        std::mem::size_of::<Response<B>>()
+    );
+}
+
+/// Runs `iters` calls through `svc` outside criterion, for an instruction
+/// count under callgrind (`STACK_COUNT`, see `main`).
+#[inline(never)]
+fn count<S, B>(svc: &mut S, rt: &tokio::runtime::Runtime, iters: u64)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    calls(svc, rt, iters);
+}
+
+/// Warm-up calls, not counted.
+#[inline(never)]
+fn warm<S, B>(svc: &mut S, rt: &tokio::runtime::Runtime, iters: u64)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    calls(svc, rt, iters);
+}
+
+fn calls<S, B>(svc: &mut S, rt: &tokio::runtime::Runtime, iters: u64)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        for _ in 0..iters {
+            one(svc).await;
+        }
+    });
+}
+
 fn stacks(c: &mut Criterion) {
-    let nz = |n| NonZeroU32::new(n).unwrap();
-    bench(c, "stack/upstream", Upstream);
+    with_stacks!(|name, svc| { bench(c, name, svc) });
+    with_stacks!(|name, svc| { sizes(name, svc) });
+}
 
-    let tower_stack = ServiceBuilder::new()
-        .retry(NoRetry)
-        .concurrency_limit(1024)
-        .timeout(Duration::from_secs(30))
-        .service(Upstream);
-    bench(
-        c,
-        "stack/tower (Retry + ConcurrencyLimit + Timeout)",
-        tower_stack,
-    );
-
-    let huge = Limits::requests(Quota::per_second(nz(1_000_000_000)));
-    let ours = ServiceBuilder::new()
-        .layer(RetryLayer::new())
-        .map_err(tower_qwen::BoxError::from)
-        .layer(CircuitBreakerLayer::new())
-        .layer(RateLimitLayer::from_limits(huge))
-        .layer(ConcurrencyLimitLayer::new(NonZeroUsize::new(1024).unwrap()))
-        .layer(
-            TimeoutLayer::new()
-                .idle(Duration::from_secs(60))
-                .total(Duration::from_secs(300)),
-        )
-        .service(Upstream);
-    bench(c, "stack/tower-qwen", ours);
-
-    let table = QuotaTable::new(
-        Limits::requests(Quota::per_second(nz(1_000_000_000)))
-            .and_tokens(Quota::per_second(nz(1_000_000_000))),
-    );
-    let qwen = ServiceBuilder::new()
-        .layer(RetryLayer::new())
-        .map_err(tower_qwen::BoxError::from)
-        .layer(CircuitBreakerLayer::new())
-        .layer(RateLimitLayer::qwen(table, ByAccountModel::new()))
-        .layer(ConcurrencyLimitLayer::new(NonZeroUsize::new(1024).unwrap()))
-        .layer(
-            TimeoutLayer::new()
-                .idle(Duration::from_secs(60))
-                .total(Duration::from_secs(300)),
-        )
-        .service(Upstream);
-    bench(c, "stack/tower-qwen (qwen preset: keyed, tokens)", qwen);
+fn main() {
+    // `STACK_COUNT=<calls> STACK_ONLY=<name>`: run the stack of that name
+    // (all when unset) for that many calls, after
+    // as many warm-up calls, without criterion; under callgrind with
+    // `--collect-atstart=no --toggle-collect=*count*` the instruction
+    // count divided by the calls is the cost of one call.
+    if let Ok(n) = std::env::var("STACK_COUNT") {
+        let iters: u64 = n.parse().expect("STACK_COUNT: a number of calls");
+        let only = std::env::var("STACK_ONLY").unwrap_or_default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        with_stacks!(|name, svc| {
+            if only.is_empty() || name == only {
+                let mut svc = svc;
+                warm(&mut svc, &rt, iters);
+                count(&mut svc, &rt, iters);
+                println!("{name}: {iters} calls counted");
+            }
+        });
+        with_stacks!(|name, svc| { sizes(name, svc) });
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
 }
 
 criterion_group!(benches, stacks);
-criterion_main!(benches);

@@ -6,7 +6,7 @@
 //!   [`BufferedBody`] is the trait the layers use to read and clone request
 //!   bodies; it is also implemented for `http_body_util::Full<Bytes>`,
 //!   `Empty<Bytes>` and `String`.
-//! * [`Observed`] wraps a response body and calls an [`OnEnd`] hook exactly
+//! * [`Observed`] wraps a response body and calls [`OnEnd`] hooks exactly
 //!   once, when the body ends, fails or is dropped, with the final
 //!   [`Outcome`](crate::classify::Outcome) (an SSE error frame mid-stream, a
 //!   business error in a 200 JSON body), the token [`Usage`](crate::usage::Usage)
@@ -15,6 +15,14 @@
 //!   circuit breaker sees a stream that failed half-way, and how the rate
 //!   limiter reconciles reserved tokens with real usage. tower's own layers
 //!   release at response headers, which is too early for LLM streams.
+//! * **One observer.** A response is wrapped once, by the first (innermost)
+//!   layer that watches it; every layer above adds its hook and what it
+//!   needs to know ([`Inspect`]: outcome, usage, time to first byte, the
+//!   answer's finish reasons and model) to that
+//!   same wrapper, so the body is scanned and classified once for the
+//!   breaker, the rate limiter, the concurrency limit, telemetry and retry's
+//!   peek together. `future::ObserveFuture` is the response future those
+//!   layers share.
 //!
 //! # Example
 //!
@@ -52,6 +60,20 @@
 //! ```
 
 mod answer;
+#[cfg(any(
+    feature = "circuit-breaker",
+    feature = "concurrency",
+    feature = "rate-limit"
+))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(
+        feature = "circuit-breaker",
+        feature = "concurrency",
+        feature = "rate-limit"
+    )))
+)]
+pub mod future;
 mod observed;
 mod request;
 

@@ -1,12 +1,16 @@
+use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::{Response, StatusCode};
+use bytes::{Buf, Bytes};
+use http::response::Parts;
+use http::{HeaderMap, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use super::answer::Answer;
+use crate::BoxError;
 use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome};
 use crate::sse::SseScanner;
 use crate::time::{self, Instant};
@@ -84,7 +88,8 @@ impl BodyEnd {
 }
 
 /// What an [`Observed`] body looks at. Looking costs a little per frame, so
-/// each layer asks only for what it needs.
+/// each layer asks only for what it needs; the body is looked at once for
+/// all of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Inspect {
     /// Classify errors inside the body (SSE error frames, business errors in
@@ -131,201 +136,226 @@ impl Inspect {
             answer: self.answer || other.answer,
         }
     }
+
+    const fn reads_body(self) -> bool {
+        self.outcome || self.usage || self.answer
+    }
+}
+
+/// A response body watched once for every layer that needs to know how it
+/// ends. See the [module docs](super) for an example.
+///
+/// The first layer that watches a response wraps its body; every layer
+/// above it finds the body already wrapped (it is an `Observed`) and only
+/// adds its hook and its wishes ([`Inspect`]) to the same wrapper, so a
+/// response is wrapped, scanned and classified once however many layers
+/// watch it. The hooks run in the order they were added (the innermost
+/// layer's first), exactly once, when the body ends, fails or is dropped;
+/// a hook added after the end runs at once with how the body ended.
+///
+/// Wishes added after data frames have passed cannot look back: the body
+/// is inspected for outcome and usage only if some layer asked before its
+/// first data frame (the layers all add theirs as the response passes
+/// them, before anyone reads the body). The body is classified by the
+/// [`Classifier`] of the first layer that asked for an outcome or usage.
+///
+/// Frames pass through unchanged and unbuffered; SSE bodies are scanned
+/// line by line as they pass; JSON bodies are copied (up to the
+/// classifier's body limit) only when an outcome or usage was asked for and
+/// they come in more than one frame. The wrapped body and the watch live
+/// in one allocation; the body's type is erased (only its `Data` and
+/// `Error` types remain), which is what lets the layers find it.
+pub struct Observed<D = Bytes, E = BoxError> {
+    cell: Pin<Box<dyn Cell<D, E>>>,
+}
+
+/// The wrapped body and its watch, behind one pointer.
+trait Cell<D, E>: Send {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, E>>>;
+    fn watch(self: Pin<&mut Self>) -> &mut Watch;
+    fn watch_ref(&self) -> &Watch;
+    fn is_end_stream(&self) -> bool;
+    fn size_hint(&self) -> SizeHint;
 }
 
 pin_project! {
-    /// A response body that calls an [`OnEnd`] hook when it ends, fails or is
-    /// dropped. See the [module docs](super) for an example.
-    ///
-    /// Frames pass through unchanged and unbuffered; SSE bodies are scanned
-    /// line by line as they pass; JSON bodies are copied (up to the
-    /// classifier's body limit) only when an outcome or usage was asked for.
-    pub struct Observed<B, H: OnEnd> {
+    struct Celled<B> {
+        watch: Watch,
         #[pin]
-        inner: B,
-        watch: Option<Watch<H>>,
+        body: B,
+    }
+}
+
+/// A hook, boxed (a hook without data costs no allocation).
+trait DynHook: Send {
+    fn call(self: Box<Self>, end: BodyEnd);
+}
+
+impl<H: OnEnd> DynHook for H {
+    fn call(self: Box<Self>, end: BodyEnd) {
+        (*self).on_end(end)
+    }
+}
+
+/// The hooks, in the order they were added: three inline (as many as the
+/// crate's layers add), more in a list.
+#[derive(Default)]
+struct Hooks {
+    inline: [Option<Box<dyn DynHook>>; 3],
+    more: Vec<Box<dyn DynHook>>,
+}
+
+impl Hooks {
+    fn push(&mut self, hook: Box<dyn DynHook>) {
+        match self.inline.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(hook),
+            None => self.more.push(hook),
+        }
     }
 
-    impl<B, H: OnEnd> PinnedDrop for Observed<B, H> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(watch) = this.watch.take() {
-                watch.fire(EndKind::Dropped);
+    fn len(&self) -> usize {
+        self.inline.iter().filter(|s| s.is_some()).count() + self.more.len()
+    }
+
+    fn fire(&mut self, end: BodyEnd) {
+        for slot in &mut self.inline {
+            if let Some(h) = slot.take() {
+                h.call(end);
             }
+        }
+        for h in self.more.drain(..) {
+            h.call(end);
         }
     }
 }
 
-/// What every observed body keeps: small, and allocation-free when the
-/// body is not inspected.
-struct Watch<H> {
-    hook: H,
+/// Everything the wrapper knows about the response.
+struct Watch {
+    hooks: Hooks,
+    /// How the body ended, once it did (the hooks have run).
+    ended: Option<BodyEnd>,
     outcome: Outcome,
     data_frames: u32,
-    /// Present only when the body is inspected (an SSE stream, or a JSON /
-    /// error body with an outcome or usage asked for), or timing is asked
-    /// for.
-    deep: Option<Box<Deep>>,
-}
-
-struct Deep {
-    want_timing: bool,
     first_frame_at: Option<Instant>,
+    usage: Option<Usage>,
+    /// Present when [`Inspect::answer`] was asked for in time.
+    answer: Option<Answer>,
+    want: Inspect,
     classifier: Classifier,
     status: StatusCode,
-    facts: HeadFacts,
-    usage: Option<Usage>,
-    mode: Mode,
-    want_usage: bool,
-    /// Present when [`Inspect::answer`] was asked for.
-    answer: Option<Answer>,
+    /// The headers that adjust an error; read only when an error is
+    /// possible (a non-2xx head, or a body being inspected).
+    facts: Option<HeadFacts>,
+    scan: Scan,
 }
 
-enum Mode {
-    Sse { scanner: SseScanner, error: bool },
-    Json { buf: Vec<u8>, overflow: bool },
+enum Scan {
+    /// The body is not inspected.
+    Off,
+    Sse {
+        scanner: SseScanner,
+        error: bool,
+    },
+    Json {
+        buf: Vec<u8>,
+        overflow: bool,
+    },
+    /// Inspected to its end.
     Done,
 }
 
-impl<B, H: OnEnd> Observed<B, H> {
-    /// Wraps a response's body, classifying its head now and its body as it
-    /// passes.
-    pub fn wrap(
-        res: Response<B>,
+impl Watch {
+    fn new(status: StatusCode, headers: &HeaderMap, classifier: &Classifier) -> Watch {
+        let facts = (!status.is_success()).then(|| classifier.facts(headers));
+        let outcome = crate::classify::by_status(status.as_u16());
+        Watch {
+            hooks: Hooks::default(),
+            ended: None,
+            outcome: facts.map_or(outcome, |f| f.apply(outcome)),
+            data_frames: 0,
+            first_frame_at: None,
+            usage: None,
+            answer: None,
+            want: Inspect::NOTHING,
+            classifier: *classifier,
+            status,
+            facts,
+            scan: Scan::Off,
+        }
+    }
+
+    fn plain(outcome: Outcome) -> Watch {
+        Watch {
+            hooks: Hooks::default(),
+            ended: None,
+            outcome,
+            data_frames: 0,
+            first_frame_at: None,
+            usage: None,
+            answer: None,
+            want: Inspect::NOTHING,
+            classifier: Classifier::new(),
+            status: StatusCode::OK,
+            facts: None,
+            scan: Scan::Off,
+        }
+    }
+
+    /// Adds wishes; honoured while no data frame has passed.
+    fn want(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
         classifier: &Classifier,
         inspect: Inspect,
-        hook: H,
-    ) -> Response<Observed<B, H>>
-    where
-        B: http_body::Body,
-    {
-        let (parts, body) = res.into_parts();
-        let status = parts.status;
-        let ended = body.is_end_stream();
-        let mode = if !(inspect.outcome || inspect.usage || inspect.answer) || ended {
-            None
-        } else {
-            match (status.is_success(), ContentKind::of(&parts.headers)) {
-                (_, ContentKind::EventStream) => Some(Mode::Sse {
+    ) {
+        let want = self.want.union(inspect);
+        if want == self.want {
+            return;
+        }
+        self.want = want;
+        if self.data_frames > 0 || self.ended.is_some() {
+            return;
+        }
+        if want.answer && self.answer.is_none() {
+            self.answer = Some(Answer::default());
+        }
+        if want.reads_body() && matches!(self.scan, Scan::Off) {
+            let mode = match (status.is_success(), ContentKind::of(headers)) {
+                (_, ContentKind::EventStream) => Some(Scan::Sse {
                     scanner: SseScanner::new(),
                     error: false,
                 }),
-                (false, _) | (true, ContentKind::Json | ContentKind::Untyped) => Some(Mode::Json {
+                (false, _) | (true, ContentKind::Json | ContentKind::Untyped) => Some(Scan::Json {
                     buf: Vec::new(),
                     overflow: false,
                 }),
                 (true, ContentKind::Other) => None,
+            };
+            if let Some(mode) = mode {
+                // The headers adjust an error, also one found in a 2xx body
+                // (as `Classifier::classify` does).
+                if self.facts.is_none() {
+                    self.facts = Some(classifier.facts(headers));
+                }
+                self.classifier = *classifier;
+                self.scan = mode;
             }
-        };
-        // The headers adjust an error, also one found in a 2xx body (as
-        // `Classifier::classify` does); a success without a watched body
-        // needs none of them.
-        let facts = if status.is_success() && mode.is_none() {
-            HeadFacts::default()
-        } else {
-            classifier.facts(&parts.headers)
-        };
-        let outcome = facts.apply(crate::classify::by_status(status.as_u16()));
-        let deep = if mode.is_some() || (inspect.timing && !ended) {
-            Some(Box::new(Deep {
-                want_timing: inspect.timing,
-                first_frame_at: None,
-                classifier: *classifier,
-                status,
-                facts,
-                usage: None,
-                mode: mode.unwrap_or(Mode::Done),
-                want_usage: inspect.usage,
-                answer: inspect.answer.then(Answer::default),
-            }))
-        } else {
-            None
-        };
-        let watch = Watch {
-            hook,
-            outcome,
-            data_frames: 0,
-            deep,
-        };
-        let mut observed = Observed {
-            inner: body,
-            watch: Some(watch),
-        };
-        if ended && let Some(w) = observed.watch.take() {
-            w.fire(EndKind::Complete);
-        }
-        Response::from_parts(parts, observed)
-    }
-
-    /// Wraps a body with a hook and no inspection: the hook learns only how
-    /// the body ended, with `outcome` as given.
-    pub fn plain(body: B, outcome: Outcome, hook: H) -> Self {
-        Observed {
-            inner: body,
-            watch: Some(Watch {
-                hook,
-                outcome,
-                data_frames: 0,
-                deep: None,
-            }),
         }
     }
 
-    /// The wrapped body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-
-    /// Whether the hook has not been called yet.
-    pub fn is_watching(&self) -> bool {
-        self.watch.is_some()
-    }
-}
-
-impl<H: OnEnd> Watch<H> {
     /// `last`: this is the body's last data, and all of it (a one-frame
     /// JSON body is then classified in place, without a copy).
     fn on_data(&mut self, data: &[u8], last: bool) {
-        if let Some(deep) = self.deep.as_deref_mut() {
-            if self.data_frames == 0 && deep.want_timing {
-                deep.first_frame_at = Some(time::now());
-            }
-            deep.on_data(&mut self.outcome, data, last);
-        }
-        self.data_frames = self.data_frames.saturating_add(1);
-    }
-
-    fn fire(mut self, kind: EndKind) {
-        let (mut usage, mut first_frame_at, mut answer) = (None, None, None);
-        if let Some(deep) = self.deep.take() {
-            first_frame_at = deep.first_frame_at;
-            (usage, answer) = deep.finish(&mut self.outcome, kind);
-        }
-        if kind == EndKind::Failed && self.outcome.is_success() {
-            self.outcome = Outcome::TRANSIENT;
-        }
-        let end = BodyEnd {
-            outcome: self.outcome,
-            usage,
-            kind,
-            first_frame_at,
-            data_frames: self.data_frames,
-            answer: answer.unwrap_or_default(),
-        };
-        self.hook.on_end(end);
-    }
-}
-
-impl Deep {
-    fn on_data(&mut self, outcome: &mut Outcome, data: &[u8], last: bool) {
-        match &mut self.mode {
-            Mode::Done => {}
-            Mode::Sse { scanner, error } => {
-                let (classifier, facts, usage, want_usage, answer) = (
+        let facts = self.facts.unwrap_or_default();
+        match &mut self.scan {
+            Scan::Off | Scan::Done => {}
+            Scan::Sse { scanner, error } => {
+                let (classifier, outcome, usage, want_usage, answer) = (
                     &self.classifier,
-                    self.facts,
+                    &mut self.outcome,
                     &mut self.usage,
-                    self.want_usage,
+                    self.want.usage,
                     &mut self.answer,
                 );
                 scanner.feed(data, |line, meta| {
@@ -336,20 +366,21 @@ impl Deep {
                     }
                 });
             }
-            Mode::Json { buf, overflow } => {
+            Scan::Json { buf, overflow } => {
+                let limit = self.classifier.get_body_limit();
                 if last && buf.is_empty() && !*overflow {
-                    if data.len() <= self.classifier.get_body_limit() {
-                        *outcome =
+                    if data.len() <= limit {
+                        self.outcome =
                             self.classifier
-                                .classify_with(self.status, false, self.facts, data);
-                        if outcome.is_success() {
+                                .classify_with(self.status, false, facts, data);
+                        if self.outcome.is_success() {
                             self.read_success(data);
                         }
                     }
                     // Classified (or too long to be): nothing left to do.
-                    self.mode = Mode::Done;
+                    self.scan = Scan::Done;
                 } else if !*overflow {
-                    if buf.len() + data.len() > self.classifier.get_body_limit() {
+                    if buf.len() + data.len() > limit {
                         *overflow = true;
                         *buf = Vec::new();
                     } else {
@@ -360,31 +391,44 @@ impl Deep {
         }
     }
 
-    /// A whole successful JSON body: its usage and answer, as asked.
-    fn read_success(&mut self, body: &[u8]) {
-        if self.want_usage {
-            self.usage = Usage::find(body);
+    /// A data frame passed.
+    fn on_frame<T: Buf>(&mut self, data: &T, last: bool) {
+        if self.data_frames == 0 && self.want.timing {
+            self.first_frame_at = Some(time::now());
         }
-        if let Some(a) = self.answer.as_mut() {
-            a.scan(body);
+        self.data_frames = self.data_frames.saturating_add(1);
+        if matches!(self.scan, Scan::Off | Scan::Done) {
+            return;
+        }
+        if data.chunk().len() == data.remaining() {
+            self.on_data(data.chunk(), last);
+        } else {
+            let mut slices = [std::io::IoSlice::new(&[]); 64];
+            let n = data.chunks_vectored(&mut slices);
+            for s in &slices[..n] {
+                self.on_data(s, false);
+            }
         }
     }
 
-    /// The body is over: finish the parse, settle the outcome, return the
-    /// usage and answer seen.
-    fn finish(mut self, outcome: &mut Outcome, kind: EndKind) -> (Option<Usage>, Option<Answer>) {
-        match std::mem::replace(&mut self.mode, Mode::Done) {
-            Mode::Done => {}
-            Mode::Sse {
+    /// The body is over: finish the scan, settle the outcome, run the hooks.
+    fn fire(&mut self, kind: EndKind) {
+        if self.ended.is_some() {
+            return;
+        }
+        let facts = self.facts.unwrap_or_default();
+        match std::mem::replace(&mut self.scan, Scan::Done) {
+            Scan::Off | Scan::Done => {}
+            Scan::Sse {
                 mut scanner,
                 mut error,
             } => {
                 if kind == EndKind::Complete {
-                    let (classifier, facts, usage, want_usage, answer) = (
+                    let (classifier, outcome, usage, want_usage, answer) = (
                         &self.classifier,
-                        self.facts,
+                        &mut self.outcome,
                         &mut self.usage,
-                        self.want_usage,
+                        self.want.usage,
                         &mut self.answer,
                     );
                     scanner.finish(|line, meta| {
@@ -396,18 +440,51 @@ impl Deep {
                     });
                 }
             }
-            Mode::Json { buf, overflow } => {
+            Scan::Json { buf, overflow } => {
                 if kind == EndKind::Complete && !overflow {
-                    *outcome = self
+                    self.outcome = self
                         .classifier
-                        .classify_with(self.status, false, self.facts, &buf);
-                    if outcome.is_success() {
+                        .classify_with(self.status, false, facts, &buf);
+                    if self.outcome.is_success() {
                         self.read_success(&buf);
                     }
                 }
             }
         }
-        (self.usage, self.answer)
+        if kind == EndKind::Failed && self.outcome.is_success() {
+            self.outcome = Outcome::TRANSIENT;
+        }
+        let end = BodyEnd {
+            outcome: self.outcome,
+            usage: if self.want.usage { self.usage } else { None },
+            kind,
+            first_frame_at: if self.want.timing {
+                self.first_frame_at
+            } else {
+                None
+            },
+            data_frames: self.data_frames,
+            answer: self.answer.unwrap_or_default(),
+        };
+        self.ended = Some(end);
+        self.hooks.fire(end);
+    }
+
+    /// A whole successful JSON body: its usage and answer, as asked.
+    fn read_success(&mut self, body: &[u8]) {
+        if self.want.usage {
+            self.usage = Usage::find(body);
+        }
+        if let Some(a) = self.answer.as_mut() {
+            a.scan(body);
+        }
+    }
+
+    fn attach<H: OnEnd>(&mut self, hook: H) {
+        match self.ended {
+            Some(end) => hook.on_end(end),
+            None => self.hooks.push(Box::new(hook)),
+        }
     }
 }
 
@@ -431,74 +508,209 @@ fn scan_line(
     }
 }
 
-impl<B, H> http_body::Body for Observed<B, H>
+impl<B> Cell<B::Data, B::Error> for Celled<B>
 where
-    B: http_body::Body,
-    H: OnEnd,
+    B: http_body::Body + Send,
 {
-    type Data = B::Data;
-    type Error = B::Error;
-
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
-        let res = ready!(this.inner.as_mut().poll_frame(cx));
-        let Some(watch) = this.watch.as_mut() else {
+        let res = ready!(this.body.as_mut().poll_frame(cx));
+        let watch = this.watch;
+        if watch.ended.is_some() {
             return Poll::Ready(res);
-        };
+        }
         match &res {
             Some(Ok(frame)) => {
+                let last = this.body.is_end_stream();
                 if let Some(data) = frame.data_ref() {
-                    use bytes::Buf;
-                    if data.chunk().len() == data.remaining() {
-                        watch.on_data(data.chunk(), this.inner.is_end_stream());
-                    } else {
-                        let mut slices = [std::io::IoSlice::new(&[]); 64];
-                        let n = data.chunks_vectored(&mut slices);
-                        for s in &slices[..n] {
-                            watch.on_data(s, false);
-                        }
-                    }
+                    watch.on_frame(data, last);
                 }
                 // Fire as soon as the last frame passes: a permit or a
                 // reservation should not wait for one more poll.
-                if this.inner.is_end_stream()
-                    && let Some(w) = this.watch.take()
-                {
-                    w.fire(EndKind::Complete);
+                if last {
+                    watch.fire(EndKind::Complete);
                 }
             }
-            Some(Err(_)) => {
-                if let Some(w) = this.watch.take() {
-                    w.fire(EndKind::Failed);
-                }
-            }
-            None => {
-                if let Some(w) = this.watch.take() {
-                    w.fire(EndKind::Complete);
-                }
-            }
+            Some(Err(_)) => watch.fire(EndKind::Failed),
+            None => watch.fire(EndKind::Complete),
         }
         Poll::Ready(res)
     }
 
+    fn watch(self: Pin<&mut Self>) -> &mut Watch {
+        self.project().watch
+    }
+
+    fn watch_ref(&self) -> &Watch {
+        &self.watch
+    }
+
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.body.size_hint()
     }
 }
 
-impl<B: fmt::Debug, H: OnEnd> fmt::Debug for Observed<B, H> {
+impl<D: 'static, E: 'static> Observed<D, E> {
+    /// Watches `res`'s body for `hook`: wraps it, or, when it is already an
+    /// `Observed` (a layer below watches it), adds `hook` and `inspect` to
+    /// that wrapper. The head is classified now, the body as it passes.
+    pub fn wrap<B, H>(
+        res: Response<B>,
+        classifier: &Classifier,
+        inspect: Inspect,
+        hook: H,
+    ) -> Response<Observed<D, E>>
+    where
+        B: http_body::Body<Data = D, Error = E> + Send + 'static,
+        H: OnEnd,
+    {
+        let (parts, body) = res.into_parts();
+        let mut observed = Self::of(body, &parts, classifier);
+        let watch = observed.cell.as_mut().watch();
+        watch.want(parts.status, &parts.headers, classifier, inspect);
+        watch.attach(hook);
+        Response::from_parts(parts, observed)
+    }
+
+    /// `body` itself when it is an `Observed`, else `body` wrapped.
+    fn of<B>(body: B, parts: &Parts, classifier: &Classifier) -> Self
+    where
+        B: http_body::Body<Data = D, Error = E> + Send + 'static,
+    {
+        let mut slot = Some(body);
+        if let Some(found) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Self>>() {
+            return found.take().expect("the body was just put there");
+        }
+        let body = slot.expect("the body was just put there");
+        let ended = body.is_end_stream();
+        let mut observed = Observed {
+            cell: Box::pin(Celled {
+                watch: Watch::new(parts.status, &parts.headers, classifier),
+                body,
+            }),
+        };
+        if ended {
+            observed.cell.as_mut().watch().fire(EndKind::Complete);
+        }
+        observed
+    }
+
+    /// Wraps a body with a hook and no inspection: the hook learns only how
+    /// the body ended, with `outcome` as given.
+    pub fn plain<B, H>(body: B, outcome: Outcome, hook: H) -> Self
+    where
+        B: http_body::Body<Data = D, Error = E> + Send + 'static,
+        H: OnEnd,
+    {
+        let mut watch = Watch::plain(outcome);
+        watch.attach(hook);
+        Observed {
+            cell: Box::pin(Celled { watch, body }),
+        }
+    }
+
+    /// Asks `res`'s body, when it is an `Observed`, to be inspected for
+    /// `inspect` too (see [`Observed::wrap`]); any other body is left as it
+    /// is. Returns whether the body is an `Observed`.
+    #[cfg(feature = "retry")]
+    pub(crate) fn want<B: 'static>(
+        res: &mut Response<B>,
+        classifier: &Classifier,
+        inspect: Inspect,
+    ) -> bool {
+        if !(res.body() as &dyn Any).is::<Self>() {
+            return false;
+        }
+        let status = res.status();
+        let headers = std::mem::take(res.headers_mut());
+        let found = match (res.body_mut() as &mut dyn Any).downcast_mut::<Self>() {
+            Some(o) => {
+                o.cell
+                    .as_mut()
+                    .watch()
+                    .want(status, &headers, classifier, inspect);
+                true
+            }
+            None => false,
+        };
+        *res.headers_mut() = headers;
+        found
+    }
+}
+
+impl<D, E> Observed<D, E> {
+    /// Whether the hooks have not run yet.
+    pub fn is_watching(&self) -> bool {
+        self.cell.watch_ref().ended.is_none()
+    }
+
+    /// The verdict so far: the head's, refined by what the body showed
+    /// (when its outcome is inspected); final once the body ended.
+    pub fn outcome(&self) -> Outcome {
+        self.cell.watch_ref().outcome
+    }
+
+    /// How the body ended, once it did.
+    pub fn end(&self) -> Option<BodyEnd> {
+        self.cell.watch_ref().ended
+    }
+
+    /// Whether the body's own content is being classified (some layer asked
+    /// for [`Inspect::outcome`] before its first data frame, and its kind
+    /// can carry an error), so [`Observed::outcome`] at its end is the
+    /// whole-body verdict.
+    pub fn inspects_outcome(&self) -> bool {
+        let w = self.cell.watch_ref();
+        w.want.outcome && !(matches!(w.scan, Scan::Off) && w.ended.is_none())
+    }
+
+    /// How many hooks wait for the end.
+    pub fn hooks(&self) -> usize {
+        self.cell.watch_ref().hooks.len()
+    }
+}
+
+impl<D, E> Drop for Observed<D, E> {
+    fn drop(&mut self) {
+        let watch = self.cell.as_mut().watch();
+        if watch.ended.is_none() {
+            watch.fire(EndKind::Dropped);
+        }
+    }
+}
+
+impl<D: Buf, E> http_body::Body for Observed<D, E> {
+    type Data = D;
+    type Error = E;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, E>>> {
+        self.get_mut().cell.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.cell.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.cell.size_hint()
+    }
+}
+
+impl<D, E> fmt::Debug for Observed<D, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = self.cell.watch_ref();
         f.debug_struct("Observed")
-            .field("inner", &self.inner)
-            .field("watching", &self.watch.is_some())
-            .finish()
+            .field("outcome", &w.outcome)
+            .field("watching", &w.ended.is_none())
+            .field("hooks", &w.hooks.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -781,5 +993,98 @@ mod tests {
         let res = response(503, None, http_body_util::Empty::<Bytes>::new());
         let _res = Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&slot));
         assert_eq!(slot.lock().unwrap()[0].outcome, Outcome::TRANSIENT);
+    }
+
+    /// Issue 14: a body is wrapped once; a layer above adds its hook and
+    /// its wishes to the same wrapper, and every hook learns the same end
+    /// from one scan.
+    #[tokio::test]
+    async fn a_second_watcher_joins_the_first_wrapper() {
+        let first = Slot::default();
+        let second = Slot::default();
+        let res = response(200, Some("application/json"), Full::new(Bytes::from_static(
+            br#"{"output":{"text":"hi"},"usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7}}"#,
+        )));
+        // The inner layer wants nothing read; the outer one wants usage.
+        let res = Observed::wrap(res, &Classifier::new(), Inspect::NOTHING, hook(&first));
+        let res: Response<Observed<Bytes, std::convert::Infallible>> =
+            Observed::wrap(res, &Classifier::new(), Inspect::ALL, hook(&second));
+        assert_eq!(res.body().hooks(), 2, "one wrapper holds both hooks");
+        res.into_body().collect().await.unwrap();
+        let (a, b) = (first.lock().unwrap()[0], second.lock().unwrap()[0]);
+        assert_eq!(a, b);
+        assert_eq!(a.usage.unwrap().total(), 7);
+        assert_eq!(a.data_frames, 1);
+    }
+
+    /// Wishes that come after data frames passed cannot look back: the
+    /// body keeps the verdict of what it was watched for.
+    #[tokio::test]
+    async fn wishes_after_the_first_frame_do_not_look_back() {
+        let slot = Slot::default();
+        let body = stream(vec![
+            Ok("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"),
+            Ok("data: {\"error\":{\"code\":\"data_inspection_failed\"}}\n\n"),
+        ]);
+        let res = response(200, Some("text/event-stream"), body);
+        let res = Observed::wrap(res, &Classifier::new(), Inspect::NOTHING, hook(&slot));
+        let (parts, mut body) = res.into_parts();
+        body.frame().await.unwrap().unwrap();
+        let late = Slot::default();
+        let res = Observed::wrap(
+            Response::from_parts(parts, body),
+            &Classifier::new(),
+            Inspect::OUTCOME,
+            hook(&late),
+        );
+        res.into_body().collect().await.unwrap();
+        assert_eq!(late.lock().unwrap()[0].outcome, Outcome::Success);
+        assert_eq!(slot.lock().unwrap()[0], late.lock().unwrap()[0]);
+    }
+
+    /// A hook added after the body ended runs at once, with that end.
+    #[tokio::test]
+    async fn a_hook_added_after_the_end_runs_at_once() {
+        let (first, second) = (Slot::default(), Slot::default());
+        let res = response(503, None, http_body_util::Empty::<Bytes>::new());
+        let res = Observed::wrap(res, &Classifier::new(), Inspect::OUTCOME, hook(&first));
+        assert!(!res.body().is_watching());
+        let _res = Observed::wrap(res, &Classifier::new(), Inspect::ALL, hook(&second));
+        assert_eq!(first.lock().unwrap()[0], second.lock().unwrap()[0]);
+        assert_eq!(second.lock().unwrap()[0].outcome, Outcome::TRANSIENT);
+    }
+
+    /// Issue 14: the breaker and the concurrency limit stacked watch one
+    /// wrapper (the breaker's hook joins the one the limit made).
+    #[cfg(all(feature = "circuit-breaker", feature = "concurrency"))]
+    #[tokio::test]
+    async fn stacked_layers_share_one_wrapper() {
+        use std::num::NonZeroUsize;
+        use tower_layer::Layer;
+        use tower_service::Service;
+
+        #[derive(Clone)]
+        struct Answer;
+        impl Service<()> for Answer {
+            type Response = Response<Full<Bytes>>;
+            type Error = std::convert::Infallible;
+            type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: ()) -> Self::Future {
+                std::future::ready(Ok(response(
+                    200,
+                    Some("application/json"),
+                    Full::new(Bytes::from_static(b"{}")),
+                )))
+            }
+        }
+        let limit = crate::concurrency::ConcurrencyLimitLayer::new(NonZeroUsize::new(1).unwrap());
+        let mut svc = crate::circuit_breaker::CircuitBreakerLayer::new().layer(limit.layer(Answer));
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        let res: Response<Observed<Bytes, std::convert::Infallible>> = svc.call(()).await.unwrap();
+        assert_eq!(res.body().hooks(), 2);
+        res.into_body().collect().await.unwrap();
     }
 }

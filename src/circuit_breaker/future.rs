@@ -2,17 +2,12 @@
 //! hook that records a call's verdict when its response ends.
 
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
-use pin_project_lite::pin_project;
-
-use crate::BoxError;
-use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
-use crate::classify::{Classify, Outcome};
+use crate::body::future::ObserveFuture;
+use crate::body::{BodyEnd, EndKind, OnEnd};
+use crate::classify::Outcome;
 use crate::time::{self, Instant};
 
 use super::error::CircuitOpen;
@@ -92,11 +87,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Record<K> {
             }
         }
     }
-
-    /// The call failed instead of answering.
-    pub(crate) fn on_error(mut self, outcome: &Outcome) {
-        self.finish(outcome, EndKind::Failed, None);
-    }
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> OnEnd for Record<K> {
@@ -129,82 +119,7 @@ impl<K> fmt::Debug for Record<K> {
     }
 }
 
-pin_project! {
-    /// The response future of [`CircuitBreaker`](super::CircuitBreaker).
-    #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<F, C, K> {
-        #[pin]
-        kind: Kind<F>,
-        record: Option<Record<K>>,
-        classifier: C,
-        inspect: Inspect,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F> {
-        Called { #[pin] future: F },
-        Rejected { error: Option<CircuitOpen> },
-    }
-}
-
-impl<F, C, K> ResponseFuture<F, C, K> {
-    pub(crate) fn called(future: F, record: Record<K>, classifier: C, inspect: Inspect) -> Self {
-        Self {
-            kind: Kind::Called { future },
-            record: Some(record),
-            classifier,
-            inspect,
-        }
-    }
-
-    pub(crate) fn rejected(error: CircuitOpen, classifier: C) -> Self {
-        Self {
-            kind: Kind::Rejected { error: Some(error) },
-            record: None,
-            classifier,
-            inspect: Inspect::NOTHING,
-        }
-    }
-}
-
-impl<F, C, K, Res, E> Future for ResponseFuture<F, C, K>
-where
-    F: Future<Output = Result<Res, E>>,
-    E: Into<BoxError>,
-    C: Classify<Res>,
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-{
-    type Output = Result<C::Observed<Record<K>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.kind.project() {
-            KindProj::Rejected { error } => {
-                Poll::Ready(Err(error.take().expect("polled after completion").into()))
-            }
-            KindProj::Called { future } => match ready!(future.poll(cx)) {
-                Ok(res) => {
-                    let record = this.record.take().expect("polled after completion");
-                    Poll::Ready(Ok(this.classifier.observe(res, *this.inspect, record)))
-                }
-                Err(e) => {
-                    let e: BoxError = e.into();
-                    if let Some(record) = this.record.take() {
-                        record.on_error(&this.classifier.classify_error(&e));
-                    }
-                    Poll::Ready(Err(e))
-                }
-            },
-        }
-    }
-}
-
-impl<F, C, K> fmt::Debug for ResponseFuture<F, C, K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("record", &self.record)
-            .finish_non_exhaustive()
-    }
-}
+/// The response future of [`CircuitBreaker`](super::CircuitBreaker): the
+/// shared [`ObserveFuture`] with a [`Record`] hook, refused with
+/// [`CircuitOpen`] while the circuit is open.
+pub type ResponseFuture<F, C, K> = ObserveFuture<F, C, Record<K>, CircuitOpen>;

@@ -102,7 +102,7 @@ where
     C: Classify<S::Response>,
     P: KeyOf<Req>,
 {
-    type Response = C::Observed<Record<P::Key>>;
+    type Response = C::Observed;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C, P::Key>;
 
@@ -145,11 +145,11 @@ where
         match admission {
             Ok(record) => ResponseFuture::called(
                 self.inner.call(req),
-                record,
+                Some(record),
                 self.classifier.clone(),
                 self.inspect,
             ),
-            Err(e) => ResponseFuture::rejected(e, self.classifier.clone()),
+            Err(e) => ResponseFuture::refused(e, self.classifier.clone()),
         }
     }
 }

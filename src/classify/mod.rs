@@ -409,7 +409,7 @@ impl Classifier {
     /// HTTP-date). Garbage, negative and non-finite values are ignored.
     pub fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
         let parsed = headers
-            .get("retry-after-ms")
+            .get(&RETRY_AFTER_MS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_seconds(v, 1e-3))
             .or_else(|| {
@@ -435,7 +435,7 @@ impl Classifier {
     /// Reads the headers that adjust an outcome.
     pub(crate) fn facts(&self, headers: &HeaderMap) -> HeadFacts {
         let should_retry = headers
-            .get("x-should-retry")
+            .get(&X_SHOULD_RETRY)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .and_then(|v| {
@@ -593,6 +593,11 @@ impl Classifier {
         None
     }
 }
+
+// The headers read on every classified response, named once (a name given
+// as `&str` is parsed again at each lookup).
+static RETRY_AFTER_MS: http::HeaderName = http::HeaderName::from_static("retry-after-ms");
+static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 /// Outcome from a status code alone.
 pub(crate) fn by_status(status: u16) -> Outcome {

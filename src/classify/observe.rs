@@ -10,16 +10,18 @@ use crate::body::{BodyEnd, EndKind, Inspect, Observed, OnEnd};
 /// response is really over.
 ///
 /// [`Classifier`] implements it for `http::Response<B>`: the body is wrapped
-/// in an [`Observed`] body, so the hook runs when a streamed body ends.
+/// in an [`Observed`] body, so the hook runs when a streamed body ends; a
+/// body that a layer below already wrapped is not wrapped again, the hook
+/// joins that wrapper (one wrapper, one scan, however many layers watch).
 /// [`FnClassifier`] implements it for any response type (tonic messages,
 /// custom clients): the hook runs at once with the closure's verdict.
 pub trait Classify<Res>: Clone + Send + Sync + 'static {
     /// The response handed on to the caller.
-    type Observed<H: OnEnd>;
+    type Observed;
 
     /// Arranges for `hook` to be called exactly once with the final outcome
     /// of `res`, and returns the response to hand on.
-    fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed<H>;
+    fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed;
 
     /// Classifies an error returned instead of a response.
     fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome;
@@ -27,11 +29,13 @@ pub trait Classify<Res>: Clone + Send + Sync + 'static {
 
 impl<B> Classify<Response<B>> for Classifier
 where
-    B: http_body::Body,
+    B: http_body::Body + Send + 'static,
+    B::Data: 'static,
+    B::Error: 'static,
 {
-    type Observed<H: OnEnd> = Response<Observed<B, H>>;
+    type Observed = Response<Observed<B::Data, B::Error>>;
 
-    fn observe<H: OnEnd>(&self, res: Response<B>, inspect: Inspect, hook: H) -> Self::Observed<H> {
+    fn observe<H: OnEnd>(&self, res: Response<B>, inspect: Inspect, hook: H) -> Self::Observed {
         Observed::wrap(res, self, inspect, hook)
     }
 
@@ -77,7 +81,7 @@ impl<Res, F> Classify<Res> for FnClassifier<F>
 where
     F: Fn(&Res) -> Outcome + Clone + Send + Sync + 'static,
 {
-    type Observed<H: OnEnd> = Res;
+    type Observed = Res;
 
     fn observe<H: OnEnd>(&self, res: Res, _inspect: Inspect, hook: H) -> Res {
         hook.on_end(BodyEnd::new((self.f)(&res), EndKind::Complete));
@@ -209,9 +213,9 @@ where
     E: std::error::Error + 'static,
     F: Fn(&E) -> Outcome + Clone + Send + Sync + 'static,
 {
-    type Observed<H: OnEnd> = C::Observed<H>;
+    type Observed = C::Observed;
 
-    fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed<H> {
+    fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed {
         self.inner.observe(res, inspect, hook)
     }
 

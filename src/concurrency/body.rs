@@ -10,7 +10,6 @@
 use std::fmt;
 
 use crate::body::{BodyEnd, OnEnd};
-use crate::classify::Outcome;
 
 use super::shared::{Permit, Start};
 
@@ -25,15 +24,6 @@ pub struct Release {
 impl Release {
     pub(crate) fn new(permit: Permit, start: Option<Start>) -> Self {
         Self { permit, start }
-    }
-
-    pub(crate) fn is_adaptive(&self) -> bool {
-        self.start.is_some()
-    }
-
-    /// The inner service failed instead of answering.
-    pub(crate) fn on_error(self, outcome: Outcome) {
-        self.on_end(BodyEnd::new(outcome, crate::body::EndKind::Failed));
     }
 }
 

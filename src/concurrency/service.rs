@@ -152,7 +152,7 @@ where
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
 {
-    type Response = C::Observed<Release>;
+    type Response = C::Observed;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
@@ -232,12 +232,12 @@ where
                 let release = Release::new(permit, start);
                 ResponseFuture::called(
                     self.inner.call(req),
-                    release,
+                    Some(release),
                     self.classifier.clone(),
                     inspect,
                 )
             }
-            State::Shed(err) => ResponseFuture::shed(err, self.classifier.clone()),
+            State::Shed(err) => ResponseFuture::refused(err, self.classifier.clone()),
             _ => panic!("poll_ready must be called first"),
         }
     }

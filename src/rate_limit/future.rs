@@ -11,7 +11,8 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{BodyEnd, EndKind, OnEnd};
+use crate::body::future::ObserveFuture;
+use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
 use crate::classify::{Classify, Outcome, ThrottleCause};
 use crate::time;
 
@@ -24,54 +25,62 @@ pin_project! {
     /// A call that waits (for a backend's round trip, then for its slot)
     /// holds its reservation here; dropping the future before its slot
     /// cancels the reservation (given back when no later call reserved
-    /// after it). Once the inner service answers, the response is wrapped
-    /// by the classifier with a [`Reconcile`] hook.
+    /// after it). Once the call goes, this is the shared
+    /// [`ObserveFuture`] with a [`Reconcile`] hook.
     pub struct ResponseFuture<F, S, Req, C, T, D>
     where
         T: Ticket,
     {
         #[pin]
-        state: State<F, S, Req, T, D>,
-        permit: Option<T::Permit>,
-        classifier: C,
+        state: State<F, S, Req, C, T, D>,
     }
 }
 
 pin_project! {
-    struct Wait<S, Req, T, D> {
+    struct Wait<S, Req, C, T, D> {
         #[pin]
         sleep: Sleep,
         pending: Option<D>,
         ticket: Option<T>,
         svc: Option<S>,
         req: Option<Req>,
+        classifier: Option<C>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, S, Req, T, D> {
+    enum State<F, S, Req, C, T: Ticket, D> {
         // Boxed: only calls that wait pay for it, and the future every call
         // moves around stays small.
         Waiting {
-            wait: Pin<Box<Wait<S, Req, T, D>>>,
+            wait: Pin<Box<Wait<S, Req, C, T, D>>>,
         },
-        Called {
+        Observing {
             #[pin]
-            future: F,
+            future: ObserveFuture<F, C, Reconcile<T::Permit>, BoxError>,
         },
-        Refused {
-            error: Option<BoxError>,
-        },
+    }
+}
+
+/// The hook and the inspection a permit asks for: none when there is
+/// nothing to reconcile and nothing to feed back.
+fn hook_for<P: Permit>(permit: P) -> (Option<Reconcile<P>>, Inspect) {
+    let inspect = inspect_for(&permit);
+    if inspect.outcome || inspect.usage {
+        (Some(Reconcile { permit }), inspect)
+    } else {
+        (None, Inspect::NOTHING)
     }
 }
 
 impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
     pub(crate) fn called(future: F, permit: T::Permit, classifier: C) -> Self {
+        let (hook, inspect) = hook_for(permit);
         Self {
-            state: State::Called { future },
-            permit: Some(permit),
-            classifier,
+            state: State::Observing {
+                future: ObserveFuture::called(future, hook, classifier, inspect),
+            },
         }
     }
 
@@ -92,18 +101,17 @@ impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
                     ticket,
                     svc: Some(svc),
                     req: Some(req),
+                    classifier: Some(classifier),
                 }),
             },
-            permit: None,
-            classifier,
         }
     }
 
     pub(crate) fn refused(error: BoxError, classifier: C) -> Self {
         Self {
-            state: State::Refused { error: Some(error) },
-            permit: None,
-            classifier,
+            state: State::Observing {
+                future: ObserveFuture::refused(error, classifier),
+            },
         }
     }
 }
@@ -113,8 +121,8 @@ impl<F, S, Req, C, T: Ticket, D> fmt::Debug for ResponseFuture<F, S, Req, C, T, 
         let state = match &self.state {
             State::Waiting { wait } if wait.pending.is_some() => "deciding",
             State::Waiting { .. } => "waiting",
-            State::Called { .. } => "called",
-            State::Refused { .. } => "refused",
+            State::Observing { future } if future.has_hook() => "called",
+            State::Observing { .. } => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -131,7 +139,7 @@ where
     T: Ticket,
     D: Future<Output = Result<T, BoxError>> + Unpin,
 {
-    type Output = Result<C::Observed<Reconcile<T::Permit>>, BoxError>;
+    type Output = Result<C::Observed, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -174,37 +182,13 @@ where
                     let permit = ticket.take().expect("polled after completion").admit();
                     let mut s = svc.take().expect("polled after completion");
                     let future = s.call(req.take().expect("polled after completion"));
-                    *this.permit = Some(permit);
-                    this.state.set(State::Called { future });
+                    let classifier = w.classifier.take().expect("polled after completion");
+                    let (hook, inspect) = hook_for(permit);
+                    this.state.set(State::Observing {
+                        future: ObserveFuture::called(future, hook, classifier, inspect),
+                    });
                 }
-                StateProj::Called { future } => {
-                    return match ready!(future.poll(cx)) {
-                        Ok(res) => {
-                            let (hook, inspect) = match this.permit.take() {
-                                Some(p) => {
-                                    let inspect = inspect_for(&p);
-                                    (Reconcile { permit: Some(p) }, inspect)
-                                }
-                                None => (Reconcile { permit: None }, crate::body::Inspect::NOTHING),
-                            };
-                            Poll::Ready(Ok(this.classifier.observe(res, inspect, hook)))
-                        }
-                        Err(e) => {
-                            let e: BoxError = e.into();
-                            if let Some(p) = this.permit.take()
-                                && let Outcome::Throttled { cause, .. } =
-                                    this.classifier.classify_error(&e)
-                                && cause != ThrottleCause::Local
-                            {
-                                p.finish(Some(cause), None);
-                            }
-                            Poll::Ready(Err(e))
-                        }
-                    };
-                }
-                StateProj::Refused { error } => {
-                    return Poll::Ready(Err(error.take().expect("polled after completion")));
-                }
+                StateProj::Observing { future } => return future.poll(cx),
             }
         }
     }
@@ -221,7 +205,7 @@ where
 /// * otherwise (a stream that failed or was dropped, a success without
 ///   usage): the estimate stands.
 pub struct Reconcile<P> {
-    permit: Option<P>,
+    permit: P,
 }
 
 impl<P: fmt::Debug> fmt::Debug for Reconcile<P> {
@@ -234,7 +218,7 @@ impl<P: fmt::Debug> fmt::Debug for Reconcile<P> {
 
 impl<P: Permit> OnEnd for Reconcile<P> {
     fn on_end(self, end: BodyEnd) {
-        let Some(p) = self.permit else { return };
+        let p = self.permit;
         let throttled = match end.outcome {
             Outcome::Throttled { cause, .. } if cause != ThrottleCause::Local => Some(cause),
             _ => None,

@@ -11,7 +11,7 @@ use crate::time;
 use crate::util::macros::define_inner_service_accessors;
 
 use super::backend::{Backend, Decision, Permit, Ticket};
-use super::future::{Reconcile, ResponseFuture};
+use super::future::ResponseFuture;
 use super::layer::{CostOf, Estimate, Mode, RateLimitLayer};
 use super::limiter::RateLimiter;
 
@@ -103,9 +103,6 @@ impl<S, B> RateLimit<S, B> {
     }
 }
 
-/// The permit of a backend's tickets.
-type PermitOf<B, K> = <<B as Backend<K>>::Ticket as Ticket>::Permit;
-
 impl<S, B, K, C, W, Req> Service<Req> for RateLimit<S, B, K, C, W>
 where
     S: Service<Req> + Clone,
@@ -115,7 +112,7 @@ where
     C: Classify<S::Response>,
     W: CostOf<Req>,
 {
-    type Response = C::Observed<Reconcile<PermitOf<B, K::Key>>>;
+    type Response = C::Observed;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, S, Req, C, B::Ticket, B::Pending>;
 

@@ -203,7 +203,9 @@ where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: fmt::Display + 'static,
     B: ReplayBody,
-    ResB: http_body::Body + Unpin,
+    ResB: http_body::Body + Unpin + 'static,
+    ResB::Data: 'static,
+    ResB::Error: 'static,
 {
     type Output = Result<Response<PeekBody<ResB>>, S::Error>;
 

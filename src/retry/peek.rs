@@ -59,6 +59,7 @@
 //! # }
 //! ```
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
@@ -75,6 +76,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tokio::time::Sleep;
 
+use crate::body::{Inspect, Observed};
 use crate::classify::{Classifier, ContentKind, Outcome, mentions_code_or_error};
 use crate::sse::SseScanner;
 use crate::time;
@@ -197,7 +199,12 @@ pub struct Peeked<B: Body> {
     pub response: Response<PeekBody<B>>,
 }
 
-impl<B: Body + Unpin> Peek<B> {
+impl<B> Peek<B>
+where
+    B: Body + Unpin + 'static,
+    B::Data: 'static,
+    B::Error: 'static,
+{
     /// Starts peeking at `res`, holding output-less stream frames within
     /// the default [`Hold`].
     pub fn new(res: Response<B>, classifier: &Classifier) -> Self {
@@ -206,9 +213,8 @@ impl<B: Body + Unpin> Peek<B> {
 
     /// Starts peeking at `res`, holding output-less stream frames within
     /// `hold`.
-    pub fn with_hold(res: Response<B>, classifier: &Classifier, hold: Hold) -> Self {
-        let (parts, body) = res.into_parts();
-        let mode = match (parts.status.is_success(), ContentKind::of(&parts.headers)) {
+    pub fn with_hold(mut res: Response<B>, classifier: &Classifier, hold: Hold) -> Self {
+        let mode = match (res.status().is_success(), ContentKind::of(res.headers())) {
             (true, ContentKind::EventStream) => Mode::Sse(SseScanner::new()),
             // A business error may hide in a 2xx JSON (or untyped) body.
             (true, ContentKind::Json | ContentKind::Untyped) => Mode::Whole,
@@ -216,6 +222,12 @@ impl<B: Body + Unpin> Peek<B> {
             // Any other status: the (small) error body decides.
             (false, _) => Mode::Whole,
         };
+        if matches!(mode, Mode::Whole) {
+            // A body that a layer below already watches is classified there,
+            // once, for all of them.
+            Observed::<B::Data, B::Error>::want(&mut res, classifier, Inspect::OUTCOME);
+        }
+        let (parts, body) = res.into_parts();
         Self {
             state: Some(State {
                 parts,
@@ -232,7 +244,12 @@ impl<B: Body + Unpin> Peek<B> {
     }
 }
 
-impl<B: Body> State<B> {
+impl<B> State<B>
+where
+    B: Body + 'static,
+    B::Data: 'static,
+    B::Error: 'static,
+{
     fn finish(self, outcome: Outcome) -> Peeked<B> {
         Peeked {
             outcome,
@@ -255,6 +272,14 @@ impl<B: Body> State<B> {
 
     /// The outcome once the whole body (within the limit) has been read.
     fn whole_outcome(&self) -> Outcome {
+        // A body a layer below watches was classified as it passed: its
+        // verdict is this one (asked for in `with_hold`), read once.
+        if let Some(o) = (&self.body as &dyn Any).downcast_ref::<Observed<B::Data, B::Error>>()
+            && o.end().is_some()
+            && o.inspects_outcome()
+        {
+            return o.outcome();
+        }
         let bytes = contiguous(&self.frames, self.read);
         let status = self.parts.status;
         if status.is_success() && !mentions_code_or_error(&bytes) {
@@ -338,7 +363,12 @@ pub(crate) fn for_each_chunk<D: Buf>(data: &D, mut f: impl FnMut(&[u8])) {
     }
 }
 
-impl<B: Body + Unpin> Future for Peek<B> {
+impl<B> Future for Peek<B>
+where
+    B: Body + Unpin + 'static,
+    B::Data: 'static,
+    B::Error: 'static,
+{
     type Output = Peeked<B>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Peeked<B>> {

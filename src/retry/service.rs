@@ -72,7 +72,9 @@ where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: fmt::Display + 'static,
     B: ReplayBody,
-    ResB: http_body::Body + Unpin,
+    ResB: http_body::Body + Unpin + 'static,
+    ResB::Data: 'static,
+    ResB::Error: 'static,
 {
     type Response = Response<PeekBody<ResB>>;
     type Error = S::Error;

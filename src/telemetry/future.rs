@@ -54,10 +54,12 @@ impl<F> ResponseFuture<F> {
 impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
-    RB: http_body::Body,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: 'static,
+    RB::Error: 'static,
     E: fmt::Display + 'static,
 {
-    type Output = Result<Response<Observed<RB, Record>>, E>;
+    type Output = Result<Response<Observed<RB::Data, RB::Error>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();

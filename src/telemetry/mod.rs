@@ -171,9 +171,11 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: fmt::Display + 'static,
     B: BufferedBody,
-    RB: http_body::Body,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: 'static,
+    RB::Error: 'static,
 {
-    type Response = Response<Observed<RB, Record>>;
+    type Response = Response<Observed<RB::Data, RB::Error>>;
     type Error = S::Error;
     type Future = future::ResponseFuture<S::Future>;
 
