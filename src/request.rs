@@ -61,6 +61,11 @@ pub enum Endpoint {
     CompatibleEmbedding,
     /// `/api/v1/tasks/...`: async task poll, cancel or list.
     Task,
+    /// `/compatible-mode/v1/files...`: the Files API (batch input and
+    /// output files).
+    Files,
+    /// `/compatible-mode/v1/batches...`: the Batch API.
+    Batches,
     /// Anything else.
     #[default]
     Other,
@@ -79,7 +84,15 @@ impl Endpoint {
     /// Classifies a request path.
     pub fn from_path(path: &str) -> Self {
         let path = path.trim_end_matches('/');
-        if path.ends_with("/services/aigc/text-generation/generation") {
+        if path.ends_with("/compatible-mode/v1/files")
+            || path.contains("/compatible-mode/v1/files/")
+        {
+            Self::Files
+        } else if path.ends_with("/compatible-mode/v1/batches")
+            || path.contains("/compatible-mode/v1/batches/")
+        {
+            Self::Batches
+        } else if path.ends_with("/services/aigc/text-generation/generation") {
             Self::NativeGeneration
         } else if path.ends_with("/services/aigc/multimodal-generation/generation") {
             Self::NativeMultimodal
@@ -100,7 +113,9 @@ impl Endpoint {
     /// compatible; everything else is native.
     pub fn protocol(self) -> Protocol {
         match self {
-            Self::CompatibleChat | Self::CompatibleEmbedding => Protocol::Compatible,
+            Self::CompatibleChat | Self::CompatibleEmbedding | Self::Files | Self::Batches => {
+                Protocol::Compatible
+            }
             _ => Protocol::Native,
         }
     }
@@ -994,5 +1009,18 @@ mod tests {
         }
         assert_eq!(Endpoint::from_path("/foo"), Endpoint::Other);
         assert_eq!(Endpoint::from_path("/api/v1/tasks/abc"), Endpoint::Task);
+        assert_eq!(
+            Endpoint::from_path("/compatible-mode/v1/files"),
+            Endpoint::Files
+        );
+        assert_eq!(
+            Endpoint::from_path("/compatible-mode/v1/files/embeddings/content"),
+            Endpoint::Files
+        );
+        assert_eq!(
+            Endpoint::from_path("/compatible-mode/v1/batches/batch_1/cancel"),
+            Endpoint::Batches
+        );
+        assert_eq!(Endpoint::Batches.protocol(), Protocol::Compatible);
     }
 }

@@ -48,6 +48,8 @@ pub struct GatewayConfig {
 pub(crate) struct ServerConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) max_body_bytes: usize,
+    /// A Files API upload at most (streamed through).
+    pub(crate) max_file_bytes: u64,
     pub(crate) max_header_bytes: usize,
     pub(crate) body_read_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
@@ -530,6 +532,7 @@ fn validate(
     let server = ServerConfig {
         listen: f.server.listen,
         max_body_bytes: f.server.max_body_bytes.get() as usize,
+        max_file_bytes: f.server.max_file_bytes.get(),
         max_header_bytes: f.server.max_header_bytes.get() as usize,
         body_read_timeout: f.server.body_read_timeout.0,
         shutdown_grace: f.server.shutdown_grace.0.unwrap_or(Duration::ZERO),

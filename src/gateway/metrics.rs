@@ -43,6 +43,8 @@ pub(crate) fn route_label(e: Option<Endpoint>) -> &'static str {
         Some(Endpoint::NativeEmbedding) => "native_embedding",
         Some(Endpoint::CompatibleEmbedding) => "compatible_embedding",
         Some(Endpoint::Task) => "task",
+        Some(Endpoint::Files) => "files",
+        Some(Endpoint::Batches) => "batches",
         Some(_) => "native_other",
         None => "unknown",
     }

@@ -11,6 +11,8 @@
 //! | `POST /api/v1/services/...` | native text, multimodal, embeddings, async task submission |
 //! | `POST /compatible-mode/v1/chat/completions`, `POST /compatible-mode/v1/embeddings` | OpenAI-compatible |
 //! | `GET /api/v1/tasks`, `GET /api/v1/tasks/{id}`, `POST /api/v1/tasks/{id}/cancel` | task polling |
+//! | `GET, POST /compatible-mode/v1/files`, `GET, DELETE .../files/{id}`, `GET .../files/{id}/content` | Files API (batch input and output) |
+//! | `GET, POST /compatible-mode/v1/batches`, `GET .../batches/{id}`, `POST .../batches/{id}/cancel` | Batch API |
 //! | `GET /healthz`, `GET /metrics` | operations |
 //!
 //! Every request goes through, in order:
@@ -84,6 +86,16 @@
 //!    proxying), with the account's key, hop-by-hop headers stripped both
 //!    ways, and the configured connect, header, idle and total timeouts
 //!    (504 / 502 when the upstream cannot answer).
+//!
+//! **Files and batches** (the OpenAI-compatible Batch API, at half price
+//! and outside the real-time quota): a client key's calls go to the first
+//! account of its pool (files and batches live in the account that created
+//! them) with that account's key, each taking one from the key's bucket
+//! and counted for the key (`route="files"` / `"batches"`); no account
+//! quota, body parsing or degradation applies. An upload is streamed
+//! through, never buffered, up to `max_file_bytes` (default 500 MB; 413
+//! beyond, at once when `content-length` says so); the body read timeout
+//! does not apply to it (the upstream total timeout does).
 //!
 //! The answer streams back frame by frame: nothing is buffered, an SSE
 //! stream reaches the client as the upstream sends it, and when the client
@@ -176,6 +188,7 @@
 //! [server]
 //! listen = "127.0.0.1:8080"
 //! max_body_bytes = 8388608        # 413 above
+//! max_file_bytes = 500000000      # a Files API upload, streamed; 413 above
 //! max_header_bytes = 16384        # 431 above
 //! body_read_timeout = "30s"       # 408
 //! shutdown_grace = "30s"
@@ -338,7 +351,8 @@ impl Gateway {
         let built = stack::build(&config, &metrics);
         let mut clients = Vec::with_capacity(config.keys.len());
         let mut by_digest = HashMap::with_capacity(config.keys.len());
-        for ((idx, k), svc) in config.keys.iter().enumerate().zip(built.services) {
+        let stacks = built.services.into_iter().zip(built.files);
+        for ((idx, k), (svc, files)) in config.keys.iter().enumerate().zip(stacks) {
             let client = Arc::new(ClientKey {
                 idx: idx as u32,
                 name: Arc::from(k.name.as_str()),
@@ -346,6 +360,7 @@ impl Gateway {
                 capacity: k.bucket.capacity.get(),
                 pin_to: Arc::from(config.accounts[k.accounts[0]].name.as_str()),
                 svc,
+                files,
             });
             by_digest.insert(k.digest, client.clone());
             clients.push(client);
@@ -405,6 +420,24 @@ impl Gateway {
             .route("/api/v1/tasks", get(proxy::proxy))
             .route("/api/v1/tasks/{id}", get(proxy::proxy))
             .route("/api/v1/tasks/{id}/cancel", post(proxy::proxy))
+            .route(
+                "/compatible-mode/v1/files",
+                post(proxy::proxy).get(proxy::proxy),
+            )
+            .route(
+                "/compatible-mode/v1/files/{id}",
+                get(proxy::proxy).delete(proxy::proxy),
+            )
+            .route("/compatible-mode/v1/files/{id}/content", get(proxy::proxy))
+            .route(
+                "/compatible-mode/v1/batches",
+                post(proxy::proxy).get(proxy::proxy),
+            )
+            .route("/compatible-mode/v1/batches/{id}", get(proxy::proxy))
+            .route(
+                "/compatible-mode/v1/batches/{id}/cancel",
+                post(proxy::proxy),
+            )
             .fallback(proxy::not_found)
             .method_not_allowed_fallback(proxy::method_not_allowed)
             .with_state(self.inner.clone())

@@ -48,6 +48,8 @@ pub(crate) struct ClientKey {
     /// submissions go.
     pub(crate) pin_to: Arc<str>,
     pub(crate) svc: KeySvc,
+    /// Its stack for the Files and Batch APIs.
+    pub(crate) files: KeySvc,
 }
 
 impl fmt::Debug for ClientKey {
@@ -147,6 +149,10 @@ impl Inner {
 ///   `services/{task_group}/{task}/{function}` shape, for native endpoints;
 /// - `/compatible-mode/v1/chat/completions`, `/compatible-mode/v1/embeddings`;
 /// - `/api/v1/tasks`, `/api/v1/tasks/<seg>`, `/api/v1/tasks/<seg>/cancel`;
+/// - `/compatible-mode/v1/files`, `/compatible-mode/v1/files/<seg>`,
+///   `/compatible-mode/v1/files/<seg>/content`;
+/// - `/compatible-mode/v1/batches`, `/compatible-mode/v1/batches/<seg>`,
+///   `/compatible-mode/v1/batches/<seg>/cancel`;
 ///
 /// where a segment is one or more ASCII letters, digits, `-` or `_`: no
 /// dot segments, no percent-encoding, no empty segments, no backslashes.
@@ -170,11 +176,20 @@ pub(crate) fn forwarded_endpoint(path: &str) -> Option<Endpoint> {
         "/compatible-mode/v1/chat/completions" => return Some(Endpoint::CompatibleChat),
         "/compatible-mode/v1/embeddings" => return Some(Endpoint::CompatibleEmbedding),
         "/api/v1/tasks" => return Some(Endpoint::Task),
+        "/compatible-mode/v1/files" => return Some(Endpoint::Files),
+        "/compatible-mode/v1/batches" => return Some(Endpoint::Batches),
         _ => {}
     }
-    let rest = path.strip_prefix("/api/v1/tasks/")?;
-    let id = rest.strip_suffix("/cancel").unwrap_or(rest);
-    segment(id).then_some(Endpoint::Task)
+    // An id, with the one action each collection has on it.
+    let (endpoint, rest, action) = [
+        (Endpoint::Task, "/api/v1/tasks/", "/cancel"),
+        (Endpoint::Files, "/compatible-mode/v1/files/", "/content"),
+        (Endpoint::Batches, "/compatible-mode/v1/batches/", "/cancel"),
+    ]
+    .into_iter()
+    .find_map(|(e, prefix, action)| Some((e, path.strip_prefix(prefix)?, action)))?;
+    let id = rest.strip_suffix(action).unwrap_or(rest);
+    segment(id).then_some(endpoint)
 }
 
 /// The dialect a path suggests, for refusals of paths not served.
@@ -327,15 +342,17 @@ pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Respons
     *up.headers_mut() = forward_request_headers(&parts.headers);
     let ext = up.extensions_mut();
     ext.insert(ClientName(client.name.clone()));
-    if endpoint == Endpoint::Task || is_async(&parts.headers) {
-        // A task lives in the account that created it.
+    let files = matches!(endpoint, Endpoint::Files | Endpoint::Batches);
+    if files || endpoint == Endpoint::Task || is_async(&parts.headers) {
+        // A task, a file or a batch lives in the account that created it.
         ext.insert(Pinned::to(&*client.pin_to));
     }
+    let svc = if files { &client.files } else { &client.svc };
 
     let t0 = time::now();
     gw.metrics.in_flight.increment(1.0);
     let guard = InFlight(gw.clone());
-    match client.svc.clone().oneshot(up).await {
+    match svc.clone().oneshot(up).await {
         Ok(res) => {
             let key = Some(client.idx);
             gw.metrics.upstream_latency(route, t0.elapsed());
@@ -735,14 +752,27 @@ pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Res
 /// the path, with `Allow`.
 pub(crate) async fn method_not_allowed(State(gw): State<Arc<Inner>>, req: Request) -> Response {
     let path = req.uri().path();
-    let allow = if matches!(path, "/healthz" | "/metrics" | "/api/v1/tasks")
-        || (path.starts_with("/api/v1/tasks/") && !path.ends_with("/cancel"))
-    {
-        "GET, HEAD"
-    } else {
-        "POST"
+    let endpoint = forwarded_endpoint(path);
+    let allow = match endpoint {
+        Some(Endpoint::Files | Endpoint::Batches)
+            if matches!(
+                path,
+                "/compatible-mode/v1/files" | "/compatible-mode/v1/batches"
+            ) =>
+        {
+            "GET, HEAD, POST"
+        }
+        Some(Endpoint::Batches) if path.ends_with("/cancel") => "POST",
+        Some(Endpoint::Files) if !path.ends_with("/content") => "GET, HEAD, DELETE",
+        Some(Endpoint::Files | Endpoint::Batches) => "GET, HEAD",
+        _ if matches!(path, "/healthz" | "/metrics" | "/api/v1/tasks")
+            || (path.starts_with("/api/v1/tasks/") && !path.ends_with("/cancel")) =>
+        {
+            "GET, HEAD"
+        }
+        _ => "POST",
     };
-    let route = route_label(forwarded_endpoint(path));
+    let route = route_label(endpoint);
     let mut h = HeaderMap::new();
     h.insert(header::ALLOW, HeaderValue::from_static(allow));
     gw.refuse(

@@ -117,6 +117,9 @@ pub(crate) struct Built {
     pub(crate) breaker: BreakerHandle<Arc<str>>,
     /// One stack per client key, in configuration order.
     pub(crate) services: Vec<KeySvc>,
+    /// One Files and Batch API stack per client key, in configuration
+    /// order.
+    pub(crate) files: Vec<KeySvc>,
     /// Every Redis limiter (to probe Redis).
     #[cfg(feature = "redis")]
     pub(crate) redis: Vec<RedisProbe>,
@@ -206,11 +209,13 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &Metrics) -> Built {
                 Box::pin(async move { a.probe().await })
             }));
         }
-        let (breaker, services) = assemble(cfg, metrics, upstream, buckets.clone(), accounts);
+        let (breaker, services, files) =
+            assemble(cfg, metrics, upstream, buckets.clone(), accounts);
         return Built {
             buckets: Limiter::Redis(buckets),
             breaker,
             services,
+            files,
             redis,
         };
     }
@@ -227,11 +232,12 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &Metrics) -> Built {
                 .build_keyed_with(quotas_of(a))
         })
         .collect();
-    let (breaker, services) = assemble(cfg, metrics, upstream, buckets.clone(), accounts);
+    let (breaker, services, files) = assemble(cfg, metrics, upstream, buckets.clone(), accounts);
     Built {
         buckets: Limiter::Memory(buckets),
         breaker,
         services,
+        files,
         #[cfg(feature = "redis")]
         redis: Vec::new(),
     }
@@ -245,7 +251,7 @@ fn assemble<U, UB, BK, BA>(
     upstream: U,
     buckets: BK,
     accounts: Vec<BA>,
-) -> (BreakerHandle<Arc<str>>, Vec<KeySvc>)
+) -> (BreakerHandle<Arc<str>>, Vec<KeySvc>, Vec<KeySvc>)
 where
     U: Service<Request<Body>, Response = Response<UB>, Error = BoxError>
         + Clone
@@ -344,44 +350,67 @@ where
     .reject()
     .cost(PerCall);
     let (max_body, read_timeout) = (cfg.server.max_body_bytes, cfg.server.body_read_timeout);
-    let services = cfg
-        .keys
-        .iter()
-        .map(|k| {
-            let members = k.accounts.iter().map(|&i| {
-                let a = &cfg.accounts[i];
-                let mut account = Account::new(&a.name, &a.keys[0].0, account_svcs[i].clone())
-                    .expect("account validated in the configuration");
-                for key in &a.keys[1..] {
-                    account = account
-                        .key(&key.0)
-                        .expect("key validated in the configuration");
-                }
-                if let Some(ws) = &a.workspace {
-                    account = account
-                        .workspace(ws)
-                        .expect("workspace validated in the configuration");
-                }
-                account.limiter(accounts[i].clone(), ByAccountModel::new())
-            });
-            let pool = Pool::builder()
-                .accounts(members)
-                .build()
-                .expect("pool validated in the configuration");
-            let svc = ServiceBuilder::new()
-                .map_response(|res: Response<_>| res.map(IntoResponseBody::boxed))
-                .layer(bucket.clone())
-                .layer_fn(|inner| ReadBody {
-                    inner,
-                    max: max_body,
-                    timeout: read_timeout,
-                })
-                .layer(breaker.clone())
-                .service(pool);
-            BoxCloneSyncService::new(svc)
-        })
-        .collect();
-    (handle, services)
+    let max_file = cfg.server.max_file_bytes;
+    // An account of the configuration as a pool member over `svc`.
+    fn member<S>(a: &AccountConfig, svc: S) -> Account<S> {
+        let mut account = Account::new(&a.name, &a.keys[0].0, svc)
+            .expect("account validated in the configuration");
+        for key in &a.keys[1..] {
+            account = account
+                .key(&key.0)
+                .expect("key validated in the configuration");
+        }
+        match &a.workspace {
+            Some(ws) => account
+                .workspace(ws)
+                .expect("workspace validated in the configuration"),
+            None => account,
+        }
+    }
+    let mut services = Vec::with_capacity(cfg.keys.len());
+    let mut files = Vec::with_capacity(cfg.keys.len());
+    for k in &cfg.keys {
+        let members = k.accounts.iter().map(|&i| {
+            member(&cfg.accounts[i], account_svcs[i].clone())
+                .limiter(accounts[i].clone(), ByAccountModel::new())
+        });
+        let pool = Pool::builder()
+            .accounts(members)
+            .build()
+            .expect("pool validated in the configuration");
+        let svc = ServiceBuilder::new()
+            .map_response(|res: Response<_>| res.map(IntoResponseBody::boxed))
+            .layer(bucket.clone())
+            .layer_fn(|inner| ReadBody {
+                inner,
+                max: max_body,
+                timeout: read_timeout,
+            })
+            .layer(breaker.clone())
+            .service(pool);
+        services.push(BoxCloneSyncService::new(svc));
+
+        // Files and batches: the key's bucket and the account's key, no
+        // real-time quota (the Batch API is outside it), the body streamed.
+        let pool = Pool::builder()
+            .accounts(
+                k.accounts
+                    .iter()
+                    .map(|&i| member(&cfg.accounts[i], upstream.clone())),
+            )
+            .build()
+            .expect("pool validated in the configuration");
+        let svc = ServiceBuilder::new()
+            .map_response(|res: Response<_>| res.map(IntoResponseBody::boxed))
+            .layer(bucket.clone())
+            .layer_fn(|inner| StreamBody {
+                inner,
+                max: max_file,
+            })
+            .service(pool);
+        files.push(BoxCloneSyncService::new(svc));
+    }
+    (handle, services, files)
 }
 
 /// A response body the stack can box.
@@ -492,6 +521,68 @@ where
             }
         })
     }
+}
+
+/// Passes the request body through as a stream, capped at `max` bytes
+/// (refused at once when its `content-length` says more; cut, and answered
+/// 413, when it sends more): for Files API uploads, which are neither read
+/// nor buffered.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamBody<S> {
+    inner: S,
+    max: u64,
+}
+
+impl<S, B> Service<Request<axum::body::Body>> for StreamBody<S>
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        let max = self.max;
+        Box::pin(async move {
+            let too_large = || -> BoxError {
+                Box::new(Refused {
+                    refusal: Refusal::BodyTooLarge,
+                    message: None,
+                })
+            };
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err(too_large());
+            }
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let req = req.map(|b| Body::stream(http_body_util::Limited::new(b, limit)));
+            inner.oneshot(req).await.map_err(|e| {
+                if error_chain(&*e).any(|e| e.is::<http_body_util::LengthLimitError>()) {
+                    too_large()
+                } else {
+                    e
+                }
+            })
+        })
+    }
+}
+
+/// An error and its sources.
+fn error_chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }
 
 /// A message as a sentence: capitalised, with a final period.

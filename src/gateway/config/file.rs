@@ -51,6 +51,8 @@ pub(super) struct ServerFile {
     #[serde(deserialize_with = "socket_addr")]
     pub(super) listen: SocketAddr,
     pub(super) max_body_bytes: Int<1, { 1 << 30 }>,
+    /// A Files API upload (streamed, never buffered).
+    pub(super) max_file_bytes: Int<1, { 1 << 40 }>,
     pub(super) max_header_bytes: Int<1024, { 1 << 20 }>,
     pub(super) body_read_timeout: Dur,
     pub(super) shutdown_grace: OptDur,
@@ -64,6 +66,7 @@ impl Default for ServerFile {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: Int(8 << 20),
+            max_file_bytes: Int(500_000_000),
             max_header_bytes: Int(16 << 10),
             body_read_timeout: Dur(Duration::from_secs(30)),
             shutdown_grace: OptDur(Some(Duration::from_secs(30))),
