@@ -3,16 +3,23 @@
 //!
 //! ```text
 //! RateLimit (the key's bucket: reject mode, keyed by client key)
-//!   -> ReadBody (cap, read timeout, strict RequestInfo, model required)
+//!   -> ClientBody (cap, read timeout, strict RequestInfo, model required)
 //!   -> CircuitBreaker (degrade mode, keyed by client key)
 //!   -> Pool (the key's accounts: headroom, key rotation, pinning)
 //!        -> per account: Quotas -> RateLimit (account, model; wait up to
 //!           admission_wait, then refuse) -> SetUpstream -> Timeout -> client
 //! ```
 //!
+//! and one for the Files and Batch APIs (outside the real-time quota)
+//!
+//! ```text
+//! RateLimit (the same bucket) -> ClientBody (streamed, capped)
+//!   -> Pool (pinned to the key's first account) -> SetUpstream -> Timeout -> client
+//! ```
+//!
 //! over one backend for the buckets and one per account: in memory, or on
 //! Redis (`[redis]`) so that every replica shares them. The only pieces of
-//! its own are [`ReadBody`] (what the gateway accepts as a request) and
+//! its own are [`ClientBody`] (what the gateway accepts as a request body) and
 //! [`Quotas`] (an account's refusal as a 429 with the account's quotas per
 //! minute).
 
@@ -381,11 +388,10 @@ where
         let svc = ServiceBuilder::new()
             .map_response(|res: Response<_>| res.map(IntoResponseBody::boxed))
             .layer(bucket.clone())
-            .layer_fn(|inner| ReadBody {
-                inner,
+            .layer(ClientBody::layer(How::Read {
                 max: max_body,
                 timeout: read_timeout,
-            })
+            }))
             .layer(breaker.clone())
             .service(pool);
         services.push(BoxCloneSyncService::new(svc));
@@ -403,10 +409,7 @@ where
         let svc = ServiceBuilder::new()
             .map_response(|res: Response<_>| res.map(IntoResponseBody::boxed))
             .layer(bucket.clone())
-            .layer_fn(|inner| StreamBody {
-                inner,
-                max: max_file,
-            })
+            .layer(ClientBody::layer(How::Stream { max: max_file }))
             .service(pool);
         files.push(BoxCloneSyncService::new(svc));
     }
@@ -429,153 +432,151 @@ where
 }
 
 // ---------------------------------------------------------------------------
-// ReadBody: what the gateway accepts as a request.
+// ClientBody: what the gateway accepts as a request body.
 
-/// Reads the request body (up to `max` bytes, within `timeout`), reads it
-/// once and strictly ([`RequestInfo`]: a body the upstream might read
-/// otherwise is refused), keys the model as the quota table reads it, and
-/// refuses a generation or embedding without a model; then calls the
-/// inner service with the buffered body. The response carries the
-/// [`RequestInfo`] in its extensions.
+/// How [`ClientBody`] takes the body.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum How {
+    /// Read it whole (up to `max` bytes, within `timeout`), once and
+    /// strictly ([`RequestInfo`]: a body the upstream might read otherwise
+    /// is refused), key the model as the quota table reads it, and refuse
+    /// a generation or embedding without a model; the response carries the
+    /// [`RequestInfo`] in its extensions.
+    Read { max: usize, timeout: Duration },
+    /// Pass it through as a stream of at most `max` bytes (cut, and
+    /// answered 413, when it sends more): for Files API uploads, which are
+    /// neither read nor buffered.
+    Stream { max: u64 },
+}
+
+/// Takes the client's body as [`How`] says (a `content-length` over the
+/// cap is refused at once), then calls the inner service.
 #[derive(Clone, Debug)]
-pub(crate) struct ReadBody<S> {
+pub(crate) struct ClientBody<S> {
     inner: S,
+    how: How,
+}
+
+impl<S> ClientBody<S> {
+    pub(crate) fn layer(how: How) -> impl Layer<S, Service = Self> + Clone {
+        tower::layer::layer_fn(move |inner| ClientBody { inner, how })
+    }
+}
+
+fn refuse(refusal: Refusal, message: Option<String>) -> BoxError {
+    Box::new(Refused { refusal, message })
+}
+
+impl<S, B> Service<Request<axum::body::Body>> for ClientBody<S>
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        let max = match self.how {
+            How::Read { max, .. } => max as u64,
+            How::Stream { max } => max,
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Box::pin(std::future::ready(Err(refuse(Refusal::BodyTooLarge, None))));
+        }
+        match self.how {
+            How::Read { max, timeout } => Box::pin(read(inner, req, max, timeout)),
+            How::Stream { max } => Box::pin(stream(inner, req, max)),
+        }
+    }
+}
+
+/// [`How::Read`].
+async fn read<S, B>(
+    inner: S,
+    req: Request<axum::body::Body>,
     max: usize,
     timeout: Duration,
-}
-
-impl<S, B> Service<Request<axum::body::Body>> for ReadBody<S>
+) -> Result<Response<B>, BoxError>
 where
-    S: Service<Request<Body>, Response = Response<B>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-    B: Send + 'static,
+    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
 {
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, max);
+    let bytes: Bytes = match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(refuse(Refusal::BodyTooLarge, None));
+        }
+        Ok(Err(_)) => return Err(refuse(Refusal::BadBody, None)),
+        Err(_) => return Err(refuse(Refusal::BodyTimeout, None)),
+    };
+    let mut info = RequestInfo::parse(parts.uri.path(), &parts.headers, Some(&bytes));
+    if let Some(err) = &info.body_error {
+        return Err(refuse(
+            Refusal::InvalidBody,
+            Some(sentence(&err.to_string())),
+        ));
     }
-
-    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
-        let inner = self.inner.clone();
-        let (max, timeout) = (self.max, self.timeout);
-        Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            let refuse = |refusal, message| -> BoxError { Box::new(Refused { refusal, message }) };
-            let declared = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > max as u64) {
-                return Err(refuse(Refusal::BodyTooLarge, None));
+    if let Some(m) = &info.model {
+        // The (account, model) budget is keyed by the model as the quota
+        // table reads it, so `Qwen-Plus ` and `qwen-plus` share one budget.
+        let canonical = m.trim().to_ascii_lowercase();
+        info.model = (!canonical.is_empty()).then(|| {
+            if canonical == **m {
+                m.clone()
+            } else {
+                Arc::from(canonical)
             }
-            let limited = http_body_util::Limited::new(body, max);
-            let bytes: Bytes = match tokio::time::timeout(timeout, limited.collect()).await {
-                Ok(Ok(c)) => c.to_bytes(),
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Err(refuse(Refusal::BodyTooLarge, None));
-                }
-                Ok(Err(_)) => return Err(refuse(Refusal::BadBody, None)),
-                Err(_) => return Err(refuse(Refusal::BodyTimeout, None)),
-            };
-            let mut info = RequestInfo::parse(parts.uri.path(), &parts.headers, Some(&bytes));
-            if let Some(err) = &info.body_error {
-                return Err(refuse(
-                    Refusal::InvalidBody,
-                    Some(sentence(&err.to_string())),
-                ));
-            }
-            if let Some(m) = &info.model {
-                // The (account, model) budget is keyed by the model as the
-                // quota table reads it, so `Qwen-Plus ` and `qwen-plus`
-                // share one budget.
-                let canonical = m.trim().to_ascii_lowercase();
-                info.model = (!canonical.is_empty()).then(|| {
-                    if canonical == **m {
-                        m.clone()
-                    } else {
-                        Arc::from(canonical)
-                    }
-                });
-            }
-            if info.model.is_none()
-                && (info.endpoint.is_generation() || info.endpoint.is_embedding())
-            {
-                return Err(refuse(Refusal::MissingModel, None));
-            }
-            let info = Arc::new(info);
-            let mut req = Request::from_parts(parts, Body::from(bytes));
-            req.extensions_mut().insert(info.clone());
-            match inner.oneshot(req).await {
-                Ok(mut res) => {
-                    res.extensions_mut().insert(info);
-                    Ok(res)
-                }
-                Err(source) => Err(Box::new(Failed {
-                    info,
-                    source: Arc::from(source),
-                })),
-            }
-        })
+        });
+    }
+    if info.model.is_none() && (info.endpoint.is_generation() || info.endpoint.is_embedding()) {
+        return Err(refuse(Refusal::MissingModel, None));
+    }
+    let info = Arc::new(info);
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(info.clone());
+    match inner.oneshot(req).await {
+        Ok(mut res) => {
+            res.extensions_mut().insert(info);
+            Ok(res)
+        }
+        Err(source) => Err(Box::new(Failed {
+            info,
+            source: Arc::from(source),
+        })),
     }
 }
 
-/// Passes the request body through as a stream, capped at `max` bytes
-/// (refused at once when its `content-length` says more; cut, and answered
-/// 413, when it sends more): for Files API uploads, which are neither read
-/// nor buffered.
-#[derive(Clone, Debug)]
-pub(crate) struct StreamBody<S> {
+/// [`How::Stream`].
+async fn stream<S, B>(
     inner: S,
+    req: Request<axum::body::Body>,
     max: u64,
-}
-
-impl<S, B> Service<Request<axum::body::Body>> for StreamBody<S>
+) -> Result<Response<B>, BoxError>
 where
-    S: Service<Request<Body>, Response = Response<B>, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send,
-    B: Send + 'static,
+    S: Service<Request<Body>, Response = Response<B>, Error = BoxError>,
 {
-    type Response = Response<B>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
-        let inner = self.inner.clone();
-        let max = self.max;
-        Box::pin(async move {
-            let too_large = || -> BoxError {
-                Box::new(Refused {
-                    refusal: Refusal::BodyTooLarge,
-                    message: None,
-                })
-            };
-            let declared = req
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > max) {
-                return Err(too_large());
-            }
-            let limit = usize::try_from(max).unwrap_or(usize::MAX);
-            let req = req.map(|b| Body::stream(http_body_util::Limited::new(b, limit)));
-            inner.oneshot(req).await.map_err(|e| {
-                if error_chain(&*e).any(|e| e.is::<http_body_util::LengthLimitError>()) {
-                    too_large()
-                } else {
-                    e
-                }
-            })
-        })
-    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    let req = req.map(|b| Body::stream(http_body_util::Limited::new(b, limit)));
+    inner.oneshot(req).await.map_err(|e| {
+        if error_chain(&*e).any(|e| e.is::<http_body_util::LengthLimitError>()) {
+            refuse(Refusal::BodyTooLarge, None)
+        } else {
+            e
+        }
+    })
 }
 
 /// An error and its sources.
