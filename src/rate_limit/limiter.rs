@@ -110,7 +110,8 @@ impl SlowStart {
 /// 30 s.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Feedback {
-    pause: Duration,
+    /// Read by the Redis backend, which replicates only the pause.
+    pub(crate) pause: Duration,
     factor: u32,
     floor: u32,
     recover: Duration,
@@ -157,11 +158,6 @@ impl Feedback {
     pub const fn recover_over(mut self, recover: Duration) -> Self {
         self.recover = recover;
         self
-    }
-
-    /// The pause.
-    pub(crate) const fn pause_duration(&self) -> Duration {
-        self.pause
     }
 }
 

@@ -122,7 +122,7 @@ impl RedisLimiterBuilder {
     /// [rate limiter's docs](crate::rate_limit#the-backends)). Default is
     /// [`Feedback::new`] (a 1 s pause); `None` disables.
     pub fn feedback(mut self, feedback: impl Into<Option<Feedback>>) -> Self {
-        self.feedback = feedback.into().map(|f| f.pause_duration());
+        self.feedback = feedback.into().map(|f| f.pause);
         self
     }
 
