@@ -2,7 +2,9 @@
 //! breaker's circuits and the Redis backend's local state.
 //!
 //! A sharded map (`dashmap`, the map governor uses too): a read is one
-//! shard read lock and a probe. At most `max_keys` keys. Idle entries (the
+//! shard read lock and a probe. Keys are hashed with `foldhash` (randomly
+//! seeded per process, hashbrown's own default) rather than std's SipHash:
+//! a few nanoseconds per decision instead of tens for string keys. At most `max_keys` keys. Idle entries (the
 //! owner says which: a full bucket, a closed circuit with nothing counted,
 //! an expired lease, each with nobody holding it) are swept out when a new
 //! key arrives and a sweep is due: every `sweep_every`, or at most once a
@@ -20,7 +22,7 @@ use dashmap::mapref::one::Ref;
 const SECOND: u64 = 1_000_000_000;
 
 pub(crate) struct Store<K, V> {
-    map: DashMap<K, V>,
+    map: DashMap<K, V, foldhash::fast::RandomState>,
     count: AtomicUsize,
     max_keys: usize,
     sweep_every: u64,
@@ -36,7 +38,7 @@ impl<K: Hash + Eq, V> Store<K, V> {
     /// `sweep_every` ns when new keys arrive; `what` names it in logs.
     pub(crate) fn new(max_keys: usize, sweep_every: u64, what: &'static str) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             count: AtomicUsize::new(0),
             max_keys: max_keys.max(1),
             sweep_every,
