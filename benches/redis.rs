@@ -1,13 +1,16 @@
 //! Distributed limiter decisions through a private loopback redis-server:
-//! decisions per second and decision latency (p50, p99) for
+//! decisions per second, decision latency (p50, p99) and Redis's own CPU
+//! time per decision (from `INFO commandstats`) for
 //!
 //! * the tower-qwen Redis backend: exact GCRA decisions by the script, the
-//!   decisions waiting at the same moment batched in one script call
-//!   (one key shared by every task, and one key per task);
-//! * the same with local pre-reservation (leases);
+//!   decisions waiting at the same moment batched in one script call;
+//! * the same with local pre-reservation (leases: 20 requests / 10,000
+//!   tokens per slice, 50 ms; overshoot bound in `Lease`'s docs);
 //! * a naive fixed-window limiter (`INCR` + `PEXPIRE` in one pipelined
 //!   round trip per decision), the usual Redis rate limiter;
-//! * the in-memory limiter, for reference (no network).
+//! * the in-memory limiter, for reference (no network),
+//!
+//! each with one key shared by every task and with a key per task.
 //!
 //! With 1 task (sequential decisions: pure latency) and 32 concurrent tasks
 //! (requests pipelined on one multiplexed connection). Every decision admits
@@ -84,22 +87,55 @@ where
     }
 }
 
+/// Redis's own CPU time (µs) spent in commands since the last reset.
+async fn server_usec(url: &str, reset: bool) -> f64 {
+    let mut c = connect_lazy(url, Duration::from_secs(5)).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut total = 0.0;
+    for line in info.lines() {
+        if line.starts_with("cmdstat_info") || line.starts_with("cmdstat_config") {
+            continue;
+        }
+        if let Some(us) = line
+            .split([':', ','])
+            .find_map(|kv| kv.strip_prefix("usec="))
+        {
+            total += us.parse::<f64>().unwrap();
+        }
+    }
+    if reset {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    total
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     tasks: usize,
     per_sec: f64,
     p50: Duration,
     p99: Duration,
     trips: String,
+    /// Redis CPU per decision (µs).
+    cpu: f64,
 }
 
 async fn scenario<F, Fut>(
-    name: &'static str,
+    url: &str,
+    name: String,
     tasks: usize,
     per_task: usize,
     decide: F,
@@ -112,11 +148,13 @@ where
     // Warm-up (connections, script cache), then three measured rounds.
     measure(tasks, per_task / 4 + 1, decide.clone()).await;
     let before = trips();
+    server_usec(url, true).await;
     let mut runs = Vec::new();
     for _ in 0..3 {
         runs.push(measure(tasks, per_task, decide.clone()).await);
     }
     let total = (3 * tasks * per_task) as f64;
+    let cpu = server_usec(url, false).await / total;
     let trips = match (before, trips()) {
         (Some(0), Some(0)) => "1 (by design)".to_owned(),
         (Some(a), Some(b)) => format!("{:.3}", (b - a) as f64 / total),
@@ -132,105 +170,96 @@ where
         p50: nanos(|r| r.p50),
         p99: nanos(|r| r.p99),
         trips,
+        cpu,
+    }
+}
+
+/// Which key each task decides on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    /// One key shared by every task.
+    One,
+    /// A key of its own per task.
+    PerTask,
+}
+
+impl Keys {
+    fn of(self, task: u64) -> u64 {
+        match self {
+            Keys::One => 0,
+            Keys::PerTask => 1 + task,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Keys::One => "one key",
+            Keys::PerTask => "a key per task",
+        }
     }
 }
 
 async fn run(url: String) {
     let mut rows = Vec::new();
     for (tasks, per_task) in [(1usize, 2_000usize), (32, 250)] {
-        // The Redis backend: exact decisions, batched.
-        let lim: RedisLimiter<u64> = RedisLimiter::builder(limits())
-            .prefix(format!("bench:gcra{tasks}:"))
-            .timeout(Duration::from_secs(5))
-            .build_keyed(connect_lazy(&url, Duration::from_secs(5)).unwrap());
-        let l = lim.clone();
-        let decide = move |_task| {
-            let l = l.clone();
-            async move { l.check(&0, COST).await.is_ok() }
-        };
-        let l = lim.clone();
-        rows.push(
-            scenario(
-                "tower-qwen Redis backend, one key",
-                tasks,
-                per_task,
-                decide,
-                move || Some(l.stats().round_trips),
-            )
-            .await,
-        );
-        if tasks > 1 {
+        for keys in [Keys::One, Keys::PerTask] {
+            if tasks == 1 && keys == Keys::PerTask {
+                continue;
+            }
+            let tag = |what: &str| format!("bench:{what}{tasks}{}:", keys.name().len());
+            // The Redis backend: exact decisions, batched.
+            let lim: RedisLimiter<u64> = RedisLimiter::builder(limits())
+                .prefix(tag("gcra"))
+                .timeout(Duration::from_secs(5))
+                .build_keyed(connect_lazy(&url, Duration::from_secs(5)).unwrap());
             let l = lim.clone();
             let decide = move |task| {
                 let l = l.clone();
-                async move { l.check(&(1 + task), COST).await.is_ok() }
+                async move { l.check(&keys.of(task), COST).await.is_ok() }
             };
+            let name = format!("tower-qwen Redis backend, exact, {}", keys.name());
+            let trips = move || Some(lim.stats().round_trips);
+            rows.push(scenario(&url, name, tasks, per_task, decide, trips).await);
+
+            // The same with leases: 20 requests / 10,000 tokens per slice,
+            // 50 ms.
+            let lim: RedisLimiter<u64> = RedisLimiter::builder(limits())
+                .prefix(tag("lease"))
+                .timeout(Duration::from_secs(5))
+                .lease(Lease::new(Cost::new(20, 10_000), Duration::from_millis(50)))
+                .build_keyed(connect_lazy(&url, Duration::from_secs(5)).unwrap());
             let l = lim.clone();
-            rows.push(
-                scenario(
-                    "tower-qwen Redis backend, a key per task",
-                    tasks,
-                    per_task,
-                    decide,
-                    move || Some(l.stats().round_trips),
-                )
-                .await,
-            );
+            let decide = move |task| {
+                let l = l.clone();
+                async move { l.check(&keys.of(task), COST).await.is_ok() }
+            };
+            let name = format!("tower-qwen Redis backend + lease, {}", keys.name());
+            let trips = move || Some(lim.stats().round_trips);
+            rows.push(scenario(&url, name, tasks, per_task, decide, trips).await);
+
+            // Naive fixed window: INCR + PEXPIRE (one pipelined round trip).
+            let conn = connect_lazy(&url, Duration::from_secs(5)).unwrap();
+            let prefix: Arc<str> = Arc::from(tag("naive"));
+            let decide = move |task| {
+                let mut c = conn.clone();
+                let key = format!("{prefix}{}", keys.of(task));
+                async move {
+                    let (n,): (u64,) = redis::pipe()
+                        .incr(&key, 1)
+                        .cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(1000)
+                        .arg("NX")
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    n <= 1_000_000
+                }
+            };
+            let name = format!("naive INCR+PEXPIRE fixed window, {}", keys.name());
+            rows.push(scenario(&url, name, tasks, per_task, decide, || Some(0)).await);
         }
-
-        // The same with leases: 20 requests / 10,000 tokens per slice, 50 ms.
-        let lim = RedisLimiter::builder(limits())
-            .prefix(format!("bench:lease{tasks}:"))
-            .timeout(Duration::from_secs(5))
-            .lease(Lease::new(Cost::new(20, 10_000), Duration::from_millis(50)))
-            .build(connect_lazy(&url, Duration::from_secs(5)).unwrap());
-        let l = lim.clone();
-        let decide = move |_task| {
-            let l = l.clone();
-            async move { l.check(&(), COST).await.is_ok() }
-        };
-        let l = lim.clone();
-        rows.push(
-            scenario(
-                "tower-qwen Redis backend + lease",
-                tasks,
-                per_task,
-                decide,
-                move || Some(l.stats().round_trips),
-            )
-            .await,
-        );
-
-        // Naive fixed window: INCR + PEXPIRE (one pipelined round trip).
-        let conn = connect_lazy(&url, Duration::from_secs(5)).unwrap();
-        let key: Arc<str> = Arc::from(format!("bench:naive{tasks}"));
-        let decide = move |_task| {
-            let mut c = conn.clone();
-            let key = key.clone();
-            async move {
-                let (n,): (u64,) = redis::pipe()
-                    .incr(&*key, 1)
-                    .cmd("PEXPIRE")
-                    .arg(&*key)
-                    .arg(1000)
-                    .arg("NX")
-                    .ignore()
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                n <= 1_000_000
-            }
-        };
-        rows.push(
-            scenario(
-                "naive INCR+PEXPIRE fixed window",
-                tasks,
-                per_task,
-                decide,
-                || Some(0),
-            )
-            .await,
-        );
 
         // The in-memory limiter, for reference.
         let mem = RateLimiter::new(limits());
@@ -238,60 +267,39 @@ async fn run(url: String) {
             let m = mem.clone();
             async move { m.check(&(), COST).is_ok() }
         };
-        rows.push(
-            scenario(
-                "in-memory RateLimiter (reference)",
-                tasks,
-                per_task * 10,
-                decide,
-                || None,
-            )
-            .await,
-        );
+        let name = "in-memory RateLimiter (reference)".to_owned();
+        rows.push(scenario(&url, name, tasks, per_task * 10, decide, || None).await);
     }
-    // Server-side cost per call (Redis is single-threaded: this caps the
-    // decisions per second of one Redis).
-    let mut c = connect_lazy(&url, Duration::from_secs(5)).unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let mut server_us = Vec::new();
-    for line in info.lines() {
-        for cmd in ["evalsha", "incr", "pexpire", "eval"] {
-            if let Some(rest) = line.strip_prefix(&format!("cmdstat_{cmd}:"))
-                && let Some(us) = rest
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix("usec_per_call="))
-            {
-                server_us.push(format!("{} {us} µs", cmd.to_uppercase()));
-            }
-        }
-    }
-    let naive = |tasks: usize| {
+    // "vs naive": against the naive limiter with the same tasks and keys.
+    let naive = |r: &Row| {
+        let keys = r.name.rsplit(", ").next().unwrap_or("");
         rows.iter()
-            .find(|r| r.tasks == tasks && r.name.starts_with("naive"))
-            .map(|r| r.per_sec)
+            .find(|n| n.tasks == r.tasks && n.name.starts_with("naive") && n.name.ends_with(keys))
+            .or_else(|| {
+                rows.iter()
+                    .find(|n| n.tasks == r.tasks && n.name.starts_with("naive"))
+            })
+            .map(|n| n.per_sec)
             .unwrap()
     };
     println!();
-    println!("| scenario | tasks | decisions/s | vs naive | p50 | p99 | script calls/decision |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| scenario | tasks | decisions/s | vs naive | p50 | p99 | script calls/decision | Redis CPU/decision |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.2}x | {:.1} µs | {:.1} µs | {} |",
+            "| {} | {} | {:.0} | {:.2}x | {:.1} µs | {:.1} µs | {} | {:.2} µs |",
             r.name,
             r.tasks,
             r.per_sec,
-            r.per_sec / naive(r.tasks),
+            r.per_sec / naive(r),
             r.p50.as_secs_f64() * 1e6,
             r.p99.as_secs_f64() * 1e6,
-            r.trips
+            r.trips,
+            r.cpu
         );
     }
-    println!();
-    println!("Redis CPU per call: {}", server_us.join(", "));
 }
 
 fn main() {

@@ -126,8 +126,10 @@ impl RedisLimiterBuilder {
         self
     }
 
-    /// How long a key stays in Redis after its buckets are full again.
-    /// Default is 1 s.
+    /// How long a key stays in Redis after its buckets are full again: at
+    /// least this, and with [`Clock::Server`] at most twice this (the
+    /// expiry is set with room to spare, so a busy key does not reset it on
+    /// every call). Default is 1 s.
     pub fn expiry_slack(mut self, slack: Duration) -> Self {
         self.expiry_slack = slack;
         self

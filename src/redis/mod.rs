@@ -25,8 +25,9 @@
 //!   (`cargo bench --bench redis`: more decisions per second than the
 //!   usual `INCR` + `PEXPIRE` limiter, see `BENCHMARKS.md`).
 //! * **Keys** are the limiter's keys written with [`StoreKey`] under a
-//!   prefix; each is one small hash that expires (`PEXPIRE`) when its
-//!   buckets would be full again (plus a slack), so idle keys vanish.
+//!   prefix; each is one 56-byte string that expires when its buckets
+//!   would be full again (plus a slack), so idle keys vanish. Redis 6.0 or
+//!   later.
 //! * **One clock.** By default the script reads Redis's `TIME`
 //!   ([`Clock::Server`]), so replicas whose clocks differ still decide on
 //!   one clock; a wait is counted locally from when the answer arrived

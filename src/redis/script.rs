@@ -16,10 +16,7 @@
 //! rebased to the current second. Grants handed to clients carry the epoch
 //! they were made in, and the script shifts them when the key has been
 //! rebased since. Charges, tolerances and waits sent to the script are
-//! capped at 2^53 - 1 ns (104 days). Redis converts Lua numbers to strings
-//! with 14 significant digits, which is exact for integers below 10^14 (27
-//! hours of nanoseconds); larger values are written with
-//! `string.format('%.0f')`.
+//! capped at 2^53 - 1 ns (104 days).
 //!
 //! # Clock
 //!
@@ -30,22 +27,32 @@
 //!
 //! # Layout of a key
 //!
-//! One hash per limiter key: `e` (epoch second), `r`/`t` (TAT of the request
-//! and token buckets), `lr`/`lt` (latest slot granted to a waiter, read by
-//! refunds), `p` (when the key was last paused by feedback). After every
-//! write the key gets `PEXPIRE` = time until both buckets are full again,
-//! plus a slack, so idle keys vanish on their own: an expired key reads as
-//! full buckets, which is what it was.
+//! One string of 56 bytes per limiter key: seven little-endian doubles
+//! (Lua's `struct`), `e` (epoch second), `r`/`t` (TAT of the request and
+//! token buckets), `lr`/`lt` (latest slot granted to a waiter, read by
+//! refunds), `p` (when the key was last paused by feedback) and `x` (the
+//! expiry last set), an unset field holding -2^53. A key lives until its
+//! buckets are full again plus the slack, so idle keys vanish on their
+//! own: an expired key reads as full buckets, which is what it was. With
+//! the server's clock the expiry is set with room to spare (twice the
+//! slack) and a write keeps it (`SET .. KEEPTTL`) while it still covers the
+//! buckets plus the slack: a busy key pays for an expiry about once per
+//! slack, not once per write. (A key of another type, e.g. the hash an
+//! older build wrote, reads as absent and is overwritten.) Redis 6.0 or
+//! later.
 //!
 //! # Batches
 //!
-//! One script call runs a batch of operations, in order, on any number of
-//! keys: each key is read once (`HMGET`) and written once (`HSET` and
-//! `PEXPIRE`) however many operations touch it, and the answers come back
-//! together, one per operation. The [`batch`](super::batch) client sends
-//! the operations that wait at the same moment in one call, so a round trip
-//! carries many exact decisions. (All keys of a batch go to one Redis: a
-//! Redis Cluster would need them in one hash slot.)
+//! One script call runs a batch of operations on any number of keys,
+//! grouped by key (the operations of one key in the order they were
+//! queued; keys are independent, so the order between keys does not
+//! matter): all keys are read with one `MGET`, each key is written once
+//! however many operations touch it, consecutive bookings of one key are
+//! one operation (one reply head for all of them), and the answers come
+//! back as one flat array of integers. The [`batch`](super::batch) client
+//! sends the operations that wait at the same moment in one call, so a
+//! round trip carries many exact decisions. (All keys of a batch go to one
+//! Redis: a Redis Cluster would need them in one hash slot.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -58,119 +65,92 @@ pub(crate) const MAX_EXACT: u64 = (1 << 53) - 1;
 
 /// The script. See the module docs.
 pub(crate) const SOURCE: &str = r#"
--- tower-qwen: GCRA rate limits (requests and tokens) on Redis hashes, a
--- batch of operations per call.
--- ARGV: clock ('server' or 'local'), slack (ms), then per operation:
---   key index, op, sec, nsec (local clock), n, then n numbers.
+-- tower-qwen: GCRA rate limits (requests and tokens), one packed string
+-- per key, a batch of operations per call grouped by key.
+-- ARGV: clock ('server' or 'local'), slack (ms), and the operations as
+-- little-endian doubles: per key (KEYS order), the number of its
+-- operations, then each: code (1 book, 2 lease, 3 cancel, 4 reconcile,
+-- 5 pause), [sec, nsec when local], its arguments ('book': tolr, tolt,
+-- count, then (xr, xt, max_wait) each).
+-- Reply: the operations' answers, in the order sent, as doubles.
 local server = ARGV[1] == 'server'
 local ssec, snsec = 0, 0
 if server then
-  local t = redis.call('TIME')
-  ssec = tonumber(t[1])
-  snsec = tonumber(t[2]) * 1000
+  local tm = redis.call('TIME')
+  ssec = tonumber(tm[1])
+  snsec = tonumber(tm[2]) * 1000
 end
-local slack = tonumber(ARGV[2])
-local FIELDS = {'r', 't', 'lr', 'lt', 'p'}
-local keys = {}
+local slack_ms = tonumber(ARGV[2])
+local slack = slack_ms * 1e6
+local NIL = -9007199254740992
+local FMT = '<ddddddd'
+local max = math.max
+local spack, sunpack = struct.pack, struct.unpack
+local a = {sunpack('<' .. string.rep('d', #ARGV[3] / 8), ARGV[3])}
+local raws = redis.call('MGET', unpack(KEYS))
+local out, o = {}, 0
+local pos = 1
+local e, r, t, lr, lt, p, x, now
 
-local function load(i, sec)
-  local k = keys[i]
-  if k then return k end
-  local raw = redis.call('HMGET', KEYS[i], 'e', 'r', 't', 'lr', 'lt', 'p')
-  local e = tonumber(raw[1])
-  k = {exists = e ~= nil, e = e or sec, r = tonumber(raw[2]), t = tonumber(raw[3]),
-       lr = tonumber(raw[4]), lt = tonumber(raw[5]), p = tonumber(raw[6]),
-       dirty = false, now = 0}
-  keys[i] = k
-  return k
-end
-
--- Redis writes Lua numbers with 14 significant digits: exact below 1e14
--- (27 hours of nanoseconds), formatted in full above. '' reads back as nil.
-local function enc(v)
-  if v == nil then return '' end
-  if v < 1e14 and v > -1e14 then return v end
-  return string.format('%.0f', v)
+-- The earliest time a charge conforms (see Gcra::conforms_at).
+local function conforms(tat, xc, tol)
+  if xc > tol then xc = tol end
+  return tat - (tol - xc)
 end
 
-local function save(i, k)
-  redis.call('HSET', KEYS[i], 'e', k.e, 'r', enc(k.r), 't', enc(k.t), 'lr', enc(k.lr),
-             'lt', enc(k.lt), 'p', enc(k.p))
-  local now = k.now
-  local hi = now
-  if k.r and k.r > hi then hi = k.r end
-  if k.t and k.t > hi then hi = k.t end
-  local ttl = math.ceil((hi - now) / 1e6) + slack
-  if ttl < 1 then ttl = 1 end
-  redis.call('PEXPIRE', KEYS[i], ttl)
-end
-
-local function conforms(tat, x, tol)
-  local m = x
-  if m > tol then m = tol end
-  return tat - (tol - m)
-end
-
--- What is left to repay in each bucket after now (for the caller's view).
-local function debts(k, now)
-  local dr, dt = 0, 0
-  if k.r and k.r > now then dr = k.r - now end
-  if k.t and k.t > now then dt = k.t - now end
-  return dr, dt
-end
-
--- Reserves xr / xt at one common slot at most max_wait after now, and
--- appends the answer to `out` (2 numbers): the wait, and 0 when booked
--- (the caller replays the TATs: before = the TAT, after = max(before,
--- slot) + charge), or the dimension that refused (1 requests, 2 tokens).
--- Returns whether it booked.
-local function book(k, now, xr, tolr, xt, tolt, max_wait, out)
-  local n = #out
-  local tr = k.r or now
-  local tt = k.t or now
+-- Reserves xr / xt at one common slot at most mw after now; appends the
+-- wait and 0 (booked) or the dimension that refused (1 requests, 2 tokens).
+local function book(xr, tolr, xt, tolt, mw)
+  local tr, tt = r, t
+  if tr == NIL then tr = now end
+  if tt == NIL then tt = now end
   local at_r, at_t = now, now
-  if xr > 0 then at_r = math.max(conforms(tr, xr, tolr), now) end
-  if xt > 0 then at_t = math.max(conforms(tt, xt, tolt), now) end
-  local slot = math.max(at_r, at_t)
-  if slot - now > max_wait then
-    local dim = 1
-    if at_t > at_r then dim = 2 end
-    out[n + 1], out[n + 2] = slot - now, dim
+  if xr > 0 then at_r = max(conforms(tr, xr, tolr), now) end
+  if xt > 0 then at_t = max(conforms(tt, xt, tolt), now) end
+  local slot = max(at_r, at_t)
+  out[o + 1] = slot - now
+  o = o + 2
+  if slot - now > mw then
+    if at_t > at_r then out[o] = 2 else out[o] = 1 end
     return false
   end
+  out[o] = 0
   if xr > 0 then
-    k.r = math.max(tr, slot) + xr
-    if slot > now then k.lr = math.max(k.lr or slot, slot) end
+    r = max(tr, slot) + xr
+    if slot > now then lr = max(lr, slot) end
   end
   if xt > 0 then
-    k.t = math.max(tt, slot) + xt
-    if slot > now then k.lt = math.max(k.lt or slot, slot) end
+    t = max(tt, slot) + xt
+    if slot > now then lt = max(lt, slot) end
   end
-  k.dirty = true
-  out[n + 1], out[n + 2] = slot - now, 0
   return true
 end
 
--- What a booking answer ends with: the key's epoch, the script's now, and
--- each bucket's TAT (an unset TAT reads as now).
-local function head(k, now)
-  return {k.e, now, k.r or now, k.t or now}
+-- The head of a booking answer: epoch, now, each TAT (unset reads as now).
+local function head()
+  out[o + 1] = e
+  out[o + 2] = now
+  if r == NIL then out[o + 3] = now else out[o + 3] = r end
+  if t == NIL then out[o + 4] = now else out[o + 4] = t end
+  o = o + 4
 end
 
--- Appends the debts left in each bucket after now.
-local function tail(k, now, out)
-  local n = #out
-  local dr, dt = debts(k, now)
-  out[n + 1], out[n + 2] = dr, dt
-  return out
+-- Its tail: what is left to repay in each bucket after now.
+local function debts()
+  local dr, dt = 0, 0
+  if r > now then dr = r - now end
+  if t > now then dt = t - now end
+  out[o + 1] = dr
+  out[o + 2] = dt
+  o = o + 2
 end
 
--- Returns up to `amount` of a grant's charge (see Bucket::refund).
-local function refund(k, now, f, lf, after, charge, amount)
-  local tat = k[f]
-  if tat == nil then return 0 end
+-- Returns up to `amount` of a grant's charge (see Bucket::refund); `tat`
+-- and `latest` are the bucket's; returns the new TAT and what came back.
+local function refund(tat, latest, after, charge, amount)
+  if tat == NIL then return tat, 0 end
   if amount > charge then amount = charge end
-  if amount <= 0 then return 0 end
+  if amount <= 0 then return tat, 0 end
   local new
   if tat == after then
     new = tat - amount
@@ -178,141 +158,166 @@ local function refund(k, now, f, lf, after, charge, amount)
     local later = tat - after
     if later < 0 then later = 0 end
     local horizon = now
-    if k[lf] and k[lf] > horizon then horizon = k[lf] end
-    new = math.max(tat - amount, horizon + later)
+    if latest > horizon then horizon = latest end
+    new = max(tat - amount, horizon + later)
   end
-  if new >= tat then return 0 end
-  k[f] = new
-  k.dirty = true
-  return tat - new
+  if new >= tat then return tat, 0 end
+  return new, tat - new
 end
 
--- Charges an overrun (see Bucket::charge_more). An expired key has been
--- full for at least `slack` ms: its TAT is taken as the latest it can be.
-local function more(k, now, f, amount)
-  if amount <= 0 then return end
-  k[f] = (k[f] or (now - slack * 1e6)) + amount
-  k.dirty = true
-end
-
--- Shift of a value made in epoch `ge` into the key's current epoch.
-local function shift_of(k, ge)
-  return (ge - k.e) * 1e9
-end
-
--- Refunds of a grant in both dims: (has, epoch, after/charge/amount r,
--- after/charge/amount t) from i of `a`. Returns the two refunded amounts.
-local function refund_both(k, now, a, i)
+-- Refunds of a grant in both dims from a[i]: has, epoch, then after,
+-- charge, amount for r and for t. Returns the two refunded amounts.
+local function refund_both(i)
   if a[i] ~= 1 then return 0, 0 end
-  local s = shift_of(k, a[i + 1])
-  local x = refund(k, now, 'r', 'lr', a[i + 2] + s, a[i + 3], a[i + 4])
-  local y = refund(k, now, 't', 'lt', a[i + 5] + s, a[i + 6], a[i + 7])
-  return x, y
+  local s = (a[i + 1] - e) * 1e9
+  local gr, gt
+  r, gr = refund(r, lr, a[i + 2] + s, a[i + 3], a[i + 4])
+  t, gt = refund(t, lt, a[i + 5] + s, a[i + 6], a[i + 7])
+  return gr, gt
 end
 
-local replies = {}
-local pos = 3
-local nargs = #ARGV
-while pos <= nargs do
-  local ki = tonumber(ARGV[pos])
-  local op = ARGV[pos + 1]
-  local sec, nsec = ssec, snsec
-  if not server then
-    sec = tonumber(ARGV[pos + 2])
-    nsec = tonumber(ARGV[pos + 3])
-  end
-  local n = tonumber(ARGV[pos + 4])
-  local a = {}
-  for j = 0, n - 1 do a[j] = tonumber(ARGV[pos + 5 + j]) end
-  pos = pos + 5 + n
-
-  local k = load(ki, sec)
-  if sec - k.e > 86400 then
-    -- Rebase the key's epoch to this second (exact for ~104 days).
-    local d = (sec - k.e) * 1e9
-    for _, f in ipairs(FIELDS) do
-      if k[f] then k[f] = k[f] - d end
-    end
-    k.e = sec
-  end
-  local now = (sec - k.e) * 1e9 + nsec
-  k.now = now
-
-  local reply
-  if op == 'B' then
-    -- book calls in order: tolr, tolt, max_wait, then (xr, xt) per call.
-    -- Reply: epoch, now, TATs before, (wait, refused) per call, debts.
-    reply = head(k, now)
-    for i = 3, n - 1, 2 do
-      book(k, now, a[i], a[0], a[i + 1], a[1], a[2], reply)
-    end
-    tail(k, now, reply)
-  elseif op == 'l' then
-    -- lease: the call (xr, tolr, xt, tolt, max_wait), the lease (lr, lt),
-    -- then the refund of the previous lease (from 7). Reply: epoch, now,
-    -- TATs before, (wait, refused), leased, debts.
-    refund_both(k, now, a, 7)
-    reply = head(k, now)
-    if book(k, now, a[0] + a[5], a[1], a[2] + a[6], a[3], 0, reply) then
-      reply[7] = 1
-    else
-      reply[5], reply[6] = nil, nil
-      book(k, now, a[0], a[1], a[2], a[3], a[4], reply)
-      reply[7] = 0
-    end
-    tail(k, now, reply)
-  elseif op == 'c' then
-    -- cancel (give back): epoch, has_r, before_r, after_r, has_t, before_t, after_t
-    reply = {0, 0}
-    if k.exists or k.dirty then
-      local s = shift_of(k, a[0])
-      if a[1] == 1 and k.r ~= nil and k.r == a[3] + s then
-        k.r = a[2] + s
-        reply[1] = 1
-        k.dirty = true
-      end
-      if a[4] == 1 and k.t ~= nil and k.t == a[6] + s then
-        k.t = a[5] + s
-        reply[2] = 1
-        k.dirty = true
-      end
-    end
-  elseif op == 'r' then
-    -- reconcile: refund (from 0), then overruns r, t
-    local x, y = 0, 0
-    if k.exists or k.dirty then x, y = refund_both(k, now, a, 0) end
-    more(k, now, 'r', a[8])
-    more(k, now, 't', a[9])
-    reply = {x, y}
-  elseif op == 'p' then
-    -- pause (feedback): epoch, admitted slot, pause, ir, tolr, it, tolt
-    local admitted = a[1] + shift_of(k, a[0])
-    local pause = a[2]
-    if k.p ~= nil and admitted <= k.p then
-      reply = {0}
-    else
-      local delta = 0
-      local function pd(tat, iv, tol)
-        local empty = now + tol - math.min(iv, tol)
-        return math.max(tat, empty) + pause - tat
-      end
-      if a[4] > 0 then delta = math.max(delta, pd(k.r or now, a[3], a[4])) end
-      if a[6] > 0 then delta = math.max(delta, pd(k.t or now, a[5], a[6])) end
-      if a[4] > 0 then k.r = (k.r or now) + delta end
-      if a[6] > 0 then k.t = (k.t or now) + delta end
-      k.p = now
-      k.dirty = true
-      reply = {1, delta}
-    end
+for ki = 1, #KEYS do
+  local raw = raws[ki]
+  local dirty = false
+  if raw and #raw == 56 then
+    e, r, t, lr, lt, p, x = sunpack(FMT, raw)
   else
-    return redis.error_reply('tower-qwen: unknown op')
+    e, r, t, lr, lt, p, x = nil, NIL, NIL, NIL, NIL, NIL, NIL
   end
-  replies[#replies + 1] = reply
+  local nops = a[pos]
+  pos = pos + 1
+  for _ = 1, nops do
+    local code = a[pos]
+    local sec, nsec = ssec, snsec
+    if server then
+      pos = pos + 1
+    else
+      sec, nsec = a[pos + 1], a[pos + 2]
+      pos = pos + 3
+    end
+    if e == nil then e = sec end
+    if sec - e > 86400 then
+      -- Rebase the key's epoch to this second (exact for ~104 days).
+      local d = (sec - e) * 1e9
+      if r ~= NIL then r = r - d end
+      if t ~= NIL then t = t - d end
+      if lr ~= NIL then lr = lr - d end
+      if lt ~= NIL then lt = lt - d end
+      if p ~= NIL then p = p - d end
+      if x ~= NIL then x = x - d end
+      e = sec
+    end
+    now = (sec - e) * 1e9 + nsec
+    if code == 1 then
+      -- A run of bookings: tolr, tolt, count, then (xr, xt, max_wait).
+      -- Reply: epoch, now, TATs before, (wait, refused) each, debts.
+      local tolr, tolt = a[pos], a[pos + 1]
+      local last = pos + 3 * a[pos + 2]
+      head()
+      for j = pos + 3, last, 3 do
+        book(a[j], tolr, a[j + 1], tolt, a[j + 2])
+      end
+      debts()
+      pos = last + 3
+      dirty = true
+    elseif code == 2 then
+      -- lease: the call (xr, tolr, xt, tolt, max_wait), the slice (sr, st),
+      -- then the refund of the previous lease (8 numbers). Reply: epoch,
+      -- now, TATs before, (wait, refused), leased, debts.
+      local xr, tolr, xt, tolt = a[pos], a[pos + 1], a[pos + 2], a[pos + 3]
+      refund_both(pos + 7)
+      head()
+      if book(xr + a[pos + 5], tolr, xt + a[pos + 6], tolt, 0) then
+        out[o + 1] = 1
+      else
+        o = o - 2
+        book(xr, tolr, xt, tolt, a[pos + 4])
+        out[o + 1] = 0
+      end
+      o = o + 1
+      debts()
+      pos = pos + 15
+      dirty = true
+    elseif code == 3 then
+      -- cancel (give back): epoch, has_r, before_r, after_r, has_t,
+      -- before_t, after_t. Reply: given back r, t.
+      local s = (a[pos] - e) * 1e9
+      local gr, gt = 0, 0
+      if a[pos + 1] == 1 and r ~= NIL and r == a[pos + 3] + s then
+        r = a[pos + 2] + s
+        gr = 1
+      end
+      if a[pos + 4] == 1 and t ~= NIL and t == a[pos + 6] + s then
+        t = a[pos + 5] + s
+        gt = 1
+      end
+      if gr + gt > 0 then dirty = true end
+      out[o + 1], out[o + 2] = gr, gt
+      o = o + 2
+      pos = pos + 7
+    elseif code == 4 then
+      -- reconcile: refund (8 numbers), then overruns r, t (an unset TAT
+      -- has been full for at least the slack). Reply: refunded r, t.
+      local gr, gt = refund_both(pos)
+      local mr, mt = a[pos + 8], a[pos + 9]
+      if mr > 0 then
+        if r == NIL then r = now - slack end
+        r = r + mr
+      end
+      if mt > 0 then
+        if t == NIL then t = now - slack end
+        t = t + mt
+      end
+      if gr + gt + mr + mt > 0 then dirty = true end
+      out[o + 1], out[o + 2] = gr, gt
+      o = o + 2
+      pos = pos + 10
+    elseif code == 5 then
+      -- pause (feedback): epoch, admitted slot, pause, ir, tolr, it, tolt.
+      -- Reply: paused (0 or 1), the delta.
+      local admitted = a[pos + 1] + (a[pos] - e) * 1e9
+      if p ~= NIL and admitted <= p then
+        out[o + 1], out[o + 2] = 0, 0
+      else
+        local pause, ir, tolr, it, tolt = a[pos + 2], a[pos + 3], a[pos + 4], a[pos + 5], a[pos + 6]
+        local tr, tt = r, t
+        if tr == NIL then tr = now end
+        if tt == NIL then tt = now end
+        local delta = 0
+        if tolr > 0 then
+          delta = max(delta, max(tr, now + tolr - math.min(ir, tolr)) + pause - tr)
+        end
+        if tolt > 0 then
+          delta = max(delta, max(tt, now + tolt - math.min(it, tolt)) + pause - tt)
+        end
+        if tolr > 0 then r = tr + delta end
+        if tolt > 0 then t = tt + delta end
+        p = now
+        dirty = true
+        out[o + 1], out[o + 2] = 1, delta
+      end
+      o = o + 2
+      pos = pos + 7
+    else
+      return redis.error_reply('tower-qwen: unknown op')
+    end
+  end
+  if dirty then
+    local hi = now
+    if r > hi then hi = r end
+    if t > hi then hi = t end
+    if server and x ~= NIL and x >= hi + slack then
+      redis.call('SET', KEYS[ki], spack(FMT, e, r, t, lr, lt, p, x), 'KEEPTTL')
+    else
+      local ttl = math.ceil((hi - now) / 1e6) + slack_ms
+      if server then ttl = ttl + slack_ms end
+      if ttl < 1 then ttl = 1 end
+      x = now + ttl * 1e6
+      redis.call('SET', KEYS[ki], spack(FMT, e, r, t, lr, lt, p, x), 'PX', ttl)
+    end
+  end
 end
-for i, k in pairs(keys) do
-  if k.dirty then save(i, k) end
-end
-return replies
+return spack('<' .. string.rep('d', o), unpack(out, 1, o))
 "#;
 
 static SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(SOURCE));
@@ -399,28 +404,45 @@ fn cap(x: u64) -> i64 {
     x.min(MAX_EXACT) as i64
 }
 
+/// The most arguments of one operation (a lease: 15).
+const MAX_ARGS: usize = 15;
+
+/// The script's operation codes.
+const BOOK: u8 = 1;
+const LEASE: u8 = 2;
+const CANCEL: u8 = 3;
+const RECONCILE: u8 = 4;
+const PAUSE: u8 = 5;
+
 /// One operation of a batch, on one Redis key.
 #[derive(Clone, Debug)]
 pub(crate) struct Op {
     key: Arc<str>,
-    code: &'static str,
+    code: u8,
     now: Now,
-    args: Vec<i64>,
+    args: [i64; MAX_ARGS],
+    len: u8,
 }
 
 impl Op {
-    fn new(key: Arc<str>, code: &'static str, now: Now) -> Self {
+    fn new(key: Arc<str>, code: u8, now: Now) -> Self {
         Self {
             key,
             code,
             now,
-            args: Vec::with_capacity(16),
+            args: [0; MAX_ARGS],
+            len: 0,
         }
     }
 
     fn arg(mut self, v: i64) -> Self {
-        self.args.push(v);
+        self.args[usize::from(self.len)] = v;
+        self.len += 1;
         self
+    }
+
+    fn args(&self) -> &[i64] {
+        &self.args[..usize::from(self.len)]
     }
 
     fn dims(self, r: DimArgs, t: DimArgs) -> Self {
@@ -432,7 +454,7 @@ impl Op {
 
     /// `b`: reserve `r`/`t` at one slot at most `max_wait` ns away.
     pub(crate) fn book(key: Arc<str>, now: Now, r: DimArgs, t: DimArgs, max_wait: u64) -> Self {
-        Self::new(key, "b", now).dims(r, t).arg(cap(max_wait))
+        Self::new(key, BOOK, now).dims(r, t).arg(cap(max_wait))
     }
 
     /// `l`: book the call plus a lease slice (`lease_r`, `lease_t` ns) if
@@ -447,7 +469,7 @@ impl Op {
         lease: (u64, u64),
         prev: Option<(i64, Refund, Refund)>,
     ) -> Self {
-        Self::new(key, "l", now)
+        Self::new(key, LEASE, now)
             .dims(r, t)
             .arg(cap(max_wait))
             .arg(cap(lease.0))
@@ -457,11 +479,7 @@ impl Op {
 
     fn refunds(self, prev: Option<(i64, Refund, Refund)>) -> Self {
         match prev {
-            None => {
-                let mut c = self;
-                c.args.extend_from_slice(&[0; 8]);
-                c
-            }
+            None => (0..8).fold(self, |op, _| op.arg(0)),
             Some((epoch, r, t)) => self
                 .arg(1)
                 .arg(epoch)
@@ -478,7 +496,7 @@ impl Op {
     pub(crate) fn cancel(key: Arc<str>, now: Now, g: &Grant) -> Self {
         let (hr, br, ar) = g.req.map_or((0, 0, 0), |d| (1, d.before, d.after));
         let (ht, bt, at) = g.tok.map_or((0, 0, 0), |d| (1, d.before, d.after));
-        Self::new(key, "c", now)
+        Self::new(key, CANCEL, now)
             .arg(g.epoch)
             .arg(hr)
             .arg(br)
@@ -495,7 +513,7 @@ impl Op {
         refund: Option<(i64, Refund, Refund)>,
         more: (u64, u64),
     ) -> Self {
-        Self::new(key, "r", now)
+        Self::new(key, RECONCILE, now)
             .refunds(refund)
             .arg(cap(more.0))
             .arg(cap(more.1))
@@ -510,7 +528,7 @@ impl Op {
         r: DimArgs,
         t: DimArgs,
     ) -> Self {
-        Self::new(key, "p", now)
+        Self::new(key, PAUSE, now)
             .arg(epoch)
             .arg(slot)
             .arg(cap(pause))
@@ -519,137 +537,197 @@ impl Op {
             .arg(cap(t.interval))
             .arg(cap(t.tolerance))
     }
+
+    /// Whether `next` (a later operation of the same key) joins this
+    /// booking's run: both bookings, at the same instant, with the same
+    /// tolerances.
+    fn joins(&self, next: &Op) -> bool {
+        self.code == BOOK
+            && next.code == BOOK
+            && self.now == next.now
+            && (self.args[1], self.args[3]) == (next.args[1], next.args[3])
+    }
+
+    /// How many numbers the script answers for this operation alone (a
+    /// run of `n` bookings answers `6 + 2n`).
+    fn reply_len(&self) -> usize {
+        if self.code == LEASE { 9 } else { 2 }
+    }
 }
 
-/// Consecutive operations of a batch sent as one script operation: a run
-/// of bookings on one key with the same tolerances, maximum wait and
-/// clock (`B`), or any other operation alone.
-fn groups(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
-    let joins = |a: &Op, b: &Op| {
-        a.code == "b"
-            && b.code == "b"
-            && a.key == b.key
-            && a.now == b.now
-            && (a.args[1], a.args[3], a.args[4]) == (b.args[1], b.args[3], b.args[4])
-    };
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    for i in 0..ops.len() {
-        match out.last_mut() {
-            Some(g) if joins(&ops[g.start], &ops[i]) => g.end = i + 1,
-            _ => out.push(i..i + 1),
-        }
+/// What one script call carries: the keys in order, and per key the
+/// operations sent as one script operation each (a run of bookings, or any
+/// other operation alone), as index ranges into `order`.
+#[derive(Debug, PartialEq, Eq)]
+struct Plan<'a> {
+    keys: Vec<&'a str>,
+    /// The operations' indexes, grouped by key (in the order keys first
+    /// appear), each key's in the order they were queued.
+    order: Vec<usize>,
+    /// Per key, its script operations: ranges of `order`.
+    units: Vec<Vec<std::ops::Range<usize>>>,
+}
+
+fn plan(ops: &[Op]) -> Plan<'_> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
+    let mut keys: Vec<&str> = Vec::new();
+    let mut of_key: Vec<Vec<usize>> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let k = *index.entry(&op.key).or_insert_with(|| {
+            keys.push(&op.key);
+            of_key.push(Vec::new());
+            keys.len() - 1
+        });
+        of_key[k].push(i);
     }
-    out
+    let mut order = Vec::with_capacity(ops.len());
+    let mut units = Vec::with_capacity(keys.len());
+    for list in of_key {
+        let mut mine: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in list {
+            let at = order.len();
+            order.push(i);
+            match mine.last_mut() {
+                Some(u) if ops[order[u.start]].joins(&ops[i]) => u.end = at + 1,
+                _ => mine.push(at..at + 1),
+            }
+        }
+        units.push(mine);
+    }
+    Plan { keys, order, units }
 }
 
 /// Builds the script call for a batch: `EVALSHA sha nkeys keys.. clock
-/// slack (key index, op, sec, nsec, n, args..)..`, bookings grouped.
-fn command(
-    verb: &str,
-    body: &str,
-    ops: &[Op],
-    groups: &[std::ops::Range<usize>],
-    slack_ms: u64,
-) -> Cmd {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(ops.len());
-    let mut keys: Vec<&str> = Vec::new();
-    for op in ops {
-        index.entry(&op.key).or_insert_with(|| {
-            keys.push(&op.key);
-            keys.len()
-        });
-    }
+/// slack ops`, `ops` being the operations as little-endian doubles, per
+/// key its operation count and operations (see the script). Doubles hold
+/// every argument exactly (they are capped at 2^53 - 1), and the script
+/// reads them all with one `struct.unpack` instead of parsing a string
+/// each.
+fn command(verb: &str, body: &str, ops: &[Op], plan: &Plan<'_>, slack_ms: u64) -> Cmd {
     let mut cmd = ::redis::cmd(verb);
-    cmd.arg(body).arg(keys.len());
-    for k in &keys {
+    cmd.arg(body).arg(plan.keys.len());
+    for k in &plan.keys {
         cmd.arg(*k);
     }
     let server = ops.iter().all(|o| o.now == Now::Server);
     cmd.arg(if server { "server" } else { "local" })
         .arg(slack_ms.min(MAX_EXACT));
-    for g in groups {
-        let op = &ops[g.start];
-        let (sec, nsec) = match op.now {
-            Now::Server => (0, 0),
-            Now::Local(ns) => (ns / 1_000_000_000, ns % 1_000_000_000),
-        };
-        cmd.arg(index[&*op.key]);
-        if op.code == "b" {
-            // tolr, tolt, max_wait, then (xr, xt) per booking.
-            cmd.arg("B")
-                .arg(sec)
-                .arg(nsec)
-                .arg(3 + 2 * g.len())
-                .arg(op.args[1])
-                .arg(op.args[3])
-                .arg(op.args[4]);
-            for o in &ops[g.clone()] {
-                cmd.arg(o.args[0]).arg(o.args[2]);
+    let mut blob: Vec<u8> = Vec::with_capacity(8 * (plan.keys.len() + ops.len() * 6));
+    let mut put = |v: i64| blob.extend_from_slice(&(v as f64).to_le_bytes());
+    for units in &plan.units {
+        put(units.len() as i64);
+        for u in units {
+            let op = &ops[plan.order[u.start]];
+            put(i64::from(op.code));
+            if let Now::Local(ns) = op.now {
+                put((ns / 1_000_000_000) as i64);
+                put((ns % 1_000_000_000) as i64);
             }
-        } else {
-            cmd.arg(op.code).arg(sec).arg(nsec).arg(op.args.len());
-            for a in &op.args {
-                cmd.arg(*a);
+            if op.code == BOOK {
+                // tolr, tolt, count, then (xr, xt, max_wait) per booking.
+                put(op.args[1]);
+                put(op.args[3]);
+                put(u.len() as i64);
+                for &i in &plan.order[u.clone()] {
+                    let a = &ops[i].args;
+                    put(a[0]);
+                    put(a[2]);
+                    put(a[4]);
+                }
+            } else {
+                for a in op.args() {
+                    put(*a);
+                }
             }
         }
     }
+    cmd.arg(blob);
     cmd
 }
 
 /// Runs a batch: `EVALSHA`, and `EVAL` (which also caches the script)
-/// when the server does not know the SHA. One reply per operation (a
-/// booking's reply is `[answer (6), leased, epoch, now, debts (2)]`).
+/// when the server does not know the SHA. One reply per operation, in the
+/// order of `ops` (a booking's reply is `[epoch, now, TAT before r, TAT
+/// before t, wait, refused, 0, debt r, debt t]`, as a lease's).
 pub(crate) async fn run<C: ConnectionLike>(
     conn: &mut C,
     ops: &[Op],
     slack_ms: u64,
 ) -> Result<Vec<Vec<i64>>, RedisError> {
-    let groups = groups(ops);
-    let replies = match command("EVALSHA", sha(), ops, &groups, slack_ms)
-        .query_async::<Vec<Vec<i64>>>(conn)
+    let plan = plan(ops);
+    let raw = match command("EVALSHA", sha(), ops, &plan, slack_ms)
+        .query_async::<Vec<u8>>(conn)
         .await
     {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            command("EVAL", SOURCE, ops, &groups, slack_ms)
+            command("EVAL", SOURCE, ops, &plan, slack_ms)
                 .query_async(conn)
                 .await?
         }
         other => other?,
     };
-    if replies.len() != groups.len() {
+    split(ops, &plan, &decode(&raw)?)
+}
+
+/// The script's answer: little-endian doubles, each an integer below 2^53.
+fn decode(raw: &[u8]) -> Result<Vec<i64>, RedisError> {
+    if raw.len() % 8 != 0 {
         return Err(bad_reply());
     }
-    let mut out = Vec::with_capacity(ops.len());
-    for (g, reply) in groups.iter().zip(replies) {
-        let op = &ops[g.start];
-        if op.code != "b" {
-            out.push(reply);
+    raw.chunks_exact(8)
+        .map(|c| {
+            let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+            if v.is_finite() && v.fract() == 0.0 && v.abs() <= MAX_EXACT as f64 + 1.0 {
+                Ok(v as i64)
+            } else {
+                Err(bad_reply())
+            }
+        })
+        .collect()
+}
+
+/// Splits the script's flat answer into one reply per operation.
+fn split(ops: &[Op], plan: &Plan<'_>, flat: &[i64]) -> Result<Vec<Vec<i64>>, RedisError> {
+    let mut out = vec![Vec::new(); ops.len()];
+    let mut rest = flat;
+    let mut take = |n: usize| -> Result<&[i64], RedisError> {
+        if rest.len() < n {
+            return Err(bad_reply());
+        }
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        Ok(a)
+    };
+    for u in plan.units.iter().flatten() {
+        let first = &ops[plan.order[u.start]];
+        if first.code != BOOK {
+            out[plan.order[u.start]] = take(first.reply_len())?.to_vec();
             continue;
         }
-        // Replay the bookings of the group in order: each one's TATs
-        // before are the previous one's after.
-        let [epoch, now, mut tr, mut tt] = reply[..4.min(reply.len())] else {
+        // Replay the bookings of the run in order: each one's TATs before
+        // are the previous one's after.
+        let reply = take(6 + 2 * u.len())?;
+        let [epoch, now, mut tr, mut tt] = reply[..4] else {
             return Err(bad_reply());
         };
-        if reply.len() != 4 + 2 * g.len() + 2 {
-            return Err(bad_reply());
-        }
         let debts = &reply[reply.len() - 2..];
-        for (o, answer) in ops[g.clone()].iter().zip(reply[4..].chunks_exact(2)) {
+        for (&i, answer) in plan.order[u.clone()].iter().zip(reply[4..].chunks_exact(2)) {
             let (wait, refused) = (answer[0], answer[1]);
-            let mut v = vec![epoch, now, tr, tt, wait, refused, 0, debts[0], debts[1]];
+            out[i] = vec![epoch, now, tr, tt, wait, refused, 0, debts[0], debts[1]];
             if refused == 0 {
                 let slot = now.saturating_add(wait);
-                if o.args[0] > 0 {
-                    tr = tr.max(slot).saturating_add(o.args[0]);
+                let a = &ops[i].args;
+                if a[0] > 0 {
+                    tr = tr.max(slot).saturating_add(a[0]);
                 }
-                if o.args[2] > 0 {
-                    tt = tt.max(slot).saturating_add(o.args[2]);
+                if a[2] > 0 {
+                    tt = tt.max(slot).saturating_add(a[2]);
                 }
             }
-            v.shrink_to_fit();
-            out.push(v);
         }
+    }
+    if !rest.is_empty() {
+        return Err(bad_reply());
     }
     Ok(out)
 }
@@ -748,20 +826,21 @@ mod tests {
     }
 
     #[test]
-    fn bookings_of_one_key_go_as_one_group() {
+    fn operations_go_grouped_by_key_and_bookings_as_runs() {
         let r = DimArgs {
             charge: 10,
             interval: 10,
             tolerance: 20,
         };
         let t = DimArgs::default();
+        let at = Now::Local(1_500_000_000);
         let ops = [
-            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
-            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
-            Op::book(Arc::from("k2"), Now::Local(1_500_000_000), r, t, 0),
+            Op::book(Arc::from("k1"), at, r, t, 0),
+            Op::book(Arc::from("k2"), at, r, t, 0),
+            Op::book(Arc::from("k1"), at, r, t, 7),
             Op::cancel(
                 Arc::from("k1"),
-                Now::Local(1_500_000_000),
+                at,
                 &Grant {
                     epoch: 1,
                     slot: 0,
@@ -769,49 +848,90 @@ mod tests {
                     tok: None,
                 },
             ),
-            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 0),
-            Op::book(Arc::from("k1"), Now::Local(1_500_000_000), r, t, 5),
+            Op::book(Arc::from("k1"), at, r, t, 0),
+            Op::book(Arc::from("k1"), Now::Local(1_600_000_000), r, t, 0),
         ];
-        let g = groups(&ops);
-        // k1 twice, k2, the cancel, k1 (a later maximum wait apart).
-        assert_eq!(g, [0..2, 2..3, 3..4, 4..5, 5..6]);
-        let cmd = command("EVALSHA", "sha", &ops, &g, 9);
-        let args: Vec<String> = cmd
+        let p = plan(&ops);
+        // k1's operations first (in their order), then k2's; k1's first two
+        // bookings are one run (their maximum waits differ: each booking
+        // carries its own), the cancel breaks the run, a booking at another
+        // instant starts a new one.
+        assert_eq!(p.keys, ["k1", "k2"]);
+        assert_eq!(p.order, [0, 2, 3, 4, 5, 1]);
+        assert_eq!(p.units, [vec![0..2, 2..3, 3..4, 4..5], vec![5..6]]);
+        let cmd = command("EVALSHA", "sha", &ops, &p, 9);
+        let args: Vec<Vec<u8>> = cmd
             .args_iter()
             .map(|a| match a {
-                ::redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => "other".to_owned(),
+                ::redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
             })
             .collect();
-        // Two distinct keys; k1's operations point at key 1.
+        let text: Vec<String> = args[..7]
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        assert_eq!(text, ["EVALSHA", "sha", "2", "k1", "k2", "local", "9"]);
+        let blob: Vec<i64> = args[7]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect();
+        // k1: 4 operations; the run: book, sec, nsec, tolr, tolt, count,
+        // then (xr, xt, max_wait) twice; the cancel: code, sec, nsec, epoch..
         assert_eq!(
-            &args[..7],
-            ["EVALSHA", "sha", "2", "k1", "k2", "local", "9"]
-        );
-        // The group: tolr, tolt, max_wait, then (xr, xt) twice.
-        assert_eq!(
-            &args[7..19],
+            &blob[..17],
             [
-                "1",
-                "B",
-                "1",
-                "500000000",
-                "7",
-                "20",
-                "0",
-                "0",
-                "10",
-                "0",
-                "10",
-                "0"
+                4,
+                1,
+                1,
+                500_000_000,
+                20,
+                0,
+                2,
+                10,
+                0,
+                0,
+                10,
+                0,
+                7,
+                3,
+                1,
+                500_000_000,
+                1
             ]
         );
-        assert_eq!(&args[19..21], ["2", "B"]);
+        assert_eq!(args.len(), 8);
+
+        // The flat answer goes back to each operation, in the order of
+        // `ops`; a run's bookings get the TATs replayed.
+        let flat = [
+            // k1's run: epoch, now, TATs, (wait, refused) x2, debts
+            5, 100, 100, 100, 0, 0, 3, 0, 23, 0, // the cancel
+            0, 0, // a run of one
+            5, 100, 123, 100, 4, 1, 23, 0, // the later run
+            5, 200, 123, 200, 0, 0, 33, 0, // k2
+            6, 100, 100, 100, 0, 0, 10, 0,
+        ];
+        let raw: Vec<u8> = flat
+            .iter()
+            .flat_map(|v| (*v as f64).to_le_bytes())
+            .collect();
+        assert_eq!(decode(&raw).unwrap(), flat);
+        assert!(decode(&raw[1..]).is_err());
+        assert!(decode(&0.5f64.to_le_bytes()).is_err());
+        let replies = split(&ops, &p, &flat).unwrap();
+        assert_eq!(replies[0], [5, 100, 100, 100, 0, 0, 0, 23, 0]);
+        assert_eq!(replies[2], [5, 100, 110, 100, 3, 0, 0, 23, 0]);
+        assert_eq!(replies[3], [0, 0]);
+        assert_eq!(replies[1], [6, 100, 100, 100, 0, 0, 0, 10, 0]);
+        assert_eq!(replies[5], [5, 200, 123, 200, 0, 0, 0, 33, 0]);
+        assert!(split(&ops, &p, &flat[1..]).is_err());
+        assert!(split(&ops, &p, &[&flat[..], &[0]].concat()).is_err());
     }
 
     #[test]
     fn script_sha_is_stable() {
         assert_eq!(sha().len(), 40);
-        assert!(SOURCE.contains("PEXPIRE"));
+        assert!(SOURCE.contains("KEEPTTL"));
     }
 }

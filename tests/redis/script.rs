@@ -258,11 +258,174 @@ async fn grants_survive_the_daily_epoch_rebase_exactly() {
         w - Duration::from_secs(1_000)
     );
     let mut c = conn(&server);
-    let e: i64 = redis::cmd("HGET")
+    // The key's first field (a little-endian double) is its epoch second.
+    let raw: Vec<u8> = redis::cmd("GET")
         .arg("test:rebase:*")
-        .arg("e")
         .query_async(&mut c)
         .await
         .unwrap();
-    assert!(e > 86_400, "the key was rebased: epoch second {e}");
+    assert_eq!(raw.len(), 56);
+    let e = f64::from_le_bytes(raw[..8].try_into().unwrap());
+    assert!(e > 86_400.0, "the key was rebased: epoch second {e}");
+}
+
+// ---------------------------------------------------------------------------
+// Batches: many calls queued at one instant, on several keys, go to Redis in
+// one script call (grouped by key, bookings of a key as one run); each must
+// get the slot the in-memory core gives the same calls in the same order.
+
+#[derive(Clone, Debug)]
+enum BatchOp {
+    /// Calls queued at once after `dt_ms`: (key, requests, tokens,
+    /// max_wait_ms) each.
+    Burst(u64, Vec<(u8, u32, u32, u64)>),
+    /// Drop pending reservations, among the latest few (mostly the tails
+    /// of their keys, which give back exactly); their give-backs go in one
+    /// batch.
+    Cancel(Vec<usize>),
+    Reconcile(usize, u32),
+}
+
+fn batch_op() -> impl Strategy<Value = BatchOp> {
+    let call = (
+        0u8..3,
+        0u32..3,
+        0u32..3_000,
+        prop_oneof![Just(0u64), 0u64..3_000],
+    );
+    prop_oneof![
+        5 => (0u64..400, vec(call, 1..10)).prop_map(|(dt, calls)| BatchOp::Burst(dt, calls)),
+        1 => vec(any::<usize>(), 1..4).prop_map(BatchOp::Cancel),
+        2 => (any::<usize>(), 0u32..5_000).prop_map(|(i, t)| BatchOp::Reconcile(i, t)),
+    ]
+}
+
+type KeyedPair = (
+    rate_limit::Reservation<rate_limit::MemoryTicket<u8>>,
+    rate_limit::Reservation<tower_qwen::redis::RedisTicket<u8>>,
+);
+
+async fn run_batch_case(
+    conn: redis::aio::ConnectionManager,
+    case: usize,
+    limits: Limits,
+    ops: Vec<BatchOp>,
+) -> Result<(), TestCaseError> {
+    let t0 = Instant::now();
+    let memory: RateLimiter<u8> = RateLimiter::builder(limits).build_keyed();
+    let redis: RedisLimiter<u8> = RedisLimiter::builder(limits)
+        .prefix(format!("test:batch{case}:"))
+        .clock(Clock::Local(t0))
+        .timeout(None)
+        .expiry_slack(HOUR)
+        .build_keyed(conn);
+    let mut pending: Vec<KeyedPair> = Vec::new();
+    let steps = ops.len() as u64;
+    for (i, op) in ops.into_iter().enumerate() {
+        match op {
+            BatchOp::Burst(dt, burst) => {
+                tokio::time::advance(Duration::from_millis(dt)).await;
+                let now = Instant::now();
+                let m: Vec<_> = burst
+                    .iter()
+                    .map(|&(k, r, t, w)| {
+                        memory.reserve(&k, Cost::new(r, t), Duration::from_millis(w))
+                    })
+                    .collect();
+                let r = futures_util::future::join_all(burst.iter().map(|&(k, r, t, w)| {
+                    let redis = redis.clone();
+                    async move {
+                        redis
+                            .reserve_at(&k, Cost::new(r, t), Duration::from_millis(w), now)
+                            .await
+                    }
+                }))
+                .await;
+                for (j, (m, r)) in m.into_iter().zip(r).enumerate() {
+                    match (m, r) {
+                        (Ok(m), Ok(r)) => {
+                            prop_assert_eq!(
+                                m.ready_at() - now,
+                                r.ready_at() - now,
+                                "op {} call {}: slots differ",
+                                i,
+                                j
+                            );
+                            pending.push((m, r));
+                        }
+                        (Err(me), Err(re)) => {
+                            let re = limited(&re);
+                            prop_assert_eq!(me.retry_after(), re.retry_after());
+                            prop_assert_eq!(me.is_tokens(), re.is_tokens());
+                        }
+                        (m, r) => {
+                            return Err(TestCaseError::fail(format!(
+                                "op {i} call {j}: in-memory {:?}, redis {:?}",
+                                m.map(|x| x.ready_at() - now),
+                                r.map(|x| x.ready_at() - now).map_err(|e| e.to_string())
+                            )));
+                        }
+                    }
+                }
+            }
+            BatchOp::Cancel(which) => {
+                for k in which {
+                    if pending.is_empty() {
+                        break;
+                    }
+                    let (m, r) = pending.remove(pending.len() - 1 - k % pending.len().min(3));
+                    drop(m);
+                    drop(r);
+                }
+                redis.settle().await;
+            }
+            BatchOp::Reconcile(k, actual) => {
+                let now = Instant::now();
+                let due: Vec<usize> = (0..pending.len())
+                    .filter(|&j| pending[j].0.ready_at() <= now)
+                    .collect();
+                if due.is_empty() {
+                    continue;
+                }
+                let (m, r) = pending.remove(due[k % due.len()]);
+                m.ready().await.reconcile(actual);
+                r.ready().await.reconcile(actual);
+                redis.settle().await;
+            }
+        }
+    }
+    let s = redis.stats();
+    prop_assert_eq!((s.errors, s.fallback), (0, 0));
+    // Each step was one script call at most: a burst's calls (and a
+    // cancel's give-backs) went together.
+    prop_assert!(
+        s.round_trips <= steps,
+        "{} calls for {} steps",
+        s.round_trips,
+        steps
+    );
+    Ok(())
+}
+
+#[test]
+fn batched_calls_on_several_keys_decide_like_the_in_memory_core() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let conn = rt.block_on(async { conn(&server) });
+    let mut runner = TestRunner::new(Config {
+        cases: 96,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&(limits(), vec(batch_op(), 1..30)), |(limits, ops)| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(run_batch_case(conn.clone(), n, limits, ops))
+        })
+        .unwrap();
 }
