@@ -671,7 +671,7 @@ pub(crate) async fn run<C: ConnectionLike>(
 
 /// The script's answer: little-endian doubles, each an integer below 2^53.
 fn decode(raw: &[u8]) -> Result<Vec<i64>, RedisError> {
-    if raw.len() % 8 != 0 {
+    if !raw.len().is_multiple_of(8) {
         return Err(bad_reply());
     }
     raw.chunks_exact(8)
@@ -858,7 +858,8 @@ mod tests {
         // instant starts a new one.
         assert_eq!(p.keys, ["k1", "k2"]);
         assert_eq!(p.order, [0, 2, 3, 4, 5, 1]);
-        assert_eq!(p.units, [vec![0..2, 2..3, 3..4, 4..5], vec![5..6]]);
+        assert_eq!(p.units[0], [0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(p.units[1].as_slice(), std::slice::from_ref(&(5..6)));
         let cmd = command("EVALSHA", "sha", &ops, &p, 9);
         let args: Vec<Vec<u8>> = cmd
             .args_iter()
