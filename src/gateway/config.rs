@@ -4,6 +4,7 @@
 //! (and the environment variable it came from, when it did).
 
 mod file;
+mod show;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -40,6 +41,9 @@ pub struct GatewayConfig {
     pub(crate) upstream: UpstreamConfig,
     pub(crate) degrade: DegradeConfig,
     pub(crate) redis: Option<RedisConfig>,
+    /// `[metrics] key_series`: how many keys get their own series unless
+    /// they say otherwise.
+    pub(crate) key_series: usize,
     pub(crate) accounts: Vec<AccountConfig>,
     pub(crate) keys: Vec<ClientKeyConfig>,
 }
@@ -146,6 +150,11 @@ pub(crate) struct AccountConfig {
     pub(crate) quotas: Option<QuotaTable>,
     /// Ramp up from a fraction of the quota after idle.
     pub(crate) slow_start: Option<Duration>,
+    /// As written, for the effective configuration: whether the table
+    /// starts from Qwen's published quotas, and the per-model overrides
+    /// (RPM, TPM).
+    pub(crate) qwen_quotas: bool,
+    pub(crate) models: Vec<(String, Option<u64>, Option<u64>)>,
 }
 
 #[derive(Clone)]
@@ -154,6 +163,9 @@ pub(crate) struct ClientKeyConfig {
     pub(crate) digest: KeyDigest,
     pub(crate) accounts: Vec<usize>,
     pub(crate) bucket: BucketConfig,
+    /// Whether the key has its own `/metrics` series (else it is counted
+    /// under `key="_other"`).
+    pub(crate) own_series: bool,
 }
 
 impl fmt::Debug for ClientKeyConfig {
@@ -163,6 +175,7 @@ impl fmt::Debug for ClientKeyConfig {
             .field("id", &self.digest.redacted_id())
             .field("accounts", &self.accounts)
             .field("bucket", &self.bucket)
+            .field("own_series", &self.own_series)
             .finish()
     }
 }
@@ -209,11 +222,24 @@ impl GatewayConfig {
     ///
     /// [`ConfigError`] when the file cannot be read or is invalid.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`GatewayConfig::load`], reading environment variables through
+    /// `env` (see [`GatewayConfig::from_toml_with_env`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when the file cannot be read or is invalid.
+    pub fn load_with_env(
+        path: impl AsRef<Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::one("file", format!("cannot read {}: {e}", path.display()))
         })?;
-        Self::from_toml(&text)
+        Self::from_toml_with_env(&text, env)
     }
 
     /// The address [`Gateway::serve_on`](super::Gateway::serve_on) binds.
@@ -598,7 +624,9 @@ fn validate(
         capacity: nz(f.limits.capacity.get()),
         refill_per_second: f.limits.refill_per_second.0,
     };
-    let keys = validate_keys(&f.keys, &accounts, default_bucket, env, p);
+    let mut keys = validate_keys(&f.keys, &accounts, default_bucket, env, p);
+    let key_series = f.metrics.key_series.0 as usize;
+    assign_series(&mut keys, &f.keys, key_series);
 
     Some(GatewayConfig {
         server,
@@ -614,9 +642,31 @@ fn validate(
         },
         degrade,
         redis,
+        key_series,
         accounts,
         keys,
     })
+}
+
+/// Which keys get their own `/metrics` series: those with `metrics =
+/// true`, then those without a setting, in file order, while fewer than
+/// `limit` keys have one; `metrics = false` never. Label cardinality stays
+/// bounded however many keys there are.
+fn assign_series(keys: &mut [ClientKeyConfig], files: &[KeyFile], limit: usize) {
+    // In a valid file, `keys` holds one entry per `files` entry, in order
+    // (when they differ the file is refused anyway).
+    let choice: Vec<Option<bool>> = files.iter().map(|k| k.metrics.map(|f| f.0)).collect();
+    let mut used = 0;
+    for (k, c) in keys.iter_mut().zip(&choice) {
+        k.own_series = *c == Some(true);
+        used += usize::from(k.own_series);
+    }
+    for (k, c) in keys.iter_mut().zip(&choice) {
+        if used < limit && c.is_none() {
+            k.own_series = true;
+            used += 1;
+        }
+    }
 }
 
 fn nz(v: u64) -> NonZeroU32 {
@@ -732,6 +782,12 @@ fn validate_accounts(
             workspace,
             quotas: table,
             slow_start: a.slow_start.0,
+            qwen_quotas: a.quotas == QuotaMode::Qwen,
+            models: a
+                .models
+                .iter()
+                .map(|(m, q)| (m.clone(), q.rpm.map(|r| r.get()), q.tpm.map(|t| t.get())))
+                .collect(),
         });
     }
     out
@@ -922,6 +978,7 @@ fn validate_keys(
                 digest,
                 accounts: pool,
                 bucket,
+                own_series: false,
             });
         }
     }

@@ -5,9 +5,17 @@
 //! Metric handles are registered once per label set and cached: the request
 //! path does a hash-map lookup and an atomic add, no allocation. Bucket
 //! levels and degraded states are read when `/metrics` is scraped.
+//!
+//! The `key` label is bounded: only the keys with their own series
+//! (`[metrics] key_series`, per key `metrics`) are named; every other key
+//! is counted under `key="_other"`, so the size of `/metrics`, the time to
+//! render it and the recorder's memory do not grow with the number of
+//! keys. Series are interned by label and the recorder outlives reloads,
+//! so a key keeps its counts across a reload.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -50,21 +58,45 @@ pub(crate) fn route_label(e: Option<Endpoint>) -> &'static str {
     }
 }
 
-/// Which client key a metric is about: an index into the configured keys,
+/// Which `key` label a metric carries: a series id ([`Metrics::key_series`]),
 /// or none (unauthenticated).
 pub(crate) type KeyIdx = Option<u32>;
+
+/// The `key` label of the keys without their own series.
+pub(crate) const OTHER_KEYS: &str = "_other";
+
+/// A client key's metrics.
+#[derive(Clone)]
+pub(crate) struct KeySeries {
+    /// Its series id (shared by every key counted under `_other`).
+    pub(crate) id: u32,
+    /// Its bucket level and degraded flag, set at each scrape; `None` for
+    /// a key counted under `_other`.
+    pub(crate) gauges: Option<(Gauge, Gauge)>,
+    pub(crate) degradations: Counter,
+}
+
+/// What one configuration's stacks record into, by key (configuration
+/// order).
+pub(crate) struct KeyMetrics {
+    pub(crate) degradations: Vec<Counter>,
+}
+
+/// Series labels, interned: a label keeps its id for the life of the
+/// recorder.
+#[derive(Default)]
+struct Labels {
+    ids: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+}
 
 pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// Labels of the configured keys, by index.
-    key_labels: Arc<[String]>,
+    labels: Mutex<Labels>,
     requests: DashMap<(KeyIdx, &'static str, u16), Counter>,
     refusals: DashMap<(KeyIdx, Refusal), (Counter, Option<Counter>)>,
     latency: DashMap<&'static str, Histogram>,
-    pub(crate) bucket_remaining: Vec<Gauge>,
-    pub(crate) key_degraded: Vec<Gauge>,
-    pub(crate) degradations: Vec<Counter>,
     pub(crate) degraded_keys: Gauge,
     pub(crate) cancelled: Counter,
     pub(crate) in_flight: Gauge,
@@ -75,7 +107,7 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(key_labels: Vec<String>) -> Self {
+    pub(crate) fn new() -> Self {
         const BUCKETS: [f64; 16] = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             30.0, 120.0,
@@ -149,19 +181,6 @@ impl Metrics {
             None,
             "Client addresses with recent failed authentications being tracked.".into(),
         );
-        let key_labels: Arc<[String]> = key_labels.into();
-        let (bucket_remaining, key_degraded, degradations) =
-            metrics::with_local_recorder(&recorder, || {
-                let mut b = Vec::new();
-                let mut d = Vec::new();
-                let mut c = Vec::new();
-                for k in key_labels.iter() {
-                    b.push(metrics::gauge!(BUCKET_REMAINING, "key" => k.clone()));
-                    d.push(metrics::gauge!(KEY_DEGRADED, "key" => k.clone()));
-                    c.push(metrics::counter!(DEGRADATIONS, "key" => k.clone()));
-                }
-                (b, d, c)
-            });
         let (degraded_keys, cancelled, in_flight) = metrics::with_local_recorder(&recorder, || {
             (
                 metrics::gauge!(DEGRADED_KEYS),
@@ -180,13 +199,10 @@ impl Metrics {
         Self {
             recorder,
             handle,
-            key_labels,
+            labels: Mutex::new(Labels::default()),
             requests: DashMap::new(),
             refusals: DashMap::new(),
             latency: DashMap::new(),
-            bucket_remaining,
-            key_degraded,
-            degradations,
             degraded_keys,
             cancelled,
             in_flight,
@@ -197,9 +213,42 @@ impl Metrics {
         }
     }
 
+    /// The series of a client key: its own under `name`, or with `None`
+    /// the shared `_other` one.
+    pub(crate) fn key_series(&self, name: Option<&str>) -> KeySeries {
+        let label = name.unwrap_or(OTHER_KEYS);
+        let id = {
+            let mut l = self.labels.lock().expect("labels lock");
+            match l.ids.get(label) {
+                Some(&id) => id,
+                None => {
+                    let id = u32::try_from(l.names.len()).expect("fewer than 2^32 labels");
+                    let label: Arc<str> = Arc::from(label);
+                    l.ids.insert(label.clone(), id);
+                    l.names.push(label);
+                    id
+                }
+            }
+        };
+        let label = label.to_owned();
+        metrics::with_local_recorder(&self.recorder, || KeySeries {
+            id,
+            gauges: name.map(|_| {
+                (
+                    metrics::gauge!(BUCKET_REMAINING, "key" => label.clone()),
+                    metrics::gauge!(KEY_DEGRADED, "key" => label.clone()),
+                )
+            }),
+            degradations: metrics::counter!(DEGRADATIONS, "key" => label),
+        })
+    }
+
     fn key_label(&self, key: KeyIdx) -> String {
-        key.and_then(|i| self.key_labels.get(i as usize).cloned())
-            .unwrap_or_else(|| "none".to_owned())
+        key.and_then(|i| {
+            let l = self.labels.lock().expect("labels lock");
+            l.names.get(i as usize).map(|n| n.to_string())
+        })
+        .unwrap_or_else(|| "none".to_owned())
     }
 
     /// Counts one answered request.

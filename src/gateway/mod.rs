@@ -107,7 +107,16 @@
 //! status and key, 429s and other refusals by reason, upstream latency,
 //! bucket levels, degraded keys, cancelled streams, requests in flight);
 //! `tracing` events (a `warn` per degradation and per upstream failure,
-//! 5xx answers included, `debug` per request).
+//! 5xx answers included, `debug` per request). The `key` label is bounded:
+//! at most `[metrics] key_series` keys (default 100: those with `metrics =
+//! true`, then those without a setting, in file order) have their own
+//! series; the others are counted under `key="_other"`, so `/metrics`
+//! stays the same size with 100 or 100,000 keys.
+//!
+//! **Reload** ([`Gateway::reload`], [`Gateway::reload_from`]; SIGHUP in
+//! `qwen-gateway`): keys, limits, accounts and the rest take effect for
+//! the next request; open connections stay open and a request in progress
+//! finishes under the configuration it started with.
 //!
 //! An SSE answer the upstream breaks off (a reset, the idle or total
 //! timeout) ends with a final error event in its dialect, so clients see
@@ -119,7 +128,8 @@
 //! answer cut mid-way cannot be completed and is cut.
 //!
 //! **Serving** ([`Gateway::serve`]): HTTP/1.1 with keep-alive and a 30 s
-//! header read timeout; at most `max_connections` open connections
+//! header read timeout, and HTTP/2 cleartext with prior knowledge (h2c:
+//! told apart by the connection's first bytes); at most `max_connections` open connections
 //! (default: half the process's soft file-descriptor limit less 64, read
 //! from `/proc/self/limits`, 480 where that cannot be read): at the cap a
 //! new connection closes the one idle longest, and waits for a slot when
@@ -177,7 +187,7 @@
 //!
 //! TOML ([`GatewayConfig`]) read by serde, unknown fields refused, defaults
 //! in one place; every scalar of `[server]`, `[upstream]`, `[limits]`,
-//! `[degrade]` and `[redis]` overridable by
+//! `[degrade]`, `[redis]` and `[metrics]` overridable by
 //! `QWEN_GATEWAY_<SECTION>_<FIELD>` (e.g. `QWEN_GATEWAY_SERVER_LISTEN`,
 //! `QWEN_GATEWAY_REDIS_URL`), secrets read from variables named by `*_env`
 //! fields. A bad file gets a [`ConfigError`](error::ConfigError) naming
@@ -213,6 +223,9 @@
 //! probe_after = "5s"
 //! probe_after_max = "60s"
 //!
+//! [metrics]
+//! key_series = 100                # keys named in /metrics; the rest: key="_other"
+//!
 //! [redis]                         # optional: replicas share their limits
 //! url = "redis://127.0.0.1:6379"
 //! key_prefix = "tower-qwen:gw:"
@@ -233,6 +246,7 @@
 //! sha256 = "<64 hex digits: printf %s KEY | sha256sum>"
 //! accounts = ["main"]
 //! capacity = 100
+//! metrics = true                  # always its own /metrics series
 //! ```
 //!
 //! # How it differs
@@ -292,7 +306,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -307,19 +322,33 @@ use proxy::{ClientKey, Inner};
 /// [module docs](self) for an example.
 #[derive(Clone)]
 pub struct Gateway {
-    inner: Arc<Inner>,
-    #[cfg(feature = "redis")]
-    redis: Arc<[stack::RedisProbe]>,
+    live: Arc<Live>,
     max_header_bytes: usize,
     max_connections: usize,
     grace: std::time::Duration,
     listen: std::net::SocketAddr,
 }
 
+/// What the handlers share: the state built from the current
+/// configuration, replaced whole by a reload, and the metrics recorder,
+/// which outlives reloads.
+pub(crate) struct Live {
+    current: RwLock<Arc<Inner>>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Live {
+    /// The current configuration's state. A request keeps the one it
+    /// started with until its answer ends.
+    pub(crate) fn load(&self) -> Arc<Inner> {
+        self.current.read().expect("gateway state lock").clone()
+    }
+}
+
 impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
-            .field("inner", &self.inner)
+            .field("inner", &self.live.load())
             .finish_non_exhaustive()
     }
 }
@@ -334,6 +363,58 @@ pub fn router(config: GatewayConfig) -> Router {
     Gateway::new(config).router()
 }
 
+/// Builds the state of one configuration: the upstream client, the client
+/// keys' buckets, the degrade breaker, one pool per client key over the
+/// accounts; metrics go to `metrics`.
+fn build(config: &GatewayConfig, metrics: Arc<metrics::Metrics>) -> Inner {
+    let series: Vec<metrics::KeySeries> = config
+        .keys
+        .iter()
+        .map(|k| metrics.key_series(k.own_series.then_some(k.name.as_str())))
+        .collect();
+    let key_metrics = metrics::KeyMetrics {
+        degradations: series.iter().map(|s| s.degradations.clone()).collect(),
+    };
+    let built = stack::build(config, &key_metrics);
+    let mut clients = Vec::with_capacity(config.keys.len());
+    let mut by_digest = HashMap::with_capacity(config.keys.len());
+    let stacks = built.services.into_iter().zip(built.files);
+    for ((k, series), (svc, files)) in config.keys.iter().zip(series).zip(stacks) {
+        let client = Arc::new(ClientKey {
+            idx: series.id,
+            gauges: series.gauges,
+            name: Arc::from(k.name.as_str()),
+            id: k.digest.redacted_id(),
+            capacity: k.bucket.capacity.get(),
+            pin_to: Arc::from(config.accounts[k.accounts[0]].name.as_str()),
+            svc,
+            files,
+        });
+        by_digest.insert(k.digest, client.clone());
+        clients.push(client);
+    }
+    tracing::info!(
+        upstream = %config.upstream.base_url,
+        accounts = config.accounts.len(),
+        keys = clients.len(),
+        keys_with_own_series = config.keys.iter().filter(|k| k.own_series).count(),
+        redis = config.redis.is_some(),
+        "gateway configured"
+    );
+    Inner {
+        max_header_bytes: config.server.max_header_bytes,
+        degrade_rate: config.degrade.rate_per_second.get(),
+        keys: by_digest,
+        clients,
+        buckets: built.buckets,
+        breaker: built.breaker,
+        metrics,
+        auth_failures: auth::AuthFailures::new(config.server.max_auth_failures_per_minute),
+        #[cfg(feature = "redis")]
+        redis: built.redis,
+    }
+}
+
 impl Gateway {
     /// Builds the gateway: the upstream client, the client keys' buckets,
     /// the degrade breaker, one pool per client key over the accounts, the
@@ -346,51 +427,70 @@ impl Gateway {
     /// connection manager spawns its task; it connects lazily, so Redis
     /// need not be up yet).
     pub fn new(config: GatewayConfig) -> Self {
-        let labels: Vec<String> = config.keys.iter().map(|k| k.name.clone()).collect();
-        let metrics = metrics::Metrics::new(labels);
-        let built = stack::build(&config, &metrics);
-        let mut clients = Vec::with_capacity(config.keys.len());
-        let mut by_digest = HashMap::with_capacity(config.keys.len());
-        let stacks = built.services.into_iter().zip(built.files);
-        for ((idx, k), (svc, files)) in config.keys.iter().enumerate().zip(stacks) {
-            let client = Arc::new(ClientKey {
-                idx: idx as u32,
-                name: Arc::from(k.name.as_str()),
-                id: k.digest.redacted_id(),
-                capacity: k.bucket.capacity.get(),
-                pin_to: Arc::from(config.accounts[k.accounts[0]].name.as_str()),
-                svc,
-                files,
-            });
-            by_digest.insert(k.digest, client.clone());
-            clients.push(client);
-        }
-        tracing::info!(
-            upstream = %config.upstream.base_url,
-            accounts = config.accounts.len(),
-            keys = clients.len(),
-            redis = config.redis.is_some(),
-            "gateway configured"
-        );
-        let inner = Inner {
-            max_header_bytes: config.server.max_header_bytes,
-            degrade_rate: config.degrade.rate_per_second.get(),
-            keys: by_digest,
-            clients,
-            buckets: built.buckets,
-            breaker: built.breaker,
-            metrics,
-            auth_failures: auth::AuthFailures::new(config.server.max_auth_failures_per_minute),
-        };
+        let metrics = Arc::new(metrics::Metrics::new());
+        let inner = build(&config, metrics.clone());
         Self {
-            inner: Arc::new(inner),
-            #[cfg(feature = "redis")]
-            redis: built.redis.into(),
+            live: Arc::new(Live {
+                current: RwLock::new(Arc::new(inner)),
+                metrics,
+            }),
             max_header_bytes: config.server.max_header_bytes,
             max_connections: config.server.max_connections,
             grace: config.server.shutdown_grace,
             listen: config.server.listen,
         }
+    }
+
+    /// Replaces the configuration of this gateway (and of every clone of
+    /// it, every router it made and the server it runs): keys, limits,
+    /// accounts, upstream, degradation, `[redis]` and the `[server]`
+    /// settings the handler applies take effect for the next request.
+    /// Open connections stay open; a request in progress (a stream
+    /// included) finishes under the configuration it started with. This is
+    /// what `qwen-gateway` does on SIGHUP.
+    ///
+    /// What starts afresh: the in-memory buckets, account budgets and
+    /// degraded states (with `[redis]` the buckets and budgets live in
+    /// Redis and are kept), and the failed-authentication counts. Metrics
+    /// keep counting: a key keeps its series. `listen`, `max_connections`
+    /// and `shutdown_grace` belong to the running server and need a
+    /// restart (a `warn` says so when they changed).
+    ///
+    /// # Panics
+    ///
+    /// With a `[redis]` section, outside a tokio runtime (as
+    /// [`Gateway::new`]).
+    pub fn reload(&self, config: GatewayConfig) {
+        let s = &config.server;
+        if s.listen != self.listen
+            || s.max_connections != self.max_connections
+            || s.shutdown_grace != self.grace
+        {
+            tracing::warn!(
+                "server.listen, server.max_connections and server.shutdown_grace changed: they take effect on restart only"
+            );
+        }
+        let next = Arc::new(build(&config, self.live.metrics.clone()));
+        let old = std::mem::replace(
+            &mut *self.live.current.write().expect("gateway state lock"),
+            next,
+        );
+        // Requests in progress hold the old state; it goes when they end.
+        drop(old);
+        tracing::info!(keys = config.keys.len(), "gateway configuration reloaded");
+    }
+
+    /// Reads the configuration file at `path` and, when it is valid,
+    /// [reloads](Gateway::reload) it; when it is not, nothing changes.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`](error::ConfigError) when the file cannot be read or
+    /// is invalid (the gateway keeps its configuration).
+    pub fn reload_from(&self, path: impl AsRef<Path>) -> Result<(), error::ConfigError> {
+        let config = GatewayConfig::load(path)?;
+        self.reload(config);
+        Ok(())
     }
 
     /// Pings Redis from every shared limiter of this gateway (with the
@@ -402,7 +502,8 @@ impl Gateway {
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn probe_redis(&self) -> bool {
         let mut all = true;
-        for probe in self.redis.iter() {
+        let inner = self.live.load();
+        for probe in inner.redis.iter() {
             all &= probe().await;
         }
         all
@@ -440,26 +541,28 @@ impl Gateway {
             )
             .fallback(proxy::not_found)
             .method_not_allowed_fallback(proxy::method_not_allowed)
-            .with_state(self.inner.clone())
+            .with_state(self.live.clone())
     }
 
     /// The Prometheus text of the gateway's metrics (what `/metrics`
     /// answers, without refreshing the bucket and degradation gauges).
     pub fn render_metrics(&self) -> String {
-        self.inner.metrics.render()
+        self.live.metrics.render()
     }
 
     /// Whether the client key named `name` is degraded now; `None` for an
     /// unknown name.
     pub fn is_degraded(&self, name: &str) -> Option<bool> {
-        self.inner
+        let inner = self.live.load();
+        inner
             .clients
             .iter()
             .find(|c| &*c.name == name)
-            .map(|c| self.inner.is_degraded(c))
+            .map(|c| inner.is_degraded(c))
     }
 
-    /// Serves on `listener` (HTTP/1.1) until `shutdown` completes; then
+    /// Serves on `listener` (HTTP/1.1, and HTTP/2 cleartext with prior
+    /// knowledge) until `shutdown` completes; then
     /// stops accepting connections and lets in-flight requests, streams
     /// included, finish for up to the configured `shutdown_grace` before
     /// dropping them.
@@ -493,7 +596,7 @@ impl Gateway {
             max_connections: self.max_connections,
             grace: self.grace,
         };
-        serve::serve(listener, router, self.inner.clone(), opts, shutdown).await
+        serve::serve(listener, router, self.live.metrics.clone(), opts, shutdown).await
     }
 
     /// Binds the configured `server.listen` address and serves until

@@ -31,6 +31,7 @@ use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
 use crate::timeout::error::{DeadlineExceeded, HeaderTimeout, IdleTimeout};
 
+use super::Live;
 use super::auth::{AuthFailures, KeyDigest, bearer, digest_of};
 use super::error::{Failed, LimitsUnavailable, Refused, UpstreamBusy};
 use super::metrics::{KeyIdx, Metrics, route_label};
@@ -39,7 +40,10 @@ use super::stack::{ClientName, KeySvc, Limiter};
 
 /// A configured client key.
 pub(crate) struct ClientKey {
+    /// Its metrics series id ([`Metrics::key_series`]).
     pub(crate) idx: u32,
+    /// Its bucket level and degraded gauges, when it has its own series.
+    pub(crate) gauges: Option<(::metrics::Gauge, ::metrics::Gauge)>,
     pub(crate) name: Arc<str>,
     pub(crate) id: String,
     /// Its bucket's capacity (what a bucket never used has).
@@ -71,9 +75,12 @@ pub(crate) struct Inner {
     pub(crate) buckets: Limiter<Arc<str>>,
     /// The degrade breaker's circuits, by client key.
     pub(crate) breaker: BreakerHandle<Arc<str>>,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     /// Failed authentications per client address (`None`: no limit).
     pub(crate) auth_failures: Option<AuthFailures>,
+    /// Every Redis limiter (to probe Redis).
+    #[cfg(feature = "redis")]
+    pub(crate) redis: Vec<super::stack::RedisProbe>,
 }
 
 impl fmt::Debug for Inner {
@@ -282,11 +289,14 @@ fn is_async(headers: &HeaderMap) -> bool {
 }
 
 /// The handler of every proxied route.
-pub(crate) async fn proxy(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+pub(crate) async fn proxy(State(live): State<Arc<Live>>, req: Request) -> Response {
     let Some(endpoint) = forwarded_endpoint(req.uri().path()) else {
         tracing::debug!("refused: path not on the allow-list");
-        return not_found(State(gw), req).await;
+        return not_found(State(live), req).await;
     };
+    // The configuration this request is served under, to its end (a
+    // reload meanwhile serves the next requests).
+    let gw = live.load();
     let protocol = endpoint.protocol();
     let route = route_label(Some(endpoint));
 
@@ -710,19 +720,24 @@ pub(crate) async fn healthz() -> Response {
 }
 
 /// `GET /metrics`.
-pub(crate) async fn metrics(State(gw): State<Arc<Inner>>) -> Response {
+pub(crate) async fn metrics(State(live): State<Arc<Live>>) -> Response {
+    let gw = live.load();
     let mut degraded = 0u32;
     for c in &gw.clients {
         let d = gw.is_degraded(c);
         degraded += u32::from(d);
-        gw.metrics.key_degraded[c.idx as usize].set(f64::from(u8::from(d)));
+        // Levels only for the keys with their own series.
+        let Some((bucket, key_degraded)) = &c.gauges else {
+            continue;
+        };
+        key_degraded.set(f64::from(u8::from(d)));
         let level = match gw.buckets.snapshot(&c.name) {
             Some(s) => s
                 .requests
                 .map_or(f64::from(u32::MAX), |r| r.remaining as f64),
             None => f64::from(c.capacity),
         };
-        gw.metrics.bucket_remaining[c.idx as usize].set(level);
+        bucket.set(level);
     }
     gw.metrics.degraded_keys.set(f64::from(degraded));
     (
@@ -736,7 +751,8 @@ pub(crate) async fn metrics(State(gw): State<Arc<Inner>>) -> Response {
 }
 
 /// Any other path: 404 in the dialect the path suggests.
-pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+pub(crate) async fn not_found(State(live): State<Arc<Live>>, req: Request) -> Response {
+    let gw = live.load();
     let protocol = protocol_of_path(req.uri().path());
     gw.refuse(
         None,
@@ -750,7 +766,8 @@ pub(crate) async fn not_found(State(gw): State<Arc<Inner>>, req: Request) -> Res
 
 /// A served path with a method it does not take: 405 in the dialect of
 /// the path, with `Allow`.
-pub(crate) async fn method_not_allowed(State(gw): State<Arc<Inner>>, req: Request) -> Response {
+pub(crate) async fn method_not_allowed(State(live): State<Arc<Live>>, req: Request) -> Response {
+    let gw = live.load();
     let path = req.uri().path();
     let endpoint = forwarded_endpoint(path);
     let allow = match endpoint {

@@ -1,4 +1,4 @@
-//! The accept loop: HTTP/1.1 with a header size cap and a header read
+//! The accept loop: HTTP/1.1 and HTTP/2 cleartext (prior knowledge) with a header size cap and a header read
 //! timeout; a cap on open connections that closes idle ones first; accept
 //! back-off when the process is out of file descriptors, logged once per
 //! episode; DashScope-shaped answers where hyper would answer a head it
@@ -21,16 +21,16 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use http::Request;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower_service::Service;
 
+use super::metrics::Metrics;
 use super::metrics::route_label;
-use super::proxy::Inner;
 use super::respond::{Refusal, raw_answer};
 use crate::body::{BodyEnd, Observed};
 use crate::classify::Outcome;
@@ -79,12 +79,12 @@ fn fd_soft_limit() -> Option<u64> {
 pub(crate) async fn serve(
     listener: TcpListener,
     router: axum::Router,
-    gw: Arc<Inner>,
+    metrics: Arc<Metrics>,
     opts: Options,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     let (tx, rx) = watch::channel(false);
-    let registry = Arc::new(Registry::new(gw.clone()));
+    let registry = Arc::new(Registry::new(metrics.clone()));
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let mut conns = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -231,7 +231,11 @@ async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let state = conn.state.clone();
-    let io = TokioIo::new(ConnIo::new(stream, state.clone(), conn.registry.gw.clone()));
+    let io = TokioIo::new(ConnIo::new(
+        stream,
+        state.clone(),
+        conn.registry.metrics.clone(),
+    ));
     let svc_state = state.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let mut router = router.clone();
@@ -252,15 +256,23 @@ async fn serve_conn(
             }))
         }
     });
-    let conn_fut = http1::Builder::new()
+    // HTTP/1.1, or HTTP/2 with prior knowledge (h2c), told apart by the
+    // connection's first bytes.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         // hyper answers 431 when the head does not fit (answered in
         // DashScope's shape by `ConnIo`); it needs at least 8 KiB. The
         // handler enforces the exact cap.
         .max_buf_size(max_header_bytes.max(8192) + 1024)
-        .keep_alive(true)
-        .serve_connection(io, svc);
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes.max(8192) + 1024).unwrap_or(u32::MAX));
+    let conn_fut = builder.serve_connection(io, svc);
     let mut conn_fut = std::pin::pin!(conn_fut);
     tokio::select! {
         _ = conn_fut.as_mut() => return,
@@ -284,16 +296,16 @@ async fn serve_conn(
 /// The open connections, so that the one idle longest can be asked to
 /// close.
 struct Registry {
-    gw: Arc<Inner>,
+    metrics: Arc<Metrics>,
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     next: AtomicU64,
     epoch: Instant,
 }
 
 impl Registry {
-    fn new(gw: Arc<Inner>) -> Self {
+    fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            gw,
+            metrics,
             conns: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             epoch: time::now(),
@@ -314,14 +326,14 @@ impl Registry {
         state.mark_idle();
         let mut conns = self.conns.lock().expect("registry lock");
         conns.insert(id, state.clone());
-        self.gw.metrics.connections.set(conns.len() as f64);
+        self.metrics.connections.set(conns.len() as f64);
         state
     }
 
     fn remove(&self, id: u64) {
         let mut conns = self.conns.lock().expect("registry lock");
         conns.remove(&id);
-        self.gw.metrics.connections.set(conns.len() as f64);
+        self.metrics.connections.set(conns.len() as f64);
     }
 
     /// Asks the connection idle longest (no request in progress) to close.
@@ -339,7 +351,7 @@ impl Registry {
         };
         c.evicting.store(true, Ordering::Relaxed);
         c.evict.notify_one();
-        self.gw.metrics.idle_closed.increment(1);
+        self.metrics.idle_closed.increment(1);
         tracing::debug!(connection = c.id, "closing an idle connection to make room");
         true
     }
@@ -414,7 +426,7 @@ const SNIFF: usize = 40;
 struct ConnIo {
     inner: TcpStream,
     state: Arc<ConnState>,
-    gw: Arc<Inner>,
+    metrics: Arc<Metrics>,
     sniff: [u8; SNIFF],
     sniffed: usize,
     sniffing: bool,
@@ -426,11 +438,11 @@ struct ConnIo {
 }
 
 impl ConnIo {
-    fn new(inner: TcpStream, state: Arc<ConnState>, gw: Arc<Inner>) -> Self {
+    fn new(inner: TcpStream, state: Arc<ConnState>, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             state,
-            gw,
+            metrics,
             sniff: [0; SNIFF],
             sniffed: 0,
             sniffing: true,
@@ -466,9 +478,8 @@ impl ConnIo {
         } else {
             Protocol::Native
         };
-        self.gw.metrics.refusal(None, refusal);
-        self.gw
-            .metrics
+        self.metrics.refusal(None, refusal);
+        self.metrics
             .request(None, route_label(None), refusal.status().as_u16());
         tracing::debug!(
             status = refusal.status().as_u16(),

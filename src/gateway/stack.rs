@@ -61,7 +61,7 @@ use crate::timeout::TimeoutLayer;
 
 use super::config::{AccountConfig, GatewayConfig};
 use super::error::{Failed, Refused, UpstreamBusy};
-use super::metrics::Metrics;
+use super::metrics::KeyMetrics;
 use super::respond::Refusal;
 
 /// A client key's stack, as the handler calls it.
@@ -138,7 +138,7 @@ pub(crate) type RedisProbe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 /// Builds every client key's stack from the configuration.
-pub(crate) fn build(cfg: &GatewayConfig, metrics: &Metrics) -> Built {
+pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
     let up = &cfg.upstream;
     let client = TransportConfig::new()
         .connect_timeout(up.connect_timeout)
@@ -254,7 +254,7 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &Metrics) -> Built {
 /// account.
 fn assemble<U, UB, BK, BA>(
     cfg: &GatewayConfig,
-    metrics: &Metrics,
+    metrics: &KeyMetrics,
     upstream: U,
     buckets: BK,
     accounts: Vec<BA>,

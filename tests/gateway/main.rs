@@ -36,6 +36,7 @@ const UPSTREAM: &str = "sk-upstream-main";
 const UPSTREAM2: &str = "sk-upstream-backup";
 
 mod files;
+mod ops;
 #[cfg(feature = "redis")]
 #[path = "../redis/server.rs"]
 mod redis_server;

@@ -24,6 +24,7 @@ pub(super) struct File {
     pub(super) limits: LimitsFile,
     pub(super) degrade: DegradeFile,
     pub(super) redis: Option<RedisFile>,
+    pub(super) metrics: MetricsFile,
     pub(super) accounts: Vec<AccountFile>,
     pub(super) keys: Vec<KeyFile>,
 }
@@ -35,13 +36,14 @@ pub(super) fn section_names() -> &'static [&'static str] {
 
 /// The sections whose scalars the environment overrides, with their field
 /// names as serde knows them (so the list cannot drift from the structs).
-pub(super) fn env_sections() -> [(&'static str, &'static [&'static str]); 5] {
+pub(super) fn env_sections() -> [(&'static str, &'static [&'static str]); 6] {
     [
         ("server", field_names::<ServerFile>()),
         ("upstream", field_names::<UpstreamFile>()),
         ("limits", field_names::<LimitsFile>()),
         ("degrade", field_names::<DegradeFile>()),
         ("redis", field_names::<RedisFile>()),
+        ("metrics", field_names::<MetricsFile>()),
     ]
 }
 
@@ -172,6 +174,21 @@ impl Default for RedisFile {
     }
 }
 
+/// How many client keys get their own `/metrics` series.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct MetricsFile {
+    pub(super) key_series: Int<0, 1_000_000>,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        Self {
+            key_series: Int(100),
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct AccountFile {
@@ -203,6 +220,9 @@ pub(super) struct KeyFile {
     pub(super) accounts: Option<OneOrMany<String>>,
     pub(super) capacity: Option<Int<1, { u32::MAX as u64 }>>,
     pub(super) refill_per_second: Option<Positive>,
+    /// Own `/metrics` series: `true` always, `false` never, unset while
+    /// fewer than `[metrics] key_series` keys have one.
+    pub(super) metrics: Option<Flag>,
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+//! `qwen-gateway`: the tower-qwen gateway as a program.
+//!
+//! ```text
+//! cargo install tower-qwen --features gateway
+//! DASHSCOPE_API_KEY=sk-... qwen-gateway --config gateway.toml
+//! qwen-gateway --config gateway.toml --check-config   # validate, print the effective config (no secrets)
+//! qwen-gateway --config gateway.toml --mock           # a mock DashScope behind it: no key, no network
+//! kill -HUP <pid>                                     # reload keys and limits, connections stay open
+//! ```
+//!
+//! Logs go to stdout: plain text (colour only on a terminal), or one JSON
+//! object per line with `--log-format json`; `RUST_LOG` filters them
+//! (default `info`). Ctrl-C or SIGTERM shuts down gracefully. It serves
+//! HTTP/1.1 and HTTP/2 cleartext (prior knowledge). `--mock` needs the
+//! `mock` feature, which is on by default.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tower_qwen::gateway::error::ConfigError;
+use tower_qwen::gateway::{Gateway, GatewayConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qwen-gateway",
+    version,
+    about = "A DashScope (Qwen) gateway: per-key buckets, account quotas, 429s with Retry-After, degradation, SSE pass-through, metrics"
+)]
+struct Args {
+    /// The TOML configuration file (fields: see examples/gateway.toml).
+    #[arg(long, short, default_value = "gateway.toml")]
+    config: PathBuf,
+    /// Validate the configuration, print it as the gateway reads it
+    /// (defaults filled in, secrets redacted) and exit: 0 when valid.
+    #[arg(long)]
+    check_config: bool,
+    /// Start a mock DashScope on loopback and send everything there (any
+    /// upstream key works).
+    #[arg(long)]
+    mock: bool,
+    /// How log lines are written to stdout.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable; coloured only when stdout is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
+/// Reads the configuration; with a mock upstream at `mock_url`, the
+/// upstream is the mock and any upstream key works.
+fn load(args: &Args, mock_url: Option<&str>) -> Result<GatewayConfig, ConfigError> {
+    GatewayConfig::load_with_env(&args.config, |name| match (mock_url, name) {
+        (Some(url), "QWEN_GATEWAY_UPSTREAM_BASE_URL") => Some(url.to_owned()),
+        (Some(_), "QWEN_GATEWAY_UPSTREAM_REGION") => None,
+        (Some(_), n) if n.contains("API_KEY") => {
+            Some(std::env::var(n).unwrap_or_else(|_| "sk-mock-upstream".into()))
+        }
+        _ => std::env::var(name).ok(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.check_config {
+        // With --mock the upstream would be the mock; its address is not
+        // known yet, so the file is checked as a mock run would read it.
+        let mock_url = args.mock.then_some("http://127.0.0.1:1");
+        return match load(&args, mock_url) {
+            Ok(config) => {
+                print!("{}", config.effective_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", args.config.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logs(args.log_format);
+    let mock = if args.mock {
+        start_mock().await
+    } else {
+        Ok(None)
+    };
+    let mock = match mock {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mock_url = mock.as_ref().map(|m| m.base_url());
+    let config = match load(&args, mock_url.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", args.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let gateway = Gateway::new(config);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot listen for SIGHUP: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let gw = gateway.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!(config = %args.config.display(), "SIGHUP: reloading the configuration");
+                match load(&args, mock_url.as_deref()) {
+                    Ok(c) => gw.reload(c),
+                    Err(e) => tracing::error!(
+                        config = %args.config.display(),
+                        error = %e,
+                        "reload refused: the configuration is invalid; keeping the running one"
+                    ),
+                }
+            }
+        });
+    }
+    let result = gateway.serve_on().await;
+    drop(mock);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "mock")]
+async fn start_mock() -> Result<Option<tower_qwen::mock::MockHandle>, String> {
+    let m = tower_qwen::mock::MockDashScope::builder()
+        .accept_any_key(true)
+        .start()
+        .await
+        .map_err(|e| format!("cannot start the mock: {e}"))?;
+    tracing::info!(url = %m.base_url(), "mock DashScope started");
+    Ok(Some(m))
+}
+
+/// No mock in this build.
+#[cfg(not(feature = "mock"))]
+enum NoMock {}
+
+#[cfg(not(feature = "mock"))]
+impl NoMock {
+    fn base_url(&self) -> String {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "mock"))]
+async fn start_mock() -> Result<Option<NoMock>, String> {
+    Err("--mock needs the `mock` feature (on by default): cargo install tower-qwen --features gateway".into())
+}

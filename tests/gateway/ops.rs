@@ -1,0 +1,478 @@
+//! Issue 17, items 4 and 6: the installable gateway (`qwen-gateway`:
+//! `--check-config`, logs, SIGHUP), reloads that keep connections, HTTP/2
+//! cleartext, and the bounded `key` label of `/metrics`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use super::*;
+
+const CAROL: &str = "gw-carol-key-0003";
+const BIN: &str = env!("CARGO_BIN_EXE_qwen-gateway");
+
+/// The value of the sample of `/metrics` whose line starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn requests_of(metrics: &str, key: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("gateway_requests_total{") && l.contains(&format!("key=\"{key}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A request on a connection of its own.
+fn on_conn(env: &Env, path: &str, key: &str, body: &str) -> Request<Full<Bytes>> {
+    let req = env.request(path, Some(key), &[], body);
+    let (mut parts, body) = req.into_parts();
+    parts.uri = path.parse().unwrap();
+    parts.headers.insert("host", "gw".parse().unwrap());
+    Request::from_parts(parts, body)
+}
+
+/// A reload (what SIGHUP does) swaps keys and limits without dropping a
+/// connection: a stream in progress finishes under the old configuration,
+/// the keep-alive connection it came on serves the next request under the
+/// new one, a key added works, a key removed gets 401, and a key kept
+/// keeps its metrics series.
+#[tokio::test(start_paused = true)]
+async fn a_reload_swaps_keys_and_limits_and_keeps_connections() {
+    let latency = Latency::none().per_token(Dist::fixed(Duration::from_millis(100)));
+    let m = mock()
+        .faults(FaultPlan::new().latency(latency))
+        .start()
+        .await
+        .unwrap();
+    let base = m.base_url();
+    let env = start_with(m, &config_for(&base, "")).await;
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+    assert_eq!(
+        env.post(CHAT, Some(BOB), &chat("qwen-plus", false))
+            .await
+            .status,
+        200
+    );
+    let before = env.gateway.render_metrics();
+    assert_eq!(requests_of(&before, "bob"), 1.0, "{before}");
+
+    // Alice opens a stream on a keep-alive connection.
+    let mut conn = connection(env.addr).await;
+    conn.ready().await.unwrap();
+    let res = conn
+        .send_request(on_conn(&env, CHAT, ALICE, &chat("qwen-plus", true)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    advance(Duration::from_millis(300)).await;
+
+    // The new configuration: Alice gone, Carol added with a bucket of 1,
+    // Bob's bucket down to 1.
+    let next = format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        quotas = "unlimited"
+        [[keys]]
+        name = "bob"
+        sha256 = "{bob}"
+        capacity = 1
+        refill_per_second = 0.01
+        [[keys]]
+        name = "carol"
+        key = "{CAROL}"
+        capacity = 1
+        refill_per_second = 0.01
+        "#,
+        bob = key_sha256(BOB),
+    );
+    env.gateway
+        .reload(GatewayConfig::from_toml_with_env(&next, |_| None).unwrap());
+
+    // The stream in progress ends whole.
+    let wire = res
+        .into_body()
+        .collect()
+        .await
+        .expect("a clean end")
+        .to_bytes();
+    let (deltas, finish, done) = compat_deltas(&wire);
+    assert_eq!(
+        (deltas.len(), finish.as_deref(), done),
+        (20, Some("stop"), true)
+    );
+
+    // The same connection serves the next requests, under the new keys.
+    for (key, status) in [
+        (CAROL, 200),
+        (CAROL, 429),
+        (ALICE, 401),
+        (BOB, 200),
+        (BOB, 429),
+    ] {
+        conn.ready().await.expect("the connection stayed open");
+        let res = conn
+            .send_request(on_conn(&env, CHAT, key, &chat("qwen-plus", false)))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{key}");
+        res.into_body().collect().await.unwrap();
+    }
+    assert!(!conn.is_closed());
+    let after = env.gateway.render_metrics();
+    assert_eq!(
+        requests_of(&after, "bob"),
+        3.0,
+        "Bob's series went on counting:\n{after}"
+    );
+    assert_eq!(requests_of(&after, "carol"), 2.0, "{after}");
+}
+
+fn config_for(base: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        quotas = "unlimited"
+        [[keys]]
+        name = "bob"
+        sha256 = "{bob}"
+        [[keys]]
+        name = "alice"
+        key = "{ALICE}"
+        {extra}
+        "#,
+        bob = key_sha256(BOB),
+    )
+}
+
+/// A file that does not validate changes nothing.
+#[tokio::test]
+async fn an_invalid_file_is_not_reloaded() {
+    let env = start(mock(), "").await;
+    let dir = std::env::temp_dir().join(format!("tq-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[[keys]]\nname = \"x\"\nkey = \"short\"\n").unwrap();
+    let e = env.gateway.reload_from(&path).unwrap_err();
+    assert!(e.fields().any(|f| f == "keys[0].key"), "{e}");
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// HTTP/2 with prior knowledge (h2c) from a client is served like
+/// HTTP/1.1, streams included.
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let env = start(mock(), "").await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let res = h2
+        .request(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", false)))
+        .await
+        .expect("the gateway speaks h2c");
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("x-ratelimit-remaining"));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+
+    let res = h2
+        .request(env.request(CHAT, Some(ALICE), &[], &chat("qwen-plus", true)))
+        .await
+        .unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    let wire = res.into_body().collect().await.unwrap().to_bytes();
+    let (_, finish, done) = compat_deltas(&wire);
+    assert_eq!((finish.as_deref(), done), (Some("stop"), true));
+
+    // Refusals in shape too; HTTP/1.1 still works beside it.
+    let res = h2
+        .request(env.request(CHAT, Some("gw-nobody-0000"), &[], "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+}
+
+/// Item 6: only `[metrics] key_series` keys (in file order; `metrics =
+/// true` always, `false` never) have their own series; the rest are
+/// counted under `key="_other"`, so `/metrics` does not grow with keys.
+#[tokio::test]
+async fn metrics_name_a_bounded_number_of_keys() {
+    let mock = mock().start().await.unwrap();
+    let mut text = format!(
+        r#"
+        [upstream]
+        base_url = "{}"
+        [metrics]
+        key_series = 3
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        quotas = "unlimited"
+        "#,
+        mock.base_url()
+    );
+    for i in 0..50 {
+        let choice = match i {
+            0 => "metrics = false",
+            40 => "metrics = true",
+            _ => "",
+        };
+        text.push_str(&format!(
+            "[[keys]]\nname = \"k{i}\"\nkey = \"gw-key-{i:04}-secret\"\n{choice}\n"
+        ));
+    }
+    let env = start_with(mock, &text).await;
+    for i in [0, 1, 5, 40, 41] {
+        let key = format!("gw-key-{i:04}-secret");
+        assert_eq!(
+            env.post(CHAT, Some(&key), &chat("qwen-plus", false))
+                .await
+                .status,
+            200
+        );
+    }
+    let m = String::from_utf8(env.get("/metrics", None).await.body.to_vec()).unwrap();
+    let mut named: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_key_bucket_remaining{"))
+        .map(|l| l.split('"').nth(1).unwrap())
+        .collect();
+    named.sort_unstable();
+    // k40 opted in; k0 opted out; k1 and k2 fill the 3 series.
+    assert_eq!(named, ["k1", "k2", "k40"], "{m}");
+    assert_eq!(requests_of(&m, "k1"), 1.0);
+    assert_eq!(requests_of(&m, "k40"), 1.0);
+    assert_eq!(requests_of(&m, "_other"), 3.0, "k0, k5, k41:\n{m}");
+    for i in [0, 5, 41] {
+        assert!(!m.contains(&format!("key=\"k{i}\"")), "k{i}:\n{m}");
+    }
+    assert_eq!(sample(&m, "gateway_degraded_keys"), Some(0.0));
+}
+
+// ---------------------------------------------------------------------------
+// The program.
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tq-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const SECRETS: [&str; 3] = [
+    "sk-upstream-very-secret",
+    "sk-from-env-very-secret",
+    "gw-alice-very-secret",
+];
+
+/// `--check-config` on a valid file prints the effective configuration
+/// (defaults filled in, the environment applied) and no secret.
+#[test]
+fn check_config_prints_the_effective_config_redacted() {
+    let path = temp_file(
+        "good.toml",
+        &format!(
+            r#"
+            [upstream]
+            base_url = "http://127.0.0.1:9"
+            [[accounts]]
+            name = "main"
+            api_keys = ["{}"]
+            api_key_env = "TQ_TEST_UPSTREAM_KEY"
+            [[keys]]
+            name = "alice"
+            key = "{}"
+            capacity = 5
+            "#,
+            SECRETS[0], SECRETS[2]
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(&path)
+        .env("TQ_TEST_UPSTREAM_KEY", SECRETS[1])
+        .env("QWEN_GATEWAY_SERVER_LISTEN", "127.0.0.1:9099")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: toml::Table = stdout.parse().expect("the output is TOML");
+    assert_eq!(shown["server"]["listen"].as_str(), Some("127.0.0.1:9099"));
+    assert_eq!(shown["server"]["body_read_timeout"].as_str(), Some("30s"));
+    let key = &shown["keys"].as_array().unwrap()[0];
+    assert_eq!(key["capacity"].as_integer(), Some(5));
+    assert_eq!(key["refill_per_second"].as_float(), Some(30.0));
+    assert_eq!(
+        key["key"].as_str().unwrap(),
+        format!("<redacted:{}>", &key_sha256(SECRETS[2])[..8])
+    );
+    let upstream = shown["accounts"].as_array().unwrap()[0]["api_keys"]
+        .as_array()
+        .unwrap();
+    assert_eq!(upstream.len(), 2, "the file's key and the environment's");
+    assert!(
+        upstream
+            .iter()
+            .all(|k| k.as_str().unwrap().starts_with("<redacted:"))
+    );
+    for s in SECRETS.iter().copied().chain([&key_sha256(SECRETS[2])[..]]) {
+        assert!(!stdout.contains(s), "{s} shown:\n{stdout}");
+    }
+}
+
+/// `--check-config` on a bad file fails, names every bad field, and echoes
+/// no secret.
+#[test]
+fn check_config_refuses_a_bad_file_naming_the_fields() {
+    let path = temp_file(
+        "bad.toml",
+        &format!(
+            r#"
+            [server]
+            listen = "nowhere"
+            [[accounts]]
+            name = "main"
+            api_key = ["{}"]
+            [[keys]]
+            name = "alice"
+            key = "{}"
+            colour = "blue"
+            "#,
+            SECRETS[0], SECRETS[2]
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for field in ["server.listen", "accounts[0].api_key", "keys[0].colour"] {
+        assert!(stderr.contains(field), "{field} not named:\n{stderr}");
+    }
+    for s in SECRETS {
+        assert!(!stderr.contains(s), "{s} shown:\n{stderr}");
+    }
+}
+
+/// Lines of a child's stdout, read on a thread; waits are bounded.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    fn until(&self, what: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.0.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    let hit = l.contains(what);
+                    seen.push(l);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(e) => panic!("no line with {what:?} ({e}); got:\n{}", seen.join("\n")),
+            }
+        }
+    }
+}
+
+fn run(format: &str, config: &std::path::Path) -> (std::process::Child, Lines) {
+    let mut child = Command::new(BIN)
+        .args(["--mock", "--log-format", format, "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    (child, Lines(rx))
+}
+
+/// The program logs plain text without colour codes when stdout is not a
+/// terminal, JSON lines with `--log-format json`, and reloads on SIGHUP.
+#[cfg(unix)]
+#[test]
+fn the_program_logs_plain_or_json_and_reloads_on_sighup() {
+    let path = temp_file(
+        "run.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
+    );
+    let (mut child, lines) = run("text", &path);
+    let seen = lines.until("gateway listening");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = seen.join("\n");
+    assert!(text.contains("mock DashScope started"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes off a terminal:\n{text}"
+    );
+
+    let (mut child, lines) = run("json", &path);
+    let mut seen = lines.until("gateway listening");
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    seen.extend(lines.until("gateway configuration reloaded"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for l in &seen {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
+
+/// The README's gateway configuration is valid as written.
+#[test]
+fn the_readme_gateway_config_is_valid() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("A minimal `gateway.toml`")
+        .expect("the section");
+    let block = &readme[start..];
+    let block = &block[block.find("```toml\n").unwrap() + 8..];
+    let block = &block[..block.find("```").unwrap()];
+    let env = |name: &str| {
+        matches!(name, "DASHSCOPE_API_KEY" | "GATEWAY_KEY_TEAM_B")
+            .then(|| "sk-readme-key-0001".to_owned())
+    };
+    let c = GatewayConfig::from_toml_with_env(block, env).unwrap();
+    assert!(c.effective_toml().contains("name = \"team-b\""));
+}
