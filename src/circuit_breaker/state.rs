@@ -52,6 +52,7 @@ const MODE_MASK: u64 = (1 << MODE_BITS) - 1;
 
 #[inline]
 fn pack(mode: u64, generation: u64) -> u64 {
+    // Equivalent mutant `^` for `|`: the two ranges share no bit.
     (generation << MODE_BITS) | mode
 }
 
@@ -180,6 +181,7 @@ impl Window {
                 .sum();
             Some(((i + 1).min(self.size), failures))
         } else {
+            // Equivalent mutant `|` for `&`: it only clears a bit already clear.
             if word.load(Ordering::Relaxed) & mask != 0 {
                 word.fetch_and(!mask, Ordering::Relaxed);
             }

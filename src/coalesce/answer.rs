@@ -264,6 +264,7 @@ pub(crate) fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
         rems.push((exact % sum, i));
     }
     let left = (total128 - given) as usize;
+    // Equivalent mutant `>=`: with nothing left over it hands out nothing.
     if left > 0 {
         // Largest remainder first; earlier index first on ties.
         rems.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));

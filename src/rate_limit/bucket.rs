@@ -265,6 +265,7 @@ impl Bucket {
     /// added to the TAT as it stands: if elapsed time has repaid it already,
     /// nothing changes.
     pub fn charge_more(&self, amount: u64) {
+        // Equivalent mutant `>=`: it only adds 0, which changes nothing.
         if amount > 0 {
             let _ = self
                 .tat
@@ -282,11 +283,6 @@ impl Bucket {
         let tat = self.tat();
         let empty = now.saturating_add(g.tolerance - g.interval.min(g.tolerance));
         tat.max(empty).saturating_add(pause) - tat
-    }
-
-    /// Sets the TAT (tests and restores).
-    pub fn set_tat(&self, tat: u64) {
-        self.tat.store(tat, Ordering::Release);
     }
 }
 
@@ -329,6 +325,7 @@ impl Ramp {
             RampKind::SlowStart => KIND_SLOW,
             RampKind::Recover => KIND_RECOVER,
         };
+        // Equivalent mutants `^` for `|`: the three ranges share no bit.
         (ms << (RATE_BITS + KIND_BITS)) | (rate << KIND_BITS) | kind
     }
 
@@ -369,11 +366,10 @@ impl Ramp {
 
 /// A rate factor in 16.16 fixed point from a fraction in `(0, 1]`.
 pub fn rate_from_f64(f: f64) -> u32 {
-    if f.is_nan() || f <= 0.0 {
-        1
-    } else if f >= 1.0 {
+    if f >= 1.0 {
         FULL_RATE
     } else {
+        // `as` saturates: NaN and negative fractions give 0, then 1.
         ((f * f64::from(FULL_RATE)) as u32).max(1)
     }
 }

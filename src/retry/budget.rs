@@ -140,6 +140,7 @@ impl Budget {
     /// Records a first attempt (a request) at `now`.
     pub fn deposit(&self, now: Instant) {
         let i = &self.inner;
+        // Equivalent mutant `>=`: it only adds a deposit of 0.
         if i.deposit > 0 {
             i.add(i.slot_of(now), i.deposit);
         }
@@ -249,6 +250,7 @@ impl Inner {
 /// 0).
 fn pack(epoch: u64, value: i64) -> u64 {
     let v = value.clamp(-VALUE_OFFSET, VALUE_OFFSET - 1);
+    // Equivalent mutant `^` for `|`: the two ranges share no bit.
     ((epoch & EPOCH_MASK) << VALUE_BITS) | (v as u64 & VALUE_MASK)
 }
 

@@ -20,7 +20,9 @@ use tower_qwen::rate_limit::{
     Cost, Feedback, Limits, Quota, RateLimitLayer, RateLimiter, SlowStart,
 };
 
+mod bucket;
 mod gcra;
+mod limiter;
 
 const MS: Duration = Duration::from_millis(1);
 
