@@ -449,10 +449,9 @@ fn book_full(
     // Every retry follows a compare-and-swap another caller won, so the
     // loops end; a debug build checks it, so that a broken bucket fails a
     // test at once instead of hanging it.
-    let mut tries = 0u32;
+    let mut tries = 0u32..;
     'outer: loop {
-        tries += 1;
-        debug_assert!(tries < 1 << 20, "rate limit booking made no progress");
+        debug_assert!(tries.next() < Some(1 << 20), "booking made no progress");
         let tr = st.req.bucket.tat();
         let tt = st.tok.bucket.tat();
         let at_r = gr.map_or(now, |g| g.conforms_at(tr, xr).max(now));
@@ -482,8 +481,7 @@ fn book_full(
                 }
                 let mut expected = tt;
                 loop {
-                    tries += 1;
-                    debug_assert!(tries < 1 << 20, "rate limit booking made no progress");
+                    debug_assert!(tries.next() < Some(1 << 20), "booking made no progress");
                     match st.tok.bucket.reserve_at(&g, slot, xt, expected) {
                         Ok(grant) => break Some(grant),
                         Err(actual) if actual != expected && g.conforms_at(actual, xt) <= slot => {

@@ -6,8 +6,12 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tower_qwen::classify::ThrottleCause;
-use tower_qwen::rate_limit::{Cost, Feedback, Limits, Quota, RateLimiter, SlowStart};
+use tower_qwen::rate_limit::error::RateLimited;
+use tower_qwen::rate_limit::{
+    Backend, Cost, Decision, Feedback, Limits, Permit, Quota, RateLimiter, SlowStart, Ticket,
+};
 
 use super::{MS, nz, smooth};
 
@@ -191,4 +195,308 @@ async fn debug_output() {
     let admitted = now.ready().await;
     let permit = format!("{:?}", admitted.get_ref());
     assert_eq!(permit, "MemoryPermit { slot: Some(0), tokens: Some(5) }");
+}
+
+/// What [`Backend::decide`] hands out: the cost function is told whether
+/// the key has a token quota; a call at its slot is admitted, a later one
+/// booked; a permit carries its tokens and says whether the limiter wants
+/// to hear back.
+#[tokio::test(start_paused = true)]
+async fn decide_weighs_admits_books_and_permits_report() {
+    let seen = std::cell::Cell::new(None);
+    let weigh = |cost: Cost| {
+        let seen = &seen;
+        move |tokens: bool| {
+            seen.set(Some(tokens));
+            cost
+        }
+    };
+    let wait = Duration::from_secs(1);
+    // Request-only keys, compact or full (limits of their own): no tokens.
+    let compact: RateLimiter<u32> =
+        RateLimiter::builder(Limits::requests(smooth(10))).build_keyed();
+    let full: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(10)))
+        .feedback(None)
+        .build_keyed_with(|k| {
+            if *k == 0 {
+                Limits::requests(smooth(10))
+            } else {
+                Limits::requests(smooth(10)).and_tokens(smooth(1_000))
+            }
+        });
+    for limiter in [&compact, &full] {
+        let Decision::Admitted(p) = limiter.decide(&0, weigh(Cost::ONE), wait, Instant::now())
+        else {
+            panic!("admitted")
+        };
+        assert_eq!(seen.take(), Some(false));
+        assert_eq!(p.tokens(), 0);
+        let Decision::Booked(t) = limiter.decide(&0, weigh(Cost::ONE), wait, Instant::now()) else {
+            panic!("booked")
+        };
+        assert_eq!(t.ready_at() - Instant::now(), 100 * MS);
+    }
+    // The compact limiter has feedback (the default), the other not.
+    let Decision::Admitted(p) = compact.decide(&1, weigh(Cost::ONE), wait, Instant::now()) else {
+        panic!("admitted")
+    };
+    assert!(p.wants_feedback());
+    let Decision::Admitted(p) = full.decide(&2, weigh(Cost::ONE), wait, Instant::now()) else {
+        panic!("admitted")
+    };
+    assert!(!p.wants_feedback());
+    // A key with a token quota is weighed with tokens, and charged them.
+    let Decision::Admitted(p) = full.decide(&1, weigh(Cost::call(300)), wait, Instant::now())
+    else {
+        panic!("admitted")
+    };
+    assert_eq!(seen.take(), Some(true));
+    assert_eq!(p.tokens(), 300);
+    assert_eq!(
+        Backend::snapshot(&full, &1).unwrap().tokens.unwrap().reset,
+        300 * MS
+    );
+    // Once a token key was seen, every key is weighed before the lookup.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let Decision::Admitted(_) = full.decide(&0, weigh(Cost::ONE), wait, Instant::now()) else {
+        panic!("admitted")
+    };
+    assert_eq!(seen.take(), Some(true));
+    // A refusal.
+    let Decision::Refused(e) = full.decide(&0, weigh(Cost::ONE), Duration::ZERO, Instant::now())
+    else {
+        panic!("refused")
+    };
+    assert!(e.downcast_ref::<RateLimited>().unwrap().is_requests());
+    assert_eq!(Backend::snapshot(&compact, &9), None);
+}
+
+/// Calls of no requests are free on a request-only key, even one in debt;
+/// a free reservation is ready now; the waits are exact away from the
+/// epoch, and a wait of exactly the maximum is booked.
+#[tokio::test(start_paused = true)]
+async fn free_calls_exact_waits_and_the_maximum_wait() {
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let limiter: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(1))).build_keyed();
+    // 5 requests on a full bucket (burst 1): admitted; the next conforms
+    // in 5 s.
+    limiter.check(&1, Cost::new(5, 0)).unwrap();
+    limiter.check(&1, Cost::new(0, 7)).unwrap();
+    let free = limiter
+        .reserve(&1, Cost::new(0, 0), Duration::ZERO)
+        .unwrap();
+    assert_eq!(free.ready_at(), Instant::now());
+    assert_eq!(
+        limiter.check(&1, Cost::ONE).unwrap_err().retry_after(),
+        Some(Duration::from_secs(5))
+    );
+    // A wait of exactly the maximum is booked; a nanosecond less is not.
+    assert!(
+        limiter
+            .reserve(
+                &1,
+                Cost::ONE,
+                Duration::from_secs(5) - Duration::from_nanos(1)
+            )
+            .is_err()
+    );
+    let r = limiter
+        .reserve(&1, Cost::ONE, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(r.ready_at() - Instant::now(), Duration::from_secs(5));
+    // Cancelled (the tail): the slot is given back.
+    drop(r);
+    let r = limiter
+        .reserve(&1, Cost::ONE, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(r.ready_at() - Instant::now(), Duration::from_secs(5));
+    std::mem::forget(r);
+    // The same on an unkeyed limiter with two quotas.
+    let limiter = RateLimiter::new(Limits::requests(smooth(10)).and_tokens(smooth(1_000)));
+    limiter.check(&(), Cost::new(1, 50)).unwrap();
+    assert_eq!(
+        limiter
+            .check(&(), Cost::new(1, 0))
+            .unwrap_err()
+            .retry_after(),
+        Some(100 * MS)
+    );
+    assert!(
+        limiter
+            .reserve(&(), Cost::ONE, 100 * MS - Duration::from_nanos(1))
+            .is_err()
+    );
+    let r = limiter.reserve(&(), Cost::ONE, 100 * MS).unwrap();
+    assert_eq!(r.ready_at() - Instant::now(), 100 * MS);
+    // A call that uses no tokens books nothing in the token bucket, even
+    // at a later slot.
+    assert_eq!(
+        limiter.snapshot(&()).unwrap().tokens.unwrap().reset,
+        50 * MS
+    );
+}
+
+/// A refund never returns capacity ahead of a waiter already booked.
+#[tokio::test(start_paused = true)]
+async fn a_refund_stays_behind_the_waiters() {
+    let limiter = RateLimiter::new(tokens_1k());
+    let a = limiter
+        .reserve(&(), Cost::call(1_000), Duration::ZERO)
+        .unwrap()
+        .ready()
+        .await;
+    // B waits for its slot at 1 s (the bucket is in debt until then).
+    let b = limiter
+        .reserve(&(), Cost::call(100), Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(b.ready_at() - Instant::now(), Duration::from_secs(1));
+    // A used nothing: nothing comes back ahead of B's slot and charge.
+    a.reconcile(0);
+    assert_eq!(token_reset(&limiter), 1_100 * MS);
+    // Used exactly the estimate: nothing changes either way.
+    let c = b.ready().await;
+    c.reconcile(100);
+    assert_eq!(token_reset(&limiter), 100 * MS);
+}
+
+fn tokens_1k() -> Limits {
+    Limits::tokens(smooth(1_000))
+}
+
+fn token_reset(limiter: &RateLimiter) -> Duration {
+    limiter.snapshot(&()).unwrap().tokens.unwrap().reset
+}
+
+/// A request throttle lowers the request rate only, a token throttle the
+/// token rate only, an overload both; the instant of the last tightening is
+/// reported exactly.
+#[tokio::test(start_paused = true)]
+async fn each_cause_tightens_its_own_quota() {
+    let two = || {
+        RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
+            .feedback(Feedback::new().recover_over(Duration::from_secs(100)))
+            .build()
+    };
+    tokio::time::advance(Duration::from_secs(3)).await;
+    for (cause, req, tok) in [
+        (ThrottleCause::Requests, 0.5, 1.0),
+        (ThrottleCause::Burst, 0.5, 1.0),
+        (ThrottleCause::Tokens, 1.0, 0.5),
+        (ThrottleCause::Overloaded, 0.5, 0.5),
+    ] {
+        let limiter = two();
+        let at = Instant::now();
+        assert!(limiter.throttled(&(), cause), "{cause:?}");
+        assert_eq!(
+            (rate(&limiter, false), rate(&limiter, true)),
+            (req, tok),
+            "{cause:?}"
+        );
+        assert_eq!(limiter.snapshot(&()).unwrap().last_throttle, Some(at));
+    }
+}
+
+/// A throttle of a call admitted at the instant of the last tightening is
+/// ignored (it was admitted before it); one admitted a nanosecond later
+/// tightens again.
+#[tokio::test(start_paused = true)]
+async fn throttles_of_calls_admitted_before_the_tightening_are_ignored() {
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let limiter = RateLimiter::builder(Limits::requests(
+        Quota::per_second(nz(10)).allow_burst(nz(5)),
+    ))
+    .build();
+    let t = Instant::now();
+    let admit = |at: Instant| {
+        let Decision::Admitted(p) = limiter.decide(&(), |_| Cost::ONE, Duration::ZERO, at) else {
+            panic!("admitted")
+        };
+        p
+    };
+    let (same, later) = (admit(t), admit(t + Duration::from_nanos(1)));
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    same.finish(Some(ThrottleCause::Requests), None);
+    assert_eq!(limiter.snapshot(&()).unwrap().throttles, 1);
+    later.finish(Some(ThrottleCause::Requests), None);
+    assert_eq!(limiter.snapshot(&()).unwrap().throttles, 2);
+}
+
+/// Keys: len, emptiness and evictions count both kinds of state (compact
+/// words and full states); a key is idle only when every bucket is full and
+/// it is not recovering; a slow start ramp does not keep a key.
+#[tokio::test(start_paused = true)]
+async fn keys_of_both_kinds_are_counted_and_evicted_when_idle() {
+    let limiter: RateLimiter<u32> =
+        RateLimiter::builder(Limits::requests(smooth(10))).build_keyed();
+    assert!(limiter.is_keyed());
+    assert!(!RateLimiter::new(Limits::requests(smooth(10))).is_keyed());
+    assert!(limiter.is_empty());
+    limiter.check(&1, Cost::ONE).unwrap();
+    limiter.check(&2, Cost::ONE).unwrap();
+    limiter.check(&3, Cost::ONE).unwrap();
+    assert!(!limiter.is_empty());
+    // Key 3 is upgraded to a full state by a throttle.
+    assert!(limiter.throttled(&3, ThrottleCause::Requests));
+    assert_eq!(limiter.len(), 3);
+    // Words are full after 100 ms; key 3 recovers until 31 s.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(limiter.evict_idle(), 2);
+    assert_eq!((limiter.len(), limiter.evicted()), (1, 2));
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert_eq!(limiter.evict_idle(), 1);
+    assert_eq!((limiter.len(), limiter.evicted()), (0, 3));
+    assert!(
+        RateLimiter::<u64>::bytes_per_key() >= std::mem::size_of::<(u64, u64)>(),
+        "a key and its TAT"
+    );
+
+    // Full states: a key with tokens in debt is not idle though its
+    // request bucket is full; one on a slow start ramp is, once full.
+    let limiter: RateLimiter<u32> =
+        RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
+            .slow_start(SlowStart::new(Duration::from_secs(100)))
+            .build_keyed();
+    limiter.check(&1, Cost::new(1, 2_000)).unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(limiter.evict_idle(), 0);
+    tokio::time::advance(Duration::from_secs(7)).await;
+    assert_eq!(limiter.evict_idle(), 1);
+    assert!(limiter.is_empty());
+}
+
+/// A keyed limiter with slow start gives each new key its ramp.
+#[tokio::test(start_paused = true)]
+async fn keyed_slow_start() {
+    let limiter: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(10)))
+        .slow_start(SlowStart::new(Duration::from_secs(10)))
+        .build_keyed();
+    for key in [1, 2] {
+        limiter.check(&key, Cost::ONE).unwrap();
+        assert_eq!(
+            limiter.check(&key, Cost::ONE).unwrap_err().retry_after(),
+            Some(400 * MS)
+        );
+    }
+}
+
+/// Without feedback, or for a local throttle, a request-only key stays a
+/// word: nothing is tightened, nothing upgraded.
+#[tokio::test(start_paused = true)]
+async fn nothing_to_tighten_leaves_a_compact_key_compact() {
+    let fulls = |l: &RateLimiter<u32>| {
+        let d = format!("{l:?}");
+        let at = d.find("fulls: Store").unwrap();
+        d[at..].contains("keys: 0,")
+    };
+    let none: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(10)))
+        .feedback(None)
+        .build_keyed();
+    let some: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(10))).build_keyed();
+    none.check(&1, Cost::ONE).unwrap();
+    some.check(&1, Cost::ONE).unwrap();
+    assert!(!none.throttled(&1, ThrottleCause::Requests));
+    assert!(!some.throttled(&1, ThrottleCause::Local));
+    assert!(fulls(&none) && fulls(&some));
+    assert!(some.throttled(&1, ThrottleCause::Requests));
+    assert!(!fulls(&some));
 }
