@@ -476,6 +476,7 @@ fn book_full(
             Some(g) => {
                 // Recorded before the booking, so that a concurrent refund
                 // never returns capacity ahead of this slot.
+                // Equivalent mutant `>=`: a refund's horizon is never before now.
                 if slot > now {
                     st.tok.latest.fetch_max(slot, Ordering::AcqRel);
                 }
@@ -891,6 +892,7 @@ where
         let (Some(g), Some(grant)) = (st.tok.gcra, b.tok) else {
             return;
         };
+        // Equivalent mutants `<=` and `>=` below: they refund or charge 0.
         if actual < b.tokens {
             let back = g.charge(b.tokens - actual, b.tok_rate);
             let latest = st.tok.latest.load(Ordering::Acquire);
@@ -969,12 +971,14 @@ where
             return false;
         };
         let (req, tok) = match cause {
+            // Equivalent mutant (arm deleted): `tighten` never passes Local.
             ThrottleCause::Local => return false,
             ThrottleCause::Requests | ThrottleCause::Burst => (true, false),
             ThrottleCause::Tokens => (false, true),
             _ => (true, true),
         };
         let last = st.tightened.load(Ordering::Acquire);
+        // Equivalent mutant `last >= 0`: `admitted < 0` is never true.
         if last > 0 && admitted < last {
             return false;
         }
@@ -1284,6 +1288,7 @@ where
                 .tighten(&a.key, a.slot, cause, a.booking.slot, now);
         }
         if let Some(actual) = tokens
+            // Equivalent mutant `>=`: a booking of no tokens reconciles nothing.
             && a.booking.tokens > 0
         {
             a.limiter.with_slot(&a.key, a.slot, |st| {

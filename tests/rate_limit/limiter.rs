@@ -334,6 +334,16 @@ async fn free_calls_exact_waits_and_the_maximum_wait() {
         limiter.snapshot(&()).unwrap().tokens.unwrap().reset,
         50 * MS
     );
+    // And one of no requests nothing in the request bucket.
+    let limiter = RateLimiter::new(Limits::requests(smooth(10)).and_tokens(smooth(1_000)));
+    limiter.check(&(), Cost::new(0, 500)).unwrap();
+    let r = limiter
+        .reserve(&(), Cost::new(0, 10), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(r.ready_at() - Instant::now(), 500 * MS);
+    let s = limiter.snapshot(&()).unwrap();
+    assert_eq!(s.requests.unwrap().reset, Duration::ZERO);
+    assert_eq!(s.tokens.unwrap().reset, 510 * MS);
 }
 
 /// A refund never returns capacity ahead of a waiter already booked.

@@ -563,7 +563,11 @@ async fn slow_start_ramps_up_after_idle() {
     // Keep the key busy and watch the gap between calls shrink.
     let mut t = Duration::ZERO;
     let mut gaps = Vec::new();
-    while t < Duration::from_millis(10_500) {
+    // Bounded: a broken limiter fails here instead of looping forever.
+    for _ in 0..1_000 {
+        if t >= Duration::from_millis(10_500) {
+            break;
+        }
         let wait = match limiter.check(&(), Cost::ONE) {
             Ok(()) => limiter.snapshot(&()).unwrap().requests.unwrap().retry_after,
             Err(e) => e.retry_after().unwrap(),
@@ -572,6 +576,7 @@ async fn slow_start_ramps_up_after_idle() {
         tokio::time::advance(wait).await;
         t += wait;
     }
+    assert!(t >= Duration::from_millis(10_500), "stuck at {t:?}");
     // Half way through the ramp the rate is about 62.5% (160 ms a call).
     let mid = gaps
         .iter()
