@@ -507,10 +507,15 @@ async fn layer_dropped_waiter_gives_its_slot_back() {
     let svc = layer.layer(upstream(log.clone(), || usage(10)));
     drain(svc.clone().oneshot(chat(10, 0)).await.unwrap()).await;
     let waiter = tokio::spawn(svc.clone().oneshot(chat(10, 1)));
-    // Until the waiter has booked its slot in Redis (1 s away).
-    while limiter.stats().redis < 2 {
+    // Until the waiter has booked its slot in Redis (1 s away); bounded, so
+    // a broken count fails here instead of spinning.
+    for _ in 0..100_000 {
+        if limiter.stats().redis >= 2 {
+            break;
+        }
         tokio::task::yield_now().await;
     }
+    assert!(limiter.stats().redis >= 2, "the waiter never booked");
     waiter.abort();
     assert!(waiter.await.unwrap_err().is_cancelled());
     limiter.settle().await;
