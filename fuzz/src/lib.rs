@@ -12,7 +12,11 @@
 //! `name: value` up to a blank line, then the body. Every target is
 //! tokio-free: bodies are polled with a no-op waker.
 //!
-//! To add a target: a `pub fn` here, an entry in [`TARGETS`], a
+//! The gateway's targets (`gateway_config`, `gateway_router`) need the
+//! crate's feature `gateway` (this package's feature of the same name, on
+//! by default); they use a tokio runtime, which they build themselves.
+//!
+//! To add a target: a `pub fn` here, an entry in [`targets`], a
 //! `fuzz_targets/<name>.rs` calling it, a `[[bin]]` in `fuzz/Cargo.toml`, a
 //! `#[test]` in `tests/fuzz_corpus/main.rs`, and seeds in `fuzz/seeds/<name>/`.
 
@@ -34,13 +38,30 @@ use tower_qwen::tokens::estimate_text_tokens;
 /// A fuzz target: panics when a property breaks.
 pub type Target = fn(&[u8]);
 
-/// Every target by name, as the corpus replay and the script know them.
-pub const TARGETS: &[(&str, Target)] = &[
-    ("sse", sse),
-    ("classify", classify),
-    ("retry_after", retry_after),
-    ("request_info", request_info),
-];
+/// Every target by name, as the corpus replay and the script know them
+/// (the gateway's only with feature `gateway`).
+pub fn targets() -> Vec<(&'static str, Target)> {
+    #[allow(unused_mut)]
+    let mut all: Vec<(&'static str, Target)> = vec![
+        ("sse", sse),
+        ("classify", classify),
+        ("retry_after", retry_after),
+        ("request_info", request_info),
+    ];
+    #[cfg(feature = "gateway")]
+    all.extend([
+        ("gateway_config", gateway::gateway_config as Target),
+        ("gateway_router", gateway::gateway_router as Target),
+    ]);
+    all
+}
+
+/// The targets that need feature `gateway`.
+pub const GATEWAY_TARGETS: &[&str] = &["gateway_config", "gateway_router"];
+
+#[cfg(feature = "gateway")]
+#[allow(unused_imports)] // used by the libFuzzer binaries
+pub use gateway::{gateway_config, gateway_router};
 
 // ---------------------------------------------------------------------------
 // The input format.
@@ -681,4 +702,514 @@ pub fn request_info(data: &[u8]) {
         .expect("a valid URI");
     *b.headers_mut() = headers;
     assert_eq!(*RequestInfo::of(&mut b), expected);
+}
+
+// ---------------------------------------------------------------------------
+// The gateway: its configuration, and its router in front of a stub
+// upstream.
+
+#[cfg(feature = "gateway")]
+mod gateway {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, Method, Request, StatusCode, Uri, header};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    use tower_qwen::gateway::{Gateway, GatewayConfig};
+    use tower_qwen::request::RequestInfo;
+
+    use super::{Options, first_line, headers};
+
+    /// A current-thread runtime.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// The quoted strings assigned to a field that holds key material
+    /// (`api_key`, `api_keys`, `key`, `url`, whatever the section) on the
+    /// same line, read from the text whether or not it is valid TOML.
+    fn secrets_in(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for line in text.lines() {
+            for field in ["api_key", "api_keys", "key", "url"] {
+                let mut from = 0;
+                while let Some(i) = line[from..].find(field) {
+                    let at = from + i;
+                    from = at + field.len();
+                    let rest = line[from..].trim_start();
+                    let Some(rest) = rest.strip_prefix('=') else {
+                        continue;
+                    };
+                    let mut quoted = rest;
+                    while let Some(q) = quoted.find(['"', '\'']) {
+                        let close = quoted.as_bytes()[q] as char;
+                        let body = &quoted[q + 1..];
+                        let Some(end) = body.find(close) else { break };
+                        out.push(body[..end].to_owned());
+                        quoted = &body[end + 1..];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `s` looks like a key and appears once in the input, so that
+    /// finding it in an output means the output shows key material (and not
+    /// a field name, a number or a word of the message).
+    fn key_like(s: &str, input: &str) -> bool {
+        s.len() >= 10
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && s.bytes().any(|b| b.is_ascii_digit())
+            && s.bytes().any(|b| b.is_ascii_alphabetic())
+            && input.matches(s).count() == 1
+    }
+
+    /// The gateway's configuration through its public entry point.
+    ///
+    /// Input: environment variables, one `NAME=value` per line, up to a
+    /// blank line; then the TOML text (an input starting with a blank line
+    /// has no environment).
+    ///
+    /// Properties: no panic; loading is deterministic (the same verdict,
+    /// the same problems); neither a `ConfigError` nor a loaded
+    /// configuration's `Debug` shows key material (a key-like value of
+    /// `api_key`, `api_keys`, `key`, `url`, or of a variable named by a
+    /// `*_env` field or overlaid on `[redis].url`); and a configuration
+    /// that loads is valid: the gateway builds from it (`Gateway::new`,
+    /// whose `Debug` and metrics show no key material either), and its
+    /// router answers `/healthz` 200 and `/metrics` 200.
+    pub fn gateway_config(data: &[u8]) {
+        let input = String::from_utf8_lossy(data);
+        let (env_part, text) = match input.strip_prefix('\n') {
+            Some(text) => ("", text),
+            None => match input.find("\n\n") {
+                Some(i) => (&input[..i], &input[i + 2..]),
+                None => (&input[..], ""),
+            },
+        };
+        let env: HashMap<String, String> = env_part
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+            .collect();
+        let load = || GatewayConfig::from_toml_with_env(text, |n| env.get(n).cloned());
+        let first = load();
+        let again = load();
+        match (&first, &again) {
+            (Ok(_), Ok(_)) => {}
+            (Err(a), Err(b)) => assert_eq!(a, b, "loading twice gives other problems"),
+            _ => panic!("loading twice gives another verdict"),
+        }
+
+        // Key material: the key fields' values, and the values of the
+        // variables `*_env` fields name or the overlay reads as a URL.
+        let mut secrets = secrets_in(text);
+        for (name, value) in &env {
+            if text.contains(name.as_str()) || name.ends_with("_URL") || name.contains("KEY") {
+                secrets.push(value.clone());
+            }
+        }
+        secrets.retain(|s| key_like(s, &input));
+        let shows = |what: &str, out: &str| {
+            for s in &secrets {
+                assert!(
+                    !out.contains(s.as_str()),
+                    "{what} shows the key {s:?}: {out}"
+                );
+            }
+        };
+
+        let cfg = match first {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                shows("the error", &e.to_string());
+                shows("the error's Debug", &format!("{e:?}"));
+                return;
+            }
+        };
+        shows("the configuration's Debug", &format!("{cfg:?}"));
+        // With `[redis]` the gateway spawns its connection task: a runtime
+        // of its own, dropped (with the task) afterwards.
+        let rt = runtime();
+        let gateway = {
+            let _in = rt.enter();
+            Gateway::new(cfg)
+        };
+        shows("the gateway's Debug", &format!("{gateway:?}"));
+        shows("the metrics", &gateway.render_metrics());
+        let router = gateway.router();
+        rt.block_on(async {
+            for path in ["/healthz", "/metrics"] {
+                let req = Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .expect("a valid request");
+                let res = router.clone().oneshot(req).await.expect("infallible");
+                assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+                let body = res.into_body().collect().await.expect("a body").to_bytes();
+                shows(path, &String::from_utf8_lossy(&body));
+            }
+        });
+        // Without waiting for what the Redis connection task started (a
+        // name lookup may take long).
+        rt.shutdown_background();
+    }
+
+    // -----------------------------------------------------------------------
+    // The router.
+
+    /// The client key the router target's gateway knows, and the upstream
+    /// key it sends instead.
+    const CLIENT_KEY: &str = "gw-fuzz-client-key-0001";
+    const UPSTREAM_KEY: &str = "sk-fuzz-upstream-key-0001";
+
+    /// What the stub upstream received.
+    struct Seen {
+        method: Method,
+        uri: String,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    /// The stub's answers, by mode: status, content type, body.
+    const ANSWERS: [(u16, &str, &str); 6] = [
+        (
+            200,
+            "application/json",
+            r#"{"output":{"text":"ok","finish_reason":"stop"},"usage":{"input_tokens":3,"output_tokens":1,"total_tokens":4},"request_id":"stub"}"#,
+        ),
+        (
+            200,
+            "text/event-stream",
+            "id:1\nevent:result\n:HTTP_STATUS/200\ndata:{\"output\":{\"text\":\"ok\",\"finish_reason\":\"stop\"},\"usage\":{\"input_tokens\":3,\"output_tokens\":1,\"total_tokens\":4},\"request_id\":\"stub\"}\n\n",
+        ),
+        (
+            500,
+            "application/json",
+            r#"{"code":"InternalError","message":"stub","request_id":"stub"}"#,
+        ),
+        (
+            429,
+            "application/json",
+            r#"{"code":"Throttling.RateQuota","message":"stub","request_id":"stub"}"#,
+        ),
+        (
+            200,
+            "text/event-stream",
+            "id:1\nevent:error\n:HTTP_STATUS/500\ndata:{\"code\":\"InternalError\",\"message\":\"stub\",\"request_id\":\"stub\"}\n\n",
+        ),
+        (
+            200,
+            "text/event-stream",
+            "data: {\"id\":\"stub\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        ),
+    ];
+
+    /// The gateway in front of the stub, built once per process.
+    struct Rig {
+        rt: tokio::runtime::Runtime,
+        router: axum::Router,
+        host: String,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        mode: Arc<AtomicU8>,
+    }
+
+    fn rig() -> &'static Rig {
+        static RIG: OnceLock<Rig> = OnceLock::new();
+        RIG.get_or_init(|| {
+            let rt = runtime();
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let mode = Arc::new(AtomicU8::new(0));
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("a loopback port");
+            let addr = listener.local_addr().expect("its address");
+            let stub = {
+                let (seen, mode) = (seen.clone(), mode.clone());
+                axum::Router::new().fallback(move |req: axum::extract::Request| {
+                    let (seen, mode) = (seen.clone(), mode.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        seen.lock().unwrap().push(Seen {
+                            method: parts.method,
+                            uri: parts.uri.to_string(),
+                            headers: parts.headers,
+                            body,
+                        });
+                        let (status, ctype, body) =
+                            ANSWERS[usize::from(mode.load(Ordering::Relaxed))];
+                        http::Response::builder()
+                            .status(status)
+                            .header(header::CONTENT_TYPE, ctype)
+                            .body(axum::body::Body::from(body))
+                            .expect("a valid answer")
+                    }
+                })
+            };
+            rt.spawn(async move {
+                let _ = axum::serve(listener, stub).await;
+            });
+            let text = format!(
+                r#"
+                [server]
+                max_body_bytes = 2048
+                max_header_bytes = 1024
+                [upstream]
+                base_url = "http://{addr}"
+                header_timeout = "5s"
+                total_timeout = "5s"
+                [limits]
+                capacity = 4000000000
+                refill_per_second = 1000000000
+                [degrade]
+                enabled = false
+                [[accounts]]
+                name = "main"
+                api_key = "{UPSTREAM_KEY}"
+                quotas = "unlimited"
+                [[keys]]
+                name = "fuzz"
+                key = "{CLIENT_KEY}"
+                "#
+            );
+            let cfg = GatewayConfig::from_toml_with_env(&text, |_| None).expect("a valid config");
+            let router = Gateway::new(cfg).router();
+            Rig {
+                rt,
+                router,
+                host: addr.to_string(),
+                seen,
+                mode,
+            }
+        })
+    }
+
+    /// A path the gateway may forward: DashScope's shapes, each segment
+    /// ASCII letters, digits, `-` and `_` (written here independently of
+    /// the gateway's own allow-list).
+    fn forwardable(path: &str) -> bool {
+        let seg = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if let Some(rest) = path.strip_prefix("/api/v1/services/") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            return (2..=4).contains(&parts.len()) && parts.iter().all(|s| seg(s));
+        }
+        if let Some(rest) = path.strip_prefix("/api/v1/tasks/") {
+            return seg(rest.strip_suffix("/cancel").unwrap_or(rest));
+        }
+        matches!(
+            path,
+            "/api/v1/tasks"
+                | "/compatible-mode/v1/chat/completions"
+                | "/compatible-mode/v1/embeddings"
+        )
+    }
+
+    /// Whether `body` is a DashScope error in the dialect of `path`:
+    /// compatible `{"error":{"message","type","code"}}` under
+    /// `/compatible-mode/`, native `{"code","message","request_id"}`
+    /// elsewhere.
+    fn in_shape(path: &str, body: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return false;
+        };
+        let text = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+        if path.starts_with("/compatible-mode/") {
+            let e = &v["error"];
+            text(&e["message"]) && text(&e["type"]) && text(&e["code"])
+        } else {
+            text(&v["code"]) && text(&v["message"]) && text(&v["request_id"])
+        }
+    }
+
+    /// The gateway's router, in process, in front of a stub upstream on
+    /// loopback.
+    ///
+    /// Input: a request line `METHOD TARGET`; an options line: `up=0..5`
+    /// (the stub's answer: JSON, native stream, 500, 429, an error frame,
+    /// compatible stream) and `auth=0` (no key of ours; by default the
+    /// request carries `Authorization: Bearer <the client key>` before its
+    /// own headers); header lines, a blank line, the body.
+    ///
+    /// Properties: no panic and an answer within 5 s, its body read to its
+    /// end. A request the stub received was sent with our client key, by
+    /// the method its route takes, to a path of DashScope's shapes, the
+    /// path and query byte for byte as the client sent them (never another
+    /// host: the stub's `Host`), with the body unchanged and readable as
+    /// the upstream reads it (no body error, a model for generation and
+    /// embeddings), the upstream key instead of the client's and no
+    /// hop-by-hop header; and its answer reached the client unchanged
+    /// (status, and body unless HEAD). Any other answer is the gateway's
+    /// own: `/healthz` and `/metrics` 200, else an error status with a
+    /// DashScope error body in the path's dialect.
+    pub fn gateway_router(data: &[u8]) {
+        let (line, rest) = first_line(data);
+        let (method, target) = match line.iter().position(|&b| b == b' ') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b"/"[..]),
+        };
+        let (Ok(method), Ok(uri)) = (Method::from_bytes(method), Uri::try_from(target)) else {
+            return; // hyper refuses such a head before the router sees it
+        };
+        let (opts, rest) = first_line(rest);
+        let opts = Options::parse(opts);
+        let mode = (opts.get("up").unwrap_or(0) % ANSWERS.len() as u64) as u8;
+        let authed = opts.get("auth") != Some(0);
+        let (hdrs, body) = headers(rest);
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(uri.clone())
+            .body(axum::body::Body::from(body.to_vec()))
+            .expect("a valid request");
+        if authed {
+            req.headers_mut().insert(
+                header::AUTHORIZATION,
+                http::HeaderValue::from_str(&format!("Bearer {CLIENT_KEY}")).expect("ascii"),
+            );
+        }
+        for (n, v) in &hdrs {
+            req.headers_mut().append(n, v.clone());
+        }
+        let sent_headers = req.headers().clone();
+
+        let rig = rig();
+        rig.mode.store(mode, Ordering::Relaxed);
+        rig.seen.lock().unwrap().clear();
+        let (parts, answer) = rig.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                let res = rig.router.clone().oneshot(req).await.expect("infallible");
+                let (parts, body) = res.into_parts();
+                let answer = body.collect().await.map(|c| c.to_bytes());
+                (parts, answer)
+            })
+            .await
+            .expect("an answer within 5 s")
+        });
+        let answer = answer.expect("the answer's body reads to its end");
+        let seen: Vec<Seen> = rig.seen.lock().unwrap().drain(..).collect();
+        assert!(
+            seen.len() <= 1,
+            "one request forwarded {} times",
+            seen.len()
+        );
+        let path = uri.path();
+
+        if let Some(up) = seen.first() {
+            let bearer = format!("Bearer {CLIENT_KEY}");
+            assert!(
+                sent_headers
+                    .get_all(header::AUTHORIZATION)
+                    .iter()
+                    .any(|v| v.as_bytes() == bearer.as_bytes()),
+                "forwarded without our client key"
+            );
+            let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+            assert_eq!(up.uri, pq, "the path or query changed on the way");
+            assert!(
+                forwardable(path),
+                "forwarded a path off DashScope's shapes: {path:?}"
+            );
+            let posted = path.starts_with("/api/v1/services/")
+                || path.starts_with("/compatible-mode/")
+                || path.ends_with("/cancel") && path.starts_with("/api/v1/tasks/");
+            let expected: &[Method] = if posted {
+                &[Method::POST]
+            } else {
+                &[Method::GET, Method::HEAD]
+            };
+            assert!(
+                expected.contains(&up.method),
+                "forwarded {} {path}",
+                up.method
+            );
+            assert_eq!(up.method, method, "the method changed");
+            assert_eq!(up.body.as_ref(), body, "the body changed on the way");
+            let info = RequestInfo::parse(path, &up.headers, Some(&up.body));
+            assert!(
+                info.body_error.is_none(),
+                "forwarded a body the upstream reads otherwise: {info:?}"
+            );
+            if info.endpoint.is_generation() || info.endpoint.is_embedding() {
+                assert!(
+                    info.model.as_deref().is_some_and(|m| !m.trim().is_empty()),
+                    "forwarded a generation without a model: {info:?}"
+                );
+            }
+            let auth: Vec<_> = up.headers.get_all(header::AUTHORIZATION).iter().collect();
+            assert_eq!(
+                auth,
+                [format!("Bearer {UPSTREAM_KEY}").as_str()],
+                "the upstream got another authorization"
+            );
+            assert_eq!(
+                up.headers.get(header::HOST).map(|h| h.as_bytes()),
+                Some(rig.host.as_bytes()),
+                "sent to another host"
+            );
+            for hop in [
+                "te",
+                "trailer",
+                "upgrade",
+                "keep-alive",
+                "proxy-authorization",
+                "proxy-connection",
+            ] {
+                assert!(
+                    !up.headers.contains_key(hop),
+                    "forwarded the hop-by-hop {hop}"
+                );
+            }
+            let (status, _, stub_body) = ANSWERS[usize::from(mode)];
+            assert_eq!(
+                parts.status.as_u16(),
+                status,
+                "the upstream's status changed"
+            );
+            if method != Method::HEAD {
+                assert_eq!(
+                    answer.as_ref(),
+                    stub_body.as_bytes(),
+                    "the upstream's answer changed"
+                );
+            }
+            return;
+        }
+
+        // The gateway's own answer.
+        if matches!(path, "/healthz" | "/metrics")
+            && (method == Method::GET || method == Method::HEAD)
+        {
+            assert_eq!(parts.status, StatusCode::OK, "{method} {path}");
+            return;
+        }
+        assert!(
+            parts.status.is_client_error() || parts.status.is_server_error(),
+            "{method} {path}: {} without reaching the upstream",
+            parts.status
+        );
+        if method != Method::HEAD {
+            assert!(
+                in_shape(path, &answer),
+                "{method} {path}: {} not in DashScope's shape: {}",
+                parts.status,
+                String::from_utf8_lossy(&answer)
+            );
+        }
+    }
 }

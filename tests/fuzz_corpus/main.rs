@@ -13,8 +13,8 @@ use std::path::PathBuf;
 /// Runs `target` on every file of its seed and corpus folders; returns how
 /// many inputs ran.
 fn replay(name: &str) -> usize {
-    let (_, target) = targets::TARGETS
-        .iter()
+    let (_, target) = targets::targets()
+        .into_iter()
         .find(|(n, _)| *n == name)
         .expect("a known target");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz");
@@ -40,12 +40,12 @@ fn replay(name: &str) -> usize {
 }
 
 /// Every target has a libFuzzer binary and seeds, and every corpus folder
-/// belongs to a target.
+/// belongs to a target (the gateway's need feature `gateway`).
 #[test]
 fn every_target_is_wired() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("fuzz/Cargo.toml");
-    for (name, _) in targets::TARGETS {
+    for (name, _) in targets::targets() {
         let bin = std::fs::read_to_string(root.join(format!("fuzz_targets/{name}.rs")))
             .unwrap_or_else(|_| panic!("fuzz/fuzz_targets/{name}.rs is missing"));
         assert!(
@@ -69,7 +69,8 @@ fn every_target_is_wired() {
             let name = entry.unwrap().file_name();
             let name = name.to_str().unwrap();
             assert!(
-                targets::TARGETS.iter().any(|(n, _)| *n == name),
+                targets::targets().iter().any(|(n, _)| *n == name)
+                    || targets::GATEWAY_TARGETS.contains(&name),
                 "fuzz/{dir}/{name} belongs to no target"
             );
         }
@@ -94,4 +95,16 @@ fn retry_after() {
 #[test]
 fn request_info() {
     assert!(replay("request_info") > 0);
+}
+
+#[cfg(feature = "gateway")]
+#[test]
+fn gateway_config() {
+    assert!(replay("gateway_config") > 0);
+}
+
+#[cfg(feature = "gateway")]
+#[test]
+fn gateway_router() {
+    assert!(replay("gateway_router") > 0);
 }
