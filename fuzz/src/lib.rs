@@ -720,7 +720,7 @@ mod gateway {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
     use tower_qwen::gateway::{Gateway, GatewayConfig};
-    use tower_qwen::request::RequestInfo;
+    use tower_qwen::request::{Endpoint, RequestInfo};
 
     use super::{Options, first_line, headers};
 
@@ -966,6 +966,7 @@ mod gateway {
                 r#"
                 [server]
                 max_body_bytes = 2048
+                max_file_bytes = 1048576
                 max_header_bytes = 1024
                 [upstream]
                 base_url = "http://{addr}"
@@ -997,10 +998,15 @@ mod gateway {
         })
     }
 
-    /// A path the gateway may forward: DashScope's shapes, each segment
+    /// The methods by which the gateway may forward `path`, or `None` for
+    /// a path it must never forward: DashScope's shapes, each segment
     /// ASCII letters, digits, `-` and `_` (written here independently of
-    /// the gateway's own allow-list).
-    fn forwardable(path: &str) -> bool {
+    /// the gateway's own allow-list). HEAD goes with every GET (axum's).
+    fn forwardable(path: &str) -> Option<&'static [Method]> {
+        const POST: &[Method] = &[Method::POST];
+        const GET: &[Method] = &[Method::GET, Method::HEAD];
+        const POST_GET: &[Method] = &[Method::POST, Method::GET, Method::HEAD];
+        const GET_DELETE: &[Method] = &[Method::GET, Method::HEAD, Method::DELETE];
         let seg = |s: &str| {
             !s.is_empty()
                 && s.bytes()
@@ -1008,17 +1014,31 @@ mod gateway {
         };
         if let Some(rest) = path.strip_prefix("/api/v1/services/") {
             let parts: Vec<&str> = rest.split('/').collect();
-            return (2..=4).contains(&parts.len()) && parts.iter().all(|s| seg(s));
+            let ok = (2..=4).contains(&parts.len()) && parts.iter().all(|s| seg(s));
+            return ok.then_some(POST);
         }
-        if let Some(rest) = path.strip_prefix("/api/v1/tasks/") {
-            return seg(rest.strip_suffix("/cancel").unwrap_or(rest));
+        match path {
+            "/compatible-mode/v1/chat/completions" | "/compatible-mode/v1/embeddings" => {
+                return Some(POST);
+            }
+            "/api/v1/tasks" => return Some(GET),
+            "/compatible-mode/v1/files" | "/compatible-mode/v1/batches" => return Some(POST_GET),
+            _ => {}
         }
-        matches!(
-            path,
-            "/api/v1/tasks"
-                | "/compatible-mode/v1/chat/completions"
-                | "/compatible-mode/v1/embeddings"
-        )
+        // An id, then the one action each collection has on it.
+        for (prefix, action, on_id, on_action) in [
+            ("/api/v1/tasks/", "/cancel", GET, POST),
+            ("/compatible-mode/v1/files/", "/content", GET_DELETE, GET),
+            ("/compatible-mode/v1/batches/", "/cancel", GET, POST),
+        ] {
+            if let Some(rest) = path.strip_prefix(prefix) {
+                return match rest.strip_suffix(action) {
+                    Some(id) if seg(id) => Some(on_action),
+                    _ => seg(rest).then_some(on_id),
+                };
+            }
+        }
+        None
     }
 
     /// Whether `body` is a DashScope error in the dialect of `path`:
@@ -1051,9 +1071,11 @@ mod gateway {
     /// end. A request the stub received was sent with our client key, by
     /// the method its route takes, to a path of DashScope's shapes, the
     /// path and query byte for byte as the client sent them (never another
-    /// host: the stub's `Host`), with the body unchanged and readable as
-    /// the upstream reads it (no body error, a model for generation and
-    /// embeddings), the upstream key instead of the client's and no
+    /// host: the stub's `Host`), with the body unchanged and, but for the
+    /// Files and Batch APIs (streamed through, outside the real-time
+    /// quota), readable as the upstream reads it (no body error, a model
+    /// for generation and embeddings), the upstream key instead of the
+    /// client's and no
     /// hop-by-hop header; and its answer reached the client unchanged
     /// (status, and body unless HEAD). Any other answer is the gateway's
     /// own: `/healthz` and `/metrics` 200, else an error status with a
@@ -1121,28 +1143,23 @@ mod gateway {
             );
             let pq = uri.path_and_query().map_or("/", |p| p.as_str());
             assert_eq!(up.uri, pq, "the path or query changed on the way");
-            assert!(
-                forwardable(path),
-                "forwarded a path off DashScope's shapes: {path:?}"
-            );
-            let posted = path.starts_with("/api/v1/services/")
-                || path.starts_with("/compatible-mode/")
-                || path.ends_with("/cancel") && path.starts_with("/api/v1/tasks/");
-            let expected: &[Method] = if posted {
-                &[Method::POST]
-            } else {
-                &[Method::GET, Method::HEAD]
+            let Some(methods) = forwardable(path) else {
+                panic!("forwarded a path off DashScope's shapes: {path:?}");
             };
             assert!(
-                expected.contains(&up.method),
+                methods.contains(&up.method),
                 "forwarded {} {path}",
                 up.method
             );
             assert_eq!(up.method, method, "the method changed");
             assert_eq!(up.body.as_ref(), body, "the body changed on the way");
+            // Files and batches are outside the real-time quota: their
+            // bodies are streamed through, not read (a `max_file_bytes` cap
+            // aside). Everything else is read as the upstream reads it.
             let info = RequestInfo::parse(path, &up.headers, Some(&up.body));
+            let streamed = matches!(info.endpoint, Endpoint::Files | Endpoint::Batches);
             assert!(
-                info.body_error.is_none(),
+                streamed || info.body_error.is_none(),
                 "forwarded a body the upstream reads otherwise: {info:?}"
             );
             if info.endpoint.is_generation() || info.endpoint.is_embedding() {
