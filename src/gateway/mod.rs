@@ -31,7 +31,10 @@
 //!    address gets `max_auth_failures_per_minute` failed authentications
 //!    (default 10, a burst of as many, IPv6 per /64); beyond that its
 //!    requests get 429 (`Throttling`, `Retry-After`) whatever key they
-//!    carry, so keys cannot be guessed quickly. The address comes from
+//!    carry, so keys cannot be guessed quickly. At most 4,096 addresses
+//!    are tracked; while all are still counted, new addresses share one
+//!    such allowance (a flood of addresses gets no more, and is refused
+//!    429 once it is spent, good key or not). The address comes from
 //!    axum's `ConnectInfo<SocketAddr>` ([`Gateway::serve`] provides it; when
 //!    you mount the router yourself, serve it with
 //!    `into_make_service_with_connect_info::<SocketAddr>()`, or there is no

@@ -151,6 +151,13 @@ impl<K: Hash + Eq, V> Store<K, V> {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Whether the store holds `max_keys` keys (a new key would overflow
+    /// unless a sweep frees room).
+    #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
+    pub(crate) fn is_full(&self) -> bool {
+        self.len() >= self.max_keys
+    }
+
     /// How many keys were evicted so far.
     #[cfg_attr(not(feature = "rate-limit"), allow(dead_code))]
     pub(crate) fn evicted(&self) -> u64 {

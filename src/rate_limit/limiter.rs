@@ -867,13 +867,24 @@ where
     }
 
     /// What `key`'s quotas look like now; `None` for a key never seen (or
-    /// evicted): its buckets are full.
+    /// evicted): its buckets are full. A key without state of its own while
+    /// the keys are at [`RateLimiterBuilder::max_keys`] reports the shared
+    /// overflow state, which decides its calls.
     pub fn snapshot(&self, key: &K) -> Option<Snapshot> {
         let now = self.nanos(time::now());
         let sh = &*self.shared;
         match &sh.single {
             Some(s) => Some(self.snapshot_of(View::Full(s), now)),
-            None => self.with_slot(key, Slot::Map, |st| self.snapshot_of(st, now)),
+            None => self
+                .with_slot(key, Slot::Map, |st| self.snapshot_of(st, now))
+                .or_else(|| {
+                    let store_full = match sh.compact {
+                        Some(_) => sh.words.is_full(),
+                        None => sh.fulls.is_full(),
+                    };
+                    let overflow = sh.overflow.get().filter(|_| store_full)?;
+                    Some(self.snapshot_of(View::Full(overflow), now))
+                }),
         }
     }
 

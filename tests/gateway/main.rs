@@ -922,11 +922,23 @@ async fn failed_authentications_are_limited_per_address() {
         );
     }
     assert_eq!(call(v6(99), CHAT, ALICE, String::new()).await.status, 429);
-    // A flood from many addresses: the addresses tracked stay bounded.
+    // A flood from many addresses: the addresses tracked stay bounded, and
+    // once the table (4,096) is full of addresses still counted, the new
+    // ones share one allowance of 3: 4,094 + 3 guesses get an answer, the
+    // rest 429 (issue 13: the auth limiter is the crate's keyed limiter).
+    let mut guesses = 0;
     for i in 0..4_200u32 {
         let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
-        call(ip, CHAT, "gw-guess", String::new()).await;
+        let status = call(ip, CHAT, "gw-guess", String::new()).await.status;
+        guesses += usize::from(status == 401);
     }
+    assert_eq!(guesses, 4_094 + 3);
+    // Tracked addresses were not pushed out by the flood; a fresh address
+    // is refused while the shared allowance is spent, even with a good key
+    // (the limit fails closed).
+    assert_eq!(call(a_ip, CHAT, ALICE, String::new()).await.status, 429);
+    let fresh = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+    assert_eq!(call(fresh, CHAT, ALICE, String::new()).await.status, 429);
     let metrics = gateway.render_metrics();
     let tracked: f64 = metrics
         .lines()
@@ -936,7 +948,7 @@ async fn failed_authentications_are_limited_per_address() {
         .unwrap();
     assert!(tracked <= 4096.0, "{tracked}");
     assert!(
-        metrics.contains(r#"gateway_refusals_total{key="none",reason="auth_failures"} 4"#),
+        metrics.contains(r#"gateway_refusals_total{key="none",reason="auth_failures"} 109"#),
         "{metrics}"
     );
     assert_eq!(m.stats().requests, 2, "only the two good calls left");
