@@ -937,6 +937,11 @@ fn validate_keys(
         if let Some(n) = &k.name {
             if n.trim().is_empty() {
                 p.bad(format!("{at}.name"), "must not be empty");
+            } else if super::metrics::RESERVED_KEY_LABELS.contains(&n.as_str()) {
+                p.bad(
+                    format!("{at}.name"),
+                    format!("{n:?} is reserved (the /metrics key label of keys without their own series, or of unauthenticated requests)"),
+                );
             } else if !names.insert(n.clone()) {
                 p.bad(
                     format!("{at}.name"),
@@ -1180,6 +1185,34 @@ mod tests {
             why.starts_with("TOML parse error at line 3, column 32: "),
             "{why}"
         );
+    }
+
+    /// `_other` and `none` are `/metrics` key labels of their own (keys
+    /// without their own series, unauthenticated requests): a key named so
+    /// would merge its series with theirs.
+    #[test]
+    fn key_names_that_are_reserved_metric_labels_are_refused() {
+        let text = r#"
+            [[accounts]]
+            name = "main"
+            api_key = "sk-upstream-secret"
+            [[keys]]
+            name = "alice"
+            key = "gw-client-secret-0"
+            [[keys]]
+            name = "_other"
+            key = "gw-client-secret-1"
+            [[keys]]
+            name = "none"
+            key = "gw-client-secret-2"
+            [[keys]]
+            name = "None"
+            key = "gw-client-secret-3"
+        "#;
+        let e = GatewayConfig::from_toml_with_env(text, env(&[])).unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        assert_eq!(fields, ["keys[1].name", "keys[2].name"], "{e}");
+        assert!(e.to_string().contains("reserved"), "{e}");
     }
 
     #[test]

@@ -65,6 +65,13 @@ pub(crate) type KeyIdx = Option<u32>;
 /// The `key` label of the keys without their own series.
 pub(crate) const OTHER_KEYS: &str = "_other";
 
+/// The `key` label of requests no client key authenticated.
+pub(crate) const NO_KEY: &str = "none";
+
+/// The `key` labels no client key may be named (configuration refuses
+/// them), so that a key's series never merges with these.
+pub(crate) const RESERVED_KEY_LABELS: [&str; 2] = [OTHER_KEYS, NO_KEY];
+
 /// A client key's metrics.
 #[derive(Clone)]
 pub(crate) struct KeySeries {
@@ -248,7 +255,7 @@ impl Metrics {
             let l = self.labels.lock().expect("labels lock");
             l.names.get(i as usize).map(|n| n.to_string())
         })
-        .unwrap_or_else(|| "none".to_owned())
+        .unwrap_or_else(|| NO_KEY.to_owned())
     }
 
     /// Counts one answered request.

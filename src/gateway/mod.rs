@@ -114,7 +114,8 @@
 //! at most `[metrics] key_series` keys (default 100: those with `metrics =
 //! true`, then those without a setting, in file order) have their own
 //! series; the others are counted under `key="_other"`, so `/metrics`
-//! stays the same size with 100 or 100,000 keys.
+//! stays the same size with 100 or 100,000 keys (unauthenticated requests
+//! are `key="none"`; no key may be named `_other` or `none`).
 //!
 //! **Reload** ([`Gateway::reload`], [`Gateway::reload_from`]; SIGHUP in
 //! `qwen-gateway`): keys, limits, accounts and the rest take effect for
