@@ -19,8 +19,14 @@
 //!   the answer's `usage`.
 //!
 //! ```text
-//! cargo bench --bench stack -- --warm-up-time 1 --measurement-time 3
+//! cargo bench --bench stack -- --warm-up-time 1 --measurement-time 4
 //! ```
+//!
+//! It also prints each stack's response future and response sizes. With
+//! `STACK_COUNT=<calls>` (and `STACK_ONLY=<row name>`) it runs the same
+//! services without criterion, for an instruction count per call under
+//! callgrind (`--collect-atstart=no --toggle-collect='*count*'`); see
+//! BENCHMARKS.md.
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
@@ -221,18 +227,7 @@ where
     calls(svc, rt, iters);
 }
 
-/// Warm-up calls, not counted.
-#[inline(never)]
-fn warm<S, B>(svc: &mut S, rt: &tokio::runtime::Runtime, iters: u64)
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    calls(svc, rt, iters);
-}
-
+/// The calls of `count`, and the warm-up before it (not counted).
 fn calls<S, B>(svc: &mut S, rt: &tokio::runtime::Runtime, iters: u64)
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>>,
@@ -268,7 +263,7 @@ fn main() {
         with_stacks!(|name, svc| {
             if only.is_empty() || name == only {
                 let mut svc = svc;
-                warm(&mut svc, &rt, iters);
+                calls(&mut svc, &rt, iters);
                 count(&mut svc, &rt, iters);
                 println!("{name}: {iters} calls counted");
             }

@@ -1,8 +1,12 @@
 //! The tower-qwen demo: one workload, three clients, one quota.
 //!
 //! ```text
-//! cargo run --release --example demo
+//! cargo run --release --features demo --bin demo
 //! ```
+//!
+//! (A binary behind the `demo` feature rather than an example, so that it
+//! builds without the crate's dev-dependencies: criterion, governor,
+//! proptest and the rest are for the tests and benches.)
 //!
 //! It starts the mock DashScope server on loopback with a realistic quota
 //! (per-minute limits enforced per second, plus the burst guard) and light
@@ -24,6 +28,9 @@
 //! Every request ends in a success or a counted, typed failure; the table's
 //! `lost` column counts requests that did neither within the run's hard
 //! limit (it should be zero for every client).
+
+// The flags' doc comments are clap's help text: URLs in them stay bare.
+#![allow(rustdoc::bare_urls)]
 
 use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroU64};

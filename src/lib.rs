@@ -116,6 +116,7 @@
 //! | `redis` | no | [`redis`]: the `redis` crate with its tokio connection manager |
 //! | `otel` | no | [`telemetry::otel`]: the GenAI metrics and spans with `opentelemetry`, exported over OTLP (HTTP + protobuf) |
 //! | `full` | no | all of the above |
+//! | `demo` | no | the demo program (`cargo run --release --features demo --bin demo`): `client`, `mock`, `clap`, `plotters` and tower's own layers to compare with; not part of `full` |
 //!
 //! For a lean build, `default-features = false` and pick: each feature
 //! builds alone. The core ([`classify`], [`body`], [`key`], [`request`], [`sse`],

@@ -4,7 +4,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
-use http::response::Parts;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -174,13 +173,20 @@ trait Cell<D, E>: Send {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, E>>>;
     fn watch(self: Pin<&mut Self>) -> &mut Watch;
     fn watch_ref(&self) -> &Watch;
+    /// The body is over: settle the verdict and run the hooks (once).
+    fn fire(self: Pin<&mut Self>, kind: EndKind);
+    /// Hooks waiting for the end.
+    fn hooks(&self) -> usize;
     fn is_end_stream(&self) -> bool;
     fn size_hint(&self) -> SizeHint;
 }
 
 pin_project! {
-    struct Celled<B> {
+    /// The body, its watch and the hook of the layer that wrapped it
+    /// (inline: the first hook costs no allocation of its own).
+    struct Celled<B, H> {
         watch: Watch,
+        first: Option<H>,
         #[pin]
         body: B,
     }
@@ -411,10 +417,11 @@ impl Watch {
         }
     }
 
-    /// The body is over: finish the scan, settle the outcome, run the hooks.
-    fn fire(&mut self, kind: EndKind) {
+    /// The body is over: finish the scan and settle the outcome; the end
+    /// for the hooks (`None` when it was settled before).
+    fn settle(&mut self, kind: EndKind) -> Option<BodyEnd> {
         if self.ended.is_some() {
-            return;
+            return None;
         }
         let facts = self.facts.unwrap_or_default();
         match std::mem::replace(&mut self.scan, Scan::Done) {
@@ -467,7 +474,7 @@ impl Watch {
             answer: self.answer.unwrap_or_default(),
         };
         self.ended = Some(end);
-        self.hooks.fire(end);
+        Some(end)
     }
 
     /// A whole successful JSON body: its usage and answer, as asked.
@@ -508,36 +515,51 @@ fn scan_line(
     }
 }
 
-impl<B> Cell<B::Data, B::Error> for Celled<B>
+impl<B, H> Cell<B::Data, B::Error> for Celled<B, H>
 where
     B: http_body::Body + Send,
+    H: OnEnd,
 {
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
+        let mut this = self.as_mut().project();
         let res = ready!(this.body.as_mut().poll_frame(cx));
-        let watch = this.watch;
-        if watch.ended.is_some() {
+        if this.watch.ended.is_some() {
             return Poll::Ready(res);
         }
-        match &res {
+        let end = match &res {
             Some(Ok(frame)) => {
                 let last = this.body.is_end_stream();
                 if let Some(data) = frame.data_ref() {
-                    watch.on_frame(data, last);
+                    this.watch.on_frame(data, last);
                 }
                 // Fire as soon as the last frame passes: a permit or a
                 // reservation should not wait for one more poll.
-                if last {
-                    watch.fire(EndKind::Complete);
-                }
+                last.then_some(EndKind::Complete)
             }
-            Some(Err(_)) => watch.fire(EndKind::Failed),
-            None => watch.fire(EndKind::Complete),
+            Some(Err(_)) => Some(EndKind::Failed),
+            None => Some(EndKind::Complete),
+        };
+        if let Some(kind) = end {
+            self.fire(kind);
         }
         Poll::Ready(res)
+    }
+
+    fn fire(self: Pin<&mut Self>, kind: EndKind) {
+        let this = self.project();
+        if let Some(end) = this.watch.settle(kind) {
+            if let Some(h) = this.first.take() {
+                h.on_end(end);
+            }
+            this.watch.hooks.fire(end);
+        }
+    }
+
+    fn hooks(&self) -> usize {
+        usize::from(self.first.is_some()) + self.watch.hooks.len()
     }
 
     fn watch(self: Pin<&mut Self>) -> &mut Watch {
@@ -572,34 +594,42 @@ impl<D: 'static, E: 'static> Observed<D, E> {
         H: OnEnd,
     {
         let (parts, body) = res.into_parts();
-        let mut observed = Self::of(body, &parts, classifier);
-        let watch = observed.cell.as_mut().watch();
-        watch.want(parts.status, &parts.headers, classifier, inspect);
-        watch.attach(hook);
+        let mut slot = Some(body);
+        let observed = match (&mut slot as &mut dyn Any).downcast_mut::<Option<Self>>() {
+            Some(found) => {
+                let mut observed = found.take().expect("the body was just put there");
+                let watch = observed.cell.as_mut().watch();
+                watch.want(parts.status, &parts.headers, classifier, inspect);
+                watch.attach(hook);
+                observed
+            }
+            None => {
+                let body = slot.take().expect("the body was just put there");
+                let ended = body.is_end_stream();
+                let mut watch = Watch::new(parts.status, &parts.headers, classifier);
+                watch.want(parts.status, &parts.headers, classifier, inspect);
+                let mut observed = Self::cell(body, watch, hook);
+                if ended {
+                    observed.cell.as_mut().fire(EndKind::Complete);
+                }
+                observed
+            }
+        };
         Response::from_parts(parts, observed)
     }
 
-    /// `body` itself when it is an `Observed`, else `body` wrapped.
-    fn of<B>(body: B, parts: &Parts, classifier: &Classifier) -> Self
+    fn cell<B, H>(body: B, watch: Watch, hook: H) -> Self
     where
         B: http_body::Body<Data = D, Error = E> + Send + 'static,
+        H: OnEnd,
     {
-        let mut slot = Some(body);
-        if let Some(found) = (&mut slot as &mut dyn Any).downcast_mut::<Option<Self>>() {
-            return found.take().expect("the body was just put there");
-        }
-        let body = slot.expect("the body was just put there");
-        let ended = body.is_end_stream();
-        let mut observed = Observed {
+        Observed {
             cell: Box::pin(Celled {
-                watch: Watch::new(parts.status, &parts.headers, classifier),
+                watch,
+                first: Some(hook),
                 body,
             }),
-        };
-        if ended {
-            observed.cell.as_mut().watch().fire(EndKind::Complete);
         }
-        observed
     }
 
     /// Wraps a body with a hook and no inspection: the hook learns only how
@@ -609,11 +639,7 @@ impl<D: 'static, E: 'static> Observed<D, E> {
         B: http_body::Body<Data = D, Error = E> + Send + 'static,
         H: OnEnd,
     {
-        let mut watch = Watch::plain(outcome);
-        watch.attach(hook);
-        Observed {
-            cell: Box::pin(Celled { watch, body }),
-        }
+        Self::cell(body, Watch::plain(outcome), hook)
     }
 
     /// Asks `res`'s body, when it is an `Observed`, to be inspected for
@@ -673,16 +699,13 @@ impl<D, E> Observed<D, E> {
 
     /// How many hooks wait for the end.
     pub fn hooks(&self) -> usize {
-        self.cell.watch_ref().hooks.len()
+        self.cell.hooks()
     }
 }
 
 impl<D, E> Drop for Observed<D, E> {
     fn drop(&mut self) {
-        let watch = self.cell.as_mut().watch();
-        if watch.ended.is_none() {
-            watch.fire(EndKind::Dropped);
-        }
+        self.cell.as_mut().fire(EndKind::Dropped);
     }
 }
 
@@ -709,7 +732,7 @@ impl<D, E> fmt::Debug for Observed<D, E> {
         f.debug_struct("Observed")
             .field("outcome", &w.outcome)
             .field("watching", &w.ended.is_none())
-            .field("hooks", &w.hooks.len())
+            .field("hooks", &self.cell.hooks())
             .finish_non_exhaustive()
     }
 }
