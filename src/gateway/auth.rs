@@ -26,6 +26,16 @@ impl KeyDigest {
         }
         s
     }
+
+    /// 16 hex digits of the digest: the default name of a key configured
+    /// without one (unique in practice even among 100,000 keys).
+    pub(crate) fn name_id(&self) -> String {
+        let mut s = String::with_capacity(16);
+        for b in &self.0[..8] {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
 }
 
 impl fmt::Debug for KeyDigest {

@@ -881,7 +881,7 @@ fn validate_keys(
         .collect();
     let mut out = Vec::new();
     let mut seen: HashMap<KeyDigest, usize> = HashMap::new();
-    let mut names = HashSet::new();
+    let mut items_of: Vec<(usize, bool)> = Vec::new();
     for (i, k) in items.iter().enumerate() {
         let at = format!("keys[{i}]");
         let mut digests = Vec::new();
@@ -942,11 +942,6 @@ fn validate_keys(
                     format!("{at}.name"),
                     format!("{n:?} is reserved (the /metrics key label of keys without their own series, or of unauthenticated requests)"),
                 );
-            } else if !names.insert(n.clone()) {
-                p.bad(
-                    format!("{at}.name"),
-                    format!("{n:?} is used by another key"),
-                );
             }
         }
         let pool = match &k.accounts {
@@ -990,18 +985,45 @@ fn validate_keys(
         };
         if let Some(digest) = digest {
             out.push(ClientKeyConfig {
-                name: k
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("key-{}", digest.redacted_id())),
+                name: k.name.clone().unwrap_or_else(|| default_key_name(&digest)),
                 digest,
                 accounts: pool,
                 bucket,
                 own_series: false,
             });
+            items_of.push((i, k.name.is_some()));
+        }
+    }
+    // Buckets, circuits and metric series are keyed by the name, so names,
+    // given or default, must be unique: two keys sharing one would share a
+    // bucket.
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (c, &(i, explicit)) in out.iter().zip(&items_of) {
+        if let Some(j) = names.insert(c.name.as_str(), i) {
+            if explicit {
+                p.bad(
+                    format!("keys[{i}].name"),
+                    format!("{:?} is used by another key (keys[{j}])", c.name),
+                );
+            } else {
+                p.bad(
+                    format!("keys[{i}]"),
+                    format!(
+                        "its default name {:?} is used by keys[{j}]: give it a `name`",
+                        c.name
+                    ),
+                );
+            }
         }
     }
     out
+}
+
+/// The name of a key configured without one: `key-` and 16 hex digits of its
+/// digest (64 bits, so that 100,000 unnamed keys do not collide in practice;
+/// the digest of a high-entropy key reveals nothing of it).
+fn default_key_name(digest: &KeyDigest) -> String {
+    format!("key-{}", digest.name_id())
 }
 
 #[cfg(test)]
@@ -1213,6 +1235,65 @@ mod tests {
         let fields: Vec<&str> = e.fields().collect();
         assert_eq!(fields, ["keys[1].name", "keys[2].name"], "{e}");
         assert!(e.to_string().contains("reserved"), "{e}");
+    }
+
+    /// Buckets and circuits are keyed by name: a key may not take another's
+    /// name, given or default, and unnamed keys get 64-bit default names.
+    #[test]
+    fn key_names_are_unique_given_or_default() {
+        let default0 = format!("key-{}", digest_of(b"gw-client-secret-0").name_id());
+        assert_eq!(default0.len(), 4 + 16);
+        let text = format!(
+            r#"
+            [[accounts]]
+            name = "main"
+            api_key = "sk-upstream-secret"
+            [[keys]]
+            key = "gw-client-secret-0"
+            [[keys]]
+            name = "{default0}"
+            key = "gw-client-secret-1"
+            [[keys]]
+            name = "bob"
+            key = "gw-client-secret-2"
+            [[keys]]
+            name = "bob"
+            key = "gw-client-secret-3"
+            [[keys]]
+            key = "gw-client-secret-4"
+        "#
+        );
+        let e = GatewayConfig::from_toml_with_env(&text, env(&[])).unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        assert_eq!(fields, ["keys[1].name", "keys[3].name"], "{e}");
+        assert!(e.to_string().contains("(keys[0])"), "{e}");
+
+        // A default name taken by a key listed before it is named too.
+        let text = format!(
+            r#"
+            [[accounts]]
+            name = "main"
+            api_key = "sk-upstream-secret"
+            [[keys]]
+            name = "{default0}"
+            key = "gw-client-secret-1"
+            [[keys]]
+            key = "gw-client-secret-0"
+        "#
+        );
+        let e = GatewayConfig::from_toml_with_env(&text, env(&[])).unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        assert_eq!(fields, ["keys[1]"], "{e}");
+        assert!(e.to_string().contains("give it a `name`"), "{e}");
+
+        // Unnamed keys alone: distinct default names.
+        let text = (0..200).fold(
+            String::from("[[accounts]]\nname = \"main\"\napi_key = \"sk-upstream-secret\"\n"),
+            |t, i| t + &format!("[[keys]]\nkey = \"gw-client-secret-{i}\"\n"),
+        );
+        let c = GatewayConfig::from_toml_with_env(&text, env(&[])).unwrap();
+        let names: HashSet<&str> = c.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names.len(), 200);
     }
 
     #[test]
