@@ -743,6 +743,11 @@ mod gateway {
                 while let Some(i) = line[from..].find(field) {
                     let at = from + i;
                     from = at + field.len();
+                    // A whole field name: `url`, not `base_url`.
+                    let before = line[..at].bytes().next_back();
+                    if before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                        continue;
+                    }
                     let rest = line[from..].trim_start();
                     let Some(rest) = rest.strip_prefix('=') else {
                         continue;
