@@ -139,11 +139,24 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<
     }
 }
 
+/// Records this thread's spans into `spans` until the guard is dropped.
+///
+/// A global subscriber that wants everything (and does nothing with it) is
+/// set once first: tracing caches a callsite's interest from the first thread
+/// that hits it, so a test without a subscriber running beside this one (the
+/// otel tests) could otherwise switch the `gen_ai` span off for good.
+fn capture(spans: &Spans) -> tracing::subscriber::DefaultGuard {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+    tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()))
+}
+
 #[tokio::test(start_paused = true)]
 async fn tracing_span_carries_the_genai_fields_until_the_stream_ends() {
     let spans = Spans::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let _guard = capture(&spans);
     let svc = ServiceBuilder::new()
         .layer(GenAiTraceLayer::new())
         .service(upstream(1000, "text/event-stream", compat_stream));
@@ -185,8 +198,7 @@ async fn tracing_span_carries_the_genai_fields_until_the_stream_ends() {
 #[tokio::test(start_paused = true)]
 async fn errors_in_the_body_the_call_or_a_drop_set_error_type() {
     let spans = Spans::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let _guard = capture(&spans);
     let last = |spans: &Spans| spans.0.lock().unwrap().last().unwrap().1.clone();
 
     // A native stream cut by an error frame (tokens throttled).
@@ -260,8 +272,7 @@ async fn errors_in_the_body_the_call_or_a_drop_set_error_type() {
 #[tokio::test(start_paused = true)]
 async fn other_endpoints_pass_through_untraced() {
     let spans = Spans::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let _guard = capture(&spans);
     let svc =
         GenAiTraceLayer::new().layer(upstream(0, "application/json", || full("{\"output\":{}}")));
     let res = svc
@@ -288,8 +299,7 @@ async fn qwen_client_preset_traces_calls_against_the_mock() {
     use tower_qwen::mock::MockDashScope;
 
     let spans = Spans::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let _guard = capture(&spans);
     let mock = MockDashScope::builder()
         .key("sk-t", "acct")
         .start()
