@@ -485,6 +485,8 @@ fn book_full(
                     debug_assert!(tries.next() < Some(1 << 20), "booking made no progress");
                     match st.tok.bucket.reserve_at(&g, slot, xt, expected) {
                         Ok(grant) => break Some(grant),
+                        // Only a lost race gets here; this arm retries at the
+                        // slot, the next starts over: both book correctly.
                         Err(actual) if actual != expected && g.conforms_at(actual, xt) <= slot => {
                             expected = actual;
                         }

@@ -245,6 +245,9 @@ async fn decide_weighs_admits_books_and_permits_report() {
         panic!("admitted")
     };
     assert!(!p.wants_feedback());
+    // Key 2 is the first with a token quota: weighed with tokens after the
+    // lookup.
+    assert_eq!(seen.take(), Some(true));
     // A key with a token quota is weighed with tokens, and charged them.
     let Decision::Admitted(p) = full.decide(&1, weigh(Cost::call(300)), wait, Instant::now())
     else {
