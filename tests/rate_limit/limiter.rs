@@ -279,8 +279,10 @@ async fn decide_weighs_admits_books_and_permits_report() {
 /// epoch, and a wait of exactly the maximum is booked.
 #[tokio::test(start_paused = true)]
 async fn free_calls_exact_waits_and_the_maximum_wait() {
-    tokio::time::advance(Duration::from_secs(10)).await;
+    // Ten seconds after the limiters' epoch, so that `now` is not 0.
     let limiter: RateLimiter<u32> = RateLimiter::builder(Limits::requests(smooth(1))).build_keyed();
+    let two = RateLimiter::new(Limits::requests(smooth(10)).and_tokens(smooth(1_000)));
+    tokio::time::advance(Duration::from_secs(10)).await;
     // 5 requests on a full bucket (burst 1): admitted; the next conforms
     // in 5 s.
     limiter.check(&1, Cost::new(5, 0)).unwrap();
@@ -315,7 +317,7 @@ async fn free_calls_exact_waits_and_the_maximum_wait() {
     assert_eq!(r.ready_at() - Instant::now(), Duration::from_secs(5));
     std::mem::forget(r);
     // The same on an unkeyed limiter with two quotas.
-    let limiter = RateLimiter::new(Limits::requests(smooth(10)).and_tokens(smooth(1_000)));
+    let limiter = two;
     limiter.check(&(), Cost::new(1, 50)).unwrap();
     assert_eq!(
         limiter
