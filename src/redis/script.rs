@@ -936,3 +936,188 @@ mod tests {
         assert!(SOURCE.contains("KEEPTTL"));
     }
 }
+
+/// Issue 19: the calling side's pure parts at their edges, so that a
+/// changed operator or condition fails a test without a Redis.
+#[cfg(test)]
+mod edges {
+    use super::*;
+
+    fn dims(tolerance: u64, charge: u64) -> DimArgs {
+        DimArgs {
+            charge,
+            interval: 1,
+            tolerance,
+        }
+    }
+
+    fn key() -> Arc<str> {
+        Arc::from("k")
+    }
+
+    /// Only bookings join a run: a lease or a reconciliation beside a
+    /// booking with the same numbers in the same places stays alone.
+    #[test]
+    fn only_bookings_join_a_run() {
+        let at = Now::Local(7);
+        let (r, t) = (dims(20, 10), dims(0, 0));
+        let book = || Op::book(key(), at, r, t, 0);
+        let lease = Op::lease(key(), at, r, t, 0, (5, 0), None);
+        // A reconciliation whose arguments 1 and 3 (epoch, charge) read as
+        // the booking's tolerances (20, 0).
+        let refund = Refund {
+            after: 0,
+            charge: 0,
+            amount: 0,
+        };
+        let reconcile = Op::reconcile(key(), at, Some((20, refund, refund)), (0, 0));
+        for ops in [
+            vec![book(), lease.clone()],
+            vec![lease.clone(), book()],
+            vec![reconcile.clone(), book()],
+            vec![book(), reconcile],
+        ] {
+            assert_eq!(plan(&ops).units, [vec![0..1, 1..2]], "{ops:?}");
+        }
+        // Other tolerances: another run.
+        let other = Op::book(key(), at, dims(30, 10), t, 0);
+        assert_eq!(plan(&[book(), other]).units, [vec![0..1, 1..2]]);
+        let other = Op::book(key(), at, r, dims(5, 1), 0);
+        assert_eq!(plan(&[book(), other]).units, [vec![0..1, 1..2]]);
+        // A lease answers 9 numbers, the others 2.
+        assert_eq!(lease.reply_len(), 9);
+        assert_eq!(
+            Op::cancel(
+                key(),
+                at,
+                &Grant {
+                    epoch: 0,
+                    slot: 0,
+                    req: None,
+                    tok: None
+                }
+            )
+            .reply_len(),
+            2
+        );
+    }
+
+    /// Operations on Redis's clock say so and carry no instant.
+    #[test]
+    fn server_clock_operations_carry_no_instant() {
+        let ops = [Op::book(key(), Now::Server, dims(20, 10), dims(0, 0), 3)];
+        let p = plan(&ops);
+        let cmd = command("EVALSHA", "sha", &ops, &p, u64::MAX);
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                ::redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(args[4], b"server");
+        assert_eq!(args[5], MAX_EXACT.to_string().as_bytes());
+        let blob: Vec<i64> = args[6]
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect();
+        // One operation: book, tolr, tolt, count, (xr, xt, max_wait).
+        assert_eq!(blob, [1, 1, 20, 0, 1, 10, 0, 3]);
+        // One operation on the local clock makes the whole call local.
+        let mixed = [
+            ops[0].clone(),
+            Op::book(key(), Now::Local(1), dims(20, 10), dims(0, 0), 3),
+        ];
+        let cmd = command("EVALSHA", "sha", &mixed, &plan(&mixed), 0);
+        assert!(
+            cmd.args_iter()
+                .any(|a| matches!(a, ::redis::Arg::Simple(b) if b == b"local"))
+        );
+    }
+
+    /// Doubles decode exactly up to 2^53 and nothing else passes.
+    #[test]
+    fn decoding_takes_exact_integers_only() {
+        let raw = |v: f64| v.to_le_bytes().to_vec();
+        let top = (MAX_EXACT + 1) as f64;
+        assert_eq!(decode(&raw(top)).unwrap(), [1 << 53]);
+        assert_eq!(decode(&raw(-top)).unwrap(), [-(1 << 53)]);
+        assert_eq!(decode(&raw(MAX_EXACT as f64)).unwrap(), [MAX_EXACT as i64]);
+        for bad in [top * 2.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 2.5] {
+            assert!(decode(&raw(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(decode(&[]).unwrap(), Vec::<i64>::new());
+        assert!(decode(&[0; 9]).is_err());
+    }
+
+    /// A run's replay moves a TAT only for a dimension the booking
+    /// charges, and not for a refused booking.
+    #[test]
+    fn the_replay_moves_only_charged_dimensions() {
+        let at = Now::Local(0);
+        let ops = [
+            // Tokens only, then requests only, then both.
+            Op::book(key(), at, dims(20, 0), dims(9, 4), 50),
+            Op::book(key(), at, dims(20, 6), dims(9, 0), 50),
+            Op::book(key(), at, dims(20, 6), dims(9, 4), 50),
+            Op::book(key(), at, dims(20, 6), dims(9, 4), 50),
+        ];
+        let p = plan(&ops);
+        assert_eq!(p.units, [vec![0..4]]);
+        // epoch, now, TATs (r 100, t 100), answers: waits 10, 20, 30 and a
+        // refusal (tokens), debts.
+        let flat = [3, 100, 100, 100, 10, 0, 20, 0, 30, 0, 5, 2, 8, 9];
+        let replies = split(&ops, &p, &flat).unwrap();
+        // The first books tokens at 110: r stays 100, t = 114.
+        assert_eq!(replies[1][2..4], [100, 114]);
+        // The second books requests at 120: r = 126, t stays 114.
+        assert_eq!(replies[2][2..4], [126, 114]);
+        // The third at 130: r = 136, t = 134; the refusal changes nothing.
+        assert_eq!(replies[3][2..6], [136, 134, 5, 2]);
+        assert_eq!(replies[3][7..], [8, 9]);
+        match parse_booked(&replies[3], dims(20, 6), dims(9, 4), (0, 0)).unwrap() {
+            Booked::Refused {
+                wait,
+                tokens,
+                debts,
+            } => {
+                assert_eq!((wait, tokens, debts), (5, true, (8, 9)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A refusal by the request quota.
+        let r = parse_booked(
+            &[3, 100, 0, 0, 5, 1, 0, 0, 0],
+            dims(1, 1),
+            dims(0, 0),
+            (0, 0),
+        );
+        assert!(matches!(r, Ok(Booked::Refused { tokens: false, .. })));
+        // Granted without the lease: its slice is not charged.
+        let g = parse_booked(
+            &[3, 100, 90, 0, 0, 0, 0, 0, 0],
+            dims(20, 6),
+            dims(0, 0),
+            (7, 0),
+        );
+        match g.unwrap() {
+            Booked::Granted { leased, grant, .. } => {
+                assert!(!leased);
+                assert_eq!(grant.req.unwrap().charge, 6);
+                assert_eq!(grant.req.unwrap().after, 106);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Charges above what a double holds exactly are capped.
+        let g = parse_booked(
+            &[3, 0, 0, 0, 0, 0, 0, 0, 0],
+            dims(1, u64::MAX),
+            dims(0, 0),
+            (0, 0),
+        );
+        match g.unwrap() {
+            Booked::Granted { grant, .. } => assert_eq!(grant.req.unwrap().charge, MAX_EXACT),
+            other => panic!("{other:?}"),
+        }
+    }
+}
