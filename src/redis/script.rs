@@ -1016,7 +1016,8 @@ mod edges {
             })
             .collect();
         assert_eq!(args[4], b"server");
-        assert_eq!(args[5], MAX_EXACT.to_string().as_bytes());
+        // The slack is capped at 2^53 - 1 like every number sent.
+        assert_eq!(args[5], b"9007199254740991");
         let blob: Vec<i64> = args[6]
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as i64)
@@ -1039,10 +1040,10 @@ mod edges {
     #[test]
     fn decoding_takes_exact_integers_only() {
         let raw = |v: f64| v.to_le_bytes().to_vec();
-        let top = (MAX_EXACT + 1) as f64;
+        let top = 9_007_199_254_740_992.0; // 2^53
         assert_eq!(decode(&raw(top)).unwrap(), [1 << 53]);
         assert_eq!(decode(&raw(-top)).unwrap(), [-(1 << 53)]);
-        assert_eq!(decode(&raw(MAX_EXACT as f64)).unwrap(), [MAX_EXACT as i64]);
+        assert_eq!(decode(&raw(top - 1.0)).unwrap(), [(1 << 53) - 1]);
         for bad in [top * 2.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 2.5] {
             assert!(decode(&raw(bad)).is_err(), "{bad}");
         }
@@ -1116,8 +1117,82 @@ mod edges {
             (0, 0),
         );
         match g.unwrap() {
-            Booked::Granted { grant, .. } => assert_eq!(grant.req.unwrap().charge, MAX_EXACT),
+            Booked::Granted { grant, .. } => {
+                assert_eq!(grant.req.unwrap().charge, 9_007_199_254_740_991);
+            }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A connection that answers from a list and records the verbs sent.
+    struct Scripted {
+        verbs: Vec<String>,
+        answers: std::collections::VecDeque<Result<::redis::Value, RedisError>>,
+    }
+
+    impl ConnectionLike for Scripted {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            cmd: &'a Cmd,
+        ) -> ::redis::RedisFuture<'a, ::redis::Value> {
+            if let Some(::redis::Arg::Simple(verb)) = cmd.args_iter().next() {
+                self.verbs.push(String::from_utf8_lossy(verb).into_owned());
+            }
+            let answer = self.answers.pop_front().expect("no more answers");
+            Box::pin(async move { answer })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a ::redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+            Box::pin(async { Err(bad_reply()) })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    /// The script is sent in full only when the server does not know its
+    /// SHA; any other error comes back at once.
+    #[tokio::test]
+    async fn the_script_is_sent_only_when_unknown() {
+        let ops = [Op::cancel(
+            key(),
+            Now::Local(0),
+            &Grant {
+                epoch: 0,
+                slot: 0,
+                req: None,
+                tok: None,
+            },
+        )];
+        let reply: Vec<u8> = [1f64, 0f64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut conn = Scripted {
+            verbs: Vec::new(),
+            answers: [
+                Err(RedisError::from((
+                    ErrorKind::Server(ServerErrorKind::NoScript),
+                    "NOSCRIPT",
+                ))),
+                Ok(::redis::Value::BulkString(reply)),
+            ]
+            .into(),
+        };
+        assert_eq!(run(&mut conn, &ops, 0).await.unwrap(), [vec![1, 0]]);
+        assert_eq!(conn.verbs, ["EVALSHA", "EVAL"]);
+        let mut conn = Scripted {
+            verbs: Vec::new(),
+            answers: [Err(RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ResponseError),
+                "ERR",
+            )))]
+            .into(),
+        };
+        assert!(run(&mut conn, &ops, 0).await.is_err());
+        assert_eq!(conn.verbs, ["EVALSHA"]);
     }
 }
