@@ -819,7 +819,11 @@ mod gateway {
         // variables `*_env` fields name or the overlay reads as a URL.
         let mut secrets = secrets_in(text);
         for (name, value) in &env {
-            if text.contains(name.as_str()) || name.ends_with("_URL") || name.contains("KEY") {
+            // The upstream's base URL is no key material (as `base_url` in
+            // the file), unless it carries credentials (never echoed).
+            let url =
+                name.ends_with("_URL") && (!name.ends_with("BASE_URL") || value.contains('@'));
+            if text.contains(name.as_str()) || url || name.contains("KEY") {
                 secrets.push(value.clone());
             }
         }

@@ -595,7 +595,16 @@ fn validate(
         (Some(b), None) => match b.parse::<BaseUrl>() {
             Ok(u) => Some(u),
             Err(e) => {
-                p.bad("upstream.base_url", format!("{b:?}: {e}"));
+                // A URL may carry credentials (`https://user:secret@host`):
+                // such a value is never echoed.
+                if b.contains('@') {
+                    p.bad(
+                        "upstream.base_url",
+                        format!("(a URL with credentials, not shown): {e}"),
+                    );
+                } else {
+                    p.bad("upstream.base_url", format!("{b:?}: {e}"));
+                }
                 None
             }
         },
@@ -1207,6 +1216,40 @@ mod tests {
             why.starts_with("TOML parse error at line 3, column 32: "),
             "{why}"
         );
+    }
+
+    /// A bad base URL is named in the error, unless it carries credentials
+    /// (from the file or the environment): those are never echoed.
+    #[test]
+    fn a_bad_base_url_is_echoed_only_without_credentials() {
+        let text = "[upstream]\nbase_url = \"ftp//host\"\n";
+        let e = GatewayConfig::from_toml_with_env(text, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("\"ftp//host\""), "{e}");
+        for (text, vars) in [
+            (
+                "[upstream]\nbase_url = \"htps//user:sk-url-secret-1@host\"\n",
+                &[][..],
+            ),
+            (
+                "",
+                &[(
+                    "QWEN_GATEWAY_UPSTREAM_BASE_URL",
+                    "htps//user:sk-url-secret-1@host",
+                )][..],
+            ),
+        ] {
+            let e = GatewayConfig::from_toml_with_env(text, env(vars)).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("sk-url-secret-1"), "{shown}");
+            let (_, why) = e
+                .problems()
+                .find(|(f, _)| *f == "upstream.base_url")
+                .expect("the base URL is named");
+            assert!(
+                why.starts_with("(a URL with credentials, not shown)"),
+                "{why}"
+            );
+        }
     }
 
     /// `_other` and `none` are `/metrics` key labels of their own (keys
