@@ -58,7 +58,11 @@
 //! ([`CircuitBreakerLayer::keyed`]) keeps one circuit per upstream account,
 //! key or model in a bounded map. [`BreakerHandle`] reads the state and
 //! forces circuits open or closed; state changes are `tracing` events and an
-//! optional callback ([`CircuitBreakerLayer::on_state_change`]).
+//! optional callback ([`CircuitBreakerLayer::on_state_change`]). Breakers
+//! that must agree (replicas of one service) share their state through
+//! both: each publishes its trips' deadlines from the callback and applies
+//! the others' with [`BreakerHandle::trip_key_until`] (the gateway does so
+//! through Redis).
 //!
 //! # Interaction with other layers
 //!

@@ -184,6 +184,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
         self.shared.existing(key).map(|c| c.state())
     }
 
+    /// How long until `key`'s open or degraded circuit starts probing, if
+    /// it exists and is open or degraded.
+    pub fn open_remaining_of(&self, key: &K) -> Option<std::time::Duration> {
+        self.shared.existing(key)?.open_remaining(time::now())
+    }
+
     /// Forces `key`'s circuit open (creating it if needed).
     pub fn force_open_key(&self, key: &K) {
         self.force(Some(key), State::ForcedOpen);
@@ -199,6 +205,90 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
         if self.shared.existing(key).is_some() {
             self.force(Some(key), State::Closed);
         }
+    }
+
+    /// Trips the (unkeyed) circuit until `until`: see
+    /// [`BreakerHandle::trip_key_until`].
+    pub fn trip_until(&self, until: Instant) -> Option<Transition> {
+        self.trip(None, until)
+    }
+
+    /// Trips `key`'s circuit (creating it if needed) as the trip action
+    /// says, open or degraded, with probes starting at `until` instead of
+    /// after the open duration; or, when it is already open or degraded
+    /// with probes starting earlier, makes it wait until `until`. This is
+    /// how breakers that must agree (replicas of a service, each with its
+    /// own breaker) share their state: each publishes the deadline of its
+    /// trips (from [`CircuitBreakerLayer::on_state_change`]: the time of
+    /// the change plus [`Transition::open_for`]) and applies the others'
+    /// with this method. The gateway does so through Redis.
+    ///
+    /// A circuit tripped this way behaves as if it had tripped itself once
+    /// (calls in flight stop counting; from `until`, admitted calls are
+    /// probes; a failed probe opens it for the next, longer, open
+    /// duration). Nothing changes, and `None` is returned, when `until` is
+    /// not in the future, when the circuit already waits at least that
+    /// long, or when it is forced open or closed. The change is logged but
+    /// does not run the state-change callback (a callback that publishes
+    /// the state would echo it back); the returned [`Transition`] says what
+    /// changed.
+    ///
+    /// [`CircuitBreakerLayer::on_state_change`]: super::CircuitBreakerLayer::on_state_change
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::num::NonZeroUsize;
+    /// use std::time::Duration;
+    /// use tower_qwen::circuit_breaker::{CircuitBreakerLayer, State, TripAction};
+    /// use tower_qwen::key::ByModel;
+    /// use tower_qwen::time;
+    ///
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    ///
+    /// let changes = Arc::new(AtomicU32::new(0));
+    /// let seen = changes.clone();
+    /// let layer = CircuitBreakerLayer::new()
+    ///     .trip_action(TripAction::degrade())
+    ///     .keyed(ByModel, NonZeroUsize::new(64).unwrap())
+    ///     .on_state_change(move |_, _| {
+    ///         seen.fetch_add(1, Ordering::Relaxed);
+    ///     });
+    /// let handle = layer.handle();
+    /// let key: Option<Arc<str>> = Some("qwen-plus".into());
+    /// // Another replica degraded qwen-plus for 5 s from now.
+    /// let until = time::now() + Duration::from_secs(5);
+    /// let t = handle.trip_key_until(&key, until).unwrap();
+    /// assert_eq!((t.from, t.to), (State::Closed, State::Degraded));
+    /// assert_eq!(handle.state_of(&key), Some(State::Degraded));
+    /// assert_eq!(handle.open_remaining_of(&key), Some(Duration::from_secs(5)));
+    /// assert_eq!(changes.load(Ordering::Relaxed), 0, "no callback: no echo");
+    /// // An earlier deadline changes nothing.
+    /// assert!(handle.trip_key_until(&key, until - Duration::from_secs(1)).is_none());
+    /// # }
+    /// ```
+    pub fn trip_key_until(&self, key: &K, until: Instant) -> Option<Transition> {
+        self.trip(Some(key), until)
+    }
+
+    fn trip(&self, key: Option<&K>, until: Instant) -> Option<Transition> {
+        let keyed = self.shared.is_keyed();
+        let now = time::now();
+        let t = match key {
+            Some(k) if keyed => self
+                .shared
+                .circuit(k)
+                .trip_until(&self.shared.cfg, until, now),
+            _ => self.shared.global.trip_until(&self.shared.cfg, until, now),
+        }?;
+        tracing::info!(
+            from = ?t.from, to = ?t.to, open_for = ?t.open_for, trips = t.trips, keyed,
+            "circuit tripped through its handle (a shared state)"
+        );
+        Some(t)
     }
 
     /// How many keyed circuits exist.

@@ -529,6 +529,54 @@ impl Circuit {
         })
     }
 
+    /// Trips the circuit as its trip action says, with probes starting at
+    /// `until` rather than after the open duration (from a handle: a state
+    /// shared by another breaker). A closed or half-open circuit trips (at
+    /// least one trip in a row is counted, so a failed probe later opens it
+    /// for longer); an open or degraded one whose probes start earlier
+    /// waits until `until` instead (a degraded one keeps its pace); calls in
+    /// flight are no longer counted. Nothing changes when `until` is not
+    /// after `now`, when the circuit already waits as long, or when it is
+    /// forced.
+    pub(crate) fn trip_until(
+        &self,
+        cfg: &Config,
+        until: Instant,
+        now: Instant,
+    ) -> Option<Transition> {
+        let (until_n, now_n) = (nanos(self.base, until), nanos(self.base, now));
+        if until_n <= now_n {
+            return None;
+        }
+        let mut slow = self.lock();
+        let w = self.word.load(Ordering::Acquire);
+        let from = mode(w);
+        match from {
+            FORCED_OPEN | FORCED_CLOSED => return None,
+            OPEN | DEGRADED if self.open_until.load(Ordering::Acquire) >= until_n => return None,
+            _ => {}
+        }
+        let to = match cfg.action {
+            TripAction::Open => OPEN,
+            TripAction::Degrade(_) => DEGRADED,
+        };
+        if to == DEGRADED && from != DEGRADED {
+            self.next_slot.store(now_n, Ordering::Release);
+        }
+        slow.trips = slow.trips.max(1);
+        slow.probes = 0;
+        self.open_until.store(until_n, Ordering::Release);
+        self.reset_counters();
+        self.word
+            .store(pack(to, generation(w) + 1), Ordering::Release);
+        Some(Transition {
+            from: state_of(from),
+            to: state_of(to),
+            open_for: Some(Duration::from_nanos(until_n - now_n)),
+            trips: slow.trips,
+        })
+    }
+
     /// Forces a state (from a handle): `ForcedOpen`, `ForcedClosed`, or
     /// `Closed` (release: back to normal, counters cleared).
     pub(crate) fn force(&self, to: State) -> Option<Transition> {
@@ -1223,6 +1271,115 @@ mod tests {
         );
         assert_eq!(nanos(t0 + S, t0), 0);
         assert_eq!(nanos(t0, t0 + S), 1_000_000_000);
+    }
+
+    /// #13: a deadline shared by another breaker degrades a closed circuit
+    /// until then, at the configured pace; then probes decide as usual.
+    #[test]
+    fn trip_until_degrades_a_closed_circuit_then_probes_as_usual() {
+        let mut cfg = cfg();
+        cfg.action = TripAction::degrade();
+        let t0 = Instant::now();
+        let c = Circuit::new(&cfg, t0);
+        // A failure counted before is forgotten; a ticket of the closed
+        // state no longer counts.
+        let t = pass(&c, &cfg, t0);
+        c.record(&cfg, t, Verdict::Failure, || t0);
+        let stale = pass(&c, &cfg, t0);
+        let tr = c.trip_until(&cfg, t0 + 7 * S, t0 + S).unwrap();
+        assert_eq!(
+            (tr.from, tr.to, tr.open_for, tr.trips),
+            (State::Closed, State::Degraded, Some(6 * S), 1)
+        );
+        assert_eq!(c.counts(), (0, 0, 0));
+        assert!(c.record(&cfg, stale, Verdict::Failure, || t0 + S).is_none());
+        assert_eq!(c.open_remaining(t0 + S), Some(6 * S));
+        // Degraded: 5 a second, quiet (not probes) before the deadline.
+        let ms = Duration::from_millis;
+        assert_eq!(pass(&c, &cfg, t0 + S), Ticket::Quiet);
+        assert_eq!(rejected(&c, &cfg, t0 + S + ms(50)), Some(ms(150)));
+        assert_eq!(pass(&c, &cfg, t0 + S + ms(200)), Ticket::Quiet);
+        // From the deadline on, admitted calls are probes: a failure
+        // degrades it for longer (the shared trip counts as the first).
+        let probe = pass(&c, &cfg, t0 + 7 * S);
+        assert!(matches!(probe, Ticket::Probe(_)));
+        let tr = c
+            .record(&cfg, probe, Verdict::Failure, || t0 + 7 * S)
+            .unwrap();
+        assert_eq!(
+            (tr.from, tr.to, tr.open_for, tr.trips),
+            (State::Degraded, State::Degraded, Some(10 * S), 2)
+        );
+        // And a success closes it.
+        let at = t0 + 17 * S;
+        let probe = pass(&c, &cfg, at);
+        let tr = c.record(&cfg, probe, Verdict::Success, || at).unwrap();
+        assert_eq!((tr.from, tr.to), (State::Degraded, State::Closed));
+        assert!(c.is_idle());
+    }
+
+    /// #13: on an open or degraded circuit a later deadline extends the
+    /// wait (probes in flight stop counting), an earlier or equal one
+    /// changes nothing; a past deadline or a forced circuit is left alone.
+    #[test]
+    fn trip_until_extends_but_never_shortens() {
+        let ms = Duration::from_millis;
+        for degrade in [false, true] {
+            let mut cfg = cfg();
+            if degrade {
+                cfg.action = TripAction::degrade();
+            }
+            let tripped = if degrade {
+                State::Degraded
+            } else {
+                State::Open
+            };
+            let t0 = Instant::now();
+            let c = Circuit::new(&cfg, t0);
+            assert!(c.trip_until(&cfg, t0, t0).is_none(), "a past deadline");
+            assert!(c.trip_until(&cfg, t0, t0 + S).is_none());
+            assert_eq!(c.state(), State::Closed);
+            let tr = trip_now(&c, &cfg, t0);
+            assert_eq!((tr.to, tr.open_for, tr.trips), (tripped, Some(5 * S), 1));
+            // Earlier or equal: nothing.
+            assert!(c.trip_until(&cfg, t0 + 3 * S, t0 + S).is_none());
+            assert!(c.trip_until(&cfg, t0 + 5 * S, t0 + S).is_none());
+            assert_eq!(c.open_remaining(t0 + S), Some(4 * S));
+            // Later: the wait is extended, the trips kept.
+            let tr = c.trip_until(&cfg, t0 + 8 * S, t0 + S).unwrap();
+            assert_eq!(
+                (tr.from, tr.to, tr.open_for, tr.trips),
+                (tripped, tripped, Some(7 * S), 1)
+            );
+            assert_eq!(c.open_remaining(t0 + S), Some(7 * S));
+            if !degrade {
+                assert_eq!(rejected(&c, &cfg, t0 + 6 * S), Some(2 * S));
+            }
+            // A probe in flight when a later deadline arrives no longer
+            // counts: its success does not close the circuit.
+            let probe = pass(&c, &cfg, t0 + 8 * S);
+            assert!(matches!(probe, Ticket::Probe(_)));
+            let from = c.state();
+            let tr = c.trip_until(&cfg, t0 + 9 * S, t0 + 8 * S + ms(1)).unwrap();
+            assert_eq!((tr.from, tr.to), (from, tripped));
+            assert!(
+                c.record(&cfg, probe, Verdict::Success, || t0 + 8 * S)
+                    .is_none()
+            );
+            assert_eq!(c.state(), tripped);
+            // Then probing and recovery as usual.
+            let probe = pass(&c, &cfg, t0 + 9 * S);
+            let tr = c
+                .record(&cfg, probe, Verdict::Success, || t0 + 9 * S)
+                .unwrap();
+            assert_eq!((tr.to, tr.trips), (State::Closed, 1));
+            // Forced circuits keep what the operator forced.
+            for forced in [State::ForcedOpen, State::ForcedClosed] {
+                c.force(forced);
+                assert!(c.trip_until(&cfg, t0 + 20 * S, t0 + 10 * S).is_none());
+                assert_eq!(c.state(), forced);
+            }
+        }
     }
 
     #[derive(Clone, Debug)]

@@ -41,6 +41,7 @@ pub(crate) const IN_FLIGHT: &str = "gateway_requests_in_flight";
 pub(crate) const CONNECTIONS: &str = "gateway_connections_open";
 pub(crate) const IDLE_CLOSED: &str = "gateway_idle_connections_closed_total";
 pub(crate) const AUTH_PEERS: &str = "gateway_auth_failure_peers";
+pub(crate) const DEGRADE_SYNC_ERRORS: &str = "gateway_degrade_sync_errors_total";
 
 /// The route label of an endpoint.
 pub(crate) fn route_label(e: Option<Endpoint>) -> &'static str {
@@ -87,6 +88,9 @@ pub(crate) struct KeySeries {
 /// order).
 pub(crate) struct KeyMetrics {
     pub(crate) degradations: Vec<Counter>,
+    /// Failed reads and writes of the degrade state shared through Redis.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) degrade_sync_errors: Counter,
 }
 
 /// Series labels, interned: a label keeps its id for the life of the
@@ -110,6 +114,7 @@ pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
     pub(crate) idle_closed: Counter,
     pub(crate) auth_peers: Gauge,
+    pub(crate) degrade_sync_errors: Counter,
     samples: AtomicU64,
 }
 
@@ -146,6 +151,11 @@ impl Metrics {
             DEGRADATIONS,
             None,
             "Times a client key was degraded after upstream failures.",
+        );
+        describe(
+            DEGRADE_SYNC_ERRORS,
+            None,
+            "Failed reads and writes of the degrade state shared through Redis ([redis]).",
         );
         describe(
             CANCELLED,
@@ -203,6 +213,8 @@ impl Metrics {
                     metrics::gauge!(AUTH_PEERS),
                 )
             });
+        let degrade_sync_errors =
+            metrics::with_local_recorder(&recorder, || metrics::counter!(DEGRADE_SYNC_ERRORS));
         Self {
             recorder,
             handle,
@@ -216,6 +228,7 @@ impl Metrics {
             connections,
             idle_closed,
             auth_peers,
+            degrade_sync_errors,
             samples: AtomicU64::new(0),
         }
     }

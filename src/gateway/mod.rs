@@ -66,6 +66,8 @@
 //!    5 calls per second (429 beyond that) and a `warn` event names it by
 //!    its redacted id; after the probe delay (5 s, doubling up to 60 s),
 //!    admitted calls are probes and the first success restores the key.
+//!    With `[redis]` the replicas share this state (see
+//!    [Replicas](#replicas-redis)).
 //! 5. **Upstream admission**: the key maps to a [`Pool`](crate::pool::Pool)
 //!    of upstream accounts (DashScope's quotas belong to accounts, not
 //!    keys; an account may list several of its keys, used in turn). Each
@@ -165,27 +167,45 @@
 //!
 //! # Replicas: `[redis]`
 //!
-//! Without a `[redis]` section every limit lives in the process. With one,
-//! the client keys' buckets and the accounts' (account, model) quotas are
-//! decided by the [Redis backend](crate::redis) (feature `redis`), so every
-//! replica of the gateway pointed at the same Redis and key prefix shares
-//! them: one key hammered through three replicas gets its bucket once,
-//! not three times, and one account's RPM holds across them. The degrade
-//! breaker stays per replica: a replica degrades a key on the failures it
-//! sees and limits it to `rate_per_second` there, while the shared bucket
-//! still caps the key in total. When Redis fails or is slower than `timeout`, the
-//! `failure` policy decides: `"fail-open"` (default) decides locally at
+//! Without a `[redis]` section every limit and degrade state lives in the
+//! process. With one, every replica of the gateway pointed at the same
+//! Redis and key prefix shares three things:
+//!
+//! * **the client keys' buckets** and **the accounts' (account, model)
+//!   quotas**, decided by the [Redis backend](crate::redis) (feature
+//!   `redis`): one key hammered through three replicas gets its bucket
+//!   once, not three times, and one account's RPM holds across them;
+//! * **the degrade state**: when a replica's breaker degrades a key, it
+//!   publishes the instant its probes start (a sorted set
+//!   `{key_prefix}degraded`, a later deadline winning), and every replica
+//!   with traffic reads it at most once per `probe_every` (in a task of its
+//!   own, never on the request path) and degrades the key until the same
+//!   instant with
+//!   [`BreakerHandle::trip_key_until`](crate::circuit_breaker::BreakerHandle::trip_key_until),
+//!   so a failing upstream is not hit by each replica in turn. From that
+//!   instant each replica probes on its own; a failed probe degrades the
+//!   key for longer, and that is published too. Recovery is not published
+//!   (a deadline passes, it is never withdrawn).
+//!
+//! When Redis fails or is slower than `timeout`, the `failure` policy
+//! decides the limits: `"fail-open"` (default) decides locally at
 //! 1/`replicas` of each quota, `"fail-closed"` answers 503
 //! (`ServiceUnavailable` / `service_unavailable`, `Retry-After`); either
 //! way every request is answered, none waits for Redis longer than
 //! `timeout`, and after Redis returns the replicas share again (each
 //! limiter retries Redis every `probe_every`; [`Gateway::probe_redis`]
-//! tries at once). `tests/gateway/replicas.rs` shows it with three
+//! tries at once). The degrade state falls back to each replica's own:
+//! a replica still degrades a key on the failures it sees, failed reads
+//! and writes are counted (`gateway_degrade_sync_errors_total`) and logged
+//! once per outage, and sharing resumes with the next write or read once
+//! Redis answers. `tests/gateway/replicas.rs` shows it with three
 //! replicas and a real `redis-server`: one key hammered through all three
 //! gets 50 + 30/s in total (three times that without Redis), one account's
-//! RPM holds with no upstream 429, and a killed Redis is answered by the
-//! policy. Slow start is not available
-//! with `[redis]` (the Redis backend has none).
+//! RPM holds with no upstream 429, a key degraded on one replica is served
+//! at the degraded rate by another that saw no failure, and a killed Redis
+//! is answered by the policy while each replica keeps degrading on its
+//! own. Slow start is not available with `[redis]` (the Redis backend has
+//! none).
 //!
 //! # Configuration
 //!
@@ -230,12 +250,13 @@
 //! [metrics]
 //! key_series = 100                # keys named in /metrics; the rest: key="_other"
 //!
-//! [redis]                         # optional: replicas share their limits
+//! [redis]                         # optional: replicas share limits and degrade state
 //! url = "redis://127.0.0.1:6379"
 //! key_prefix = "tower-qwen:gw:"
 //! failure = "fail-open"           # or "fail-closed" (503)
 //! replicas = 3                    # fail-open decides at 1/replicas
 //! timeout = "100ms"
+//! probe_every = "500ms"           # retry a down Redis; read the shared degrade state
 //!
 //! [[accounts]]
 //! name = "main"
@@ -304,6 +325,8 @@ mod metrics;
 mod proxy;
 mod respond;
 mod serve;
+#[cfg(feature = "redis")]
+mod shared;
 mod stack;
 
 use std::collections::HashMap;
@@ -378,6 +401,7 @@ fn build(config: &GatewayConfig, metrics: Arc<metrics::Metrics>) -> Inner {
         .collect();
     let key_metrics = metrics::KeyMetrics {
         degradations: series.iter().map(|s| s.degradations.clone()).collect(),
+        degrade_sync_errors: metrics.degrade_sync_errors.clone(),
     };
     let built = stack::build(config, &key_metrics);
     let mut clients = Vec::with_capacity(config.keys.len());
@@ -454,8 +478,9 @@ impl Gateway {
     /// what `qwen-gateway` does on SIGHUP.
     ///
     /// What starts afresh: the in-memory buckets, account budgets and
-    /// degraded states (with `[redis]` the buckets and budgets live in
-    /// Redis and are kept), and the failed-authentication counts. Metrics
+    /// degraded states (with `[redis]` the buckets, budgets and degrade
+    /// deadlines live in Redis and are kept), and the failed-authentication
+    /// counts. Metrics
     /// keep counting: a key keeps its series. `listen`, `max_connections`
     /// and `shutdown_grace` belong to the running server and need a
     /// restart (a `warn` says so when they changed).

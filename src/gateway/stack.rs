@@ -18,7 +18,9 @@
 //! ```
 //!
 //! over one backend for the buckets and one per account: in memory, or on
-//! Redis (`[redis]`) so that every replica shares them. The only pieces of
+//! Redis (`[redis]`) so that every replica shares them; with `[redis]` the
+//! breaker's degrade state is shared too (`shared.rs`: its
+//! state-change hook publishes, a request may start a read). The only pieces of
 //! its own are [`ClientBody`] (what the gateway accepts as a request body) and
 //! [`Quotas`] (an account's refusal as a 429 with the account's quotas per
 //! minute).
@@ -63,6 +65,8 @@ use super::config::{AccountConfig, GatewayConfig};
 use super::error::{Failed, Refused, UpstreamBusy};
 use super::metrics::KeyMetrics;
 use super::respond::Refusal;
+#[cfg(feature = "redis")]
+use super::shared::SharedDegrade;
 
 /// A client key's stack, as the handler calls it.
 pub(crate) type KeySvc =
@@ -216,8 +220,23 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
                 Box::pin(async move { a.probe().await })
             }));
         }
-        let (breaker, services, files) =
-            assemble(cfg, metrics, upstream, buckets.clone(), accounts);
+        let share = Arc::new(super::shared::SharedDegrade::new(
+            conn.clone(),
+            &r.prefix,
+            r.clock,
+            r.probe_every,
+            cfg.degrade.probe_after_max,
+            cfg.keys.iter().map(|k| Arc::from(k.name.as_str())),
+            metrics.degrade_sync_errors.clone(),
+        ));
+        let (breaker, services, files) = assemble(
+            cfg,
+            metrics,
+            upstream,
+            buckets.clone(),
+            accounts,
+            Some(share),
+        );
         return Built {
             buckets: Limiter::Redis(buckets),
             breaker,
@@ -239,7 +258,8 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
                 .build_keyed_with(quotas_of(a))
         })
         .collect();
-    let (breaker, services, files) = assemble(cfg, metrics, upstream, buckets.clone(), accounts);
+    let (breaker, services, files) =
+        assemble(cfg, metrics, upstream, buckets.clone(), accounts, None);
     Built {
         buckets: Limiter::Memory(buckets),
         breaker,
@@ -258,6 +278,7 @@ fn assemble<U, UB, BK, BA>(
     upstream: U,
     buckets: BK,
     accounts: Vec<BA>,
+    share: Option<Arc<SharedDegrade>>,
 ) -> (BreakerHandle<Arc<str>>, Vec<KeySvc>, Vec<KeySvc>)
 where
     U: Service<Request<Body>, Response = Response<UB>, Error = BoxError>
@@ -309,6 +330,7 @@ where
         })
         .collect();
     let (rate, failures) = (d.rate_per_second, d.consecutive_failures);
+    let publish = share.clone();
     let breaker = CircuitBreakerLayer::new()
         .failure_rate(None)
         .consecutive_failures(d.enabled.then_some(failures))
@@ -323,6 +345,11 @@ where
             let Some((id, degradations)) = who.get(name) else {
                 return;
             };
+            if let (Some(share), BreakerState::Degraded, Some(open_for)) =
+                (&publish, t.to, t.open_for)
+            {
+                share.degraded(name, open_for);
+            }
             let probe_in_ms = t.open_for.map_or(0, |d| d.as_millis() as u64);
             match (t.from, t.to) {
                 (from, BreakerState::Degraded) if from != BreakerState::Degraded => {
@@ -349,6 +376,14 @@ where
             }
         });
     let handle = breaker.handle();
+    // With [redis]: each request may start a read of the shared state.
+    let touch = share.map(|share| {
+        let handle = handle.clone();
+        tower::util::MapRequestLayer::new(move |req: Request<Body>| {
+            share.touch(&handle);
+            req
+        })
+    });
 
     let bucket = RateLimitLayer::keyed(
         buckets,
@@ -392,6 +427,7 @@ where
                 max: max_body,
                 timeout: read_timeout,
             }))
+            .option_layer(touch.clone())
             .layer(breaker.clone())
             .service(pool);
         services.push(BoxCloneSyncService::new(svc));
@@ -414,6 +450,21 @@ where
         files.push(BoxCloneSyncService::new(svc));
     }
     (handle, services, files)
+}
+
+/// Without the `redis` feature there is no shared degrade state.
+#[cfg(not(feature = "redis"))]
+enum SharedDegrade {}
+
+#[cfg(not(feature = "redis"))]
+impl SharedDegrade {
+    fn degraded(&self, _: &Arc<str>, _: Duration) {
+        match *self {}
+    }
+
+    fn touch(&self, _: &BreakerHandle<Arc<str>>) {
+        match *self {}
+    }
 }
 
 /// A response body the stack can box.

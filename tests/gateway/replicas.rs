@@ -314,3 +314,217 @@ async fn redis_killed_mid_run_every_request_is_answered_by_the_policy_then_share
         assert_eq!(bounded_call(app, ALICE, "qwen-plus").await.status, 200);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Degrade state shared through Redis
+
+/// The degrade tests' configuration: [`sharing_config`] (Bob's bucket is
+/// wide open and he calls `qwen-turbo`, which has no account quota, so only
+/// the degrade breaker refuses), no jitter; `redis` is a `[redis]` section
+/// or nothing.
+fn degrade_config(mock: &MockHandle, redis: &str) -> String {
+    sharing_config(mock, &format!("[degrade]\njitter = 0\n{redis}"))
+}
+
+fn failing() -> FaultPlan {
+    FaultPlan::new().with(Fault::Error(ApiError::service_unavailable()), 1.0)
+}
+
+/// Three calls from Bob through `app`, each failing upstream (503): the
+/// degrade breaker's three consecutive failures.
+async fn fail_three(app: &Router) {
+    for _ in 0..3 {
+        assert_eq!(call(app, BOB, "qwen-turbo").await.status, 503);
+    }
+}
+
+/// Calls through `app` (upstream healthy) until Bob's key is degraded on
+/// `gateway`, at most `max` calls, without moving the clock; how many calls
+/// it took (`max` + 1 if it never was).
+async fn calls_until_degraded(gateway: &Gateway, app: &Router, max: usize) -> usize {
+    for n in 1..=max {
+        let a = call(app, BOB, "qwen-turbo").await;
+        assert!(a.status == 200 || a.status == 429, "{:?}", a.body);
+        if gateway.is_degraded("bob") == Some(true) {
+            return n;
+        }
+    }
+    max + 1
+}
+
+/// Over one second (a call every 100 ms), how many of Bob's calls
+/// through `app` pass; starts by letting one degraded slot (200 ms) go by.
+async fn passed_in_a_second(app: &Router) -> usize {
+    tokio::time::advance(Duration::from_millis(200)).await;
+    let mut passed = 0;
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let a = call(app, BOB, "qwen-turbo").await;
+        if a.status == 429 {
+            assert_compat(&a, 429, "limit_requests");
+        } else {
+            assert_eq!(a.status, 200, "{:?}", a.body);
+            passed += 1;
+        }
+    }
+    passed
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_degraded_on_one_replica_is_degraded_on_all_within_one_read() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    let prefix = "gw-degrade:";
+    let redis = format!(
+        "[redis]\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"off\"\nprobe_every = \"500ms\"",
+        server.url()
+    );
+    let m = mock().faults(failing()).start().await.unwrap();
+    let shared = gateways(&degrade_config(&m, &redis), Clock::Local(t0));
+    let apps: Vec<Router> = shared.iter().map(Gateway::router).collect();
+    let m_alone = mock().faults(failing()).start().await.unwrap();
+    let alone = gateways(&degrade_config(&m_alone, ""), Clock::Local(t0));
+    let alone_apps: Vec<Router> = alone.iter().map(Gateway::router).collect();
+
+    // Replica A sees three upstream failures and degrades Bob's key; the
+    // upstream heals at once, so replica B never sees a failure.
+    fail_three(&apps[0]).await;
+    fail_three(&alone_apps[0]).await;
+    assert_eq!(shared[0].is_degraded("bob"), Some(true));
+    assert_eq!(alone[0].is_degraded("bob"), Some(true));
+    let tripped = Instant::now();
+    m.set_faults(FaultPlan::new());
+    m_alone.set_faults(FaultPlan::new());
+
+    // A's deadline reaches Redis (a write of its own task, bounded here).
+    let mut conn = tower_qwen::redis::connect_lazy(&server.url(), None).unwrap();
+    let set = format!("{prefix}degraded");
+    let mut score = None;
+    for _ in 0..1000 {
+        score = ::redis::cmd("ZSCORE")
+            .arg(&set)
+            .arg("bob")
+            .query_async::<Option<f64>>(&mut conn)
+            .await
+            .unwrap();
+        if score.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let until_ms = (tripped - t0 + Duration::from_secs(5)).as_millis() as f64;
+    assert_eq!(score, Some(until_ms), "A's deadline on the shared clock");
+
+    // B's first call starts its read of the shared state (never waited
+    // for): B is degraded within a few calls, no time having passed.
+    let n = calls_until_degraded(&shared[1], &apps[1], 100).await;
+    assert!(n <= 100, "B never followed A");
+    assert_eq!(Instant::now(), tripped);
+    // Without [redis], B knows nothing of A's state.
+    assert_eq!(
+        calls_until_degraded(&alone[1], &alone_apps[1], 20).await,
+        21
+    );
+
+    // B serves Bob at the degraded rate (5 a second), though its
+    // upstream calls all succeed; without Redis it serves them all.
+    assert_eq!(passed_in_a_second(&apps[1]).await, 5);
+    assert_eq!(passed_in_a_second(&alone_apps[1]).await, 10);
+    // Replica C follows too (its first read).
+    let n = calls_until_degraded(&shared[2], &apps[2], 100).await;
+    assert!(n <= 100, "C never followed A");
+
+    // Until A's deadline B is degraded (a call passes at the degraded
+    // pace and changes nothing); from then on B probes on its own: the
+    // upstream is healthy, the first probe succeeds and B recovers.
+    let deadline = tripped + Duration::from_secs(5);
+    tokio::time::advance(deadline - Duration::from_millis(10) - Instant::now()).await;
+    assert_eq!(call(&apps[1], BOB, "qwen-turbo").await.status, 200);
+    assert_eq!(call(&apps[1], BOB, "qwen-turbo").await.status, 429);
+    assert_eq!(shared[1].is_degraded("bob"), Some(true));
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(call(&apps[1], BOB, "qwen-turbo").await.status, 200);
+    assert_eq!(shared[1].is_degraded("bob"), Some(false));
+    // A past deadline in Redis degrades nobody again.
+    assert_eq!(call(&apps[1], BOB, "qwen-turbo").await.status, 200);
+    tokio::time::advance(Duration::from_millis(600)).await;
+    for _ in 0..20 {
+        assert_eq!(call(&apps[1], BOB, "qwen-turbo").await.status, 200);
+    }
+    assert_eq!(shared[1].is_degraded("bob"), Some(false));
+}
+
+/// The value of the counter `name` in `gateway`'s metrics.
+fn counter(gateway: &Gateway, name: &str) -> f64 {
+    gateway
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn with_redis_down_each_replica_degrades_on_its_own_then_sharing_resumes() {
+    let mut server = RedisServer::start();
+    let m = mock().faults(failing()).start().await.unwrap();
+    // Real time: degraded for a minute, longer than the test.
+    let redis = format!(
+        "probe_after = \"60s\"\n[redis]\nurl = \"{}\"\nkey_prefix = \"gw-degrade-outage:\"\nreplicas = 3\ntimeout = \"500ms\"\nprobe_every = \"50ms\"",
+        server.url()
+    );
+    let gws = gateways(&degrade_config(&m, &redis), Clock::Server);
+    let apps: Vec<Router> = gws.iter().map(Gateway::router).collect();
+    // Reads start and the replicas connect while Redis is up.
+    for app in &apps {
+        assert_eq!(bounded_call(app, BOB, "qwen-turbo").await.status, 503);
+    }
+
+    // Redis killed: A degrades on its own failures, every call answered.
+    server.stop();
+    for _ in 0..2 {
+        assert_eq!(bounded_call(&apps[0], BOB, "qwen-turbo").await.status, 503);
+    }
+    assert_eq!(gws[0].is_degraded("bob"), Some(true));
+    // Its write failed: counted (and logged once), nothing waits for it.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while counter(&gws[0], "gateway_degrade_sync_errors_total") < 1.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the failed write is counted");
+    // A's local degradation still holds: of 20 calls at once, one passes
+    // (5 a second), the rest are refused.
+    let answers = join_all((0..20).map(|_| bounded_call(&apps[0], BOB, "qwen-turbo"))).await;
+    let refused = answers.iter().filter(|a| a.status == 429).count();
+    assert!(refused >= 15, "{refused} of 20 refused");
+
+    // The others keep their own state: healthy upstream, B serves all.
+    m.set_faults(FaultPlan::new());
+    for _ in 0..20 {
+        assert_eq!(bounded_call(&apps[1], BOB, "qwen-turbo").await.status, 200);
+    }
+    assert_eq!(gws[1].is_degraded("bob"), Some(false));
+
+    // Redis back: C degrades, B follows within a read.
+    server.restart();
+    until_back(&gws).await;
+    m.set_faults(failing());
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while gws[2].is_degraded("bob") != Some(true) {
+            let a = bounded_call(&apps[2], BOB, "qwen-turbo").await;
+            assert!(a.status == 503 || a.status == 429, "{:?}", a.body);
+        }
+    })
+    .await
+    .expect("C degrades");
+    m.set_faults(FaultPlan::new());
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while gws[1].is_degraded("bob") != Some(true) {
+            let a = bounded_call(&apps[1], BOB, "qwen-turbo").await;
+            assert!(a.status == 200 || a.status == 429, "{:?}", a.body);
+        }
+    })
+    .await
+    .expect("B follows C once Redis is back");
+}
