@@ -185,7 +185,9 @@
 //!   so a failing upstream is not hit by each replica in turn. From that
 //!   instant each replica probes on its own; a failed probe degrades the
 //!   key for longer, and that is published too. Recovery is not published
-//!   (a deadline passes, it is never withdrawn).
+//!   (a deadline passes, it is never withdrawn). This needs Redis 6.2 or
+//!   later (`ZADD GT`); on an older one every write fails and each replica
+//!   keeps its own degrade state, as while Redis is down.
 //!
 //! When Redis fails or is slower than `timeout`, the `failure` policy
 //! decides the limits: `"fail-open"` (default) decides locally at

@@ -4,7 +4,8 @@
 //! degrades a client key, it publishes the instant its probes start as the
 //! score of the key's name in one sorted set, `{key_prefix}degraded`
 //! (`ZADD GT`: a later deadline wins, an earlier one never shortens it; the
-//! set expires `probe_after_max` after its last write). Every replica
+//! set expires `probe_after_max` after its last write; `GT` needs Redis
+//! 6.2 or later, and on an older one the writes fail). Every replica
 //! reads the set back at most once per `probe_every` and applies the
 //! deadlines it has not seen with
 //! [`BreakerHandle::trip_key_until`]: a key degraded on one replica is
