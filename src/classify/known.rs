@@ -107,6 +107,13 @@ registry! {
         crate::rate_limit::error::Dimension::Requests,
     );
     #[cfg(feature = "rate-limit")]
+    budget_exceeded: crate::rate_limit::error::BudgetExceeded = crate::rate_limit::error::BudgetExceeded::new(
+        crate::rate_limit::Period::Day,
+        100,
+        100,
+        std::time::Duration::from_secs(60),
+    );
+    #[cfg(feature = "rate-limit")]
     invalid_quota: crate::rate_limit::error::InvalidQuota =
         crate::rate_limit::error::InvalidQuota::new("sample");
     #[cfg(feature = "redis")]

@@ -9,7 +9,7 @@ mod show;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use http::HeaderValue;
 use serde_path_to_error::Segment;
 
 use crate::client::{ApiKey, BaseUrl, Region};
-use crate::rate_limit::{Limits, Quota, QuotaTable, qwen_limits};
+use crate::rate_limit::{BudgetLimits, Limits, Period, Quota, QuotaTable, WallClock, qwen_limits};
 
 use super::auth::{KeyDigest, digest_of, parse_digest};
 use super::error::ConfigError;
@@ -46,6 +46,9 @@ pub struct GatewayConfig {
     pub(crate) key_series: usize,
     pub(crate) accounts: Vec<AccountConfig>,
     pub(crate) keys: Vec<ClientKeyConfig>,
+    /// The clock of the token budgets' calendar windows (`None`: the
+    /// system's, read when the gateway is built).
+    pub(crate) wall_clock: Option<WallClock>,
 }
 
 #[derive(Clone, Debug)]
@@ -92,6 +95,21 @@ impl BucketConfig {
             .unwrap_or(Quota::per_second(NonZeroU32::MAX))
             .allow_burst(self.capacity);
         Limits::requests(quota)
+    }
+}
+
+/// A client key's token limits: tokens per minute (a bucket of `tpm`
+/// refilled at `tpm` a minute) and budgets per UTC day and month.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct TokenConfig {
+    pub(crate) tpm: Option<NonZeroU32>,
+    pub(crate) budget: BudgetLimits,
+}
+
+impl TokenConfig {
+    /// The token quota of the key's bucket (`None`: no TPM).
+    pub(crate) fn quota(&self) -> Option<Quota> {
+        self.tpm.map(|n| Quota::tokens_per_minute(n).allow_burst(n))
     }
 }
 
@@ -163,6 +181,7 @@ pub(crate) struct ClientKeyConfig {
     pub(crate) digest: KeyDigest,
     pub(crate) accounts: Vec<usize>,
     pub(crate) bucket: BucketConfig,
+    pub(crate) tokens: TokenConfig,
     /// Whether the key has its own `/metrics` series (else it is counted
     /// under `key="_other"`).
     pub(crate) own_series: bool,
@@ -175,6 +194,7 @@ impl fmt::Debug for ClientKeyConfig {
             .field("id", &self.digest.redacted_id())
             .field("accounts", &self.accounts)
             .field("bucket", &self.bucket)
+            .field("tokens", &self.tokens)
             .field("own_series", &self.own_series)
             .finish()
     }
@@ -257,6 +277,15 @@ impl GatewayConfig {
     /// Whether a `[redis]` section makes the replicas share their limits.
     pub fn has_redis(&self) -> bool {
         self.redis.is_some()
+    }
+
+    /// The clock the client keys' token budgets read their UTC days and
+    /// months from. Default is the system's, read when the gateway is
+    /// built; tests pass [`WallClock::starting_at`] a chosen time, and move
+    /// it across midnight with `tokio::time::advance` on a paused clock.
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall_clock = Some(clock);
+        self
     }
 
     /// Whose clock the Redis limits decide on. Default is
@@ -647,7 +676,17 @@ fn validate(
         capacity: nz(f.limits.capacity.get()),
         refill_per_second: f.limits.refill_per_second.0,
     };
-    let mut keys = validate_keys(&f.keys, &accounts, default_bucket, env, p);
+    let default_tokens = token_config(
+        "limits",
+        (
+            f.limits.tpm.get(),
+            f.limits.tokens_per_day.get(),
+            f.limits.tokens_per_month.get(),
+        ),
+        true,
+        p,
+    );
+    let mut keys = validate_keys(&f.keys, &accounts, default_bucket, default_tokens, env, p);
     let key_series = f.metrics.key_series.0 as usize;
     assign_series(&mut keys, &f.keys, key_series);
 
@@ -668,7 +707,37 @@ fn validate(
         key_series,
         accounts,
         keys,
+        wall_clock: None,
     })
+}
+
+/// Token limits from their fields (0: none), checked together: a month's
+/// budget below a day's is a mistake.
+fn token_config(
+    at: &str,
+    (tpm, day, month): (u64, u64, u64),
+    check: bool,
+    p: &mut Problems,
+) -> TokenConfig {
+    let mut budget = BudgetLimits::NONE;
+    if let Some(d) = NonZeroU64::new(day) {
+        budget = budget.and_per_day(d);
+    }
+    if let Some(m) = NonZeroU64::new(month) {
+        budget = budget.and_per_month(m);
+    }
+    if check && day > 0 && month > 0 && month < day {
+        p.bad(
+            format!("{at}.tokens_per_month"),
+            format!(
+                "{month} is below tokens_per_day ({day}): a month's budget holds at least a day's"
+            ),
+        );
+    }
+    TokenConfig {
+        tpm: NonZeroU32::new(u32::try_from(tpm).unwrap_or(u32::MAX)),
+        budget,
+    }
 }
 
 /// Which keys get their own `/metrics` series: those with `metrics =
@@ -874,6 +943,7 @@ fn validate_keys(
     items: &[KeyFile],
     accounts: &[AccountConfig],
     default_bucket: BucketConfig,
+    default_tokens: TokenConfig,
     env: &dyn Fn(&str) -> Option<String>,
     p: &mut Problems,
 ) -> Vec<ClientKeyConfig> {
@@ -992,12 +1062,28 @@ fn validate_keys(
                 .refill_per_second
                 .map_or(default_bucket.refill_per_second, |r| r.0),
         };
+        let budget_of = |p: Period| default_tokens.budget.get(p).map_or(0, NonZeroU64::get);
+        let tokens = token_config(
+            &at,
+            (
+                k.tpm
+                    .map_or(default_tokens.tpm.map_or(0, |t| u64::from(t.get())), |t| {
+                        t.get()
+                    }),
+                k.tokens_per_day.map_or(budget_of(Period::Day), |t| t.get()),
+                k.tokens_per_month
+                    .map_or(budget_of(Period::Month), |t| t.get()),
+            ),
+            k.tokens_per_day.is_some() || k.tokens_per_month.is_some(),
+            p,
+        );
         if let Some(digest) = digest {
             out.push(ClientKeyConfig {
                 name: k.name.clone().unwrap_or_else(|| default_key_name(&digest)),
                 digest,
                 accounts: pool,
                 bucket,
+                tokens,
                 own_series: false,
             });
             items_of.push((i, k.name.is_some()));
@@ -1072,6 +1158,85 @@ mod tests {
         );
         let shown = format!("{c:?}");
         assert!(!shown.contains("sk-upstream-secret") && !shown.contains("gw-client-secret"));
+    }
+
+    #[test]
+    fn token_limits_per_key_with_limits_defaults_env_and_errors() {
+        let text = r#"
+            [limits]
+            tpm = 60000
+            tokens_per_day = 1000000
+            [[accounts]]
+            name = "main"
+            api_key = "sk-upstream-secret"
+            [[keys]]
+            name = "a"
+            key = "gw-client-secret-a"
+            [[keys]]
+            name = "b"
+            key = "gw-client-secret-b"
+            tpm = 0
+            tokens_per_month = 5000000
+        "#;
+        let c = GatewayConfig::from_toml_with_env(
+            text,
+            env(&[("QWEN_GATEWAY_LIMITS_TOKENS_PER_MONTH", "20000000")]),
+        )
+        .unwrap();
+        let day = |k: &ClientKeyConfig| k.tokens.budget.get(Period::Day).map(|n| n.get());
+        let month = |k: &ClientKeyConfig| k.tokens.budget.get(Period::Month).map(|n| n.get());
+        // `a` takes every default, the month's from the environment.
+        assert_eq!(c.keys[0].tokens.tpm.map(|n| n.get()), Some(60_000));
+        assert_eq!(
+            (day(&c.keys[0]), month(&c.keys[0])),
+            (Some(1_000_000), Some(20_000_000))
+        );
+        // `b` turns the TPM off and sets its own month.
+        assert_eq!(c.keys[1].tokens.tpm, None);
+        assert_eq!(
+            (day(&c.keys[1]), month(&c.keys[1])),
+            (Some(1_000_000), Some(5_000_000))
+        );
+        assert_eq!(
+            c.keys[0].tokens.quota().unwrap().burst().get(),
+            60_000,
+            "a minute's worth at once"
+        );
+        let shown = c.effective_toml();
+        assert!(shown.contains("tpm = 60000"), "{shown}");
+        assert!(shown.contains("tokens_per_day = 1000000"), "{shown}");
+        assert!(shown.contains("tokens_per_month = 5000000"), "{shown}");
+
+        let e = GatewayConfig::from_toml_with_env(
+            r#"
+            [limits]
+            tokens_per_day = -5
+            [[accounts]]
+            api_key = "sk-upstream-secret"
+            [[keys]]
+            key = "gw-client-secret-a"
+            tpm = 5000000000
+            [[keys]]
+            key = "gw-client-secret-b"
+            tokens_per_day = 1000
+            tokens_per_month = 10
+            [[keys]]
+            key = "gw-client-secret-c"
+            tokens_per_month = "lots"
+            "#,
+            env(&[("QWEN_GATEWAY_LIMITS_TPM", "fast")]),
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.fields().collect();
+        for f in [
+            "limits.tpm (from QWEN_GATEWAY_LIMITS_TPM)",
+            "limits.tokens_per_day",
+            "keys[0].tpm",
+            "keys[1].tokens_per_month",
+            "keys[2].tokens_per_month",
+        ] {
+            assert!(fields.contains(&f), "{f} in {fields:?}");
+        }
     }
 
     #[test]

@@ -59,7 +59,26 @@
 //!    model 400 (`BadRequest.EmptyModel`): nothing the gateway cannot
 //!    account for leaves. The model is matched to its budget trimmed and
 //!    lowercased, as the quota table reads it.
-//! 4. **Degradation**: a [`CircuitBreaker`](crate::circuit_breaker) per key
+//! 4. **The key's tokens** (none by default; `[limits]` or per key),
+//!    charged with the body's token estimate (input plus `max_tokens`, or
+//!    1024 output tokens when it sets none) and reconciled with the real
+//!    `usage` when the answer ends, streams included (a call the upstream
+//!    refused is refunded):
+//!    - `tpm`: tokens per minute, the token quota of the key's bucket (a
+//!      bucket of `tpm` tokens refilled at `tpm` a minute). Empty: 429
+//!      (`Throttling.AllocationQuota` / `insufficient_quota`) with
+//!      `Retry-After` and `x-ratelimit-{limit,remaining,reset}-tokens`.
+//!    - `tokens_per_day`, `tokens_per_month`: budgets per UTC day and
+//!      month ([`Budget`](crate::rate_limit::Budget), a fixed-window
+//!      counter). A call whose estimate does not fit gets 429 in the same
+//!      shape, its message naming the budget ("Daily token budget
+//!      exhausted ... it resets at 00:00 UTC"; "Monthly ... on the 1st"),
+//!      `Retry-After` to the reset and `x-ratelimit-limit-tokens` (the
+//!      budget), `-remaining-tokens`, `-reset-tokens` (seconds). Without
+//!      `[redis]` the counts are in memory: kept across a
+//!      [reload](Gateway::reload), lost on restart; with `[redis]` they are
+//!      Redis counters (see below).
+//! 5. **Degradation**: a [`CircuitBreaker`](crate::circuit_breaker) per key
 //!    with [`TripAction::Degrade`](crate::circuit_breaker::TripAction):
 //!    after 3 consecutive upstream failures (5xx, timeouts, resets, an SSE
 //!    error frame mid-stream; not 429s, not 4xx) the key is limited to
@@ -68,7 +87,7 @@
 //!    admitted calls are probes and the first success restores the key.
 //!    With `[redis]` the replicas share this state (see
 //!    [Replicas](#replicas-redis)).
-//! 5. **Upstream admission**: the key maps to a [`Pool`](crate::pool::Pool)
+//! 6. **Upstream admission**: the key maps to a [`Pool`](crate::pool::Pool)
 //!    of upstream accounts (DashScope's quotas belong to accounts, not
 //!    keys; an account may list several of its keys, used in turn). Each
 //!    account has a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)
@@ -209,6 +228,18 @@
 //! own. Slow start is not available with `[redis]` (the Redis backend has
 //! none).
 //!
+//! The keys' token limits follow: `tpm` is the shared bucket's token
+//! quota, and the day and month budgets are Redis counters
+//! ([`RedisBudget`](crate::redis::RedisBudget)),
+//! `{key_prefix}budget:{key name}:{day|month}:{2026-03-31|2026-03}`,
+//! charged atomically (`INCRBY` in a script) and expiring a day after
+//! their window: shared by every replica and kept across restarts. When
+//! Redis is down the same `failure` policy applies: fail-open counts
+//! locally at 1/`replicas` of each budget, from zero (what was spent in
+//! Redis is not known there), fail-closed answers 503; reconciliations
+//! are skipped meanwhile (estimates stand). The windows are UTC calendar
+//! days and months by each replica's clock.
+//!
 //! # Configuration
 //!
 //! TOML ([`GatewayConfig`]) read by serde, unknown fields refused, defaults
@@ -242,6 +273,9 @@
 //! [limits]                        # each client key's bucket, unless overridden
 //! capacity = 50
 //! refill_per_second = 30
+//! tpm = 0                         # tokens per minute per key (0: none)
+//! tokens_per_day = 0              # token budget per key per UTC day (0: none)
+//! tokens_per_month = 0            # ... per UTC month
 //!
 //! [degrade]
 //! consecutive_failures = 3
@@ -273,6 +307,9 @@
 //! sha256 = "<64 hex digits: printf %s KEY | sha256sum>"
 //! accounts = ["main"]
 //! capacity = 100
+//! tpm = 100000
+//! tokens_per_day = 2000000        # 429 naming the budget until 00:00 UTC
+//! tokens_per_month = 40000000
 //! metrics = true                  # always its own /metrics series
 //! ```
 //!
@@ -395,7 +432,11 @@ pub fn router(config: GatewayConfig) -> Router {
 /// Builds the state of one configuration: the upstream client, the client
 /// keys' buckets, the degrade breaker, one pool per client key over the
 /// accounts; metrics go to `metrics`.
-fn build(config: &GatewayConfig, metrics: Arc<metrics::Metrics>) -> Inner {
+fn build(
+    config: &GatewayConfig,
+    metrics: Arc<metrics::Metrics>,
+    previous: Option<&Inner>,
+) -> Inner {
     let series: Vec<metrics::KeySeries> = config
         .keys
         .iter()
@@ -405,7 +446,11 @@ fn build(config: &GatewayConfig, metrics: Arc<metrics::Metrics>) -> Inner {
         degradations: series.iter().map(|s| s.degradations.clone()).collect(),
         degrade_sync_errors: metrics.degrade_sync_errors.clone(),
     };
-    let built = stack::build(config, &key_metrics);
+    let built = stack::build(
+        config,
+        &key_metrics,
+        previous.and_then(|p| p.budgets.as_ref()),
+    );
     let mut clients = Vec::with_capacity(config.keys.len());
     let mut by_digest = HashMap::with_capacity(config.keys.len());
     let stacks = built.services.into_iter().zip(built.files);
@@ -437,6 +482,7 @@ fn build(config: &GatewayConfig, metrics: Arc<metrics::Metrics>) -> Inner {
         keys: by_digest,
         clients,
         buckets: built.buckets,
+        budgets: built.budgets,
         breaker: built.breaker,
         metrics,
         auth_failures: auth::AuthFailures::new(config.server.max_auth_failures_per_minute),
@@ -458,7 +504,7 @@ impl Gateway {
     /// need not be up yet).
     pub fn new(config: GatewayConfig) -> Self {
         let metrics = Arc::new(metrics::Metrics::new());
-        let inner = build(&config, metrics.clone());
+        let inner = build(&config, metrics.clone(), None);
         Self {
             live: Arc::new(Live {
                 current: RwLock::new(Arc::new(inner)),
@@ -482,7 +528,9 @@ impl Gateway {
     /// What starts afresh: the in-memory buckets, account budgets and
     /// degraded states (with `[redis]` the buckets, budgets and degrade
     /// deadlines live in Redis and are kept), and the failed-authentication
-    /// counts. Metrics
+    /// counts. The client keys' token budgets per day and month are kept
+    /// (in memory too): what a key spent still counts under its new
+    /// limits. Metrics
     /// keep counting: a key keeps its series. `listen`, `max_connections`
     /// and `shutdown_grace` belong to the running server and need a
     /// restart (a `warn` says so when they changed).
@@ -501,7 +549,13 @@ impl Gateway {
                 "server.listen, server.max_connections and server.shutdown_grace changed: they take effect on restart only"
             );
         }
-        let next = Arc::new(build(&config, self.live.metrics.clone()));
+        let previous = self
+            .live
+            .current
+            .read()
+            .expect("gateway state lock")
+            .clone();
+        let next = Arc::new(build(&config, self.live.metrics.clone(), Some(&previous)));
         let old = std::mem::replace(
             &mut *self.live.current.write().expect("gateway state lock"),
             next,

@@ -26,7 +26,7 @@ use crate::circuit_breaker::error::CircuitOpen;
 use crate::circuit_breaker::{BreakerHandle, State as BreakerState};
 use crate::pool::Pinned;
 use crate::pool::error::Exhausted;
-use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::error::{BudgetExceeded, RateLimited};
 use crate::request::{Endpoint, Protocol, RequestInfo};
 use crate::time;
 use crate::timeout::error::{DeadlineExceeded, HeaderTimeout, IdleTimeout};
@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     pub(crate) clients: Vec<Arc<ClientKey>>,
     /// The client keys' buckets (for `x-ratelimit-*` and `/metrics`).
     pub(crate) buckets: Limiter<Arc<str>>,
+    /// The in-memory token budgets (kept across reloads).
+    pub(crate) budgets: Option<crate::rate_limit::Budget<Arc<str>>>,
     /// The degrade breaker's circuits, by client key.
     pub(crate) breaker: BreakerHandle<Arc<str>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -436,8 +438,55 @@ fn refused(
         let message = r.message.as_deref();
         return gw.refuse_saying(key, route, protocol, r.refusal, message, None, None);
     }
+    if let Some(over) = e.downcast_ref::<BudgetExceeded>() {
+        let reset = over.retry_after().unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit-tokens", HeaderValue::from(over.limit()));
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(over.remaining()),
+        );
+        h.insert(
+            "x-ratelimit-reset-tokens",
+            HeaderValue::from(ceil_secs(reset)),
+        );
+        let (which, when) = if over.is_monthly() {
+            ("Monthly", "on the 1st of next month at 00:00 UTC")
+        } else {
+            ("Daily", "at 00:00 UTC")
+        };
+        let message = format!(
+            "{which} token budget exhausted for this gateway key: {} of {} tokens left, fewer than this request may use; it resets {when}.",
+            over.remaining(),
+            over.limit()
+        );
+        tracing::debug!(key = %client.id, key_name = %client.name, route, period = over.period().as_str(), "refused: client key token budget exhausted");
+        return gw.refuse_saying(
+            key,
+            route,
+            protocol,
+            Refusal::KeyBudget,
+            Some(&message),
+            Some(reset),
+            Some(h),
+        );
+    }
     if let Some(limited) = e.downcast_ref::<RateLimited>() {
         let mut h = HeaderMap::new();
+        if limited.is_tokens() {
+            if let Some(s) = gw.buckets.snapshot(&client.name) {
+                s.write_headers(&mut h);
+            }
+            tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key tokens per minute spent");
+            return gw.refuse(
+                key,
+                route,
+                protocol,
+                Refusal::KeyTokens,
+                limited.retry_after(),
+                Some(h),
+            );
+        }
         gw.write_bucket_headers(client, &mut h);
         tracing::debug!(key = %client.id, key_name = %client.name, route, "refused: client key bucket empty");
         return gw.refuse(

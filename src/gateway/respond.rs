@@ -19,6 +19,10 @@ pub(crate) enum Refusal {
     Unauthorized,
     /// The client key's bucket is empty (429).
     KeyRateLimited,
+    /// The client key's tokens per minute are spent (429).
+    KeyTokens,
+    /// The client key's token budget for the day or month is spent (429).
+    KeyBudget,
     /// The client key is degraded and over its low rate (429).
     Degraded,
     /// The upstream account's request budget has no room (429).
@@ -64,6 +68,8 @@ impl Refusal {
         match self {
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
             Refusal::KeyRateLimited
+            | Refusal::KeyTokens
+            | Refusal::KeyBudget
             | Refusal::Degraded
             | Refusal::UpstreamRequests
             | Refusal::UpstreamTokens => StatusCode::TOO_MANY_REQUESTS,
@@ -89,6 +95,8 @@ impl Refusal {
         match self {
             Refusal::Unauthorized => "unauthorized",
             Refusal::KeyRateLimited => "key_bucket",
+            Refusal::KeyTokens => "key_tokens",
+            Refusal::KeyBudget => "key_budget",
             Refusal::Degraded => "degraded",
             Refusal::UpstreamRequests => "upstream_requests",
             Refusal::UpstreamTokens => "upstream_tokens",
@@ -125,6 +133,19 @@ impl Refusal {
                 "limit_requests",
                 "limit_requests",
                 "Requests rate limit exceeded for this gateway key, please try again later.",
+            ),
+            Refusal::KeyTokens => (
+                "Throttling.AllocationQuota",
+                "insufficient_quota",
+                "insufficient_quota",
+                "Tokens per minute limit exceeded for this gateway key, please try again later.",
+            ),
+            // The answer names the budget (day or month) in its message.
+            Refusal::KeyBudget => (
+                "Throttling.AllocationQuota",
+                "insufficient_quota",
+                "insufficient_quota",
+                "Token budget exhausted for this gateway key, please try again after it resets.",
             ),
             Refusal::Degraded => (
                 "Throttling.RateQuota",
@@ -361,19 +382,20 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(&b)
             );
-            let res = refuse_saying(
-                p,
+            for refusal in [
                 Refusal::UpstreamTokens,
-                None,
-                Some(Duration::from_secs(3)),
-                None,
-            );
-            let (status, headers) = (res.status(), res.headers().clone());
-            let b = body(res).await;
-            assert_eq!(
-                c.classify(status, &headers, &b).throttle_cause(),
-                Some(ThrottleCause::Tokens)
-            );
+                Refusal::KeyTokens,
+                Refusal::KeyBudget,
+            ] {
+                let res = refuse_saying(p, refusal, None, Some(Duration::from_secs(3)), None);
+                let (status, headers) = (res.status(), res.headers().clone());
+                let b = body(res).await;
+                assert_eq!(
+                    c.classify(status, &headers, &b).throttle_cause(),
+                    Some(ThrottleCause::Tokens),
+                    "{refusal:?}"
+                );
+            }
             let res = refuse_saying(p, Refusal::Unauthorized, None, None, None);
             let (status, headers) = (res.status(), res.headers().clone());
             assert!(headers.get("retry-after").is_none());

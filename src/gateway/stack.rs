@@ -4,6 +4,8 @@
 //! ```text
 //! RateLimit (the key's bucket: reject mode, keyed by client key)
 //!   -> ClientBody (cap, read timeout, strict RequestInfo, model required)
+//!   -> RateLimit (the same bucket's tokens per minute: the estimate)
+//!   -> RateLimit (the key's token budgets per UTC day and month)
 //!   -> CircuitBreaker (degrade mode, keyed by client key)
 //!   -> Pool (the key's accounts: headroom, key rotation, pinning)
 //!        -> per account: Quotas -> RateLimit (account, model; wait up to
@@ -17,10 +19,11 @@
 //!   -> Pool (pinned to the key's first account) -> SetUpstream -> Timeout -> client
 //! ```
 //!
-//! over one backend for the buckets and one per account: in memory, or on
-//! Redis (`[redis]`) so that every replica shares them; with `[redis]` the
-//! breaker's degrade state is shared too (`shared.rs`: its
-//! state-change hook publishes, a request may start a read). The only pieces of
+//! over one backend for the buckets, one for the token budgets and one
+//! per account: in memory, or on Redis (`[redis]`) so that every replica
+//! shares them; with `[redis]` the breaker's degrade state is shared too
+//! (`shared.rs`: its state-change hook publishes, a request may start a
+//! read). The only pieces of
 //! its own are [`ClientBody`] (what the gateway accepts as a request body) and
 //! [`Quotas`] (an account's refusal as a 429 with the account's quotas per
 //! minute).
@@ -56,7 +59,8 @@ use crate::key::{AccountId, AccountModel, ByAccountModel, key_fn};
 use crate::pool::{Account, Pool};
 use crate::rate_limit::error::RateLimited;
 use crate::rate_limit::{
-    Backend, Limits, Mode, PerCall, QuotaTable, RateLimitLayer, RateLimiter, SlowStart, Snapshot,
+    Backend, Budget, BudgetLimits, Cost, DEFAULT_OUTPUT_TOKENS, Limits, Mode, PerCall, QuotaTable,
+    RateLimitLayer, RateLimiter, SlowStart, Snapshot, WallClock,
 };
 use crate::request::RequestInfo;
 use crate::timeout::TimeoutLayer;
@@ -131,6 +135,9 @@ pub(crate) struct Built {
     /// One Files and Batch API stack per client key, in configuration
     /// order.
     pub(crate) files: Vec<KeySvc>,
+    /// The in-memory token budgets (`None` with `[redis]`), kept across
+    /// reloads.
+    pub(crate) budgets: Option<Budget<Arc<str>>>,
     /// Every Redis limiter (to probe Redis).
     #[cfg(feature = "redis")]
     pub(crate) redis: Vec<RedisProbe>,
@@ -141,8 +148,13 @@ pub(crate) struct Built {
 pub(crate) type RedisProbe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
-/// Builds every client key's stack from the configuration.
-pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
+/// Builds every client key's stack from the configuration; in-memory
+/// token budgets keep counting from `previous` (a reload).
+pub(crate) fn build(
+    cfg: &GatewayConfig,
+    metrics: &KeyMetrics,
+    previous: Option<&Budget<Arc<str>>>,
+) -> Built {
     let up = &cfg.upstream;
     let client = TransportConfig::new()
         .connect_timeout(up.connect_timeout)
@@ -161,10 +173,26 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
     let bucket_limits: Arc<HashMap<Arc<str>, Limits>> = Arc::new(
         cfg.keys
             .iter()
-            .map(|k| (Arc::from(k.name.as_str()), k.bucket.limits()))
+            .map(|k| {
+                let requests = k.bucket.limits();
+                let limits = match k.tokens.quota() {
+                    Some(tpm) => requests.and_tokens(tpm),
+                    None => requests,
+                };
+                (Arc::from(k.name.as_str()), limits)
+            })
             .collect(),
     );
     let limits_of = move |k: &Arc<str>| bucket_limits.get(k).copied().unwrap_or(Limits::UNLIMITED);
+    let budget_limits: Arc<HashMap<Arc<str>, BudgetLimits>> = Arc::new(
+        cfg.keys
+            .iter()
+            .map(|k| (Arc::from(k.name.as_str()), k.tokens.budget))
+            .collect(),
+    );
+    let budgets_of =
+        move |k: &Arc<str>| budget_limits.get(k).copied().unwrap_or(BudgetLimits::NONE);
+    let wall_clock = cfg.wall_clock.unwrap_or_else(WallClock::system);
     let quotas_of = |a: &AccountConfig| {
         let table = a.quotas.clone();
         move |k: &AccountModel| {
@@ -207,7 +235,22 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
                 builder(format!("{}acct:", r.prefix)).build_keyed_with(conn.clone(), quotas_of(a))
             })
             .collect();
+        let budgets = crate::redis::RedisBudget::builder()
+            .prefix(format!("{}budget:", r.prefix))
+            .timeout(r.timeout)
+            .on_failure(policy)
+            .probe_every(r.probe_every)
+            .clock(wall_clock)
+            .max_keys(cfg.keys.len().max(1))
+            .build_with(conn.clone(), budgets_of);
         let mut redis: Vec<RedisProbe> = Vec::new();
+        if cfg.keys.iter().any(|k| !k.tokens.budget.is_none()) {
+            let b = budgets.clone();
+            redis.push(Arc::new(move || {
+                let b = b.clone();
+                Box::pin(async move { b.probe().await })
+            }));
+        }
         let b = buckets.clone();
         redis.push(Arc::new(move || {
             let b = b.clone();
@@ -234,6 +277,7 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
             metrics,
             upstream,
             buckets.clone(),
+            budgets,
             accounts,
             Some(share),
         );
@@ -242,6 +286,7 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
             breaker,
             services,
             files,
+            budgets: None,
             redis,
         };
     }
@@ -258,25 +303,41 @@ pub(crate) fn build(cfg: &GatewayConfig, metrics: &KeyMetrics) -> Built {
                 .build_keyed_with(quotas_of(a))
         })
         .collect();
-    let (breaker, services, files) =
-        assemble(cfg, metrics, upstream, buckets.clone(), accounts, None);
+    let budgets = match previous {
+        Some(b) => b.with_limits(budgets_of),
+        None => Budget::builder()
+            .clock(wall_clock)
+            .max_keys(cfg.keys.len().max(1))
+            .build_with(budgets_of),
+    };
+    let (breaker, services, files) = assemble(
+        cfg,
+        metrics,
+        upstream,
+        buckets.clone(),
+        budgets.clone(),
+        accounts,
+        None,
+    );
     Built {
         buckets: Limiter::Memory(buckets),
         breaker,
         services,
         files,
+        budgets: Some(budgets),
         #[cfg(feature = "redis")]
         redis: Vec::new(),
     }
 }
 
-/// The stacks over the buckets' backend `buckets` and one backend per
-/// account.
-fn assemble<U, UB, BK, BA>(
+/// The stacks over the buckets' backend `buckets` (requests, and tokens
+/// per minute), the token budgets' `budgets` and one backend per account.
+fn assemble<U, UB, BK, BB, BA>(
     cfg: &GatewayConfig,
     metrics: &KeyMetrics,
     upstream: U,
     buckets: BK,
+    budgets: BB,
     accounts: Vec<BA>,
     share: Option<Arc<SharedDegrade>>,
 ) -> (BreakerHandle<Arc<str>>, Vec<KeySvc>, Vec<KeySvc>)
@@ -290,6 +351,7 @@ where
     UB: http_body::Body<Data = Bytes> + Send + 'static,
     UB::Error: Into<BoxError>,
     BK: Backend<Arc<str>>,
+    BB: Backend<Arc<str>>,
     BA: Backend<AccountModel>,
 {
     let admission = match cfg.upstream.admission_wait {
@@ -385,6 +447,15 @@ where
         })
     });
 
+    let by_client = key_fn(client_of::<Body> as fn(&mut Request<Body>) -> Arc<str>);
+    // The key's tokens per minute: the token quota of the same bucket,
+    // charged once the body is read (the request went through the bucket
+    // before it), reconciled when the answer ends.
+    let tpm = RateLimitLayer::keyed(buckets.clone(), by_client.clone())
+        .reject()
+        .cost(token_estimate as fn(&mut Request<Body>) -> Cost);
+    // The key's budgets per UTC day and month.
+    let budget = RateLimitLayer::keyed(budgets, by_client).reject();
     let bucket = RateLimitLayer::keyed(
         buckets,
         key_fn(client_of::<axum::body::Body> as fn(&mut Request<axum::body::Body>) -> Arc<str>),
@@ -427,6 +498,11 @@ where
                 max: max_body,
                 timeout: read_timeout,
             }))
+            .layer(tpm.clone())
+            // Refused inside as a local throttle, so that the TPM
+            // reservation is given back when the budgets' Redis fails closed.
+            .map_err(local_store_failure)
+            .layer(budget.clone())
             .option_layer(touch.clone())
             .layer(breaker.clone())
             .service(pool);
@@ -465,6 +541,27 @@ impl SharedDegrade {
     fn touch(&self, _: &BreakerHandle<Arc<str>>) {
         match *self {}
     }
+}
+
+/// The token cost of a request to the key's tokens per minute: its
+/// estimate (input plus `max_tokens`, or the default output budget), no
+/// request (the bucket counted it).
+fn token_estimate(req: &mut Request<Body>) -> Cost {
+    Cost::new(
+        0,
+        RequestInfo::of(req).estimated_tokens(DEFAULT_OUTPUT_TOKENS),
+    )
+}
+
+/// A Redis limit that failed closed, as [`LimitsUnavailable`] (a local
+/// refusal: nothing was sent).
+fn local_store_failure(e: BoxError) -> BoxError {
+    #[cfg(feature = "redis")]
+    if let Some(u) = e.downcast_ref::<crate::redis::error::StoreUnavailable>() {
+        let retry_after = u.retry_after().unwrap_or(Duration::from_secs(1));
+        return Box::new(super::error::LimitsUnavailable { retry_after });
+    }
+    e
 }
 
 /// A response body the stack can box.

@@ -202,6 +202,9 @@ where
 ///   streams report cumulative usage; the last one counts);
 /// * no usage, and the upstream refused the call (throttled or a permanent
 ///   error): nothing was consumed, the reservation is refunded;
+/// * an error that a local limit inside made (a local throttle: another
+///   limiter, a token budget, a fallback-less pool): the call never left,
+///   the reservation is refunded;
 /// * otherwise (a stream that failed or was dropped, a success without
 ///   usage): the estimate stands.
 pub struct Reconcile<P> {
@@ -230,6 +233,17 @@ impl<P: Permit> OnEnd for Reconcile<P> {
                 (Some(u), _) => Some(u.total()),
                 (None, EndKind::Complete)
                     if end.outcome.is_throttled() || end.outcome.is_permanent() =>
+                {
+                    Some(0)
+                }
+                (None, EndKind::Failed)
+                    if matches!(
+                        end.outcome,
+                        Outcome::Throttled {
+                            cause: ThrottleCause::Local,
+                            ..
+                        }
+                    ) =>
                 {
                     Some(0)
                 }

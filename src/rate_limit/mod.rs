@@ -50,6 +50,10 @@
 //!   admitted, the key pauses (past the one-second window) and resumes at
 //!   a lower rate that recovers over time. Logged with `tracing` and
 //!   readable in a [`Snapshot`].
+//! * **Token budgets** ([`Budget`], [`budget`]): tokens per UTC day and
+//!   month per key, a fixed-window backend for the same layer (reserve the
+//!   estimate, reconcile at the body's end), refusing with
+//!   [`BudgetExceeded`](error::BudgetExceeded) until the window resets.
 //! * **Quotas** ([`Quota`], [`Limits`]): governor-style constructors with
 //!   `NonZero` arguments, and the Qwen defaults per model
 //!   ([`QuotaTable::qwen`], the one source of them) with the burst that
@@ -167,6 +171,7 @@
 
 mod backend;
 pub mod bucket;
+pub mod budget;
 pub mod error;
 pub mod future;
 mod layer;
@@ -175,6 +180,11 @@ mod quota;
 mod service;
 
 pub use backend::{Admission, Backend, Decision, Immediate, Permit, Reservation, Ticket};
+pub use budget::{
+    Budget, BudgetBuilder, BudgetLimits, BudgetPermit, BudgetTicket, Period, WallClock,
+};
+#[cfg(feature = "redis")]
+pub(crate) use budget::{Window, refusal, windows};
 pub use layer::{
     CostOf, DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS, Estimate, Mode, PerCall, RateLimitLayer,
 };

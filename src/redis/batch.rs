@@ -112,6 +112,18 @@ impl Background {
             idle.await;
         }
     }
+
+    /// Counts one more operation in flight (until [`Background::end`]).
+    pub(crate) fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One operation of [`Background::begin`] is done.
+    pub(crate) fn end(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 /// Counts a background operation until it is done (or dropped).
@@ -119,10 +131,7 @@ struct Counted(Arc<Exec>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let bg = &self.0.background;
-        if bg.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            bg.idle.notify_waiters();
-        }
+        self.0.background.end();
     }
 }
 
@@ -296,7 +305,7 @@ impl Batcher {
             );
             return;
         };
-        self.exec.background.inflight.fetch_add(1, Ordering::AcqRel);
+        self.exec.background.begin();
         let job = Job {
             op: Some(op),
             done: None,

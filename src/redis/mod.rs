@@ -144,12 +144,14 @@
 //! [`ConnectionManager`]: ::redis::aio::ConnectionManager
 
 mod batch;
+mod budget;
 pub mod error;
 mod fallback;
 mod lease;
 mod limiter;
 mod script;
 
+pub use budget::{RedisBudget, RedisBudgetBuilder, RedisBudgetPermit};
 pub use fallback::FailurePolicy;
 pub use lease::Lease;
 pub use limiter::{

@@ -35,6 +35,7 @@ const BOB: &str = "gw-bob-key-0002";
 const UPSTREAM: &str = "sk-upstream-main";
 const UPSTREAM2: &str = "sk-upstream-backup";
 
+mod budgets;
 mod files;
 mod ops;
 #[cfg(feature = "redis")]

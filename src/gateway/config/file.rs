@@ -108,12 +108,20 @@ impl Default for UpstreamFile {
     }
 }
 
-/// Each client key's bucket (the source advice's 50 and 30 per second).
+/// The largest token budget: counts stay exact in Redis's Lua numbers
+/// (doubles), 2^53 - 1.
+pub(super) const MAX_BUDGET: u64 = (1 << 53) - 1;
+
+/// Each client key's bucket (the source advice's 50 and 30 per second),
+/// and its token limits (0: none).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct LimitsFile {
     pub(super) capacity: Int<1, { u32::MAX as u64 }>,
     pub(super) refill_per_second: Positive,
+    pub(super) tpm: Int<0, { u32::MAX as u64 }>,
+    pub(super) tokens_per_day: Int<0, MAX_BUDGET>,
+    pub(super) tokens_per_month: Int<0, MAX_BUDGET>,
 }
 
 impl Default for LimitsFile {
@@ -121,6 +129,9 @@ impl Default for LimitsFile {
         Self {
             capacity: Int(50),
             refill_per_second: Positive(30.0),
+            tpm: Int(0),
+            tokens_per_day: Int(0),
+            tokens_per_month: Int(0),
         }
     }
 }
@@ -220,6 +231,10 @@ pub(super) struct KeyFile {
     pub(super) accounts: Option<OneOrMany<String>>,
     pub(super) capacity: Option<Int<1, { u32::MAX as u64 }>>,
     pub(super) refill_per_second: Option<Positive>,
+    /// Token limits; unset: `[limits]`'s, 0: none.
+    pub(super) tpm: Option<Int<0, { u32::MAX as u64 }>>,
+    pub(super) tokens_per_day: Option<Int<0, MAX_BUDGET>>,
+    pub(super) tokens_per_month: Option<Int<0, MAX_BUDGET>>,
     /// Own `/metrics` series: `true` always, `false` never, unset while
     /// fewer than `[metrics] key_series` keys have one.
     pub(super) metrics: Option<Flag>,
@@ -543,7 +558,13 @@ mod tests {
     fn field_names_come_from_the_derive() {
         assert_eq!(
             field_names::<LimitsFile>(),
-            ["capacity", "refill_per_second"]
+            [
+                "capacity",
+                "refill_per_second",
+                "tpm",
+                "tokens_per_day",
+                "tokens_per_month"
+            ]
         );
         let sections = env_sections();
         assert!(sections[0].1.contains(&"max_auth_failures_per_minute"));

@@ -10,6 +10,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::client::ApiKey;
+use crate::rate_limit::Period;
 
 use super::GatewayConfig;
 
@@ -172,6 +173,17 @@ impl GatewayConfig {
                     "refill_per_second".into(),
                     k.bucket.refill_per_second.into(),
                 );
+                if let Some(tpm) = k.tokens.tpm {
+                    t.insert("tpm".into(), int(u64::from(tpm.get())));
+                }
+                for (field, period) in [
+                    ("tokens_per_day", Period::Day),
+                    ("tokens_per_month", Period::Month),
+                ] {
+                    if let Some(n) = k.tokens.budget.get(period) {
+                        t.insert(field.into(), int(n.get()));
+                    }
+                }
                 t.insert("metrics".into(), k.own_series.into());
                 t.into()
             })
