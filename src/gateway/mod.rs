@@ -78,6 +78,11 @@
 //!      `[redis]` the counts are in memory: kept across a
 //!      [reload](Gateway::reload), lost on restart; with `[redis]` they are
 //!      Redis counters (see below).
+//!
+//!    Every proxied answer of a key with token limits carries
+//!    `x-ratelimit-{limit,remaining,reset}-tokens` of the tighter of the
+//!    two (the one with fewer tokens left), the call's own estimate still
+//!    reserved.
 //! 5. **Degradation**: a [`CircuitBreaker`](crate::circuit_breaker) per key
 //!    with [`TripAction::Degrade`](crate::circuit_breaker::TripAction):
 //!    after 3 consecutive upstream failures (5xx, timeouts, resets, an SSE
@@ -446,11 +451,7 @@ fn build(
         degradations: series.iter().map(|s| s.degradations.clone()).collect(),
         degrade_sync_errors: metrics.degrade_sync_errors.clone(),
     };
-    let built = stack::build(
-        config,
-        &key_metrics,
-        previous.and_then(|p| p.budgets.as_ref()),
-    );
+    let built = stack::build(config, &key_metrics, previous.map(|p| &p.budgets));
     let mut clients = Vec::with_capacity(config.keys.len());
     let mut by_digest = HashMap::with_capacity(config.keys.len());
     let stacks = built.services.into_iter().zip(built.files);

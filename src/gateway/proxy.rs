@@ -73,8 +73,8 @@ pub(crate) struct Inner {
     pub(crate) clients: Vec<Arc<ClientKey>>,
     /// The client keys' buckets (for `x-ratelimit-*` and `/metrics`).
     pub(crate) buckets: Limiter<Arc<str>>,
-    /// The in-memory token budgets (kept across reloads).
-    pub(crate) budgets: Option<crate::rate_limit::Budget<Arc<str>>>,
+    /// The client keys' token budgets (for `x-ratelimit-*-tokens`).
+    pub(crate) budgets: super::stack::Budgets,
     /// The degrade breaker's circuits, by client key.
     pub(crate) breaker: BreakerHandle<Arc<str>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -142,6 +142,33 @@ impl Inner {
         headers.insert("x-ratelimit-limit", HeaderValue::from(limit));
         headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
         headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    }
+
+    /// `x-ratelimit-{limit,remaining,reset}-tokens` of a client key's
+    /// tokens: its budget's window with the least room left, or its tokens
+    /// per minute, whichever has less (none when it has neither). The
+    /// call being answered has its estimate reserved until its body ends.
+    fn write_token_headers(&self, client: &ClientKey, headers: &mut HeaderMap) {
+        let tpm = self
+            .buckets
+            .snapshot(&client.name)
+            .and_then(|s| s.tokens)
+            .map(|d| (u64::from(d.limit), d.remaining, d.reset));
+        let budget = self
+            .budgets
+            .tightest(&client.name)
+            .map(|t| (t.limit, t.remaining, t.reset));
+        let shown = match (tpm, budget) {
+            (Some(t), Some(b)) => Some(if b.1 < t.1 { b } else { t }),
+            (t, b) => t.or(b),
+        };
+        let Some((limit, remaining, reset)) = shown else {
+            return;
+        };
+        let reset = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
+        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(limit));
+        headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from(remaining));
+        headers.insert("x-ratelimit-reset-tokens", HeaderValue::from(reset));
     }
 
     pub(crate) fn is_degraded(&self, client: &ClientKey) -> bool {
@@ -373,6 +400,7 @@ pub(crate) async fn proxy(State(live): State<Arc<Live>>, req: Request) -> Respon
             let model = info.as_ref().and_then(|i| i.model.clone());
             strip_hop_by_hop(&mut parts.headers);
             gw.write_bucket_headers(&client, &mut parts.headers);
+            gw.write_token_headers(&client, &mut parts.headers);
             let status = parts.status.as_u16();
             gw.metrics.request(key, route, status);
             if parts.status.is_server_error() {

@@ -60,7 +60,7 @@ use crate::pool::{Account, Pool};
 use crate::rate_limit::error::RateLimited;
 use crate::rate_limit::{
     Backend, Budget, BudgetLimits, Cost, DEFAULT_OUTPUT_TOKENS, Limits, Mode, PerCall, QuotaTable,
-    RateLimitLayer, RateLimiter, SlowStart, Snapshot, WallClock,
+    RateLimitLayer, RateLimiter, SlowStart, Snapshot, Tightest, WallClock,
 };
 use crate::request::RequestInfo;
 use crate::timeout::TimeoutLayer;
@@ -124,6 +124,34 @@ impl<K> fmt::Debug for Limiter<K> {
     }
 }
 
+/// The client keys' token budgets, for `x-ratelimit-*-tokens`.
+#[derive(Clone, Debug)]
+pub(crate) enum Budgets {
+    /// In memory: kept across reloads.
+    Memory(Budget<Arc<str>>),
+    #[cfg(feature = "redis")]
+    Redis(crate::redis::RedisBudget<Arc<str>>),
+}
+
+impl Budgets {
+    /// `key`'s window with the least room left.
+    pub(crate) fn tightest(&self, key: &Arc<str>) -> Option<Tightest> {
+        match self {
+            Budgets::Memory(b) => b.tightest(key),
+            #[cfg(feature = "redis")]
+            Budgets::Redis(b) => b.tightest(key),
+        }
+    }
+
+    fn memory(&self) -> Option<&Budget<Arc<str>>> {
+        match self {
+            Budgets::Memory(b) => Some(b),
+            #[cfg(feature = "redis")]
+            Budgets::Redis(_) => None,
+        }
+    }
+}
+
 /// What [`build`] makes.
 pub(crate) struct Built {
     /// The client keys' buckets.
@@ -135,9 +163,8 @@ pub(crate) struct Built {
     /// One Files and Batch API stack per client key, in configuration
     /// order.
     pub(crate) files: Vec<KeySvc>,
-    /// The in-memory token budgets (`None` with `[redis]`), kept across
-    /// reloads.
-    pub(crate) budgets: Option<Budget<Arc<str>>>,
+    /// The token budgets (in memory, kept across reloads; or in Redis).
+    pub(crate) budgets: Budgets,
     /// Every Redis limiter (to probe Redis).
     #[cfg(feature = "redis")]
     pub(crate) redis: Vec<RedisProbe>,
@@ -153,8 +180,9 @@ pub(crate) type RedisProbe =
 pub(crate) fn build(
     cfg: &GatewayConfig,
     metrics: &KeyMetrics,
-    previous: Option<&Budget<Arc<str>>>,
+    previous: Option<&Budgets>,
 ) -> Built {
+    let previous = previous.and_then(Budgets::memory);
     let up = &cfg.upstream;
     let client = TransportConfig::new()
         .connect_timeout(up.connect_timeout)
@@ -277,7 +305,7 @@ pub(crate) fn build(
             metrics,
             upstream,
             buckets.clone(),
-            budgets,
+            budgets.clone(),
             accounts,
             Some(share),
         );
@@ -286,7 +314,7 @@ pub(crate) fn build(
             breaker,
             services,
             files,
-            budgets: None,
+            budgets: Budgets::Redis(budgets),
             redis,
         };
     }
@@ -324,7 +352,7 @@ pub(crate) fn build(
         breaker,
         services,
         files,
-        budgets: Some(budgets),
+        budgets: Budgets::Memory(budgets),
         #[cfg(feature = "redis")]
         redis: Vec::new(),
     }

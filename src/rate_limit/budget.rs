@@ -349,14 +349,44 @@ fn charge(
     Ok(())
 }
 
-/// The budget quota of a [`Snapshot`]: the window with the least room left
-/// (ties: the one that resets last).
-fn dim_of(
+/// The window of a key's budget with the least room left: what
+/// `x-ratelimit-*-tokens` show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tightest {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset: Duration,
+}
+
+impl Tightest {
+    /// As a [`Snapshot`] (tokens only; the limit capped at `u32::MAX`).
+    fn snapshot(self) -> Snapshot {
+        Snapshot {
+            requests: None,
+            tokens: Some(DimState {
+                limit: u32::try_from(self.limit).unwrap_or(u32::MAX),
+                remaining: self.remaining,
+                reset: self.reset,
+                retry_after: if self.remaining == 0 {
+                    self.reset
+                } else {
+                    Duration::ZERO
+                },
+                rate: 1.0,
+            }),
+            throttles: 0,
+            last_throttle: None,
+        }
+    }
+}
+
+/// The window with the least room left (ties: the one that resets last).
+fn tightest(
     limits: &BudgetLimits,
     ws: &[Option<Window>; 2],
     used: [u64; 2],
     now: Duration,
-) -> Option<DimState> {
+) -> Option<Tightest> {
     let mut best: Option<(u64, Window, u64)> = None;
     for p in Period::ALL {
         let (Some(w), Some(limit)) = (ws[p.index()], limits.get(p)) else {
@@ -367,25 +397,10 @@ fn dim_of(
             best = Some((left, w, limit.get()));
         }
     }
-    best.map(|(left, w, limit)| {
-        let reset = w.reset_after(now);
-        DimState {
-            limit: u32::try_from(limit).unwrap_or(u32::MAX),
-            remaining: left,
-            reset,
-            retry_after: if left == 0 { reset } else { Duration::ZERO },
-            rate: 1.0,
-        }
-    })
-}
-
-/// A budget's quota as a [`Snapshot`] (tokens only).
-fn snapshot_of(tokens: Option<DimState>) -> Option<Snapshot> {
-    tokens.map(|t| Snapshot {
-        requests: None,
-        tokens: Some(t),
-        throttles: 0,
-        last_throttle: None,
+    best.map(|(remaining, w, limit)| Tightest {
+        limit,
+        remaining,
+        reset: w.reset_after(now),
     })
 }
 
@@ -622,8 +637,14 @@ where
     }
 
     /// `key`'s budget now, as far as this process counted: the window with
-    /// the least room left. `None` for a key without a budget.
+    /// the least room left (its limit capped at `u32::MAX` in the
+    /// snapshot's `limit`). `None` for a key without a budget.
     pub fn snapshot(&self, key: &K) -> Option<Snapshot> {
+        self.tightest(key).map(Tightest::snapshot)
+    }
+
+    /// `key`'s window with the least room left, exact.
+    pub(crate) fn tightest(&self, key: &K) -> Option<Tightest> {
         let limits = self.limits(key);
         if limits.is_none() {
             return None;
@@ -638,7 +659,7 @@ where
             .map(|c| *c.lock())
             .unwrap_or_default();
         let used = Period::ALL.map(|p| ws[p.index()].map_or(0, |w| counts[p.index()].used_in(&w)));
-        snapshot_of(dim_of(&limits, &ws, used, at))
+        tightest(&limits, &ws, used, at)
     }
 }
 

@@ -180,6 +180,8 @@ mod quota;
 mod service;
 
 pub use backend::{Admission, Backend, Decision, Immediate, Permit, Reservation, Ticket};
+#[cfg(feature = "gateway")]
+pub(crate) use budget::Tightest;
 pub use budget::{
     Budget, BudgetBuilder, BudgetLimits, BudgetPermit, BudgetTicket, Period, WallClock,
 };

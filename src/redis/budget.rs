@@ -322,10 +322,21 @@ where
     /// `key`'s budget as of this process's last round trip for it (or its
     /// fail-open counts while Redis is down).
     pub fn snapshot(&self, key: &K) -> Option<Snapshot> {
+        self.local_view().snapshot(key)
+    }
+
+    /// `key`'s window with the least room left, as [`RedisBudget::snapshot`]
+    /// sees it, exact.
+    #[cfg(feature = "gateway")]
+    pub(crate) fn tightest(&self, key: &K) -> Option<crate::rate_limit::Tightest> {
+        self.local_view().tightest(key)
+    }
+
+    fn local_view(&self) -> &Budget<K> {
         if self.shared.health.is_down() {
-            self.shared.fallback.snapshot(key)
+            &self.shared.fallback
         } else {
-            self.shared.view.snapshot(key)
+            &self.shared.view
         }
     }
 

@@ -182,6 +182,13 @@ async fn a_day_budget_admits_until_spent_then_refuses_until_utc_midnight() {
             break a;
         }
         assert_eq!(used(&a), u);
+        // An answer shows the budget with this call's estimate reserved.
+        assert_eq!(a.header("x-ratelimit-limit-tokens"), budget.to_string());
+        assert_eq!(
+            a.header("x-ratelimit-remaining-tokens"),
+            (budget - admitted * u - est).to_string()
+        );
+        assert_eq!(a.header("x-ratelimit-reset-tokens"), (2 * 3600).to_string());
         admitted += 1;
         assert!(admitted < 1_000, "the budget never refused");
     };
@@ -335,6 +342,7 @@ async fn tokens_per_minute_per_key_admit_about_tpm_a_minute() {
         let a = call(&app, ALICE, CHAT, &[], &body).await;
         if a.status == 200 {
             tokens += used(&a);
+            assert_eq!(a.header("x-ratelimit-limit-tokens"), tpm.to_string());
         } else {
             refused += 1;
             refusal = Some(a);
@@ -452,8 +460,15 @@ mod shared {
         let (a, b) = (replica(), replica());
         let counter = "gw-budget:budget:alice:day:2026-03-10";
         for (i, app) in [&a, &b, &a].into_iter().enumerate() {
-            assert_eq!(used(&call(app, ALICE, CHAT, &[], &body).await), u);
-            until_counter(&server.url(), counter, (i as u64 + 1) * u).await;
+            let i = i as u64;
+            let answer = call(app, ALICE, CHAT, &[], &body).await;
+            assert_eq!(used(&answer), u);
+            // What every replica spent, as Redis counted it at admission.
+            assert_eq!(
+                answer.header("x-ratelimit-remaining-tokens"),
+                (budget - i * u - est).to_string()
+            );
+            until_counter(&server.url(), counter, (i + 1) * u).await;
         }
         // The fourth call, on the other replica, finds the budget spent.
         let refused = call(&b, ALICE, CHAT, &[], &body).await;
