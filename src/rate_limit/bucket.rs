@@ -28,8 +28,8 @@
 //!   only if nothing was reserved after it; otherwise the slot stays
 //!   consumed (a *phantom*: capacity lost, never a burst).
 //! * [`Bucket::refund`] (reconciliation) returns at most the part of the
-//!   charge that lies after every slot already granted and that time has
-//!   not yet repaid; see its docs.
+//!   charge, laid from the grant's slot, that lies after every slot already
+//!   granted and that time has not yet repaid; see its docs.
 //!
 //! The bucket is one word; the decision around it (two dimensions at one
 //! slot, slow start, feedback, keys) is [`RateLimiter`](super::RateLimiter)'s,
@@ -224,29 +224,40 @@ impl Bucket {
     /// Returns up to `amount` nanoseconds of `grant`'s charge (the call used
     /// less than it reserved). Returns what was actually returned.
     ///
-    /// Exact when nothing was reserved after `grant` (`tat == grant.after`).
-    /// Otherwise the refund keeps the TAT at or above
-    /// `max(now, latest) + (tat - grant.after)`, `latest` being the latest
+    /// The charge is laid from the grant's slot: it ends at
+    /// `end = slot + charge`, and everything the TAT holds beyond `end` is
+    /// counted as charged after the grant (later calls, and any debt the
+    /// bucket was in when the grant was booked). The refund keeps the TAT at
+    /// or above `max(now, latest) + (tat - end)`, `latest` being the latest
     /// slot granted to a waiter (recorded by the caller before each
-    /// reservation of a future slot): everything charged after `grant`
-    /// stays charged and is placed after every slot already granted, so
-    /// capacity is only ever returned behind the queue, and only the part of
-    /// the charge that elapsed time has not already repaid.
+    /// reservation of a future slot): what was charged after the grant stays
+    /// charged and is placed after every slot already granted, so capacity
+    /// only ever comes back behind the queue, and at most the part of the
+    /// charge still ahead of `max(now, latest)` comes back. When nothing is
+    /// charged after `end`, no waiter is behind the grant and the refund is
+    /// exact down to `now` (`latest` may then be a cancelled waiter's slot).
+    ///
+    /// `end` never moves, whatever other refunds did to the TAT since the
+    /// grant was booked; `grant.after` would (an earlier refund can lower
+    /// the TAT below it, and `tat - after` then undercounts the later
+    /// charges: the refund would hand back capacity a later booking holds).
+    /// The price: a refund does not give back the debt the bucket was in
+    /// when the grant was booked.
     pub fn refund(&self, grant: &Grant, amount: u64, now: u64, latest: u64) -> u64 {
         let amount = amount.min(grant.charge);
         if amount == 0 {
             return 0;
         }
+        let end = grant.slot.saturating_add(grant.charge);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
-            let new = if tat == grant.after {
-                tat - amount.min(tat)
-            } else {
-                let later = tat.saturating_sub(grant.after);
-                let horizon = now.max(latest);
-                tat.saturating_sub(amount)
-                    .max(horizon.saturating_add(later))
-            };
+            let later = tat.saturating_sub(end);
+            // Nothing charged after the grant: no waiter is behind it
+            // (`latest` is then a cancelled waiter's slot, or one before it).
+            let horizon = if later > 0 { now.max(latest) } else { now };
+            let new = tat
+                .saturating_sub(amount)
+                .max(horizon.saturating_add(later));
             if new >= tat {
                 return 0;
             }

@@ -152,15 +152,11 @@ impl LeaseState {
         let left = std::mem::take(&mut self.left);
         self.generation += 1;
         let refund = self.grant.take().and_then(|(g, ir, it)| {
-            let r = g.req.map(|d| Refund {
-                after: d.after,
-                charge: d.charge,
-                amount: u64::from(left.requests).saturating_mul(ir).min(d.charge),
+            let r = g.req.map(|d| {
+                Refund::of(g.slot, &d, u64::from(left.requests).saturating_mul(ir))
             });
-            let t = g.tok.map(|d| Refund {
-                after: d.after,
-                charge: d.charge,
-                amount: u64::from(left.tokens).saturating_mul(it).min(d.charge),
+            let t = g.tok.map(|d| {
+                Refund::of(g.slot, &d, u64::from(left.tokens).saturating_mul(it))
             });
             let r = r.unwrap_or_default();
             let t = t.unwrap_or_default();
@@ -221,8 +217,8 @@ mod tests {
             epoch: 1,
             slot: 0,
             req: Some(DimGrant {
-                before: 0,
-                after: 600,
+                before: 50,
+                after: 650,
                 charge: 600,
             }),
             tok: None,
@@ -247,7 +243,9 @@ mod tests {
         s.end_renewal(Some((Cost::new(5, 0), 1_000, grant(), 100, 0)));
         s.take(Cost::new(3, 0), 20).unwrap();
         let (epoch, r, t) = s.begin_renewal().unwrap().unwrap();
-        assert_eq!((epoch, r.amount, r.after, t.amount), (1, 200, 600, 0));
+        // The refund counts later charges from the end of the charge laid
+        // from the slot (0 + 600), not from the TAT after the grant (650).
+        assert_eq!((epoch, r.amount, r.end, t.amount), (1, 200, 600, 0));
         s.end_renewal(None);
         assert_eq!(s.take(Cost::ONE, 30), None);
         assert!(s.is_idle(2_000));

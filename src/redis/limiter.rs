@@ -1093,11 +1093,7 @@ where
                 {
                     let (refund, more) = if actual < est {
                         let amount = redis.t.interval.saturating_mul(u64::from(est - actual));
-                        let r = Refund {
-                            after: tok.after,
-                            charge: tok.charge,
-                            amount,
-                        };
+                        let r = Refund::of(grant.slot, &tok, amount);
                         (Some((grant.epoch, Refund::default(), r)), 0)
                     } else {
                         (

@@ -146,27 +146,23 @@ local function debts()
 end
 
 -- Returns up to `amount` of a grant's charge (see Bucket::refund); `tat`
--- and `latest` are the bucket's; returns the new TAT and what came back.
-local function refund(tat, latest, after, charge, amount)
+-- and `latest` are the bucket's, `fin` where the grant's charge ends when
+-- laid from its slot; returns the new TAT and what came back.
+local function refund(tat, latest, fin, charge, amount)
   if tat == NIL then return tat, 0 end
   if amount > charge then amount = charge end
   if amount <= 0 then return tat, 0 end
-  local new
-  if tat == after then
-    new = tat - amount
-  else
-    local later = tat - after
-    if later < 0 then later = 0 end
-    local horizon = now
-    if latest > horizon then horizon = latest end
-    new = max(tat - amount, horizon + later)
-  end
+  local later = tat - fin
+  if later < 0 then later = 0 end
+  local horizon = now
+  if later > 0 and latest > horizon then horizon = latest end
+  local new = max(tat - amount, horizon + later)
   if new >= tat then return tat, 0 end
   return new, tat - new
 end
 
--- Refunds of a grant in both dims from a[i]: has, epoch, then after,
--- charge, amount for r and for t. Returns the two refunded amounts.
+-- Refunds of a grant in both dims from a[i]: has, epoch, then end
+-- (slot + charge), charge, amount for r and for t. Returns the two refunded amounts.
 local function refund_both(i)
   if a[i] ~= 1 then return 0, 0 end
   local s = (a[i + 1] - e) * 1e9
@@ -387,9 +383,22 @@ pub(crate) enum Booked {
 /// What to refund in one dimension of a grant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Refund {
-    pub(crate) after: i64,
+    /// Where the grant's charge ends when laid from its slot (what the
+    /// script counts later charges from; see `Bucket::refund`).
+    pub(crate) end: i64,
     pub(crate) charge: u64,
     pub(crate) amount: u64,
+}
+
+impl Refund {
+    /// Up to `amount` of `d`'s charge, `d` granted at `slot`.
+    pub(crate) fn of(slot: i64, d: &DimGrant, amount: u64) -> Self {
+        Self {
+            end: slot.saturating_add(cap(d.charge)),
+            charge: d.charge,
+            amount: amount.min(d.charge),
+        }
+    }
 }
 
 /// A malformed reply (a different script under the same SHA, or a bug).
@@ -483,10 +492,10 @@ impl Op {
             Some((epoch, r, t)) => self
                 .arg(1)
                 .arg(epoch)
-                .arg(r.after)
+                .arg(r.end)
                 .arg(cap(r.charge))
                 .arg(cap(r.amount))
-                .arg(t.after)
+                .arg(t.end)
                 .arg(cap(t.charge))
                 .arg(cap(t.amount)),
         }
@@ -966,7 +975,7 @@ mod edges {
         // A reconciliation whose arguments 1 and 3 (epoch, charge) read as
         // the booking's tolerances (20, 0).
         let refund = Refund {
-            after: 0,
+            end: 0,
             charge: 0,
             amount: 0,
         };

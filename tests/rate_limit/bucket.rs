@@ -101,6 +101,36 @@ fn reservations_at_their_edges() {
     assert_eq!(b.tat(), 600);
 }
 
+/// A refund counts what was charged after the grant from the end of its
+/// charge laid from its slot, never from the TAT it left (which other
+/// refunds can move): a grant booked while the bucket was in debt gets
+/// back only the part of its charge that time has not repaid since its
+/// slot. With nothing charged after it, a stale `latest` (a cancelled
+/// waiter's slot) does not hold the refund back.
+#[test]
+fn refunds_count_later_charges_from_the_grant_end() {
+    // Burst 10 ms: a takes 8, g 2 at the same slot (booked in a's debt).
+    let gc = Gcra::new(MS, 10);
+    let b = Bucket::new();
+    b.reserve(&gc, 0, 8 * MS, 0).unwrap();
+    let r = b.reserve(&gc, 0, 2 * MS, 0).unwrap();
+    assert_eq!((r.slot, r.before, r.after), (0, 8 * MS, 10 * MS));
+    // At 1 ms, 1 ms of g's charge (0 to 2 ms) is still ahead: that comes
+    // back, a's debt stays.
+    assert_eq!(b.refund(&r, 2 * MS, MS, 0), MS);
+    assert_eq!(b.tat(), 9 * MS);
+    // A waiter granted 10 ms and cancelled: its slot stays the latest, but
+    // nothing is charged after r any more, so r's refund is exact.
+    let g = Gcra::new(MS, 1);
+    let b = Bucket::new();
+    let r = b.reserve(&g, 0, 10 * MS, 0).unwrap();
+    let w = b.reserve(&g, 0, MS, 100 * MS).unwrap();
+    assert_eq!(w.slot, 10 * MS);
+    assert!(b.give_back(&w));
+    assert_eq!(b.refund(&r, 4 * MS, 3 * MS, w.slot), 4 * MS);
+    assert_eq!(b.tat(), 6 * MS);
+}
+
 /// Giving back and refunding never move capacity ahead of the queue, and
 /// say what they did.
 #[test]

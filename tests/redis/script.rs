@@ -11,7 +11,7 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tower_qwen::rate_limit;
 
 use super::*;
@@ -152,6 +152,22 @@ async fn run_case(
     Ok(())
 }
 
+/// A runner's config: `cases` unless `PROPTEST_CASES` says otherwise,
+/// drawn from a fixed seed (a CI run is reproducible) unless
+/// `PROPTEST_RNG_SEED` gives one.
+fn config(cases: u32) -> Config {
+    let env = Config::default();
+    Config {
+        cases: std::env::var_os("PROPTEST_CASES").map_or(cases, |_| env.cases),
+        rng_seed: match env.rng_seed {
+            RngSeed::Random => RngSeed::Fixed(0x7157_0019),
+            seed => seed,
+        },
+        failure_persistence: None,
+        ..env
+    }
+}
+
 #[test]
 fn script_decides_like_the_in_memory_core() {
     let server = RedisServer::start();
@@ -161,11 +177,7 @@ fn script_decides_like_the_in_memory_core() {
         .build()
         .unwrap();
     let conn = rt.block_on(async { conn(&server) });
-    let mut runner = TestRunner::new(Config {
-        cases: 96,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(config(96));
     let case = std::sync::atomic::AtomicUsize::new(0);
     runner
         .run(&(limits(), vec(op(), 1..60)), |(limits, ops)| {
@@ -173,6 +185,83 @@ fn script_decides_like_the_in_memory_core() {
             rt.block_on(run_case(conn.clone(), n, limits, ops))
         })
         .unwrap();
+}
+
+/// Books `tokens` in both limiters, which must give the same slot.
+async fn both(
+    memory: &RateLimiter,
+    redis: &RedisLimiter,
+    tokens: u32,
+    max_wait: Duration,
+) -> Pair {
+    let now = Instant::now();
+    let m = memory.reserve(&(), Cost::new(0, tokens), max_wait).unwrap();
+    let r = redis
+        .reserve_at(&(), Cost::new(0, tokens), max_wait, now)
+        .await
+        .unwrap();
+    assert_eq!(m.ready_at() - now, r.ready_at() - now);
+    (m, r)
+}
+
+/// The wait both limiters give the next token (both must refuse it).
+async fn same_wait(memory: &RateLimiter, redis: &RedisLimiter) -> Duration {
+    let now = Instant::now();
+    let m = memory.reserve(&(), Cost::new(0, 1), Duration::ZERO);
+    let r = redis
+        .reserve_at(&(), Cost::new(0, 1), Duration::ZERO, now)
+        .await;
+    let m = match m {
+        Ok(x) => panic!("in-memory admitted, ready in {:?}", x.ready_at() - now),
+        Err(e) => e.retry_after().unwrap(),
+    };
+    let r = match r {
+        Ok(x) => panic!("redis admitted, ready in {:?}", x.ready_at() - now),
+        Err(e) => limited(&e).retry_after().unwrap(),
+    };
+    assert_eq!(m, r);
+    m
+}
+
+/// The Redis twin of the bucket's regression test: a refund after another
+/// refund lowered the TAT below the grant's `after` keeps what was booked
+/// after the grant charged (interval 1 ms, burst 4). A rule counting later
+/// charges as `tat - after` gives 1.98 ms back to c and admits two tokens at
+/// 5.02 ms beside d's four.
+#[tokio::test(start_paused = true)]
+async fn a_refund_after_another_refund_keeps_the_later_charges() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    let limits = Limits::tokens(Quota::tokens_per_minute(nz(60_000)).allow_burst(nz(4)));
+    let memory = RateLimiter::new(limits);
+    let redis = RedisLimiter::builder(limits)
+        .prefix("test:refunds:")
+        .clock(Clock::Local(t0))
+        .timeout(None)
+        .expiry_slack(HOUR)
+        .build(conn(&server));
+    let us = Duration::from_micros;
+    let _a = both(&memory, &redis, 1, Duration::ZERO).await;
+    tokio::time::advance(MS).await;
+    let (mb, rb) = both(&memory, &redis, 4, Duration::ZERO).await;
+    // c waits until 3 ms; the refund of b places it from there (TAT 5 ms).
+    let (mc, rc) = both(&memory, &redis, 2, 3 * MS).await;
+    assert_eq!(mc.ready_at() - t0, 3 * MS);
+    tokio::time::advance(MS).await;
+    mb.ready().await.reconcile(0);
+    rb.ready().await.reconcile(0);
+    redis.settle().await;
+    tokio::time::advance(us(500)).await;
+    // d: four tokens at 5 ms, behind c (TAT 9 ms).
+    let (md, _rd) = both(&memory, &redis, 4, 3 * MS).await;
+    assert_eq!(md.ready_at() - t0, 5 * MS);
+    tokio::time::advance(us(2_520)).await;
+    // c used nothing, but its charge (3 to 5 ms) has elapsed, and d's four
+    // stay charged: nothing comes back, the next token waits for 6 ms.
+    mc.ready().await.reconcile(0);
+    rc.ready().await.reconcile(0);
+    redis.settle().await;
+    assert_eq!(same_wait(&memory, &redis).await, us(980));
 }
 
 /// Keys store times relative to an epoch second and are rebased when it is
@@ -193,38 +282,6 @@ async fn grants_survive_the_daily_epoch_rebase_exactly() {
         .expiry_slack(HOUR)
         .build(conn(&server));
     let day = Duration::from_secs(86_400);
-    async fn both(
-        memory: &RateLimiter,
-        redis: &RedisLimiter,
-        tokens: u32,
-        max_wait: Duration,
-    ) -> Pair {
-        let now = Instant::now();
-        let m = memory.reserve(&(), Cost::new(0, tokens), max_wait).unwrap();
-        let r = redis
-            .reserve_at(&(), Cost::new(0, tokens), max_wait, now)
-            .await
-            .unwrap();
-        assert_eq!(m.ready_at() - now, r.ready_at() - now);
-        (m, r)
-    }
-    async fn same_wait(memory: &RateLimiter, redis: &RedisLimiter) -> Duration {
-        let now = Instant::now();
-        let m = memory.reserve(&(), Cost::new(0, 1), Duration::ZERO);
-        let r = redis
-            .reserve_at(&(), Cost::new(0, 1), Duration::ZERO, now)
-            .await;
-        let m = match m {
-            Ok(x) => panic!("in-memory admitted, ready in {:?}", x.ready_at() - now),
-            Err(e) => e.retry_after().unwrap(),
-        };
-        let r = match r {
-            Ok(x) => panic!("redis admitted, ready in {:?}", x.ready_at() - now),
-            Err(e) => limited(&e).retry_after().unwrap(),
-        };
-        assert_eq!(m, r);
-        m
-    }
     tokio::time::advance(Duration::from_millis(10_250)).await;
     // a: 100,000 tokens at once (admit when full), b waits behind it.
     let (ma, ra) = both(&memory, &redis, 100_000, Duration::ZERO).await;
@@ -416,11 +473,7 @@ fn batched_calls_on_several_keys_decide_like_the_in_memory_core() {
         .build()
         .unwrap();
     let conn = rt.block_on(async { conn(&server) });
-    let mut runner = TestRunner::new(Config {
-        cases: 96,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(config(96));
     let case = std::sync::atomic::AtomicUsize::new(0);
     runner
         .run(&(limits(), vec(batch_op(), 1..30)), |(limits, ops)| {
