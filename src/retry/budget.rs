@@ -471,6 +471,19 @@ mod tests {
     }
 
     proptest! {
+        // A fixed seed, so a CI run is reproducible; `PROPTEST_RNG_SEED`
+        // explores another.
+        #![proptest_config(ProptestConfig {
+            rng_seed: match ProptestConfig::default().rng_seed {
+                proptest::test_runner::RngSeed::Random => {
+                    proptest::test_runner::RngSeed::Fixed(0x7157_0019)
+                }
+                seed => seed,
+            },
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
         /// Over any single window, retries granted never exceed
         /// reserve + ratio × requests (the property the layer's outage test
         /// relies on).
