@@ -152,12 +152,12 @@ impl LeaseState {
         let left = std::mem::take(&mut self.left);
         self.generation += 1;
         let refund = self.grant.take().and_then(|(g, ir, it)| {
-            let r = g.req.map(|d| {
-                Refund::of(g.slot, &d, u64::from(left.requests).saturating_mul(ir))
-            });
-            let t = g.tok.map(|d| {
-                Refund::of(g.slot, &d, u64::from(left.tokens).saturating_mul(it))
-            });
+            let r = g
+                .req
+                .map(|d| Refund::of(g.slot, &d, u64::from(left.requests).saturating_mul(ir)));
+            let t = g
+                .tok
+                .map(|d| Refund::of(g.slot, &d, u64::from(left.tokens).saturating_mul(it)));
             let r = r.unwrap_or_default();
             let t = t.unwrap_or_default();
             (r.amount > 0 || t.amount > 0).then_some((g.epoch, r, t))

@@ -134,7 +134,10 @@ fn a_refund_after_another_refund_keeps_the_later_charges() {
     let g = Gcra::new(634, 4);
     let went = run(&g, &ops);
     // The 2-unit call's slot (1902) and the second 4-unit call's (3170).
-    assert!(went.contains(&(1_902, 0)) && went.contains(&(3_170, 4)), "{went:?}");
+    assert!(
+        went.contains(&(1_902, 0)) && went.contains(&(3_170, 4)),
+        "{went:?}"
+    );
     // Its refund returns nothing: the later 4 units stay charged, so neither
     // 1-unit call conforms at 3183.
     assert!(went.iter().all(|&(slot, _)| slot != 3_183), "{went:?}");

@@ -188,12 +188,7 @@ fn script_decides_like_the_in_memory_core() {
 }
 
 /// Books `tokens` in both limiters, which must give the same slot.
-async fn both(
-    memory: &RateLimiter,
-    redis: &RedisLimiter,
-    tokens: u32,
-    max_wait: Duration,
-) -> Pair {
+async fn both(memory: &RateLimiter, redis: &RedisLimiter, tokens: u32, max_wait: Duration) -> Pair {
     let now = Instant::now();
     let m = memory.reserve(&(), Cost::new(0, tokens), max_wait).unwrap();
     let r = redis
