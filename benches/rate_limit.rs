@@ -22,7 +22,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,9 @@ use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_qwen::key::ByModel;
 use tower_qwen::rate_limit::bucket::{Bucket, FULL_RATE, Gcra};
-use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimitLayer, RateLimiter};
+use tower_qwen::rate_limit::{
+    Budget, BudgetLimits, Cost, Limits, Quota, RateLimitLayer, RateLimiter,
+};
 
 // ---------------------------------------------------------------------------
 // A counting allocator, to measure bytes per key.
@@ -419,6 +421,15 @@ fn layer(c: &mut Criterion) {
             RateLimiter::builder(Limits::requests(huge()).and_tokens(huge())).build_keyed();
         let svc = ServiceBuilder::new()
             .layer(RateLimitLayer::keyed(limiter, ByModel))
+            .service(inner());
+        b.iter_custom(|n| run_layer(&rt, svc.clone(), n))
+    });
+    // A token budget per day: a fixed-window counter behind the same layer
+    // (estimate charged, reconciled with the usage at the body's end).
+    g.bench_function("ours token budget per day", |b| {
+        let budget = Budget::builder().build(BudgetLimits::per_day(NonZeroU64::MAX));
+        let svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(budget).reject())
             .service(inner());
         b.iter_custom(|n| run_layer(&rt, svc.clone(), n))
     });

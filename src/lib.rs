@@ -14,7 +14,7 @@
 //! | module | what it does | feature |
 //! |---|---|---|
 //! | [`classify`] | one [`Outcome`](classify::Outcome) for every way DashScope reports trouble, and for every error of this crate's layers (teach it yours with [`on_error`](classify::Classifier::on_error)) | always |
-//! | [`rate_limit`] | one layer over pluggable backends (memory, Redis, yours): GCRA for requests **and tokens** (reserve, then reconcile with real `usage`), keyed per (account, model), wait or reject, slow start, feedback, any request type | `rate-limit` |
+//! | [`rate_limit`] | one layer over pluggable backends (memory, Redis, yours): GCRA for requests **and tokens** (reserve, then reconcile with real `usage`), token budgets per UTC day/month ([`Budget`](rate_limit::Budget)), keyed per (account, model), wait or reject, slow start, feedback, any request type | `rate-limit` |
 //! | [`key`] | which bucket, circuit or account a request belongs to, for the limiter, the breaker, the pool and Redis | always |
 //! | [`retry`] | retry what heals, never what can't, never a stream already flowing; cause-aware backoff, shared budget, deadlines | `retry` |
 //! | [`timeout`] | time to headers, idle time between body frames, total deadline | `timeout` |
@@ -25,7 +25,7 @@
 //! | [`pool`] | spread load over several accounts (quotas are per account) by their headroom in any backend; key rotation, pinning | `pool` |
 //! | [`batch`] | work that can wait goes through the Batch API: half price, no real-time quota; routing by urgency | `batch` |
 //! | [`client`] | the tuned hyper-util + rustls client, endpoints, keys, and the whole stack as [`QwenClient`](client::QwenClient) | `client` |
-//! | [`gateway`] | a ready axum proxy: per-key buckets, 429 + `Retry-After`, degradation, metrics | `gateway` |
+//! | [`gateway`] | a ready axum proxy: per-key buckets, tokens per minute and token budgets per day/month, 429 + `Retry-After`, degradation, metrics | `gateway` |
 //! | [`telemetry`] | one span per call with the OpenTelemetry GenAI attributes (operation, provider, models, tokens, finish reasons, time to first chunk, `error.type`), held until the body ends; with `otel`, the `gen_ai.client.*` metrics over OTLP | always (`otel` for OpenTelemetry) |
 //! | [`redis`] | a rate-limit backend: the same GCRA decision in Redis, batched, shared by many replicas | `redis` |
 //! | [`mock`] | a faithful mock DashScope server for tests, benches, demos and agent test suites (tools, JSON mode, thinking, scripted decisions and faults) | `mock` |

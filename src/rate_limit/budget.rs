@@ -556,23 +556,23 @@ where
     }
 
     /// Runs `f` on `key`'s counters (created if new; the overflow counters
-    /// when the store is full of busy keys).
-    fn with_counters<R>(&self, key: &K, secs: u64, f: impl FnOnce(&Counters) -> R) -> R {
+    /// when the store is full of busy keys: then `f` is told so).
+    fn with_counters<R>(&self, key: &K, secs: u64, f: impl FnOnce(&Counters, bool) -> R) -> R {
         let sh = &*self.shared.counts;
         let now_ns = secs.saturating_mul(1_000_000_000);
         match sh
             .store
             .get_or_insert_with(key, now_ns, Counters::default, |c| c.is_idle(secs))
         {
-            Some(c) => f(&c),
-            None => f(sh.overflow.get_or_init(Counters::default)),
+            Some(c) => f(&c, false),
+            None => f(sh.overflow.get_or_init(Counters::default), true),
         }
     }
 
     /// Sets what `key` spent in `w` (a Redis budget's local view).
     #[cfg(feature = "redis")]
     pub(crate) fn record(&self, key: &K, w: &Window, used: u64, secs: u64) {
-        self.with_counters(key, secs, |c| {
+        self.with_counters(key, secs, |c, _| {
             c.lock()[w.period.index()].set(w, used);
         });
     }
@@ -584,13 +584,13 @@ where
         limits: &BudgetLimits,
         tokens: u64,
         now: Instant,
-    ) -> Result<[Option<Window>; 2], BudgetExceeded> {
+    ) -> Result<([Option<Window>; 2], bool), BudgetExceeded> {
         let at = self.shared.clock.since_epoch(now);
         let ws = windows(limits, at.as_secs());
-        self.with_counters(key, at.as_secs(), |c| {
-            charge(&mut c.lock(), limits, &ws, tokens, at)
+        let overflow = self.with_counters(key, at.as_secs(), |c, overflow| {
+            charge(&mut c.lock(), limits, &ws, tokens, at).map(|()| overflow)
         })?;
-        Ok(ws)
+        Ok((ws, overflow))
     }
 
     /// Admits a call of `tokens` for `key` at `now`, or refuses it.
@@ -605,11 +605,12 @@ where
             return Ok(BudgetPermit { inner: None });
         }
         match self.charge(key, &limits, u64::from(tokens), now) {
-            Ok(ws) => Ok(BudgetPermit {
+            Ok((windows, overflow)) => Ok(BudgetPermit {
                 inner: (tokens > 0).then(|| Charged {
                     budget: self.clone(),
                     key: key.clone(),
-                    windows: ws,
+                    windows,
+                    overflow,
                     tokens,
                 }),
             }),
@@ -624,16 +625,19 @@ where
         }
     }
 
-    /// Gives back `estimated - actual` (or charges the overrun) in the
-    /// windows `ws`, where they are still current.
-    fn reconcile(&self, key: &K, ws: &[Option<Window>; 2], estimated: u64, actual: u64) {
-        let Some(counters) = self.shared.counts.store.get(key) else {
-            if let Some(o) = self.shared.counts.overflow.get() {
-                adjust(&mut o.lock(), ws, estimated, actual);
+    /// Gives back the estimate less `actual` (or charges the overrun) in
+    /// the windows a call was charged to (its key's or the overflow
+    /// counters), where they are still current.
+    fn reconcile(&self, c: &Charged<K>, actual: u64) {
+        let counts = &self.shared.counts;
+        let estimated = u64::from(c.tokens);
+        if c.overflow {
+            if let Some(o) = counts.overflow.get() {
+                adjust(&mut o.lock(), &c.windows, estimated, actual);
             }
-            return;
-        };
-        adjust(&mut counters.lock(), ws, estimated, actual);
+        } else if let Some(counters) = counts.store.get(&c.key) {
+            adjust(&mut counters.lock(), &c.windows, estimated, actual);
+        }
     }
 
     /// `key`'s budget now, as far as this process counted: the window with
@@ -735,6 +739,8 @@ struct Charged<K> {
     budget: Budget<K>,
     key: K,
     windows: [Option<Window>; 2],
+    /// Charged to the overflow counters (the store was full).
+    overflow: bool,
     tokens: u32,
 }
 
@@ -774,8 +780,7 @@ where
 
     fn finish(self, _throttled: Option<ThrottleCause>, tokens: Option<u32>) {
         if let (Some(c), Some(actual)) = (self.inner, tokens) {
-            c.budget
-                .reconcile(&c.key, &c.windows, u64::from(c.tokens), u64::from(actual));
+            c.budget.reconcile(&c, u64::from(actual));
         }
     }
 }
@@ -820,6 +825,37 @@ mod tests {
         // Nothing left: the outer reservation was refunded.
         let left = tpm.snapshot(&()).unwrap().tokens.unwrap().remaining;
         assert_eq!(left, 10_000);
+    }
+
+    #[test]
+    fn a_full_store_counts_new_keys_together_and_reconciles_each_where_it_was_charged() {
+        let budget = Budget::builder()
+            .clock(WallClock::starting_at(SystemTime::UNIX_EPOCH))
+            .max_keys(1)
+            .build(BudgetLimits::per_day(nz(100)));
+        let now = time::now();
+        let admit = |k: &'static str, n: u32| match budget.decide(
+            &k,
+            |_| Cost::call(n),
+            Duration::ZERO,
+            now,
+        ) {
+            Decision::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let a = admit("a", 60);
+        // `b` and `c` overflow (the store holds one busy key): together.
+        let b = admit("b", 30);
+        assert!(matches!(
+            budget.decide(&"c", |_| Cost::call(80), Duration::ZERO, now),
+            Decision::Refused(_)
+        ));
+        // Each reconciles where it was charged.
+        b.finish(None, Some(10));
+        a.finish(None, Some(20));
+        assert_eq!(budget.snapshot(&"a").unwrap().tokens.unwrap().remaining, 80);
+        let c = admit("c", 90);
+        assert_eq!(c.tokens(), 90);
     }
 
     #[test]
