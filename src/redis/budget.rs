@@ -70,6 +70,21 @@ return out
 
 static SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(CHARGE));
 
+/// Adds ARGV[1] (a reconciliation: negative gives back) to every counter
+/// (KEYS), never below 0 (a counter Redis lost is not turned into extra
+/// budget), each then expiring after ARGV[1 + i] seconds.
+const ADJUST: &str = r"
+for i = 1, #KEYS do
+  if redis.call('INCRBY', KEYS[i], ARGV[1]) < 0 then
+    redis.call('SET', KEYS[i], 0)
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[1 + i])
+end
+return 0
+";
+
+static ADJUST_SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(ADJUST));
+
 /// Builds a [`RedisBudget`].
 #[derive(Clone, Debug)]
 pub struct RedisBudgetBuilder {
@@ -210,6 +225,12 @@ struct Shared<K> {
 /// take the last tokens); when the body ends, the difference to the real
 /// usage is applied with `INCRBY` in the background ([`RedisBudget::settle`]
 /// waits for it).
+///
+/// The counters must not be evicted: run Redis with `maxmemory-policy
+/// noeviction` (or enough memory; they carry an expiry, so `volatile-*`
+/// policies may evict them as well as `allkeys-*`), or an evicted counter
+/// restarts its window's budget. A reconciliation never takes a counter
+/// below 0.
 ///
 /// When Redis cannot answer, the [`FailurePolicy`] decides: fail open
 /// counts locally at `1/replicas` of each budget (in memory, from zero:
@@ -449,15 +470,15 @@ where
             return;
         };
         let now = self.shared.clock.since_epoch(time::now()).as_secs();
-        let mut pipe = ::redis::pipe();
+        let mut invocation = ADJUST_SCRIPT.prepare_invoke();
+        invocation.arg(delta);
         let mut any = false;
         for (end, name) in &counters {
             // A counter past its expiry is gone: nothing to correct.
             let Some(ttl) = (end + KEEP_AFTER).checked_sub(now).filter(|t| *t > 0) else {
                 continue;
             };
-            pipe.cmd("INCRBY").arg(name).arg(delta).ignore();
-            pipe.cmd("EXPIRE").arg(name).arg(ttl).ignore();
+            invocation.key(name).arg(ttl);
             any = true;
         }
         if !any {
@@ -468,7 +489,7 @@ where
         rt.spawn(async move {
             let mut conn = this.shared.conn.clone();
             let res = this
-                .call(async move { pipe.query_async::<()>(&mut conn).await })
+                .call(async move { invocation.invoke_async::<i64>(&mut conn).await })
                 .await;
             if let Err(e) = res {
                 tracing::debug!(error = %e, "token budget reconciliation failed; the estimate stands");

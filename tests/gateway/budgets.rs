@@ -400,6 +400,78 @@ mod shared {
         panic!("{key} is {seen:?}, expected {want}");
     }
 
+    /// The Redis backend on its own, behind the crate's `RateLimitLayer`: a
+    /// reconciliation gives back what the call did not use, and never takes
+    /// a counter Redis lost below 0. Real time, bounded.
+    #[tokio::test]
+    async fn a_redis_budget_reconciles_and_never_goes_below_zero() {
+        use tower_qwen::rate_limit::{BudgetLimits, RateLimitLayer};
+        use tower_qwen::redis::{RedisBudget, connect_lazy};
+
+        let server = RedisServer::start();
+        let conn = connect_lazy(&server.url(), None).unwrap();
+        let budget = RedisBudget::builder()
+            .prefix("t:")
+            .clock(WallClock::starting_at(utc(2026, 3, 10, 12)))
+            .build(
+                conn,
+                BudgetLimits::per_day(std::num::NonZeroU64::new(1_000).unwrap()),
+            );
+        let svc = tower::ServiceBuilder::new()
+            .layer(RateLimitLayer::new(budget.clone()).reject())
+            .service_fn(|_req: Request<Full<Bytes>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(
+                        br#"{"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#,
+                    ),
+                )))
+            });
+        let body = capped_chat(100, false);
+        let est = estimate(CHAT, &body);
+        let req = || {
+            Request::post(CHAT)
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap()
+        };
+        let counter = "t:*:day:2026-03-10";
+        let mut sync = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let get = |sync: &mut redis::Connection| {
+            redis::cmd("GET")
+                .arg(counter)
+                .query::<Option<i64>>(sync)
+                .unwrap()
+        };
+        let bounded = Duration::from_secs(20);
+        let res = tokio::time::timeout(bounded, svc.clone().oneshot(req()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&mut sync), Some(est as i64), "the estimate is charged");
+        res.into_body().collect().await.unwrap();
+        tokio::time::timeout(bounded, budget.settle())
+            .await
+            .unwrap();
+        assert_eq!(get(&mut sync), Some(10), "the difference is given back");
+
+        // The counter is lost (evicted, flushed) while a call is running.
+        let res = tokio::time::timeout(bounded, svc.oneshot(req()))
+            .await
+            .unwrap()
+            .unwrap();
+        redis::cmd("DEL")
+            .arg(counter)
+            .query::<i64>(&mut sync)
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+        tokio::time::timeout(bounded, budget.settle())
+            .await
+            .unwrap();
+        assert_eq!(get(&mut sync), Some(0), "not below 0");
+    }
+
     /// Redis unreachable, failing open: the budget is counted locally at
     /// 1/replicas. Real time (the Redis client fails in real time); every
     /// call is bounded.
