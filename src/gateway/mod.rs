@@ -23,7 +23,10 @@
 //!    empty segments and backslashes get 404 (`InvalidURL`) before
 //!    anything else. Another method on a served path gets 405 with
 //!    `Allow`.
-//! 1. **Header cap** (431) and **client key**: `Authorization: Bearer
+//! 1. **Header cap** (431: over `server.max_header_bytes`, or more than
+//!    96 header fields, so that what is forwarded with the headers the
+//!    gateway sets stays within the 100 fields servers accept) and
+//!    **client key**: `Authorization: Bearer
 //!    <gateway key>`. Keys are configured as SHA-256 digests (or hashed at
 //!    load) and never stored, logged or shown: logs and metrics name a key
 //!    by its name or an 8-hex-digit redacted id. A missing or unknown key

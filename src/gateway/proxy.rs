@@ -304,6 +304,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The most header fields a request may carry. Most HTTP servers refuse a
+/// head of more than about 100 fields (hyper's default, the gateway's own
+/// listener included); the gateway sets up to four on the way out
+/// (`authorization`, `host`, `content-length`, `x-dashscope-workspace`), so
+/// a request it forwards stays within 100 and is never refused upstream
+/// for its head with an answer out of DashScope's shape.
+pub(crate) const MAX_HEADERS: usize = 96;
+
 fn header_bytes(headers: &HeaderMap) -> usize {
     headers
         .iter()
@@ -352,7 +360,7 @@ pub(crate) async fn proxy(State(live): State<Arc<Live>>, req: Request) -> Respon
             None,
         );
     }
-    if header_bytes(req.headers()) > gw.max_header_bytes {
+    if header_bytes(req.headers()) > gw.max_header_bytes || req.headers().len() > MAX_HEADERS {
         return gw.refuse(None, route, protocol, Refusal::HeadersTooLarge, None, None);
     }
     let Some(client) = bearer(req.headers()).and_then(|t| gw.keys.get(&digest_of(t))) else {

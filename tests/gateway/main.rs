@@ -1421,6 +1421,30 @@ async fn an_oversized_body_gets_413_and_never_reaches_the_upstream() {
     assert_eq!(env.mock.stats().requests, 1);
 }
 
+/// Found by the `gateway_router` fuzz target: a request with many header
+/// fields but few bytes was forwarded, and the upstream (hyper, as most
+/// servers, takes at most 100 fields) answered a bare 431 that reached the
+/// client out of DashScope's shape. The gateway now refuses more than 96
+/// fields itself, in shape, before anything leaves.
+#[tokio::test]
+async fn too_many_header_fields_get_431_in_shape_before_anything_leaves() {
+    let env = start(mock(), "").await;
+    let names: Vec<String> = (0..97).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    // The client's request has 97 + its own fields: over the cap.
+    let a = env
+        .send(env.request(CHAT, Some(ALICE), &many, &chat("qwen-plus", false)))
+        .await;
+    assert_compat(&a, 431, "request_headers_too_large");
+    assert_eq!(env.mock.stats().requests, 0);
+    // 90 extra fields are forwarded, and the upstream takes them.
+    let a = env
+        .send(env.request(CHAT, Some(ALICE), &many[..90], &chat("qwen-plus", false)))
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(env.mock.stats().requests, 1);
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let env = start(mock(), "").await;
