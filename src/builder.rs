@@ -89,10 +89,11 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Adds a [rate limiter](crate::rate_limit).
     #[cfg(feature = "rate-limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
-    fn qwen_rate_limit<B, K, C, W>(
+    #[allow(clippy::type_complexity)] // the layer's five parameters
+    fn qwen_rate_limit<B, K, C, W, Q>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<B, K, C, W>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W>, L>>;
+        layer: crate::rate_limit::RateLimitLayer<B, K, C, W, Q>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W, Q>, L>>;
 
     /// Adds a [concurrency limit](crate::concurrency).
     #[cfg(feature = "concurrency")]
@@ -145,10 +146,11 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "rate-limit")]
-    fn qwen_rate_limit<B, K, C, W>(
+    #[allow(clippy::type_complexity)]
+    fn qwen_rate_limit<B, K, C, W, Q>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<B, K, C, W>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W>, L>> {
+        layer: crate::rate_limit::RateLimitLayer<B, K, C, W, Q>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<B, K, C, W, Q>, L>> {
         self.layer(layer)
     }
 

@@ -182,6 +182,8 @@ pub(crate) struct ClientKeyConfig {
     pub(crate) accounts: Vec<usize>,
     pub(crate) bucket: BucketConfig,
     pub(crate) tokens: TokenConfig,
+    /// The key's weight in its accounts' fair queues (default 1).
+    pub(crate) weight: NonZeroU32,
     /// Whether the key has its own `/metrics` series (else it is counted
     /// under `key="_other"`).
     pub(crate) own_series: bool,
@@ -195,6 +197,7 @@ impl fmt::Debug for ClientKeyConfig {
             .field("accounts", &self.accounts)
             .field("bucket", &self.bucket)
             .field("tokens", &self.tokens)
+            .field("weight", &self.weight)
             .field("own_series", &self.own_series)
             .finish()
     }
@@ -1084,6 +1087,7 @@ fn validate_keys(
                 accounts: pool,
                 bucket,
                 tokens,
+                weight: k.weight.map_or(NonZeroU32::MIN, |w| nz(w.get())),
                 own_series: false,
             });
             items_of.push((i, k.name.is_some()));

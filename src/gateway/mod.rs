@@ -109,7 +109,12 @@
 //!    `Throttling.AllocationQuota`) with `Retry-After` and
 //!    `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` per minute
 //!    (the account's RPM and TPM, what is left of them after what is booked
-//!    ahead, and the seconds until nothing is). Token reservations are
+//!    ahead, and the seconds until nothing is). While an (account, model)
+//!    budget is saturated, the client keys waiting for it share it by
+//!    their `weight` (default 1; [fair share](crate::rate_limit::fair):
+//!    weights 3 and 1 get 75% / 25%, a key alone gets all of it, a flood
+//!    of one key does not delay another), at most 1,024 waiting calls per
+//!    key and account (429 beyond). Token reservations are
 //!    reconciled with the real `usage` when the answer ends, and an
 //!    upstream 429 tightens the account. Task polls and async submissions
 //!    are pinned to the key's first account (a task lives in the account
@@ -318,6 +323,7 @@
 //! tpm = 100000
 //! tokens_per_day = 2000000        # 429 naming the budget until 00:00 UTC
 //! tokens_per_month = 40000000
+//! weight = 3                      # share of a saturated account (default 1)
 //! metrics = true                  # always its own /metrics series
 //! ```
 //!

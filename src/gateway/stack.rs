@@ -9,7 +9,8 @@
 //!   -> CircuitBreaker (degrade mode, keyed by client key)
 //!   -> Pool (the key's accounts: headroom, key rotation, pinning)
 //!        -> per account: Quotas -> RateLimit (account, model; wait up to
-//!           admission_wait, then refuse) -> SetUpstream -> Timeout -> client
+//!           admission_wait, the waiting keys sharing it by weight, then
+//!           refuse) -> SetUpstream -> Timeout -> client
 //! ```
 //!
 //! and one for the Files and Batch APIs (outside the real-time quota)
@@ -58,6 +59,7 @@ use crate::client::{SetUpstreamLayer, TransportConfig};
 use crate::key::{AccountId, AccountModel, ByAccountModel, key_fn};
 use crate::pool::{Account, Pool};
 use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::fair::FairShare;
 use crate::rate_limit::{
     Backend, Budget, BudgetLimits, Cost, DEFAULT_OUTPUT_TOKENS, Limits, Mode, PerCall, QuotaTable,
     RateLimitLayer, RateLimiter, SlowStart, Snapshot, Tightest, WallClock,
@@ -386,6 +388,21 @@ where
         Some(max_wait) => Mode::Wait { max_wait },
         None => Mode::Reject,
     };
+    // The client keys' weights in the accounts' fair queues.
+    let weights: Arc<HashMap<Arc<str>, std::num::NonZeroU32>> = Arc::new(
+        cfg.keys
+            .iter()
+            .map(|k| (Arc::from(k.name.as_str()), k.weight))
+            .collect(),
+    );
+    let flows = move |req: &mut Request<Body>| {
+        let name = client_of(req);
+        let weight = weights
+            .get(&name)
+            .copied()
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        (name, weight)
+    };
     // One service per upstream account, shared by every pool that lists
     // it: its (account, model) budget, then the upstream.
     let account_svcs: Vec<_> = cfg
@@ -393,8 +410,9 @@ where
         .iter()
         .zip(&accounts)
         .map(|(a, backend)| {
-            let limit =
-                RateLimitLayer::keyed(backend.clone(), ByAccountModel::new()).mode(admission);
+            let limit = RateLimitLayer::keyed(backend.clone(), ByAccountModel::new())
+                .mode(admission)
+                .fair(FairShare::new(flows.clone()));
             Quotas {
                 inner: limit.layer(upstream.clone()),
                 info: Arc::new(QuotaInfo {

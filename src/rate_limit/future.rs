@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
@@ -14,9 +15,10 @@ use crate::BoxError;
 use crate::body::future::ObserveFuture;
 use crate::body::{BodyEnd, EndKind, Inspect, OnEnd};
 use crate::classify::{Classify, Outcome, ThrottleCause};
-use crate::time;
+use crate::time::{self, Instant};
 
-use super::backend::{Permit, Ticket};
+use super::backend::{Decision, Permit, Ticket};
+use super::fair::{Turn, WaitTurn};
 use super::service::inspect_for;
 
 pin_project! {
@@ -36,15 +38,32 @@ pin_project! {
     }
 }
 
+/// How a queued call decides when its turn comes: the backend's
+/// `decide` for its key and cost, given the request, what is left of its
+/// wait, and now.
+pub(crate) type Book<Req, T, D> =
+    Box<dyn FnOnce(&mut Req, Duration, Instant) -> Decision<T, D> + Send>;
+
 pin_project! {
-    struct Wait<S, Req, C, T, D> {
+    // Fields drop in order: a booked slot is given back before the turn
+    // passes on, so the next call can take it.
+    struct Wait<S, Req, C, T, D>
+    where
+        T: Ticket,
+    {
+        // The slot's instant; while queued, the end of the wait.
         #[pin]
         sleep: Sleep,
+        queued: Option<WaitTurn>,
+        book: Option<Book<Req, T, D>>,
+        max_wait: Duration,
         pending: Option<D>,
         ticket: Option<T>,
+        permit: Option<T::Permit>,
         svc: Option<S>,
         req: Option<Req>,
         classifier: Option<C>,
+        turn: Option<Turn>,
     }
 }
 
@@ -84,8 +103,15 @@ impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
         }
     }
 
-    /// Waits for a booked ticket (`Ok`) or a backend's decision (`Err`).
-    pub(crate) fn waiting(booked: Result<T, D>, svc: S, req: Req, classifier: C) -> Self {
+    /// Waits for a booked ticket (`Ok`) or a backend's decision (`Err`),
+    /// holding the turn of its key's fair queue, if any.
+    pub(crate) fn waiting(
+        booked: Result<T, D>,
+        svc: S,
+        req: Req,
+        classifier: C,
+        turn: Option<Turn>,
+    ) -> Self {
         let (ticket, pending, at) = match booked {
             Ok(t) => {
                 let at = t.ready_at();
@@ -97,11 +123,49 @@ impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
             state: State::Waiting {
                 wait: Box::pin(Wait {
                     sleep: tokio::time::sleep_until(at),
+                    queued: None,
+                    book: None,
+                    max_wait: Duration::ZERO,
                     pending,
                     ticket,
+                    permit: None,
                     svc: Some(svc),
                     req: Some(req),
                     classifier: Some(classifier),
+                    turn,
+                }),
+            },
+        }
+    }
+
+    /// Waits in a fair queue for its turn (until `deadline`), then decides
+    /// with `book`.
+    pub(crate) fn queued(
+        queued: WaitTurn,
+        book: Book<Req, T, D>,
+        max_wait: Duration,
+        svc: S,
+        req: Req,
+        classifier: C,
+    ) -> Self {
+        let now = time::now();
+        let deadline = now
+            .checked_add(max_wait)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        Self {
+            state: State::Waiting {
+                wait: Box::pin(Wait {
+                    sleep: tokio::time::sleep_until(deadline),
+                    queued: Some(queued),
+                    book: Some(book),
+                    max_wait,
+                    pending: None,
+                    ticket: None,
+                    permit: None,
+                    svc: Some(svc),
+                    req: Some(req),
+                    classifier: Some(classifier),
+                    turn: None,
                 }),
             },
         }
@@ -119,6 +183,7 @@ impl<F, S, Req, C, T: Ticket, D> ResponseFuture<F, S, Req, C, T, D> {
 impl<F, S, Req, C, T: Ticket, D> fmt::Debug for ResponseFuture<F, S, Req, C, T, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Waiting { wait } if wait.queued.is_some() => "queued",
             State::Waiting { wait } if wait.pending.is_some() => "deciding",
             State::Waiting { .. } => "waiting",
             State::Observing { future } if future.has_hook() => "called",
@@ -147,7 +212,41 @@ where
             match this.state.as_mut().project() {
                 StateProj::Waiting { wait } => {
                     let w = wait.as_mut().project();
-                    let (mut sleep, ticket, svc, req) = (w.sleep, w.ticket, w.svc, w.req);
+                    let (mut sleep, ticket, permit, svc, req) =
+                        (w.sleep, w.ticket, w.permit, w.svc, w.req);
+                    if let Some(q) = w.queued.as_mut() {
+                        let Poll::Ready(turn) = q.poll_turn(cx) else {
+                            // Still queued: until its wait runs out.
+                            ready!(sleep.as_mut().poll(cx));
+                            let e = q.expired(*w.max_wait);
+                            *w.queued = None;
+                            return Poll::Ready(Err(e));
+                        };
+                        *w.queued = None;
+                        *w.turn = Some(turn);
+                        let book = w.book.take().expect("polled after completion");
+                        let now = time::now();
+                        let left = sleep.deadline().saturating_duration_since(now);
+                        let r = req.as_mut().expect("polled after completion");
+                        match book(r, left, now) {
+                            Decision::Admitted(p) => {
+                                *permit = Some(p);
+                                sleep.as_mut().reset(now);
+                            }
+                            Decision::Booked(t) => {
+                                if let Some(turn) = w.turn.as_ref() {
+                                    turn.booked(t.ready_at());
+                                }
+                                sleep.as_mut().reset(t.ready_at());
+                                *ticket = Some(t);
+                            }
+                            Decision::Pending(d) => *w.pending = Some(d),
+                            Decision::Refused(e) => {
+                                w.turn.take();
+                                return Poll::Ready(Err(e));
+                            }
+                        }
+                    }
                     if let Some(d) = w.pending.as_mut() {
                         let decided = ready!(Pin::new(d).poll(cx));
                         *w.pending = None;
@@ -163,23 +262,32 @@ where
                         sleep.as_mut().reset(at);
                         *ticket = Some(t);
                     }
-                    let t = ticket.as_ref().expect("polled after completion");
-                    if sleep.deadline() > time::now() {
-                        ready!(sleep.as_mut().poll(cx));
-                    }
-                    // An upstream throttle may have paused the key meanwhile.
-                    let at = t.ready_at();
-                    if at > sleep.deadline() {
-                        sleep.as_mut().reset(at);
-                        continue;
+                    if let Some(t) = ticket.as_ref() {
+                        if sleep.deadline() > time::now() {
+                            ready!(sleep.as_mut().poll(cx));
+                        }
+                        // An upstream throttle may have paused the key meanwhile.
+                        let at = t.ready_at();
+                        if at > sleep.deadline() {
+                            sleep.as_mut().reset(at);
+                            continue;
+                        }
                     }
                     let s = svc.as_mut().expect("polled after completion");
                     if let Err(e) = ready!(s.poll_ready(cx)) {
-                        // The call never went: dropping the ticket cancels it.
+                        // The call never went: dropping the ticket cancels it,
+                        // then the turn passes on.
                         ticket.take();
+                        permit.take();
+                        w.turn.take();
                         return Poll::Ready(Err(e.into()));
                     }
-                    let permit = ticket.take().expect("polled after completion").admit();
+                    let permit = match permit.take() {
+                        Some(p) => p,
+                        None => ticket.take().expect("polled after completion").admit(),
+                    };
+                    // Admitted: the next waiter of the key may decide.
+                    w.turn.take();
                     let mut s = svc.take().expect("polled after completion");
                     let future = s.call(req.take().expect("polled after completion"));
                     let classifier = w.classifier.take().expect("polled after completion");

@@ -8,6 +8,7 @@ use crate::classify::Classifier;
 use crate::key::{AccountModel, ByAccountModel, Global, Keys};
 use crate::request::RequestInfo;
 
+use super::fair::{FairShare, Fifo};
 use super::limiter::{Cost, RateLimiter, SlowStart};
 use super::quota::{Limits, QuotaTable};
 use super::service::RateLimit;
@@ -135,15 +136,16 @@ impl<B: BufferedBody> CostOf<http::Request<B>> for Estimate {
 ///
 /// Every service this layer makes shares the layer's backend (and so do
 /// the services' clones).
-pub struct RateLimitLayer<B = RateLimiter, K = Global, C = Classifier, W = Estimate> {
+pub struct RateLimitLayer<B = RateLimiter, K = Global, C = Classifier, W = Estimate, Q = Fifo> {
     pub(crate) backend: B,
     pub(crate) keys: K,
     pub(crate) mode: Mode,
     pub(crate) classifier: C,
     pub(crate) cost: W,
+    pub(crate) order: Q,
 }
 
-impl<B: Clone, K: Clone, C: Clone, W: Clone> Clone for RateLimitLayer<B, K, C, W> {
+impl<B: Clone, K: Clone, C: Clone, W: Clone, Q: Clone> Clone for RateLimitLayer<B, K, C, W, Q> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
@@ -151,12 +153,13 @@ impl<B: Clone, K: Clone, C: Clone, W: Clone> Clone for RateLimitLayer<B, K, C, W
             mode: self.mode,
             classifier: self.classifier.clone(),
             cost: self.cost.clone(),
+            order: self.order.clone(),
         }
     }
 }
 
-impl<B: fmt::Debug, K: fmt::Debug, C: fmt::Debug, W: fmt::Debug> fmt::Debug
-    for RateLimitLayer<B, K, C, W>
+impl<B: fmt::Debug, K: fmt::Debug, C: fmt::Debug, W: fmt::Debug, Q: fmt::Debug> fmt::Debug
+    for RateLimitLayer<B, K, C, W, Q>
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
@@ -165,6 +168,7 @@ impl<B: fmt::Debug, K: fmt::Debug, C: fmt::Debug, W: fmt::Debug> fmt::Debug
             .field("mode", &self.mode)
             .field("classifier", &self.classifier)
             .field("cost", &self.cost)
+            .field("order", &self.order)
             .finish()
     }
 }
@@ -217,11 +221,12 @@ impl<B, K> RateLimitLayer<B, K> {
             },
             classifier: Classifier::new(),
             cost: Estimate::default(),
+            order: Fifo,
         }
     }
 }
 
-impl<B, K, C> RateLimitLayer<B, K, C, Estimate> {
+impl<B, K, C, Q> RateLimitLayer<B, K, C, Estimate, Q> {
     /// The output tokens reserved for a call that sets no `max_tokens` /
     /// `max_completion_tokens`. Default is 1024. Reservations are
     /// reconciled with the real `usage` when the response ends, but a
@@ -233,7 +238,7 @@ impl<B, K, C> RateLimitLayer<B, K, C, Estimate> {
     }
 }
 
-impl<B, K, C, W> RateLimitLayer<B, K, C, W> {
+impl<B, K, C, W, Q> RateLimitLayer<B, K, C, W, Q> {
     /// Wait or reject. Default is `Mode::Wait { max_wait: 30 s }`.
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
@@ -253,25 +258,41 @@ impl<B, K, C, W> RateLimitLayer<B, K, C, W> {
     /// Uses another classifier (e.g. a
     /// [`FnClassifier`](crate::classify::FnClassifier) for non-HTTP
     /// responses). Default is the DashScope [`Classifier`].
-    pub fn classifier<C2>(self, classifier: C2) -> RateLimitLayer<B, K, C2, W> {
+    pub fn classifier<C2>(self, classifier: C2) -> RateLimitLayer<B, K, C2, W, Q> {
         RateLimitLayer {
             backend: self.backend,
             keys: self.keys,
             mode: self.mode,
             classifier,
             cost: self.cost,
+            order: self.order,
         }
     }
 
     /// Uses another cost function (see [`CostOf`]): [`PerCall`] or a
     /// closure for non-HTTP requests. Default is [`Estimate`].
-    pub fn cost<W2>(self, cost: W2) -> RateLimitLayer<B, K, C, W2> {
+    pub fn cost<W2>(self, cost: W2) -> RateLimitLayer<B, K, C, W2, Q> {
         RateLimitLayer {
             backend: self.backend,
             keys: self.keys,
             mode: self.mode,
             classifier: self.classifier,
             cost,
+            order: self.order,
+        }
+    }
+
+    /// Waiting calls share the quota by flow and weight (see
+    /// [`fair`](super::fair)) instead of going in arrival order. Applies in
+    /// [`Mode::Wait`]. Default is [`Fifo`].
+    pub fn fair<F>(self, fair: FairShare<F>) -> RateLimitLayer<B, K, C, W, FairShare<F>> {
+        RateLimitLayer {
+            backend: self.backend,
+            keys: self.keys,
+            mode: self.mode,
+            classifier: self.classifier,
+            cost: self.cost,
+            order: fair,
         }
     }
 
@@ -281,8 +302,10 @@ impl<B, K, C, W> RateLimitLayer<B, K, C, W> {
     }
 }
 
-impl<S, B: Clone, K: Keys, C: Clone, W: Clone> Layer<S> for RateLimitLayer<B, K, C, W> {
-    type Service = RateLimit<S, B, K, C, W>;
+impl<S, B: Clone, K: Keys, C: Clone, W: Clone, Q: Clone> Layer<S>
+    for RateLimitLayer<B, K, C, W, Q>
+{
+    type Service = RateLimit<S, B, K, C, W, Q>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit::from_layer(inner, self)

@@ -173,6 +173,7 @@ mod backend;
 pub mod bucket;
 pub mod budget;
 pub mod error;
+pub mod fair;
 pub mod future;
 mod layer;
 mod limiter;

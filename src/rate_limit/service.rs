@@ -11,6 +11,7 @@ use crate::time;
 use crate::util::macros::define_inner_service_accessors;
 
 use super::backend::{Backend, Decision, Permit, Ticket};
+use super::fair::{Fifo, PlaceKind, WaitOrder};
 use super::future::ResponseFuture;
 use super::layer::{CostOf, Estimate, Mode, RateLimitLayer};
 use super::limiter::RateLimiter;
@@ -29,16 +30,19 @@ use super::limiter::RateLimiter;
 ///
 /// Clones share the backend (one budget for all). A clone never inherits a
 /// reservation: reservations belong to response futures.
-pub struct RateLimit<S, B = RateLimiter, K = Global, C = Classifier, W = Estimate> {
+pub struct RateLimit<S, B = RateLimiter, K = Global, C = Classifier, W = Estimate, Q = Fifo> {
     inner: S,
     backend: B,
     keys: K,
     cost: W,
     max_wait: Duration,
     classifier: C,
+    order: Q,
 }
 
-impl<S: Clone, B: Clone, K: Clone, C: Clone, W: Clone> Clone for RateLimit<S, B, K, C, W> {
+impl<S: Clone, B: Clone, K: Clone, C: Clone, W: Clone, Q: Clone> Clone
+    for RateLimit<S, B, K, C, W, Q>
+{
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -47,11 +51,14 @@ impl<S: Clone, B: Clone, K: Clone, C: Clone, W: Clone> Clone for RateLimit<S, B,
             cost: self.cost.clone(),
             max_wait: self.max_wait,
             classifier: self.classifier.clone(),
+            order: self.order.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, B: fmt::Debug, K: fmt::Debug, C, W> fmt::Debug for RateLimit<S, B, K, C, W> {
+impl<S: fmt::Debug, B: fmt::Debug, K: fmt::Debug, C, W, Q> fmt::Debug
+    for RateLimit<S, B, K, C, W, Q>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -62,8 +69,8 @@ impl<S: fmt::Debug, B: fmt::Debug, K: fmt::Debug, C, W> fmt::Debug for RateLimit
     }
 }
 
-impl<S, B: Clone, K: Keys, C: Clone, W: Clone> RateLimit<S, B, K, C, W> {
-    pub(crate) fn from_layer(inner: S, layer: &RateLimitLayer<B, K, C, W>) -> Self {
+impl<S, B: Clone, K: Keys, C: Clone, W: Clone, Q: Clone> RateLimit<S, B, K, C, W, Q> {
+    pub(crate) fn from_layer(inner: S, layer: &RateLimitLayer<B, K, C, W, Q>) -> Self {
         Self {
             inner,
             backend: layer.backend.clone(),
@@ -74,11 +81,12 @@ impl<S, B: Clone, K: Keys, C: Clone, W: Clone> RateLimit<S, B, K, C, W> {
                 Mode::Reject => Duration::ZERO,
             },
             classifier: layer.classifier.clone(),
+            order: layer.order.clone(),
         }
     }
 }
 
-impl<S, B, K, C, W> RateLimit<S, B, K, C, W> {
+impl<S, B, K, C, W, Q> RateLimit<S, B, K, C, W, Q> {
     /// The shared backend.
     pub fn backend(&self) -> &B {
         &self.backend
@@ -103,14 +111,16 @@ impl<S, B> RateLimit<S, B> {
     }
 }
 
-impl<S, B, K, C, W, Req> Service<Req> for RateLimit<S, B, K, C, W>
+impl<S, B, K, C, W, Q, Req> Service<Req> for RateLimit<S, B, K, C, W, Q>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     B: Backend<K::Key>,
     K: KeyOf<Req>,
+    K::Key: Send + 'static,
     C: Classify<S::Response>,
     W: CostOf<Req>,
+    Q: WaitOrder<Req, K::Key>,
 {
     type Response = C::Observed;
     type Error = BoxError;
@@ -128,6 +138,28 @@ where
             Duration::ZERO
         } else {
             self.max_wait
+        };
+        let hold = match self.order.place(&key, &mut req, max_wait).0 {
+            PlaceKind::Free => None,
+            PlaceKind::First(hold) => Some(hold),
+            PlaceKind::Full(e) => return ResponseFuture::refused(e, self.classifier.clone()),
+            PlaceKind::Queued(turn) => {
+                // Decides when its turn comes, with what is left of its wait.
+                let (backend, cost) = (self.backend.clone(), self.cost.clone());
+                let book: super::future::Book<Req, B::Ticket, B::Pending> =
+                    Box::new(move |req, max_wait, now| {
+                        backend.decide(&key, |tokens| cost.cost_of(req, tokens), max_wait, now)
+                    });
+                let svc = self.fresh();
+                return ResponseFuture::queued(
+                    turn,
+                    book,
+                    max_wait,
+                    svc,
+                    req,
+                    self.classifier.clone(),
+                );
+            }
         };
         let cost = &self.cost;
         let decision =
@@ -148,16 +180,25 @@ where
             }
             Decision::Pending(pending) => Err(pending),
         };
-        // The waiter drives a fresh clone when its slot comes. The ready
-        // inner service is dropped, not kept: whatever capacity its
-        // `poll_ready` reserved (a concurrency permit, say) must not sit idle
-        // while this call waits, or a caller that keeps this service (a
-        // retry future does) could starve the very waiters that need it.
-        // `self` must be polled ready again, as the `Service` contract says.
+        // A call that waits holds the turn of its key's fair queue, if any:
+        // later calls queue behind it.
+        let turn = hold.map(|h| h.take(waiting.as_ref().ok().map(|t| t.ready_at())));
+        let svc = self.fresh();
+        ResponseFuture::waiting(waiting, svc, req, self.classifier.clone(), turn)
+    }
+}
+
+impl<S: Clone, B, K, C, W, Q> RateLimit<S, B, K, C, W, Q> {
+    /// The service a waiter drives when its slot comes: a fresh clone. The
+    /// ready inner service is dropped, not kept: whatever capacity its
+    /// `poll_ready` reserved (a concurrency permit, say) must not sit idle
+    /// while this call waits, or a caller that keeps this service (a retry
+    /// future does) could starve the very waiters that need it. `self` must
+    /// be polled ready again, as the `Service` contract says.
+    fn fresh(&mut self) -> S {
         let fresh = self.inner.clone();
         drop(std::mem::replace(&mut self.inner, fresh));
-        let svc = self.inner.clone();
-        ResponseFuture::waiting(waiting, svc, req, self.classifier.clone())
+        self.inner.clone()
     }
 }
 

@@ -36,6 +36,7 @@ const UPSTREAM: &str = "sk-upstream-main";
 const UPSTREAM2: &str = "sk-upstream-backup";
 
 mod budgets;
+mod fair_share;
 mod files;
 mod ops;
 #[cfg(feature = "redis")]

@@ -21,6 +21,7 @@ use tower_qwen::rate_limit::{
 };
 
 mod bucket;
+mod fair;
 mod gcra;
 mod limiter;
 

@@ -235,6 +235,8 @@ pub(super) struct KeyFile {
     pub(super) tpm: Option<Int<0, { u32::MAX as u64 }>>,
     pub(super) tokens_per_day: Option<Int<0, MAX_BUDGET>>,
     pub(super) tokens_per_month: Option<Int<0, MAX_BUDGET>>,
+    /// The key's share of an account's quota while it is saturated.
+    pub(super) weight: Option<Int<1, 1_000_000>>,
     /// Own `/metrics` series: `true` always, `false` never, unset while
     /// fewer than `[metrics] key_series` keys have one.
     pub(super) metrics: Option<Flag>,

@@ -184,6 +184,7 @@ impl GatewayConfig {
                         t.insert(field.into(), int(n.get()));
                     }
                 }
+                t.insert("weight".into(), int(u64::from(k.weight.get())));
                 t.insert("metrics".into(), k.own_series.into());
                 t.into()
             })
