@@ -259,6 +259,9 @@ where
                                 "waiting for a rate limit slot"
                             );
                         }
+                        if let Some(turn) = w.turn.as_ref() {
+                            turn.booked(at);
+                        }
                         sleep.as_mut().reset(at);
                         *ticket = Some(t);
                     }

@@ -41,6 +41,11 @@
 //!   once with [`RateLimited`](error::RateLimited) and reserves nothing.
 //!   Dropping a waiting call gives its slot back. [`Mode::Reject`] fails
 //!   at once with the exact `retry_after` (gateways turn it into a 429).
+//! * **Fair share** ([`fair`], [`RateLimitLayer::fair`]): the waiting
+//!   calls of a key can instead be ordered by flow (a tenant, a client key)
+//!   and weight, so that a saturated quota is shared by weight, a flow
+//!   alone gets all of it, and a flow that floods does not delay the
+//!   others; only the call whose turn it is books its slot.
 //! * **Bounded keys.** Idle keys are evicted and the key count is capped
 //!   ([`RateLimiterBuilder::max_keys`]); a request-only key takes one
 //!   `u64` of state ([`RateLimiter::bytes_per_key`]).
