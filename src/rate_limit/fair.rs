@@ -318,7 +318,7 @@ where
         // A call that would wait past its max_wait, as far as the queue can
         // tell (the turn's booked slot, then one turn per call ahead), is
         // refused now rather than at the end of its wait.
-        if let Some(wait) = l.expected_wait(tag, seq, time::now())
+        if let Some(wait) = l.expected_wait(tag, seq, time::now(), max_wait)
             && wait > max_wait
         {
             tracing::debug!(
@@ -468,8 +468,15 @@ impl Lane {
 
     /// The wait of a call tagged `(tag, seq)` arriving at `now`: the time
     /// to the booked slot of the turn, then one turn for each call ahead
-    /// and one for itself. `None` when the queue cannot tell.
-    fn expected_wait(&self, tag: u128, seq: u64, now: Instant) -> Option<Duration> {
+    /// and one for itself. `None` when the queue cannot tell. Counts the
+    /// calls ahead only as far as `max_wait` needs.
+    fn expected_wait(
+        &self,
+        tag: u128,
+        seq: u64,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Option<Duration> {
         let per_turn = if self.spacing > 0 {
             self.spacing
         } else {
@@ -479,7 +486,9 @@ impl Lane {
         if per_turn == 0 {
             return None;
         }
-        let ahead = self.queue.range(..(tag, seq)).take(1_000_000).count();
+        let enough = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX) / per_turn + 1;
+        let enough = usize::try_from(enough).unwrap_or(usize::MAX);
+        let ahead = self.queue.range(..(tag, seq)).take(enough).count();
         let turns = u64::try_from(ahead + 1).unwrap_or(u64::MAX);
         let first = slot.saturating_duration_since(now);
         Some(first.saturating_add(Duration::from_nanos(per_turn.saturating_mul(turns))))

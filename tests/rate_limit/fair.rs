@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_test::{assert_pending, task};
 use tower::util::BoxCloneService;
 use tower::{BoxError, ServiceExt, service_fn};
 use tower_qwen::classify::{FnClassifier, Outcome};
@@ -283,4 +284,33 @@ async fn a_call_the_queue_cannot_serve_within_its_wait_is_refused() {
     // The light call's turn would have come at 4 s: it fails when its
     // wait runs out.
     assert_eq!(light.await.unwrap(), (false, secs(3)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_when_its_turn_came_passes_it_on() {
+    for fair_share in [true, false] {
+        let (svc, log) = svc(1, fair_share.then(fair), Duration::from_secs(60));
+        let t0 = Instant::now();
+        svc.clone().oneshot(('a', 1)).await.unwrap();
+        let b = tokio::spawn(svc.clone().oneshot(('b', 1))); // booked for 1 s
+        tokio::task::yield_now().await;
+        let mut c = task::spawn(svc.clone().oneshot(('c', 1)));
+        assert_pending!(c.poll());
+        let d = tokio::spawn(svc.clone().oneshot(('d', 1)));
+        tokio::task::yield_now().await;
+        b.await.unwrap().unwrap();
+        if fair_share {
+            // `b` went: the turn is `c`'s, which never sees it.
+            assert!(c.is_woken());
+        }
+        drop(c);
+        d.await.unwrap().unwrap();
+        let last = log.lock().unwrap().last().map(|(f, t)| (*f, *t - t0));
+        let expected = if fair_share { 2 } else { 3 };
+        assert_eq!(
+            last,
+            Some(('d', Duration::from_secs(expected))),
+            "fair {fair_share}"
+        );
+    }
 }
