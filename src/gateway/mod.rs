@@ -114,7 +114,8 @@
 //!    their `weight` (default 1; [fair share](crate::rate_limit::fair):
 //!    weights 3 and 1 get 75% / 25%, a key alone gets all of it, a flood
 //!    of one key does not delay another), at most 1,024 waiting calls per
-//!    key and account (429 beyond). Token reservations are
+//!    key and account (429 beyond); with `[redis]`, each replica shares
+//!    out the calls waiting on it. Token reservations are
 //!    reconciled with the real `usage` when the answer ends, and an
 //!    upstream 429 tightens the account. Task polls and async submissions
 //!    are pinned to the key's first account (a task lives in the account

@@ -39,6 +39,9 @@
 //!
 //! Each call counts as one unit of its flow (the request dimension); the
 //! token dimension still limits as usual but does not weigh the order.
+//! The queues live in the process: with a shared backend (Redis), each
+//! process orders its own waiting calls, and the split by weight holds
+//! among the calls of each process.
 //! Limiter keys and flows are told apart by a 64-bit keyed hash (a random
 //! key per [`FairShare`]).
 //!
