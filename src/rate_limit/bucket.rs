@@ -25,8 +25,9 @@
 //! one was allowed. So:
 //!
 //! * [`Bucket::give_back`] (a cancelled waiter) restores the previous TAT
-//!   only if nothing was reserved after it; otherwise the slot stays
-//!   consumed (a *phantom*: capacity lost, never a burst).
+//!   only if nothing was reserved after it (and keeps what may have been,
+//!   as a refund does); otherwise the slot stays consumed (a *phantom*:
+//!   capacity lost, never a burst).
 //! * [`Bucket::refund`] (reconciliation) returns at most the part of the
 //!   charge, laid from the grant's slot, that lies after every slot already
 //!   granted and that time has not yet repaid; see its docs.
@@ -207,17 +208,35 @@ impl Bucket {
         }
     }
 
-    /// Gives a reservation back (a cancelled waiter). Exact when nothing was
-    /// reserved after it; otherwise does nothing and returns `false` (the
-    /// slot becomes a phantom: capacity lost, never a burst).
-    pub fn give_back(&self, grant: &Grant) -> bool {
+    /// Gives a reservation back (a cancelled waiter, before its slot).
+    /// Returns `false`, doing nothing, unless the TAT is still the one the
+    /// grant set (`grant.after`): otherwise something was booked after it,
+    /// and the slot becomes a phantom (capacity lost, never a burst).
+    ///
+    /// An equal TAT does not prove that nothing was booked after the grant:
+    /// a refund of an earlier grant can lower the TAT, and a later booking
+    /// raise it back to exactly `grant.after`. So, as in [`Bucket::refund`],
+    /// whatever the TAT holds beyond the grant's end `slot + charge` is
+    /// counted as charged after it and stays charged, placed after
+    /// `max(now, latest)`: the TAT goes back to `grant.before`, or to
+    /// `max(now, latest) + (tat - (slot + charge))` when that is later.
+    /// The price: a cancelled waiter queued behind a debt gives back less
+    /// than its whole charge when `latest` is a later waiter's slot (one
+    /// still queued, or one cancelled before it).
+    ///
+    /// `latest` is [`Bucket::refund`]'s. A bucket that is never refunded
+    /// may pass 0: there only a booking raises the TAT, only the tail's
+    /// give-back lowers it, so an equal TAT is the tail, and the grant's
+    /// own debt share (`before - slot`) lies after `now`, before its slot.
+    pub fn give_back(&self, grant: &Grant, now: u64, latest: u64) -> bool {
+        let later = grant.after.saturating_sub(grant.slot.saturating_add(grant.charge));
+        let new = if later > 0 {
+            grant.before.max(now.max(latest).saturating_add(later))
+        } else {
+            grant.before
+        };
         self.tat
-            .compare_exchange(
-                grant.after,
-                grant.before,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(grant.after, new, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
@@ -430,8 +449,8 @@ mod tests {
         let w2 = b.reserve(&g, 0, x, max).unwrap();
         assert_eq!((a.slot, w1.slot, w2.slot), (0, 100 * MS, 200 * MS));
         // w1 is not the tail: its slot stays consumed.
-        assert!(!b.give_back(&w1));
-        assert!(b.give_back(&w2));
+        assert!(!b.give_back(&w1, 0, w2.slot));
+        assert!(b.give_back(&w2, 0, w2.slot));
         assert_eq!(b.reserve(&g, 0, x, max).unwrap().slot, 200 * MS);
     }
 

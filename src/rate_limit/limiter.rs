@@ -494,7 +494,7 @@ fn book_full(
                             if let Some(r) = req {
                                 // Not the tail any more: the slot stays
                                 // consumed (capacity lost, never a burst).
-                                st.req.bucket.give_back(&r);
+                                st.req.bucket.give_back(&r, now, 0);
                             }
                             continue 'outer;
                         }
@@ -925,13 +925,17 @@ where
     }
 }
 
-/// Gives a booking back (the waiter was cancelled before its slot).
-fn cancel(st: View<'_>, b: &Booking) {
+/// Gives a booking back (the waiter was cancelled before its slot). The
+/// request buckets are never refunded: they give back with no `latest`.
+fn cancel(st: View<'_>, b: &Booking, now: u64) {
     let (r, t) = match st {
-        View::Compact(bucket) => (b.req.is_none_or(|g| bucket.give_back(&g)), true),
+        View::Compact(bucket) => (b.req.is_none_or(|g| bucket.give_back(&g, now, 0)), true),
         View::Full(st) => (
-            b.req.is_none_or(|g| st.req.bucket.give_back(&g)),
-            b.tok.is_none_or(|g| st.tok.bucket.give_back(&g)),
+            b.req.is_none_or(|g| st.req.bucket.give_back(&g, now, 0)),
+            b.tok.is_none_or(|g| {
+                let latest = st.tok.latest.load(Ordering::Acquire);
+                st.tok.bucket.give_back(&g, now, latest)
+            }),
         ),
     };
     tracing::trace!(given_back = r && t, "rate limit reservation cancelled");
@@ -1251,16 +1255,17 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
     fn cancel_booked(&self, a: &Booked<K>) {
         let sh = &*self.shared;
+        let now = self.nanos(time::now());
         let st = match a.slot {
             Slot::Single => sh.single.as_ref().map(View::Full),
             Slot::Overflow => sh.overflow.get().map(View::Full),
             Slot::Map => {
-                self.with_slot(&a.key, Slot::Map, |st| cancel(st, &a.booking));
+                self.with_slot(&a.key, Slot::Map, |st| cancel(st, &a.booking, now));
                 return;
             }
         };
         if let Some(st) = st {
-            cancel(st, &a.booking);
+            cancel(st, &a.booking, now);
         }
     }
 }

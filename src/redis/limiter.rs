@@ -187,6 +187,7 @@ impl RedisLimiterBuilder {
                     batcher: Batcher::new(exec),
                     clock: self.clock,
                     feedback: self.feedback.map(duration_nanos),
+                    leases: self.lease.is_some(),
                 }),
                 prefix: self.prefix,
                 limits_for,
@@ -212,6 +213,9 @@ struct Core {
     batcher: Batcher,
     clock: Clock,
     feedback: Option<u64>,
+    /// Whether request buckets are refunded (leases are on): a give-back
+    /// of a request grant then keeps what may lie beyond it.
+    leases: bool,
 }
 
 impl Core {
@@ -964,7 +968,7 @@ impl<K: Hash + Eq> Drop for RedisTicket<K> {
             }) = pending.take()
         {
             let now = redis.core.script_now(time::now());
-            let op = Op::cancel(redis.key, now, &grant);
+            let op = Op::cancel(redis.key, now, &grant, redis.core.leases);
             redis.core.batcher.background(op);
         }
     }

@@ -161,6 +161,17 @@ local function refund(tat, latest, fin, charge, amount)
   return new, tat - new
 end
 
+-- The TAT after giving back a grant whose `after` is the TAT (see
+-- Bucket::give_back): `before`, or later when the TAT holds more than the
+-- grant beyond its end `fin`, that part kept after max(now, latest).
+local function give_back(tat, latest, before, fin)
+  local later = tat - fin
+  if later <= 0 then return before end
+  local horizon = now
+  if latest > horizon then horizon = latest end
+  return max(before, horizon + later)
+end
+
 -- Refunds of a grant in both dims from a[i]: has, epoch, then end
 -- (slot + charge), charge, amount for r and for t. Returns the two refunded amounts.
 local function refund_both(i)
@@ -235,22 +246,24 @@ for ki = 1, #KEYS do
       pos = pos + 15
       dirty = true
     elseif code == 3 then
-      -- cancel (give back): epoch, has_r, before_r, after_r, has_t,
-      -- before_t, after_t. Reply: given back r, t.
+      -- cancel (give back): epoch, refunded_r, then has, before, after,
+      -- end (slot + charge) for r and for t. Reply: given back r, t.
       local s = (a[pos] - e) * 1e9
       local gr, gt = 0, 0
-      if a[pos + 1] == 1 and r ~= NIL and r == a[pos + 3] + s then
-        r = a[pos + 2] + s
+      local latest_r = NIL
+      if a[pos + 1] == 1 then latest_r = lr end
+      if a[pos + 2] == 1 and r ~= NIL and r == a[pos + 4] + s then
+        r = give_back(r, latest_r, a[pos + 3] + s, a[pos + 5] + s)
         gr = 1
       end
-      if a[pos + 4] == 1 and t ~= NIL and t == a[pos + 6] + s then
-        t = a[pos + 5] + s
+      if a[pos + 6] == 1 and t ~= NIL and t == a[pos + 8] + s then
+        t = give_back(t, lt, a[pos + 7] + s, a[pos + 9] + s)
         gt = 1
       end
       if gr + gt > 0 then dirty = true end
       out[o + 1], out[o + 2] = gr, gt
       o = o + 2
-      pos = pos + 7
+      pos = pos + 10
     elseif code == 4 then
       -- reconcile: refund (8 numbers), then overruns r, t (an unset TAT
       -- has been full for at least the slack). Reply: refunded r, t.
@@ -501,18 +514,29 @@ impl Op {
         }
     }
 
-    /// `c`: give a grant back.
-    pub(crate) fn cancel(key: Arc<str>, now: Now, g: &Grant) -> Self {
-        let (hr, br, ar) = g.req.map_or((0, 0, 0), |d| (1, d.before, d.after));
-        let (ht, bt, at) = g.tok.map_or((0, 0, 0), |d| (1, d.before, d.after));
+    /// `c`: give a grant back. Each dimension sends where its charge ends
+    /// laid from the slot (see `Bucket::give_back`); `refunded_r` says
+    /// whether request buckets are ever refunded (leases): if not, the
+    /// request give-back reads no latest slot, as the in-memory one.
+    pub(crate) fn cancel(key: Arc<str>, now: Now, g: &Grant, refunded_r: bool) -> Self {
+        let dim = |d: Option<DimGrant>| {
+            d.map_or((0, 0, 0, 0), |d| {
+                (1, d.before, d.after, g.slot.saturating_add(cap(d.charge)))
+            })
+        };
+        let (hr, br, ar, er) = dim(g.req);
+        let (ht, bt, at, et) = dim(g.tok);
         Self::new(key, CANCEL, now)
             .arg(g.epoch)
+            .arg(i64::from(refunded_r))
             .arg(hr)
             .arg(br)
             .arg(ar)
+            .arg(er)
             .arg(ht)
             .arg(bt)
             .arg(at)
+            .arg(et)
     }
 
     /// `r`: refund part of a grant and/or charge overruns.
@@ -855,7 +879,7 @@ mod tests {
                     slot: 0,
                     req: None,
                     tok: None,
-                },
+                }, false,
             ),
             Op::book(Arc::from("k1"), at, r, t, 0),
             Op::book(Arc::from("k1"), Now::Local(1_600_000_000), r, t, 0),
@@ -1004,7 +1028,7 @@ mod edges {
                     slot: 0,
                     req: None,
                     tok: None
-                }
+                }, false
             )
             .reply_len(),
             2
@@ -1178,7 +1202,7 @@ mod edges {
                 slot: 0,
                 req: None,
                 tok: None,
-            },
+            }, false,
         )];
         let reply: Vec<u8> = [1f64, 0f64].iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut conn = Scripted {

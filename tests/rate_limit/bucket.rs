@@ -126,7 +126,7 @@ fn refunds_count_later_charges_from_the_grant_end() {
     let r = b.reserve(&g, 0, 10 * MS, 0).unwrap();
     let w = b.reserve(&g, 0, MS, 100 * MS).unwrap();
     assert_eq!(w.slot, 10 * MS);
-    assert!(b.give_back(&w));
+    assert!(b.give_back(&w, 0, w.slot));
     assert_eq!(b.refund(&r, 4 * MS, 3 * MS, w.slot), 4 * MS);
     assert_eq!(b.tat(), 6 * MS);
 }
@@ -177,11 +177,11 @@ fn give_back_refund_and_overrun() {
     // A give-back of the tail restores the TAT; of anything else, not.
     let b = Bucket::new();
     let a = b.reserve(&g, 0, MS, 0).unwrap();
-    assert!(b.give_back(&a));
+    assert!(b.give_back(&a, 0, 0));
     assert_eq!(b.tat(), 0);
     let a = b.reserve(&g, 0, MS, 0).unwrap();
     b.charge_more(1);
-    assert!(!b.give_back(&a));
+    assert!(!b.give_back(&a, 0, 0));
     assert_eq!(b.tat(), MS + 1);
 }
 

@@ -16,8 +16,10 @@ use tower_qwen::rate_limit::{Cost, Limits, Quota, RateLimiter};
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// A call of `cost` units that may wait up to `wait` intervals.
-    Reserve { cost: u32, wait: u64 },
+    /// A call of `cost` units that may wait up to `wait` intervals, booked
+    /// `later` nanoseconds after its earliest conforming slot (another
+    /// dimension asked for later, as the limiter's requests or tokens do).
+    Reserve { cost: u32, wait: u64, later: u64 },
     /// The caller of reservation `idx` goes away (if it still waits).
     Cancel { idx: usize },
     /// Reservation `idx` used only `pct` % of its cost (once it went).
@@ -26,8 +28,12 @@ enum Op {
 
 fn op(max_cost: u32) -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1..=max_cost, prop_oneof![Just(0u64), 0..20u64])
-            .prop_map(|(cost, wait)| Op::Reserve { cost, wait }),
+        4 => (
+            1..=max_cost,
+            prop_oneof![Just(0u64), 0..20u64],
+            prop_oneof![3 => Just(0u64), 1 => 0..2_000u64],
+        )
+            .prop_map(|(cost, wait, later)| Op::Reserve { cost, wait, later }),
         1 => any::<usize>().prop_map(|idx| Op::Cancel { idx }),
         2 => (any::<usize>(), 0..=100u32).prop_map(|(idx, pct)| Op::Refund { idx, pct }),
     ]
@@ -52,9 +58,21 @@ fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
     for (gap, op) in ops {
         now += gap;
         match *op {
-            Op::Reserve { cost, wait } => {
+            Op::Reserve { cost, wait, later } => {
                 let x = g.charge(cost, FULL_RATE);
-                if let Ok(grant) = b.reserve(g, now, x, wait * g.interval()) {
+                let max_wait = wait * g.interval();
+                let booked = if later == 0 {
+                    b.reserve(g, now, x, max_wait)
+                } else {
+                    let tat = b.tat();
+                    let slot = g.conforms_at(tat, x).max(now) + later;
+                    if slot - now <= max_wait {
+                        b.reserve_at(g, slot, x, tat)
+                    } else {
+                        Err(slot)
+                    }
+                };
+                if let Ok(grant) = booked {
                     assert!(grant.slot >= now && grant.slot - now <= wait * g.interval());
                     if grant.slot > now {
                         latest = latest.max(grant.slot);
@@ -72,7 +90,7 @@ fn run(g: &Gcra, ops: &[(u64, Op)]) -> Vec<(u64, u64)> {
                 let n = calls.len();
                 let c = &mut calls[idx % n];
                 if !c.cancelled && now < c.grant.slot {
-                    b.give_back(&c.grant);
+                    b.give_back(&c.grant, now, latest);
                     c.cancelled = true;
                 }
             }
@@ -122,14 +140,14 @@ fn config() -> ProptestConfig {
 #[test]
 fn a_refund_after_another_refund_keeps_the_later_charges() {
     let ops = [
-        (0, Op::Reserve { cost: 1, wait: 0 }),
-        (634, Op::Reserve { cost: 4, wait: 0 }),
-        (182, Op::Reserve { cost: 2, wait: 3 }),
+        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
+        (634, Op::Reserve { cost: 4, wait: 0, later: 0 }),
+        (182, Op::Reserve { cost: 2, wait: 3, later: 0 }),
         (180, Op::Refund { idx: 1, pct: 0 }),
-        (571, Op::Reserve { cost: 4, wait: 3 }),
+        (571, Op::Reserve { cost: 4, wait: 3, later: 0 }),
         (1_616, Op::Refund { idx: 2, pct: 0 }),
-        (0, Op::Reserve { cost: 1, wait: 0 }),
-        (0, Op::Reserve { cost: 1, wait: 0 }),
+        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
+        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
     ];
     let g = Gcra::new(634, 4);
     let went = run(&g, &ops);
@@ -142,6 +160,31 @@ fn a_refund_after_another_refund_keeps_the_later_charges() {
     // 1-unit call conforms at 3183.
     assert!(went.iter().all(|&(slot, _)| slot != 3_183), "{went:?}");
     check_windows(&went, 634, 4).unwrap();
+}
+
+/// The case the property test found once bookings could go later than
+/// their conforming slot (interval 4, burst 4): the first call's refund
+/// lowers the TAT to 20, below the 3-unit waiter's `after` (24); a 1-unit
+/// call booked 3 ns late raises it back to exactly 24, so the waiter's
+/// give-back found "its" TAT and, restoring the TAT it saw (12), handed
+/// back capacity the 1-unit call held: a 4-unit call went at 12, 1 ns
+/// after the 1-unit call, five units where the bound is 4 + 1/4. The
+/// give-back now keeps what lies beyond the waiter's end (slot + charge)
+/// behind the latest slot: the 4-unit call goes at 15.
+#[test]
+fn a_give_back_after_a_refund_keeps_the_later_booking() {
+    let ops = [
+        (0, Op::Reserve { cost: 3, wait: 0, later: 0 }),
+        (0, Op::Reserve { cost: 3, wait: 2, later: 0 }),
+        (2, Op::Refund { idx: 0, pct: 0 }),
+        (0, Op::Reserve { cost: 1, wait: 3, later: 3 }),
+        (0, Op::Cancel { idx: 1 }),
+        (9, Op::Reserve { cost: 4, wait: 1, later: 0 }),
+    ];
+    let g = Gcra::new(4, 4);
+    let went = run(&g, &ops);
+    assert_eq!(went, [(0, 0), (11, 1), (15, 4)]);
+    check_windows(&went, 4, 4).unwrap();
 }
 
 /// Checks every window `[s_i, s_j]` between two slots.
@@ -176,7 +219,9 @@ proptest! {
         let ops: Vec<_> = ops
             .into_iter()
             .map(|(gap, op)| match op {
-                Op::Reserve { cost, wait } => (gap, Op::Reserve { cost: cost.min(burst), wait }),
+                Op::Reserve { cost, wait, later } => {
+                    (gap, Op::Reserve { cost: cost.min(burst), wait, later })
+                }
                 other => (gap, other),
             })
             .collect();

@@ -259,6 +259,51 @@ async fn a_refund_after_another_refund_keeps_the_later_charges() {
     assert_eq!(same_wait(&memory, &redis).await, us(980));
 }
 
+/// The Redis twin of the bucket's give-back regression test (tokens:
+/// interval 4 ms, burst 4; requests: interval 3 ms, burst 1). a's refund
+/// lowers the token TAT to 20 ms, below waiter b's `after` (24 ms); c,
+/// held to 11 ms by the request quota, raises it back to exactly 24 ms.
+/// b's give-back then keeps c's token behind c's slot: d's four tokens go
+/// at 15 ms, where restoring the TAT b saw (12 ms) sent them at 12 ms,
+/// five tokens within 1 ms.
+#[tokio::test(start_paused = true)]
+async fn a_give_back_after_a_refund_keeps_the_later_booking() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    let limits = Limits::requests(Quota::per_minute(nz(20_000)).allow_burst(nz(1)))
+        .and_tokens(Quota::tokens_per_minute(nz(15_000)).allow_burst(nz(4)));
+    let memory = RateLimiter::new(limits);
+    let redis = RedisLimiter::builder(limits)
+        .prefix("test:give-back:")
+        .clock(Clock::Local(t0))
+        .timeout(None)
+        .expiry_slack(HOUR)
+        .build(conn(&server));
+    let book = async |requests, tokens| {
+        let now = Instant::now();
+        let cost = Cost::new(requests, tokens);
+        let m = memory.reserve(&(), cost, 20 * MS).unwrap();
+        let r = redis.reserve_at(&(), cost, 20 * MS, now).await.unwrap();
+        assert_eq!(m.ready_at() - now, r.ready_at() - now);
+        (m.ready_at() - t0, (m, r))
+    };
+    let (at, (ma, ra)) = book(1, 3).await;
+    assert_eq!(at, Duration::ZERO);
+    let (at, b) = book(1, 3).await;
+    assert_eq!(at, 8 * MS);
+    tokio::time::advance(2 * MS).await;
+    ma.ready().await.reconcile(0);
+    ra.ready().await.reconcile(0);
+    redis.settle().await;
+    let (at, _c) = book(1, 1).await;
+    assert_eq!(at, 11 * MS);
+    drop(b);
+    redis.settle().await;
+    tokio::time::advance(9 * MS).await;
+    let (at, _d) = book(0, 4).await;
+    assert_eq!(at, 15 * MS);
+}
+
 /// Keys store times relative to an epoch second and are rebased when it is
 /// more than a day old; grants made before a rebase (a give-back, a refund)
 /// must still land exactly. A debt of 100,000 s (beyond 10^14 ns, so also
