@@ -49,6 +49,11 @@ pub struct GatewayConfig {
     /// The clock of the token budgets' calendar windows (`None`: the
     /// system's, read when the gateway is built).
     pub(crate) wall_clock: Option<WallClock>,
+    /// `[telemetry] genai_spans`: a GenAI span per proxied call.
+    pub(crate) genai_spans: bool,
+    /// Where the GenAI metrics and OpenTelemetry spans go, if anywhere.
+    #[cfg(feature = "otel")]
+    pub(crate) otel: Option<crate::telemetry::otel::GenAiOtel>,
 }
 
 #[derive(Clone, Debug)]
@@ -288,6 +293,19 @@ impl GatewayConfig {
     /// it across midnight with `tokio::time::advance` on a paused clock.
     pub fn wall_clock(mut self, clock: WallClock) -> Self {
         self.wall_clock = Some(clock);
+        self
+    }
+
+    /// Records the GenAI metrics of every proxied call with `otel`, and,
+    /// if it has a tracer, an OpenTelemetry span per call, a child of the
+    /// client's `traceparent` when it sent one (see
+    /// [`telemetry::otel`](crate::telemetry::otel)). Needs
+    /// `[telemetry] genai_spans` (on by default). Default is none: the
+    /// GenAI spans are `tracing` spans only.
+    #[cfg(feature = "otel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+    pub fn otel(mut self, otel: crate::telemetry::otel::GenAiOtel) -> Self {
+        self.otel = Some(otel);
         self
     }
 
@@ -711,6 +729,9 @@ fn validate(
         accounts,
         keys,
         wall_clock: None,
+        genai_spans: f.telemetry.genai_spans.0,
+        #[cfg(feature = "otel")]
+        otel: None,
     })
 }
 

@@ -152,6 +152,23 @@
 //! stays the same size with 100 or 100,000 keys (unauthenticated requests
 //! are `key="none"`; no key may be named `_other` or `none`).
 //!
+//! **GenAI spans** (`[telemetry] genai_spans`, on by default): each
+//! generation or embedding call a key sends gets the
+//! [`GenAiTraceLayer`](crate::telemetry::GenAiTraceLayer)'s span, following
+//! the OpenTelemetry GenAI conventions (`gen_ai.operation.name`, provider
+//! `dashscope`, request and response model, input and output tokens,
+//! finish reasons, time to first chunk, `error.type`), plus
+//! `tower_qwen.client_key.name`, the key's configured name (never the key,
+//! never a metric attribute). It opens once the body is read and lasts
+//! until the answer's body ends, so the key's token limits, the breaker,
+//! every attempt and failover in the pool and the whole stream are inside
+//! it; a call refused by the key's limits is a failed operation
+//! (`throttled.local`). It is a `tracing` span (any subscriber;
+//! `tracing-opentelemetry` bridges it); with the `otel` feature,
+//! `GatewayConfig::otel` also records the `gen_ai.client.*` metrics and
+//! an OpenTelemetry span per call, a child of the client's `traceparent`
+//! when it sent one. `/metrics` is unchanged.
+//!
 //! **Reload** ([`Gateway::reload`], [`Gateway::reload_from`]; SIGHUP in
 //! `qwen-gateway`): keys, limits, accounts and the rest take effect for
 //! the next request; open connections stay open and a request in progress
@@ -258,7 +275,7 @@
 //!
 //! TOML ([`GatewayConfig`]) read by serde, unknown fields refused, defaults
 //! in one place; every scalar of `[server]`, `[upstream]`, `[limits]`,
-//! `[degrade]`, `[redis]` and `[metrics]` overridable by
+//! `[degrade]`, `[redis]`, `[metrics]` and `[telemetry]` overridable by
 //! `QWEN_GATEWAY_<SECTION>_<FIELD>` (e.g. `QWEN_GATEWAY_SERVER_LISTEN`,
 //! `QWEN_GATEWAY_REDIS_URL`), secrets read from variables named by `*_env`
 //! fields. A bad file gets a [`ConfigError`](error::ConfigError) naming
@@ -299,6 +316,9 @@
 //!
 //! [metrics]
 //! key_series = 100                # keys named in /metrics; the rest: key="_other"
+//!
+//! [telemetry]
+//! genai_spans = true              # a GenAI span per generation/embedding call
 //!
 //! [redis]                         # optional: replicas share limits and degrade state
 //! url = "redis://127.0.0.1:6379"

@@ -4,6 +4,7 @@
 //! ```text
 //! RateLimit (the key's bucket: reject mode, keyed by client key)
 //!   -> ClientBody (cap, read timeout, strict RequestInfo, model required)
+//!   -> GenAiTrace (the call's GenAI span until its body ends: `[telemetry]`)
 //!   -> RateLimit (the same bucket's tokens per minute: the estimate)
 //!   -> RateLimit (the key's token budgets per UTC day and month)
 //!   -> CircuitBreaker (degrade mode, keyed by client key)
@@ -65,6 +66,7 @@ use crate::rate_limit::{
     RateLimitLayer, RateLimiter, SlowStart, Snapshot, Tightest, WallClock,
 };
 use crate::request::RequestInfo;
+use crate::telemetry::GenAiTraceLayer;
 use crate::timeout::TimeoutLayer;
 
 use super::config::{AccountConfig, GatewayConfig};
@@ -86,6 +88,11 @@ pub(crate) type ResBody = UnsyncBoxBody<Bytes, BoxError>;
 /// extensions.
 #[derive(Clone, Debug)]
 pub(crate) struct ClientName(pub(crate) Arc<str>);
+
+/// The client key's name, for the GenAI spans.
+fn caller_name(ext: &http::Extensions) -> Option<Arc<str>> {
+    ext.get::<ClientName>().map(|c| c.0.clone())
+}
 
 /// The key extractor of the buckets and circuits.
 fn client_of<B>(req: &mut Request<B>) -> Arc<str> {
@@ -508,6 +515,15 @@ where
     )
     .reject()
     .cost(PerCall);
+    // The GenAI span of each call, around its limits, the breaker and
+    // every attempt in the pool: a refusal is an operation that failed.
+    let genai = GenAiTraceLayer::new().caller(caller_name);
+    #[cfg(feature = "otel")]
+    let genai = match &cfg.otel {
+        Some(otel) => genai.otel(otel.clone()),
+        None => genai,
+    };
+    let genai = if cfg.genai_spans { genai } else { genai.off() };
     let (max_body, read_timeout) = (cfg.server.max_body_bytes, cfg.server.body_read_timeout);
     let max_file = cfg.server.max_file_bytes;
     // An account of the configuration as a pool member over `svc`.
@@ -544,6 +560,7 @@ where
                 max: max_body,
                 timeout: read_timeout,
             }))
+            .layer(genai.clone())
             .layer(tpm.clone())
             // Refused inside as a local throttle, so that the TPM
             // reservation is given back when the budgets' Redis fails closed.

@@ -18,6 +18,7 @@
 //! | `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens` | the answer's `usage` (streams included) |
 //! | `gen_ai.response.time_to_first_chunk` | streamed calls: seconds from the call to the first body frame |
 //! | `error.type` | a failed call: a short name of its [`Outcome`](crate::classify::Outcome) ([`error_type`]), `cancelled` for a body dropped half-way |
+//! | `tower_qwen.client_key.name` | who made the call, when [`GenAiTraceLayer::caller`] names it (the gateway: the client key's configured name, never the key) |
 //! | `otel.name`, `otel.kind`, `otel.status_code` | `{operation} {model}`, `client`, `ERROR` on failure: what `tracing-opentelemetry` turns into the span's name, kind and status |
 //!
 //! The span lasts until the response **body** ends (a stream's last frame,
@@ -93,6 +94,9 @@ use crate::request::RequestInfo;
 #[must_use = "a layer does nothing until it wraps a service"]
 pub struct GenAiTraceLayer {
     classifier: Classifier,
+    caller: Option<Caller>,
+    /// No span, no metrics (the gateway's `[telemetry] genai_spans = false`).
+    off: bool,
     #[cfg(feature = "otel")]
     otel: Option<otel::GenAiOtel>,
 }
@@ -101,6 +105,8 @@ impl fmt::Debug for GenAiTraceLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("GenAiTraceLayer");
         d.field("classifier", &self.classifier);
+        d.field("caller", &self.caller.is_some());
+        d.field("off", &self.off);
         #[cfg(feature = "otel")]
         d.field("otel", &self.otel);
         d.finish()
@@ -117,6 +123,23 @@ impl GenAiTraceLayer {
     /// `error.type`). Default is [`Classifier::new`].
     pub fn classifier(mut self, classifier: Classifier) -> Self {
         self.classifier = classifier;
+        self
+    }
+
+    /// Names who made each call, from the request's extensions, as the
+    /// span attribute `tower_qwen.client_key.name` (the gateway gives its
+    /// client key's configured name). Never a metric attribute (one series
+    /// per caller would grow without bound). Default is none.
+    pub fn caller(mut self, caller: Caller) -> Self {
+        self.caller = Some(caller);
+        self
+    }
+
+    /// Traces nothing: the calls pass through (their body wrapped, nothing
+    /// read from it).
+    #[cfg(feature = "gateway")]
+    pub(crate) fn off(mut self) -> Self {
+        self.off = true;
         self
     }
 
@@ -140,6 +163,10 @@ impl<S> Layer<S> for GenAiTraceLayer {
         }
     }
 }
+
+/// Who made a call, read from its request's extensions (see
+/// [`GenAiTraceLayer::caller`]).
+pub type Caller = fn(&http::Extensions) -> Option<std::sync::Arc<str>>;
 
 /// Traces each GenAI call (and records its metrics with `otel`) until its
 /// response body ends. See the [module docs](self) for an example.
@@ -184,8 +211,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let info = RequestInfo::of(&mut req);
-        let record = Record::start(&self.layer, &info, req.uri());
+        let record = if self.layer.off {
+            Record::none()
+        } else {
+            let info = RequestInfo::of(&mut req);
+            Record::start(&self.layer, &info, &req)
+        };
         let span = record.span();
         let inner = {
             let _entered = span.enter();

@@ -19,7 +19,9 @@
 //! With [`GenAiOtel::tracer`] it also makes an OpenTelemetry span per call
 //! (kind client, named `{operation} {model}`, the span attributes of the
 //! conventions including `gen_ai.response.finish_reasons` as an array),
-//! for applications that do not bridge `tracing` to OpenTelemetry. If you
+//! a child of the request's W3C `traceparent` (and `tracestate`) when it
+//! carries a valid one (what a gateway receives from its clients), else of
+//! the current OpenTelemetry context, for applications that do not bridge `tracing` to OpenTelemetry. If you
 //! do bridge it (`tracing-opentelemetry`), leave the tracer out: the layer's
 //! `tracing` span already carries the same fields, `otel.name` and
 //! `otel.kind` included.
@@ -87,10 +89,14 @@ use std::time::SystemTime;
 
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::metrics::{Histogram, MeterProvider};
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider};
-use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider,
+};
+use opentelemetry::{Array, Context, InstrumentationScope, KeyValue, StringValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use super::record::{Call, End, PROVIDER};
@@ -206,7 +212,7 @@ impl GenAiOtel {
         }
     }
 
-    pub(crate) fn start(&self, call: &Call) -> Live {
+    pub(crate) fn start(&self, call: &Call, headers: &http::HeaderMap) -> Live {
         // The OpenTelemetry span keeps wall-clock stamps; its length follows
         // tokio's clock, as the metrics do.
         let wall_start = time::system_now();
@@ -216,12 +222,21 @@ impl GenAiOtel {
             if let Some(n) = call.max_tokens {
                 attrs.push(KeyValue::new("gen_ai.request.max_tokens", i64::from(n)));
             }
-            tracer
+            if let Some(name) = &call.caller {
+                attrs.push(KeyValue::new(
+                    "tower_qwen.client_key.name",
+                    Value::String(StringValue::from(name.clone())),
+                ));
+            }
+            let builder = tracer
                 .span_builder(format!("{} {model}", call.operation))
                 .with_kind(SpanKind::Client)
                 .with_start_time(wall_start)
-                .with_attributes(attrs)
-                .start(tracer)
+                .with_attributes(attrs);
+            match remote_parent(headers) {
+                Some(parent) => builder.start_with_context(tracer, &parent),
+                None => builder.start(tracer),
+            }
         });
         Live {
             instruments: self.inner.clone(),
@@ -229,6 +244,25 @@ impl GenAiOtel {
             wall_start,
         }
     }
+}
+
+/// The context of the request's `traceparent` header, when it carries a
+/// valid one.
+fn remote_parent(headers: &http::HeaderMap) -> Option<Context> {
+    struct Headers<'a>(&'a http::HeaderMap);
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(http::HeaderName::as_str).collect()
+        }
+    }
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let cx = TraceContextPropagator::new().extract(&Headers(headers));
+    cx.span().span_context().is_valid().then_some(cx)
 }
 
 /// The attributes every signal of a call carries.

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Uri;
+use http::Request;
 use tracing::field::Empty;
 
 use super::GenAiTraceLayer;
@@ -80,6 +80,8 @@ pub(crate) struct Call {
     pub(crate) stream: bool,
     pub(crate) embedding: bool,
     pub(crate) server: Option<(Box<str>, u16)>,
+    /// Who made the call ([`GenAiTraceLayer::caller`]).
+    pub(crate) caller: Option<Arc<str>>,
     pub(crate) start: Instant,
 }
 
@@ -156,12 +158,18 @@ impl fmt::Debug for Record {
 }
 
 impl Record {
+    /// Nothing to record.
+    pub(crate) fn none() -> Self {
+        Self { live: None }
+    }
+
     /// Starts the call's span(s); nothing for a request that is not a GenAI
     /// operation.
-    pub(crate) fn start(layer: &GenAiTraceLayer, info: &RequestInfo, uri: &Uri) -> Self {
+    pub(crate) fn start<B>(layer: &GenAiTraceLayer, info: &RequestInfo, req: &Request<B>) -> Self {
         let Some(operation) = operation(info.endpoint) else {
-            return Self { live: None };
+            return Self::none();
         };
+        let uri = req.uri();
         let server = uri.host().map(|h| {
             let port = uri.port_u16().unwrap_or_else(|| match uri.scheme_str() {
                 Some("http") => 80,
@@ -176,6 +184,7 @@ impl Record {
             stream: info.stream,
             embedding: info.endpoint.is_embedding(),
             server,
+            caller: layer.caller.and_then(|f| f(req.extensions())),
             start: time::now(),
         };
         let model = call.model.as_deref().unwrap_or("");
@@ -196,12 +205,13 @@ impl Record {
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             error.type = Empty,
+            tower_qwen.client_key.name = call.caller.as_deref(),
         );
         if !span.is_disabled() {
             span.record("otel.name", format_args!("{operation} {model}"));
         }
         #[cfg(feature = "otel")]
-        let otel = layer.otel.as_ref().map(|o| o.start(&call));
+        let otel = layer.otel.as_ref().map(|o| o.start(&call, req.headers()));
         #[cfg(not(feature = "otel"))]
         let _ = layer;
         Self {

@@ -44,6 +44,8 @@ mod ops;
 mod redis_server;
 #[cfg(feature = "redis")]
 mod replicas;
+#[cfg(feature = "otel")]
+mod telemetry;
 
 // ---------------------------------------------------------------------------
 // Harness

@@ -25,6 +25,7 @@ pub(super) struct File {
     pub(super) degrade: DegradeFile,
     pub(super) redis: Option<RedisFile>,
     pub(super) metrics: MetricsFile,
+    pub(super) telemetry: TelemetryFile,
     pub(super) accounts: Vec<AccountFile>,
     pub(super) keys: Vec<KeyFile>,
 }
@@ -36,7 +37,7 @@ pub(super) fn section_names() -> &'static [&'static str] {
 
 /// The sections whose scalars the environment overrides, with their field
 /// names as serde knows them (so the list cannot drift from the structs).
-pub(super) fn env_sections() -> [(&'static str, &'static [&'static str]); 6] {
+pub(super) fn env_sections() -> [(&'static str, &'static [&'static str]); 7] {
     [
         ("server", field_names::<ServerFile>()),
         ("upstream", field_names::<UpstreamFile>()),
@@ -44,6 +45,7 @@ pub(super) fn env_sections() -> [(&'static str, &'static [&'static str]); 6] {
         ("degrade", field_names::<DegradeFile>()),
         ("redis", field_names::<RedisFile>()),
         ("metrics", field_names::<MetricsFile>()),
+        ("telemetry", field_names::<TelemetryFile>()),
     ]
 }
 
@@ -196,6 +198,21 @@ impl Default for MetricsFile {
     fn default() -> Self {
         Self {
             key_series: Int(100),
+        }
+    }
+}
+
+/// The GenAI spans of proxied calls.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct TelemetryFile {
+    pub(super) genai_spans: Flag,
+}
+
+impl Default for TelemetryFile {
+    fn default() -> Self {
+        Self {
+            genai_spans: Flag(true),
         }
     }
 }

@@ -112,6 +112,10 @@ impl GatewayConfig {
         metrics.insert("key_series".into(), int(self.key_series as u64));
         root.insert("metrics".into(), metrics.into());
 
+        let mut telemetry = Table::new();
+        telemetry.insert("genai_spans".into(), self.genai_spans.into());
+        root.insert("telemetry".into(), telemetry.into());
+
         let accounts: Vec<Value> = self
             .accounts
             .iter()
