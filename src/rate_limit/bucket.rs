@@ -229,7 +229,9 @@ impl Bucket {
     /// give-back lowers it, so an equal TAT is the tail, and the grant's
     /// own debt share (`before - slot`) lies after `now`, before its slot.
     pub fn give_back(&self, grant: &Grant, now: u64, latest: u64) -> bool {
-        let later = grant.after.saturating_sub(grant.slot.saturating_add(grant.charge));
+        let later = grant
+            .after
+            .saturating_sub(grant.slot.saturating_add(grant.charge));
         let new = if later > 0 {
             grant.before.max(now.max(latest).saturating_add(later))
         } else {

@@ -879,7 +879,8 @@ mod tests {
                     slot: 0,
                     req: None,
                     tok: None,
-                }, false,
+                },
+                false,
             ),
             Op::book(Arc::from("k1"), at, r, t, 0),
             Op::book(Arc::from("k1"), Now::Local(1_600_000_000), r, t, 0),
@@ -1028,7 +1029,8 @@ mod edges {
                     slot: 0,
                     req: None,
                     tok: None
-                }, false
+                },
+                false
             )
             .reply_len(),
             2
@@ -1202,7 +1204,8 @@ mod edges {
                 slot: 0,
                 req: None,
                 tok: None,
-            }, false,
+            },
+            false,
         )];
         let reply: Vec<u8> = [1f64, 0f64].iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut conn = Scripted {

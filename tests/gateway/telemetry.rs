@@ -117,7 +117,11 @@ fn assert_no_key_material(spans: &[SpanData], metrics: &[String]) {
     let secrets = [ALICE, &key_sha256(ALICE), UPSTREAM, UPSTREAM2, "Bearer"];
     let values = spans
         .iter()
-        .flat_map(|s| s.attributes.iter().map(|kv| format!("{}={}", kv.key, kv.value)))
+        .flat_map(|s| {
+            s.attributes
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, kv.value))
+        })
         .chain(spans.iter().map(|s| s.name.to_string()))
         .chain(metrics.iter().cloned());
     for v in values {
@@ -134,9 +138,18 @@ fn assert_chat_span(s: &SpanData, usage: &Value2) {
     assert_eq!(s.span_kind, SpanKind::Client);
     assert_eq!(s.status, Status::Unset);
     assert_eq!(text(s, "gen_ai.operation.name").as_deref(), Some("chat"));
-    assert_eq!(text(s, "gen_ai.provider.name").as_deref(), Some("dashscope"));
-    assert_eq!(text(s, "gen_ai.request.model").as_deref(), Some("qwen-plus"));
-    assert_eq!(text(s, "gen_ai.response.model").as_deref(), Some("qwen-plus"));
+    assert_eq!(
+        text(s, "gen_ai.provider.name").as_deref(),
+        Some("dashscope")
+    );
+    assert_eq!(
+        text(s, "gen_ai.request.model").as_deref(),
+        Some("qwen-plus")
+    );
+    assert_eq!(
+        text(s, "gen_ai.response.model").as_deref(),
+        Some("qwen-plus")
+    );
     assert_eq!(
         attr(s, "gen_ai.response.finish_reasons"),
         Some(&Value::Array(Array::String(vec!["stop".into()])))
@@ -186,8 +199,14 @@ async fn a_chat_call_gets_a_genai_span_under_the_clients_trace() {
 
     // The metrics: no per-key attribute.
     let metrics = otel.metric_attributes();
-    assert!(metrics.contains(&"gen_ai.operation.name=chat".to_owned()), "{metrics:?}");
-    assert!(metrics.iter().all(|m| !m.starts_with("tower_qwen.")), "{metrics:?}");
+    assert!(
+        metrics.contains(&"gen_ai.operation.name=chat".to_owned()),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics.iter().all(|m| !m.starts_with("tower_qwen.")),
+        "{metrics:?}"
+    );
     assert_no_key_material(&spans, &metrics);
 }
 
@@ -255,7 +274,10 @@ async fn genai_spans_off_records_nothing_and_refusals_are_failed_operations() {
     assert_eq!(spans.len(), 2, "{spans:?}");
     assert_eq!(attr(&spans[0], "error.type"), None);
     let refused = &spans[1];
-    assert_eq!(text(refused, "error.type").as_deref(), Some("throttled.local"));
+    assert_eq!(
+        text(refused, "error.type").as_deref(),
+        Some("throttled.local")
+    );
     assert_eq!(
         text(refused, "tower_qwen.client_key.name").as_deref(),
         Some("alice")

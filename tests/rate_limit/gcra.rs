@@ -140,14 +140,56 @@ fn config() -> ProptestConfig {
 #[test]
 fn a_refund_after_another_refund_keeps_the_later_charges() {
     let ops = [
-        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
-        (634, Op::Reserve { cost: 4, wait: 0, later: 0 }),
-        (182, Op::Reserve { cost: 2, wait: 3, later: 0 }),
+        (
+            0,
+            Op::Reserve {
+                cost: 1,
+                wait: 0,
+                later: 0,
+            },
+        ),
+        (
+            634,
+            Op::Reserve {
+                cost: 4,
+                wait: 0,
+                later: 0,
+            },
+        ),
+        (
+            182,
+            Op::Reserve {
+                cost: 2,
+                wait: 3,
+                later: 0,
+            },
+        ),
         (180, Op::Refund { idx: 1, pct: 0 }),
-        (571, Op::Reserve { cost: 4, wait: 3, later: 0 }),
+        (
+            571,
+            Op::Reserve {
+                cost: 4,
+                wait: 3,
+                later: 0,
+            },
+        ),
         (1_616, Op::Refund { idx: 2, pct: 0 }),
-        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
-        (0, Op::Reserve { cost: 1, wait: 0, later: 0 }),
+        (
+            0,
+            Op::Reserve {
+                cost: 1,
+                wait: 0,
+                later: 0,
+            },
+        ),
+        (
+            0,
+            Op::Reserve {
+                cost: 1,
+                wait: 0,
+                later: 0,
+            },
+        ),
     ];
     let g = Gcra::new(634, 4);
     let went = run(&g, &ops);
@@ -174,12 +216,40 @@ fn a_refund_after_another_refund_keeps_the_later_charges() {
 #[test]
 fn a_give_back_after_a_refund_keeps_the_later_booking() {
     let ops = [
-        (0, Op::Reserve { cost: 3, wait: 0, later: 0 }),
-        (0, Op::Reserve { cost: 3, wait: 2, later: 0 }),
+        (
+            0,
+            Op::Reserve {
+                cost: 3,
+                wait: 0,
+                later: 0,
+            },
+        ),
+        (
+            0,
+            Op::Reserve {
+                cost: 3,
+                wait: 2,
+                later: 0,
+            },
+        ),
         (2, Op::Refund { idx: 0, pct: 0 }),
-        (0, Op::Reserve { cost: 1, wait: 3, later: 3 }),
+        (
+            0,
+            Op::Reserve {
+                cost: 1,
+                wait: 3,
+                later: 3,
+            },
+        ),
         (0, Op::Cancel { idx: 1 }),
-        (9, Op::Reserve { cost: 4, wait: 1, later: 0 }),
+        (
+            9,
+            Op::Reserve {
+                cost: 4,
+                wait: 1,
+                later: 0,
+            },
+        ),
     ];
     let g = Gcra::new(4, 4);
     let went = run(&g, &ops);
