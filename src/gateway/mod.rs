@@ -157,8 +157,8 @@
 //! [`GenAiTraceLayer`](crate::telemetry::GenAiTraceLayer)'s span, following
 //! the OpenTelemetry GenAI conventions (`gen_ai.operation.name`, provider
 //! `dashscope`, request and response model, input and output tokens,
-//! finish reasons, time to first chunk, `error.type`), plus
-//! `tower_qwen.client_key.name`, the key's configured name (never the key,
+//! finish reasons, time to first chunk, `error.type`, the upstream as
+//! `server.address` and `server.port`), plus `tower_qwen.client_key.name`, the key's configured name (never the key,
 //! never a metric attribute). It opens once the body is read and lasts
 //! until the answer's body ends, so the key's token limits, the breaker,
 //! every attempt and failover in the pool and the whole stream are inside

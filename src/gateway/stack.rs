@@ -517,7 +517,17 @@ where
     .cost(PerCall);
     // The GenAI span of each call, around its limits, the breaker and
     // every attempt in the pool: a refusal is an operation that failed.
-    let genai = GenAiTraceLayer::new().caller(caller_name);
+    let base = &cfg.upstream.base_url;
+    let genai = GenAiTraceLayer::new().caller(caller_name).server(
+        base.authority().host(),
+        base.authority()
+            .port_u16()
+            .unwrap_or(if base.scheme() == &http::uri::Scheme::HTTP {
+                80
+            } else {
+                443
+            }),
+    );
     #[cfg(feature = "otel")]
     let genai = match &cfg.otel {
         Some(otel) => genai.otel(otel.clone()),

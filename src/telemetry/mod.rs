@@ -12,7 +12,7 @@
 //! | `gen_ai.operation.name` | the endpoint: `chat` (native and compatible generation, multimodal) or `embeddings` |
 //! | `gen_ai.provider.name` | `dashscope` |
 //! | `gen_ai.request.model`, `gen_ai.request.max_tokens` | the request body |
-//! | `server.address`, `server.port` | the request URI, when it has a host |
+//! | `server.address`, `server.port` | the request URI, when it has a host, else [`GenAiTraceLayer::server`] |
 //! | `gen_ai.response.model` | the answer, when it names one (compatible mode) |
 //! | `gen_ai.response.finish_reasons` | the answer's `finish_reason`s, comma-separated (an array on OpenTelemetry spans) |
 //! | `gen_ai.usage.input_tokens`, `gen_ai.usage.output_tokens` | the answer's `usage` (streams included) |
@@ -95,6 +95,7 @@ use crate::request::RequestInfo;
 pub struct GenAiTraceLayer {
     classifier: Classifier,
     caller: Option<Caller>,
+    server: Option<(std::sync::Arc<str>, u16)>,
     /// No span, no metrics (the gateway's `[telemetry] genai_spans = false`).
     off: bool,
     #[cfg(feature = "otel")]
@@ -106,6 +107,7 @@ impl fmt::Debug for GenAiTraceLayer {
         let mut d = f.debug_struct("GenAiTraceLayer");
         d.field("classifier", &self.classifier);
         d.field("caller", &self.caller.is_some());
+        d.field("server", &self.server);
         d.field("off", &self.off);
         #[cfg(feature = "otel")]
         d.field("otel", &self.otel);
@@ -132,6 +134,15 @@ impl GenAiTraceLayer {
     /// per caller would grow without bound). Default is none.
     pub fn caller(mut self, caller: Caller) -> Self {
         self.caller = Some(caller);
+        self
+    }
+
+    /// The GenAI server's address and port (`server.address`,
+    /// `server.port`) for calls whose request URI names no host, e.g. in a
+    /// gateway, which sets the upstream further in. Default is none: the
+    /// request URI's host, if it has one.
+    pub fn server(mut self, address: &str, port: u16) -> Self {
+        self.server = Some((std::sync::Arc::from(address), port));
         self
     }
 

@@ -277,7 +277,10 @@ fn common(call: &Call) -> Vec<KeyValue> {
         ));
     }
     if let Some((host, port)) = &call.server {
-        attrs.push(KeyValue::new("server.address", host.to_string()));
+        attrs.push(KeyValue::new(
+            "server.address",
+            Value::String(StringValue::from(host.clone())),
+        ));
         attrs.push(KeyValue::new("server.port", i64::from(*port)));
     }
     attrs

@@ -79,7 +79,7 @@ pub(crate) struct Call {
     pub(crate) max_tokens: Option<u32>,
     pub(crate) stream: bool,
     pub(crate) embedding: bool,
-    pub(crate) server: Option<(Box<str>, u16)>,
+    pub(crate) server: Option<(Arc<str>, u16)>,
     /// Who made the call ([`GenAiTraceLayer::caller`]).
     pub(crate) caller: Option<Arc<str>>,
     pub(crate) start: Instant,
@@ -170,13 +170,16 @@ impl Record {
             return Self::none();
         };
         let uri = req.uri();
-        let server = uri.host().map(|h| {
-            let port = uri.port_u16().unwrap_or_else(|| match uri.scheme_str() {
-                Some("http") => 80,
-                _ => 443,
-            });
-            (Box::from(h), port)
-        });
+        let server = match uri.host() {
+            Some(h) => {
+                let port = uri.port_u16().unwrap_or_else(|| match uri.scheme_str() {
+                    Some("http") => 80,
+                    _ => 443,
+                });
+                Some((Arc::from(h), port))
+            }
+            None => layer.server.clone(),
+        };
         let call = Call {
             operation,
             model: info.model.clone(),

@@ -73,25 +73,6 @@ fn estimate(path: &str, body: &str) -> u64 {
     u64::from(info.estimated_tokens(DEFAULT_OUTPUT_TOKENS))
 }
 
-/// One call through `app` with client key `key`.
-async fn call(app: &Router, key: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let mut req = Request::post(path)
-        .header("authorization", format!("Bearer {key}"))
-        .header("content-type", "application/json");
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let req = req.body(axum::body::Body::from(body.to_owned())).unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    let (status, headers) = (res.status(), res.headers().clone());
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
 /// The total tokens a non-stream answer reports.
 fn used(a: &Answer) -> u64 {
     assert_eq!(a.status, 200, "{:?}", a.body);

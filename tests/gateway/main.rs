@@ -259,6 +259,33 @@ impl Env {
     }
 }
 
+/// One call through `app` in process with client key `key`; the answer's
+/// body is read to its end.
+async fn call(
+    app: &axum::Router,
+    key: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    use tower::ServiceExt as _;
+    let mut req = Request::post(path)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json");
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let req = req.body(axum::body::Body::from(body.to_owned())).unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (res.status(), res.headers().clone());
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 fn count(answers: &[Answer], status: u16) -> usize {
     answers
         .iter()

@@ -9,7 +9,6 @@ use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId};
 use opentelemetry::{Array, Value};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tower::ServiceExt;
 use tower_qwen::telemetry::otel::GenAiOtel;
 
 use super::*;
@@ -77,26 +76,6 @@ impl Exporters {
             }
         }
         out
-    }
-}
-
-/// A call through the router in process: the answer's body is read to
-/// its end, so the call's span has ended when this returns.
-async fn call(app: &Router, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let mut req = Request::post(path)
-        .header("authorization", format!("Bearer {ALICE}"))
-        .header("content-type", "application/json");
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let req = req.body(axum::body::Body::from(body.to_owned())).unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    let (status, headers) = (res.status(), res.headers().clone());
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body,
     }
 }
 
@@ -179,6 +158,7 @@ async fn a_chat_call_gets_a_genai_span_under_the_clients_trace() {
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
     let a = call(
         &app,
+        ALICE,
         CHAT,
         &[("traceparent", &traceparent)],
         &chat("qwen-plus", false),
@@ -194,6 +174,13 @@ async fn a_chat_call_gets_a_genai_span_under_the_clients_trace() {
     assert_eq!(s.span_context.trace_id(), TraceId::from_hex(TRACE).unwrap());
     assert_eq!(s.parent_span_id, SpanId::from_hex(PARENT).unwrap());
     assert!(s.parent_span_is_remote);
+    // The upstream (set further in) is the GenAI server.
+    let upstream: http::Uri = mock.base_url().parse().unwrap();
+    assert_eq!(text(s, "server.address").as_deref(), upstream.host());
+    assert_eq!(
+        attr(s, "server.port"),
+        Some(&Value::I64(i64::from(upstream.port_u16().unwrap())))
+    );
     // Not a stream: no time to first chunk.
     assert_eq!(attr(s, "gen_ai.response.time_to_first_chunk"), None);
 
@@ -226,7 +213,7 @@ async fn a_streamed_call_gets_its_time_to_first_chunk_and_usage() {
     let otel = Exporters::new();
     let app = otel.gateway(&mock, "");
     let body = r#"{"model":"qwen-plus","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Hello, world"}]}"#;
-    let a = call(&app, CHAT, &[], body).await;
+    let a = call(&app, ALICE, CHAT, &[], body).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     // The usage chunk of the stream.
     let wire = String::from_utf8(a.body.to_vec()).unwrap();
@@ -257,7 +244,7 @@ async fn genai_spans_off_records_nothing_and_refusals_are_failed_operations() {
     // Off: no span, no metric.
     let otel = Exporters::new();
     let app = otel.gateway(&mock, "[telemetry]\ngenai_spans = false");
-    let a = call(&app, CHAT, &[], &chat("qwen-plus", false)).await;
+    let a = call(&app, ALICE, CHAT, &[], &chat("qwen-plus", false)).await;
     assert_eq!(a.status, 200);
     assert!(otel.spans().is_empty());
     assert!(otel.metric_attributes().is_empty());
@@ -266,9 +253,9 @@ async fn genai_spans_off_records_nothing_and_refusals_are_failed_operations() {
     // the span; the first call empties the bucket) is a failed operation.
     let otel = Exporters::new();
     let app = otel.gateway(&mock, "tpm = 1");
-    let a = call(&app, CHAT, &[], &chat("qwen-plus", false)).await;
+    let a = call(&app, ALICE, CHAT, &[], &chat("qwen-plus", false)).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    let a = call(&app, CHAT, &[], &chat("qwen-plus", false)).await;
+    let a = call(&app, ALICE, CHAT, &[], &chat("qwen-plus", false)).await;
     assert_eq!(a.status, 429, "{:?}", a.body);
     let spans = otel.spans();
     assert_eq!(spans.len(), 2, "{spans:?}");
