@@ -185,6 +185,36 @@ fn give_back_refund_and_overrun() {
     assert_eq!(b.tat(), MS + 1);
 }
 
+/// The tail's give-back is exact when nothing lies beyond it: queued
+/// behind a debt in a bucket that is never refunded (no `latest`), or
+/// booked later than it conformed (an idle gap before its slot); a stale
+/// latest slot (a later waiter cancelled first) holds the debt's share
+/// back, the documented price.
+#[test]
+fn the_tails_give_back_is_exact() {
+    let g = Gcra::new(MS, 2);
+    // Queued behind a debt: 4 ms charged at 0, a 1 ms waiter at 3 ms.
+    let b = Bucket::new();
+    b.reserve(&g, 0, 4 * MS, 0).unwrap();
+    let w = b.reserve(&g, 0, MS, 10 * MS).unwrap();
+    assert_eq!((w.slot, w.before, w.after), (3 * MS, 4 * MS, 5 * MS));
+    assert!(b.give_back(&w, MS, 0));
+    assert_eq!(b.tat(), 4 * MS);
+    // Booked at 7 ms (another dimension asked for later), TAT 4 ms.
+    let w = b.reserve_at(&g, 7 * MS, MS, 4 * MS).unwrap();
+    assert_eq!(w.after, 8 * MS);
+    assert!(b.give_back(&w, MS, w.slot));
+    assert_eq!(b.tat(), 4 * MS);
+    // Two waiters; the later one cancelled first leaves its slot the
+    // latest: the earlier one gives back only what lies before it.
+    let w1 = b.reserve(&g, MS, MS, 10 * MS).unwrap();
+    let w2 = b.reserve(&g, MS, MS, 10 * MS).unwrap();
+    assert_eq!((w1.slot, w2.slot), (3 * MS, 4 * MS));
+    assert!(b.give_back(&w2, MS, w2.slot));
+    assert!(b.give_back(&w1, MS, w2.slot));
+    assert_eq!(b.tat(), 5 * MS);
+}
+
 /// A pause of a full bucket with a burst above one: nothing conforms until
 /// the pause is over, and then exactly one unit (the bucket is empty).
 #[test]
