@@ -65,18 +65,18 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// Adds a [retry](crate::retry) layer.
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
-    fn qwen_retry(
+    fn qwen_retry<C>(
         self,
-        layer: crate::retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer, L>>;
+        layer: crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>>;
 
     /// Adds a [model fallback](crate::fallback) layer.
     #[cfg(feature = "fallback")]
     #[cfg_attr(docsrs, doc(cfg(feature = "fallback")))]
-    fn qwen_fallback(
+    fn qwen_fallback<C>(
         self,
-        layer: crate::fallback::FallbackLayer,
-    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>>;
+        layer: crate::fallback::FallbackLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer<C>, L>>;
 
     /// Adds a [circuit breaker](crate::circuit_breaker).
     #[cfg(feature = "circuit-breaker")]
@@ -122,18 +122,18 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(feature = "retry")]
-    fn qwen_retry(
+    fn qwen_retry<C>(
         self,
-        layer: crate::retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer, L>> {
+        layer: crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>> {
         self.layer(layer)
     }
 
     #[cfg(feature = "fallback")]
-    fn qwen_fallback(
+    fn qwen_fallback<C>(
         self,
-        layer: crate::fallback::FallbackLayer,
-    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer, L>> {
+        layer: crate::fallback::FallbackLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::fallback::FallbackLayer<C>, L>> {
         self.layer(layer)
     }
 

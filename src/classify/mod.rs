@@ -28,8 +28,11 @@
 //! `x-should-retry` are honoured when present (DashScope itself sends none),
 //! and every wait is capped by [`Classifier::max_retry_after`].
 //!
-//! Layers are generic over the [`Classify`] trait, so a non-HTTP service
-//! (a tonic channel, a custom client) can use them with an [`FnClassifier`].
+//! Layers are generic over the [`Classify`] trait (retry, fallback, the
+//! circuit breaker and the concurrency limit each take one with
+//! `.classifier(..)`), so a service with its own answers or errors (a tonic
+//! channel, a custom client) can use them with an [`FnClassifier`], and
+//! teach them its error type with `on_error` ([`OnError`]).
 //!
 //! # Example
 //!
@@ -64,7 +67,7 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 
 pub use error_body::ErrorInfo;
-pub use observe::{Classify, FnClassifier, OnError};
+pub use observe::{Classify, Early, FnClassifier, OnError};
 
 #[allow(unused_imports)]
 pub(crate) use known::{KnownError, is_circuit_open};

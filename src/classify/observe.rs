@@ -25,6 +25,34 @@ pub trait Classify<Res>: Clone + Send + Sync + 'static {
 
     /// Classifies an error returned instead of a response.
     fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome;
+
+    /// How the layers that decide before handing a response on
+    /// ([retry](crate::retry), [fallback](crate::fallback)) learn its
+    /// outcome: at once from the response itself ([`Early::Known`]), or by
+    /// reading the start of an HTTP body with a [`Classifier`]
+    /// ([`Early::Peek`]).
+    ///
+    /// Default is [`Early::Peek`] with [`Classifier::new`];
+    /// [`FnClassifier`] answers [`Early::Known`] with its closure's verdict,
+    /// so a classifier that never looks at bodies works with retry and
+    /// fallback too.
+    fn early(&self, res: &Res) -> Early {
+        let _ = res;
+        Early::Peek(Classifier::new())
+    }
+}
+
+/// How retry and fallback learn a response's outcome before handing it on.
+/// See [`Classify::early`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Early {
+    /// The outcome, known from the response value alone (no body read).
+    Known(Outcome),
+    /// Read the start of the HTTP body and classify it with this
+    /// [`Classifier`] (its body limit bounds what is read ahead of the
+    /// caller).
+    Peek(Classifier),
 }
 
 impl<B> Classify<Response<B>> for Classifier
@@ -41,6 +69,10 @@ where
 
     fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome {
         classify_error_any(err)
+    }
+
+    fn early(&self, _res: &Response<B>) -> Early {
+        Early::Peek(*self)
     }
 }
 
@@ -90,6 +122,10 @@ where
 
     fn classify_error<E: fmt::Display + 'static>(&self, err: &E) -> Outcome {
         classify_error_any(err)
+    }
+
+    fn early(&self, res: &Res) -> Early {
+        Early::Known((self.f)(res))
     }
 }
 
@@ -217,6 +253,10 @@ where
 
     fn observe<H: OnEnd>(&self, res: Res, inspect: Inspect, hook: H) -> Self::Observed {
         self.inner.observe(res, inspect, hook)
+    }
+
+    fn early(&self, res: &Res) -> Early {
+        self.inner.early(res)
     }
 
     fn classify_error<X: fmt::Display + 'static>(&self, err: &X) -> Outcome {

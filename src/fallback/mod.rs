@@ -21,6 +21,10 @@
 //!   error comes before its first frame with output (the compatible
 //!   role-only chunk is held back) falls back; a stream already flowing
 //!   does not.
+//! * [`FallbackLayer::classifier`] takes any
+//!   [`Classify`], like the circuit breaker: one
+//!   taught your error type with `on_error` decides which of your errors
+//!   move to the next model.
 //! * The request body must be buffered ([`BufferedBody`]) and buildable from
 //!   bytes (the crate's [`Body`](crate::body::Body), `Full<Bytes>`); the
 //!   rewrite parses the JSON body only when a fallback happens.
@@ -86,7 +90,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::BufferedBody;
-use crate::classify::{Classifier, Outcome, ThrottleCause};
+use crate::classify::{Classifier, Classify, Early, Outcome, ThrottleCause};
 use crate::request::RequestInfo;
 use crate::retry::peek::{Peek, PeekBody};
 
@@ -205,10 +209,10 @@ impl FallbackStats {
 /// Makes [`Fallback`] services. See the [module docs](self) for an example.
 #[derive(Clone, Debug)]
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct FallbackLayer {
+pub struct FallbackLayer<C = Classifier> {
     chain: Arc<[Arc<str>]>,
     on: FallbackOn,
-    classifier: Classifier,
+    classifier: C,
     stats: FallbackStats,
 }
 
@@ -226,17 +230,30 @@ impl FallbackLayer {
             stats: FallbackStats::default(),
         }
     }
+}
 
+impl<C> FallbackLayer<C> {
     /// Which outcomes fall back. Default is [`FallbackOn::default`].
     pub fn on(mut self, on: FallbackOn) -> Self {
         self.on = on;
         self
     }
 
-    /// The classifier reading the answers. Default is [`Classifier::new`].
-    pub fn classifier(mut self, classifier: Classifier) -> Self {
-        self.classifier = classifier;
-        self
+    /// The classifier reading the answers and errors: any
+    /// [`Classify`], like the circuit breaker's. A [`Classifier`] reads the
+    /// start of each body ([peek](crate::retry::peek)); an
+    /// [`FnClassifier`](crate::classify::FnClassifier) judges the response
+    /// value alone. Teach it your own error type with `on_error` (a
+    /// gRPC-style `Unavailable` transient, so it falls back when
+    /// [`FallbackOn::transient`] is set; `NotFound` permanent, so it is
+    /// handed back at once). Default is [`Classifier::new`].
+    pub fn classifier<C2>(self, classifier: C2) -> FallbackLayer<C2> {
+        FallbackLayer {
+            chain: self.chain,
+            on: self.on,
+            classifier,
+            stats: self.stats,
+        }
     }
 
     /// The counters shared by every service this layer makes.
@@ -245,10 +262,10 @@ impl FallbackLayer {
     }
 }
 
-impl<S> Layer<S> for FallbackLayer {
-    type Service = Fallback<S>;
+impl<S, C: Clone> Layer<S> for FallbackLayer<C> {
+    type Service = Fallback<S, C>;
 
-    fn layer(&self, inner: S) -> Fallback<S> {
+    fn layer(&self, inner: S) -> Fallback<S, C> {
         Fallback {
             inner,
             layer: self.clone(),
@@ -264,18 +281,19 @@ impl<S> Layer<S> for FallbackLayer {
 /// clone of the inner service (like tower's `Retry`), so the inner service
 /// must be `Clone`.
 #[derive(Clone, Debug)]
-pub struct Fallback<S> {
+pub struct Fallback<S, C = Classifier> {
     inner: S,
-    layer: FallbackLayer,
+    layer: FallbackLayer<C>,
 }
 
-impl<S> Fallback<S> {
+impl<S, C> Fallback<S, C> {
     crate::util::macros::define_inner_service_accessors!();
 }
 
-impl<S, B, ResB> Service<Request<B>> for Fallback<S>
+impl<S, C, B, ResB> Service<Request<B>> for Fallback<S, C>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    C: Classify<Response<ResB>>,
     S::Future: Send + 'static,
     S::Error: fmt::Display + Send + 'static,
     B: BufferedBody + From<Bytes> + Send + 'static,
@@ -347,13 +365,16 @@ where
                 let answer = svc.call(req).await;
                 let outcome = match &answer {
                     Ok(_) => None,
-                    Err(e) => Some(error_outcome(&layer, e)),
+                    Err(e) => Some(layer.classifier.classify_error(e)),
                 };
                 let (answer, outcome) = match answer {
-                    Ok(res) => {
-                        let peeked = Peek::new(res, &layer.classifier).await;
-                        (Ok(peeked.response), peeked.outcome)
-                    }
+                    Ok(res) => match layer.classifier.early(&res) {
+                        Early::Peek(c) => {
+                            let peeked = Peek::new(res, &c).await;
+                            (Ok(peeked.response), peeked.outcome)
+                        }
+                        Early::Known(outcome) => (Ok(res.map(PeekBody::new)), outcome),
+                    },
                     Err(e) => (Err(e), outcome.unwrap_or(Outcome::TRANSIENT)),
                 };
                 let falls = layer.falls_back(&outcome, answer.as_ref().err());
@@ -391,7 +412,7 @@ where
     }
 }
 
-impl FallbackLayer {
+impl<C> FallbackLayer<C> {
     fn falls_back<E: fmt::Display + 'static>(&self, outcome: &Outcome, err: Option<&E>) -> bool {
         if err.is_some_and(|e| crate::classify::is_circuit_open(e)) {
             return self.on.circuit_open;
@@ -406,10 +427,6 @@ impl FallbackLayer {
             _ => false,
         }
     }
-}
-
-fn error_outcome<E: fmt::Display + 'static>(layer: &FallbackLayer, e: &E) -> Outcome {
-    layer.classifier.classify_error(e)
 }
 
 fn set_model<B>(res: &mut Response<B>, model: Option<&str>) {

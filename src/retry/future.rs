@@ -15,15 +15,15 @@ use tower_service::Service;
 
 use super::body::{BufferFuture, ReplayBody};
 use super::layer::{Counter, Shared};
-use super::peek::{Peek, PeekBody};
-use crate::classify::Outcome;
+use super::peek::{Peek, PeekBody, Peeked};
+use crate::classify::{Classifier, Classify, Early, Outcome};
 use crate::time::{self, Deadline};
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): attempts, peeks at each
     /// answer, waits, and tries again until the answer is final.
     #[must_use = "futures do nothing unless you `.await` or poll them"]
-    pub struct ResponseFuture<S, B, ResB>
+    pub struct ResponseFuture<S, B, ResB, C = Classifier>
     where
         S: Service<Request<B>>,
         ResB: http_body::Body,
@@ -32,7 +32,7 @@ pin_project! {
         state: State<S::Future, B, ResB>,
         service: S,
         template: Option<(Parts, B)>,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<C>>,
         retries: u32,
         deadline: Option<Deadline>,
         handoff: Handoff,
@@ -83,7 +83,7 @@ pin_project! {
     }
 }
 
-impl<S, B, ResB> ResponseFuture<S, B, ResB>
+impl<S, B, ResB, C> ResponseFuture<S, B, ResB, C>
 where
     S: Service<Request<B>>,
     ResB: http_body::Body,
@@ -92,7 +92,7 @@ where
         service: S,
         template: Option<(Parts, B)>,
         future: S::Future,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<C>>,
         deadline: Option<Deadline>,
         handoff: Handoff,
     ) -> Self {
@@ -112,7 +112,7 @@ where
         service: S,
         parts: Parts,
         buffering: BufferFuture<B>,
-        shared: Arc<Shared>,
+        shared: Arc<Shared<C>>,
         deadline: Option<Deadline>,
         handoff: Handoff,
     ) -> Self {
@@ -156,8 +156,8 @@ impl GiveUp {
     }
 }
 
-fn decide<B: ReplayBody>(
-    shared: &Shared,
+fn decide<B: ReplayBody, C>(
+    shared: &Shared<C>,
     template: &Option<(Parts, B)>,
     retries: u32,
     deadline: Option<Deadline>,
@@ -198,10 +198,11 @@ fn decide<B: ReplayBody>(
     Ok((wait, Request::from_parts(parts.clone(), copy)))
 }
 
-impl<S, B, ResB> Future for ResponseFuture<S, B, ResB>
+impl<S, B, ResB, C> Future for ResponseFuture<S, B, ResB, C>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: fmt::Display + 'static,
+    C: Classify<Response<ResB>>,
     B: ReplayBody,
     ResB: http_body::Body + Unpin + 'static,
     ResB::Data: 'static,
@@ -267,15 +268,18 @@ where
                     }
                     match result {
                         Ok(res) => {
+                            let config = &this.shared.config;
+                            let early = config.classifier.early(&res);
                             let can_retry = this.template.is_some()
-                                && *this.retries < this.shared.config.policy.get_max_retries();
+                                && *this.retries < config.policy.get_max_retries();
                             if !can_retry {
                                 // Nothing left to decide: hand the answer on
                                 // unread. Its head still tells the counters
                                 // whether a retry was wanted.
-                                let config = &this.shared.config;
-                                let head =
-                                    config.classifier.classify_head(res.status(), res.headers());
+                                let head = match early {
+                                    Early::Known(outcome) => outcome,
+                                    Early::Peek(c) => c.classify_head(res.status(), res.headers()),
+                                };
                                 if !head.is_success() && config.policy.retries(&head) {
                                     let why = if *this.retries >= config.policy.get_max_retries() {
                                         this.shared.stats.bump(Counter::Exhausted);
@@ -289,10 +293,34 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(Ok(res.map(PeekBody::new)));
                             }
-                            let config = &this.shared.config;
-                            let peek = Peek::with_hold(res, &config.classifier, config.hold);
-                            this.state.set(State::Peeking { peek });
-                            continue;
+                            match early {
+                                Early::Peek(c) => {
+                                    let peek = Peek::with_hold(res, &c, config.hold);
+                                    this.state.set(State::Peeking { peek });
+                                    continue;
+                                }
+                                // Known from the response itself: nothing to
+                                // read ahead of the caller.
+                                Early::Known(outcome) => {
+                                    let peeked = Peeked {
+                                        outcome,
+                                        response: res.map(PeekBody::new),
+                                    };
+                                    match settle(
+                                        this.shared,
+                                        this.template,
+                                        *this.retries,
+                                        *this.deadline,
+                                        peeked,
+                                    ) {
+                                        Next::Retry(wait, req) => (wait, req),
+                                        Next::Answer(done) => {
+                                            this.state.set(State::Done);
+                                            return Poll::Ready(Ok(done));
+                                        }
+                                    }
+                                }
+                            }
                         }
                         Err(e) => {
                             let outcome = this.shared.config.classifier.classify_error(&e);
@@ -323,29 +351,17 @@ where
                 }
                 StateProj::Peeking { peek } => {
                     let peeked = ready!(Pin::new(peek).poll(cx));
-                    let outcome = peeked.outcome;
-                    if outcome.is_success() {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(peeked.response));
-                    }
-                    match decide(
+                    match settle(
                         this.shared,
                         this.template,
                         *this.retries,
                         *this.deadline,
-                        &outcome,
+                        peeked,
                     ) {
-                        Ok((wait, req)) => {
-                            trace_retry(*this.retries, &outcome, wait);
-                            // The failed answer (and its connection) is
-                            // released before the wait.
-                            drop(peeked);
-                            (wait, req)
-                        }
-                        Err(why) => {
-                            trace_give_up(*this.retries, &outcome, why);
+                        Next::Retry(wait, req) => (wait, req),
+                        Next::Answer(done) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(peeked.response));
+                            return Poll::Ready(Ok(done));
                         }
                     }
                 }
@@ -369,6 +385,44 @@ where
                 sleep,
                 req: Some(Box::new(req)),
             });
+        }
+    }
+}
+
+/// What follows a classified answer.
+// Both variants are large (a request, a response); it lives only between
+// the decision and the next state.
+#[allow(clippy::large_enum_variant)]
+enum Next<B, R> {
+    /// A retry, after this wait.
+    Retry(Duration, Request<B>),
+    /// The answer, handed on.
+    Answer(R),
+}
+
+/// What follows a classified answer: a retry, or the answer handed on.
+fn settle<B: ReplayBody, C, ResB: http_body::Body>(
+    shared: &Shared<C>,
+    template: &Option<(Parts, B)>,
+    retries: u32,
+    deadline: Option<Deadline>,
+    peeked: Peeked<ResB>,
+) -> Next<B, Response<PeekBody<ResB>>> {
+    let outcome = peeked.outcome;
+    if outcome.is_success() {
+        return Next::Answer(peeked.response);
+    }
+    match decide(shared, template, retries, deadline, &outcome) {
+        Ok((wait, req)) => {
+            trace_retry(retries, &outcome, wait);
+            // The failed answer (and its connection) is released before the
+            // wait.
+            drop(peeked);
+            Next::Retry(wait, req)
+        }
+        Err(why) => {
+            trace_give_up(retries, &outcome, why);
+            Next::Answer(peeked.response)
         }
     }
 }
@@ -402,7 +456,7 @@ fn trace_give_up(retries: u32, outcome: &Outcome, why: GiveUp) {
     }
 }
 
-impl<S, B, ResB> fmt::Debug for ResponseFuture<S, B, ResB>
+impl<S, B, ResB, C> fmt::Debug for ResponseFuture<S, B, ResB, C>
 where
     S: Service<Request<B>>,
     ResB: http_body::Body,

@@ -26,32 +26,32 @@ use crate::util::rng::{Rng, SeededRng};
 /// jitter from [`SeededRng::from_entropy`].
 #[derive(Clone)]
 #[must_use = "a layer does nothing until it wraps a service"]
-pub struct RetryLayer {
-    pub(crate) config: Config,
+pub struct RetryLayer<C = Classifier> {
+    pub(crate) config: Config<C>,
     pub(crate) budget: Option<Budget>,
     pub(crate) rng: Arc<Mutex<dyn Rng>>,
     pub(crate) stats: RetryStats,
 }
 
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Config {
+pub(crate) struct Config<C> {
     pub(crate) policy: Policy,
     pub(crate) backoff: Backoff,
-    pub(crate) classifier: Classifier,
+    pub(crate) classifier: C,
     pub(crate) deadline: Option<Duration>,
     pub(crate) buffer_limit: usize,
     pub(crate) hold: Hold,
 }
 
 /// What every service made by one [`RetryLayer`] shares.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
+pub(crate) struct Shared<C = Classifier> {
+    pub(crate) config: Config<C>,
     pub(crate) budget: Option<Budget>,
     pub(crate) rng: Arc<Mutex<dyn Rng>>,
     pub(crate) stats: RetryStats,
 }
 
-impl Shared {
+impl<C> Shared<C> {
     pub(crate) fn jitter_source<T>(&self, f: impl FnOnce(&mut dyn Rng) -> T) -> T {
         let mut guard = self
             .rng
@@ -78,7 +78,9 @@ impl RetryLayer {
             stats: RetryStats::default(),
         }
     }
+}
 
+impl<C> RetryLayer<C> {
     /// Which outcomes are retried, and how often. Default is
     /// [`Policy::default`].
     pub fn policy(mut self, policy: Policy) -> Self {
@@ -101,12 +103,78 @@ impl RetryLayer {
         self
     }
 
-    /// The classifier that reads responses and errors. Its
-    /// [body limit](Classifier::body_limit) bounds what is read ahead of the
-    /// caller. Default is [`Classifier::default`].
-    pub fn classifier(mut self, classifier: Classifier) -> Self {
-        self.config.classifier = classifier;
-        self
+    /// The classifier that reads responses and errors: any
+    /// [`Classify`](crate::classify::Classify), like the circuit breaker's.
+    /// A [`Classifier`]'s [body limit](Classifier::body_limit) bounds what is
+    /// read ahead of the caller; a classifier that judges the response value
+    /// alone (an [`FnClassifier`](crate::classify::FnClassifier)) reads
+    /// nothing ahead. Errors are classified by
+    /// [`Classify::classify_error`](crate::classify::Classify::classify_error):
+    /// teach it your own error type with `on_error`. Default is
+    /// [`Classifier::default`].
+    ///
+    /// # Example
+    ///
+    /// A service whose error is a gRPC-style status: `Unavailable` is
+    /// retried, `NotFound` is handed back at once.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_qwen::body::Body;
+    /// use tower_qwen::classify::{Classifier, Outcome, PermanentReason};
+    /// use tower_qwen::retry::RetryLayer;
+    ///
+    /// #[derive(Debug)]
+    /// enum Status { NotFound, Unavailable }
+    /// impl std::fmt::Display for Status {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { write!(f, "{self:?}") }
+    /// }
+    /// impl std::error::Error for Status {}
+    ///
+    /// let calls = Arc::new(AtomicU32::new(0));
+    /// let upstream = tower::service_fn({
+    ///     let calls = calls.clone();
+    ///     move |_req: http::Request<Body>| {
+    ///         calls.fetch_add(1, Ordering::SeqCst);
+    ///         async { Err::<http::Response<String>, _>(Status::NotFound) }
+    ///     }
+    /// });
+    /// let layer = RetryLayer::new().classifier(Classifier::new().on_error(|s: &Status| match s {
+    ///     Status::NotFound => Outcome::Permanent { reason: PermanentReason::NotFound },
+    ///     Status::Unavailable => Outcome::TRANSIENT,
+    /// }));
+    /// let client = ServiceBuilder::new().layer(layer).service(upstream);
+    /// let err = client.oneshot(http::Request::new(Body::from("{}"))).await.unwrap_err();
+    /// assert!(matches!(err, Status::NotFound));
+    /// assert_eq!(calls.load(Ordering::SeqCst), 1); // permanent: not retried
+    /// # }
+    /// ```
+    pub fn classifier<C2>(self, classifier: C2) -> RetryLayer<C2> {
+        let Config {
+            policy,
+            backoff,
+            classifier: _,
+            deadline,
+            buffer_limit,
+            hold,
+        } = self.config;
+        RetryLayer {
+            config: Config {
+                policy,
+                backoff,
+                classifier,
+                deadline,
+                buffer_limit,
+                hold,
+            },
+            budget: self.budget,
+            rng: self.rng,
+            stats: self.stats,
+        }
     }
 
     /// A total deadline per request, from the call to the last attempt's
@@ -150,9 +218,12 @@ impl RetryLayer {
         self.stats.clone()
     }
 
-    pub(crate) fn shared(&self) -> Arc<Shared> {
+    pub(crate) fn shared(&self) -> Arc<Shared<C>>
+    where
+        C: Clone,
+    {
         Arc::new(Shared {
-            config: self.config,
+            config: self.config.clone(),
             budget: self.budget.clone(),
             rng: self.rng.clone(),
             stats: self.stats.clone(),
@@ -166,15 +237,15 @@ impl Default for RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
+impl<S, C: Clone> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
 
-    fn layer(&self, inner: S) -> Retry<S> {
+    fn layer(&self, inner: S) -> Retry<S, C> {
         Retry::from_shared(inner, self.shared())
     }
 }
 
-impl fmt::Debug for RetryLayer {
+impl<C> fmt::Debug for RetryLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
             .field("policy", &self.config.policy)
@@ -187,10 +258,11 @@ impl fmt::Debug for RetryLayer {
     }
 }
 
-impl fmt::Debug for Shared {
+impl<C> fmt::Debug for Shared<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
-            .field("config", &self.config)
+            .field("policy", &self.config.policy)
+            .field("backoff", &self.config.backoff)
             .field("budget", &self.budget)
             .finish_non_exhaustive()
     }

@@ -40,6 +40,13 @@
 //!   read into memory first, up to [`RetryLayer::buffer_limit`] (1 MiB by
 //!   default); a longer stream is sent once, whole, and not retried
 //!   ([`RetryStats::sent_once`]). See [`ReplayBody`] for other body types.
+//! * **Any classifier**: [`RetryLayer::classifier`] takes any
+//!   [`Classify`](crate::classify::Classify), like the circuit breaker. A
+//!   classifier that judges the response value alone (an
+//!   [`FnClassifier`](crate::classify::FnClassifier)) reads nothing ahead
+//!   of the caller; one taught your error type with `on_error` decides
+//!   which of your errors are retried (a gRPC-style `Unavailable` is,
+//!   `NotFound` is not).
 //! * Every retry is a `tracing` event (target `tower_qwen::retry`) with the
 //!   attempt number, the outcome and the wait, and each retried attempt runs
 //!   inside a `retry` span with its `attempt` number.

@@ -8,6 +8,7 @@ use tower_service::Service;
 use super::future::{ResponseFuture, handoff_of};
 use super::layer::{Counter, Shared};
 use super::{PeekBody, ReplayBody, RetryLayer, RetryStats};
+use crate::classify::{Classifier, Classify};
 use crate::time::{self, Deadline};
 
 /// Retries requests that failed in a way that heals: throttled or transient,
@@ -21,9 +22,9 @@ use crate::time::{self, Deadline};
 /// clones the inner service (which must be `Clone`) into its response future
 /// for the retries, like tower's `Retry`; a clone never inherits the
 /// readiness of the original.
-pub struct Retry<S> {
+pub struct Retry<S, C = Classifier> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<C>>,
 }
 
 impl<S> Retry<S> {
@@ -36,8 +37,10 @@ impl<S> Retry<S> {
     pub fn layer() -> RetryLayer {
         RetryLayer::new()
     }
+}
 
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
+impl<S, C> Retry<S, C> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<C>>) -> Self {
         Self { inner, shared }
     }
 
@@ -49,7 +52,7 @@ impl<S> Retry<S> {
     crate::util::macros::define_inner_service_accessors!();
 }
 
-impl<S: Clone> Clone for Retry<S> {
+impl<S: Clone, C> Clone for Retry<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -58,7 +61,7 @@ impl<S: Clone> Clone for Retry<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+impl<S: fmt::Debug, C> fmt::Debug for Retry<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
@@ -67,10 +70,11 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for Retry<S>
+impl<S, C, B, ResB> Service<Request<B>> for Retry<S, C>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: fmt::Display + 'static,
+    C: Classify<Response<ResB>>,
     B: ReplayBody,
     ResB: http_body::Body + Unpin + 'static,
     ResB::Data: 'static,
@@ -78,7 +82,7 @@ where
 {
     type Response = Response<PeekBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, B, ResB>;
+    type Future = ResponseFuture<S, B, ResB, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

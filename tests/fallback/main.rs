@@ -7,6 +7,8 @@
 //! Model fallback: throttles and open circuits move a request down the
 //! chain; permanent errors and flowing streams never do.
 
+mod foreign;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::num::{NonZeroU32, NonZeroUsize};

@@ -6,6 +6,8 @@
 #[path = "support.rs"]
 mod support;
 
+mod foreign;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
