@@ -74,7 +74,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Record<K> {
             None => {
                 if let Some(t) = self
                     .shared
-                    .global
+                    .global()
                     .record(cfg, self.ticket, verdict, time::now)
                 {
                     self.shared.emit_global(t);
@@ -101,7 +101,7 @@ impl<K> Drop for Record<K> {
             && let Ticket::Probe(_) = self.ticket
         {
             let circuit = match &self.keyed {
-                None => &self.shared.global,
+                None => self.shared.global(),
                 Some((c, _)) => &**c,
             };
             // A probe slot freed without a verdict never changes state.

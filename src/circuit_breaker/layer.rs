@@ -17,8 +17,14 @@ use crate::key::{Global, Keys};
 /// Applies a [`CircuitBreaker`] to services. Every service this layer makes,
 /// and every clone of them, shares its circuit(s).
 ///
-/// Setters start a fresh breaker from the new settings: call them before
-/// [`CircuitBreakerLayer::handle`] and `layer`.
+/// Like every setter of the crate's layers, a setter configures the
+/// services the layer makes from then on: services made before keep their
+/// settings, and every service shares the same circuit(s), which a
+/// [`handle`](CircuitBreakerLayer::handle) taken before or after reads and
+/// steers alike. (The failure-rate window of a circuit is as long as the
+/// rule of the first call it counts says.) [`keyed`](CircuitBreakerLayer::keyed)
+/// is the exception: it makes a breaker with keys, whose circuits and handle
+/// are new.
 ///
 /// See the [module docs](super) for an example.
 ///
@@ -68,8 +74,10 @@ impl<C> CircuitBreakerLayer<C, Global> {
     ///
     /// Never log or report a secret as a key: the key reaches the
     /// [`on_state_change`](CircuitBreakerLayer::on_state_change) callback.
-    /// A state-change callback set before this call is dropped (its key
-    /// type changes); set it after.
+    /// This makes a new breaker: its circuits have keys, so services made
+    /// and handles taken before this call are not part of it. A
+    /// state-change callback set before this call is dropped (its key type
+    /// changes); set it after.
     pub fn keyed<P: Keys>(self, keys: P, max_keys: NonZeroUsize) -> CircuitBreakerLayer<C, P> {
         let mut cfg = self.shared.cfg.clone();
         cfg.set_max_keys(max_keys);
@@ -86,9 +94,8 @@ impl<C, P: Keys> CircuitBreakerLayer<C, P> {
     fn update(self, f: impl FnOnce(&mut Config)) -> Self {
         let mut cfg = self.shared.cfg.clone();
         f(&mut cfg);
-        let global_key = self.shared.global_key();
         Self {
-            shared: Arc::new(Shared::new(cfg, global_key, self.on_change.clone())),
+            shared: Arc::new(self.shared.with(cfg, self.on_change.clone())),
             keys: self.keys,
             classifier: self.classifier,
             on_change: self.on_change,
@@ -164,8 +171,10 @@ impl<C, P: Keys> CircuitBreakerLayer<C, P> {
     }
 
     /// Runs `f` on every state change, with the circuit's key (`()` for an
-    /// unkeyed breaker). It runs on the caller's task: keep it short.
-    /// Default is none (state changes are `tracing` events either way).
+    /// unkeyed breaker): the changes made by calls of the services this
+    /// layer makes from now on, and through handles taken from now on. It
+    /// runs on the caller's task: keep it short. Default is none (state
+    /// changes are `tracing` events either way).
     pub fn on_state_change<F>(mut self, f: F) -> Self
     where
         F: Fn(&P::Key, &Transition) + Send + Sync + 'static,

@@ -84,7 +84,7 @@ impl<S, C, P: Keys> CircuitBreaker<S, C, P> {
     define_inner_service_accessors!();
 
     fn admit_global(&self) -> Result<Record<P::Key>, CircuitOpen> {
-        let (admit, transition) = self.shared.global.admit(&self.shared.cfg, time::now);
+        let (admit, transition) = self.shared.global().admit(&self.shared.cfg, time::now);
         if let Some(t) = transition {
             self.shared.emit_global(t);
         }

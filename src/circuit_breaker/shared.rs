@@ -1,5 +1,6 @@
-//! State shared by every clone of a breaker: the settings, the global
-//! circuit or the keyed circuits, and the handle.
+//! State shared by every clone of a breaker: the circuits (global or keyed,
+//! shared by every service its layer makes and every handle) and, per set
+//! of settings, the settings and the state-change callback.
 
 use std::fmt;
 use std::hash::Hash;
@@ -11,11 +12,19 @@ use crate::time::{self, Instant, duration_nanos};
 use super::config::{Config, OnChange};
 use super::state::{Circuit, State, Transition};
 
+/// What the services of one layer made with one set of settings share:
+/// those settings, and the circuits, which every set of settings of the
+/// layer shares (a setter makes a new `Shared` around the same circuits).
 pub(crate) struct Shared<K> {
     pub(crate) cfg: Config,
-    pub(crate) global: Circuit,
-    keyed: Option<KeyMap<K>>,
+    circuits: Arc<Circuits<K>>,
     on_change: Option<OnChange<K>>,
+}
+
+/// The circuits of a breaker.
+struct Circuits<K> {
+    global: Circuit,
+    keyed: Option<KeyMap<K>>,
     /// The key reported for the global circuit: `Some(())` for an unkeyed
     /// breaker, `None` for a keyed one.
     global_key: Option<K>,
@@ -38,8 +47,22 @@ fn is_idle(c: &Arc<Circuit>) -> bool {
     c.is_idle() && Arc::strong_count(c) == 1
 }
 
+impl<K> Shared<K> {
+    /// The circuit of an unkeyed breaker (for a keyed one, a circuit no
+    /// call uses).
+    #[inline]
+    pub(crate) fn global(&self) -> &Circuit {
+        &self.circuits.global
+    }
+
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.circuits.keyed.is_some()
+    }
+}
+
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
-    /// A breaker; `global_key` is `Some` for an unkeyed one.
+    /// A breaker with new circuits; `global_key` is `Some` for an unkeyed
+    /// one.
     pub(crate) fn new(cfg: Config, global_key: Option<K>, on_change: Option<OnChange<K>>) -> Self {
         let base = time::now();
         let keyed = global_key.is_none().then(|| KeyMap {
@@ -47,50 +70,52 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
             overflow: OnceLock::new(),
         });
         Self {
-            global_key,
-            global: Circuit::new(&cfg, base),
+            circuits: Arc::new(Circuits {
+                global_key,
+                global: Circuit::new(base),
+                keyed,
+                base,
+            }),
             cfg,
-            keyed,
             on_change,
-            base,
         }
     }
 
-    pub(crate) fn global_key(&self) -> Option<K> {
-        self.global_key.clone()
-    }
-
-    pub(crate) fn is_keyed(&self) -> bool {
-        self.keyed.is_some()
+    /// The same circuits with other settings.
+    pub(crate) fn with(&self, cfg: Config, on_change: Option<OnChange<K>>) -> Self {
+        Self {
+            cfg,
+            circuits: self.circuits.clone(),
+            on_change,
+        }
     }
 
     /// The circuit of `key` (created if missing; when the map is full of
     /// busy circuits, the overflow circuit).
     pub(crate) fn circuit(&self, key: &K) -> Arc<Circuit> {
-        let map = self.keyed.as_ref().expect("keyed breaker");
-        let now = duration_nanos(time::now().saturating_duration_since(self.base));
-        match map.store.get_or_insert_with(
-            key,
-            now,
-            || Arc::new(Circuit::new(&self.cfg, self.base)),
-            is_idle,
-        ) {
+        let c = &*self.circuits;
+        let map = c.keyed.as_ref().expect("keyed breaker");
+        let now = duration_nanos(time::now().saturating_duration_since(c.base));
+        match map
+            .store
+            .get_or_insert_with(key, now, || Arc::new(Circuit::new(c.base)), is_idle)
+        {
             Some(c) => c.clone(),
             None => map
                 .overflow
-                .get_or_init(|| Arc::new(Circuit::new(&self.cfg, self.base)))
+                .get_or_init(|| Arc::new(Circuit::new(c.base)))
                 .clone(),
         }
     }
 
     fn existing(&self, key: &K) -> Option<Arc<Circuit>> {
-        let map = self.keyed.as_ref()?;
+        let map = self.circuits.keyed.as_ref()?;
         map.store.get(key).map(|c| c.clone())
     }
 
     /// Logs a state change of the global circuit and runs the callback.
     pub(crate) fn emit_global(&self, t: Transition) {
-        match &self.global_key {
+        match &self.circuits.global_key {
             Some(k) => self.emit(k, t),
             None => {
                 tracing::info!(from = ?t.from, to = ?t.to, "unkeyed circuit of a keyed breaker changed")
@@ -131,6 +156,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Shared<K> {
 /// For a keyed breaker the `*_key` methods address one key's circuit (the
 /// unkeyed methods address a circuit no call uses).
 ///
+/// A handle addresses the circuits of every service its layer makes, before
+/// or after it was taken, whatever setters were called in between. What it
+/// does itself follows the layer's settings when it was taken: the trip
+/// action and open duration of [`trip_until`](Self::trip_until), the
+/// state-change callback of its forced changes.
+///
 /// See the [module docs](super) for an example.
 pub struct BreakerHandle<K = ()> {
     pub(crate) shared: Arc<Shared<K>>,
@@ -147,18 +178,18 @@ impl<K> Clone for BreakerHandle<K> {
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
     /// The state of the (unkeyed) circuit.
     pub fn state(&self) -> State {
-        self.shared.global.state()
+        self.shared.global().state()
     }
 
     /// Calls and failures in the sliding window, and consecutive failures,
     /// of the (unkeyed) circuit.
     pub fn counts(&self) -> (u64, u64, u32) {
-        self.shared.global.counts()
+        self.shared.global().counts()
     }
 
     /// How long until the (unkeyed) open or degraded circuit starts probing.
     pub fn open_remaining(&self) -> Option<std::time::Duration> {
-        self.shared.global.open_remaining(time::now())
+        self.shared.global().open_remaining(time::now())
     }
 
     /// Forces the (unkeyed) circuit open: every call fails fast until
@@ -282,7 +313,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
                 .shared
                 .circuit(k)
                 .trip_until(&self.shared.cfg, until, now),
-            _ => self.shared.global.trip_until(&self.shared.cfg, until, now),
+            _ => self
+                .shared
+                .global()
+                .trip_until(&self.shared.cfg, until, now),
         }?;
         tracing::info!(
             from = ?t.from, to = ?t.to, open_for = ?t.open_for, trips = t.trips, keyed,
@@ -293,13 +327,17 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
 
     /// How many keyed circuits exist.
     pub fn keys(&self) -> usize {
-        self.shared.keyed.as_ref().map_or(0, |m| m.store.len())
+        self.shared
+            .circuits
+            .keyed
+            .as_ref()
+            .map_or(0, |m| m.store.len())
     }
 
     fn force(&self, key: Option<&K>, to: State) {
         let t = match key {
             Some(k) if self.shared.is_keyed() => self.shared.circuit(k).force(to),
-            _ => self.shared.global.force(to),
+            _ => self.shared.global().force(to),
         };
         if let Some(t) = t {
             match key {
@@ -313,8 +351,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> BreakerHandle<K> {
 impl<K> fmt::Debug for BreakerHandle<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerHandle")
-            .field("global", &self.shared.global)
-            .field("keyed", &self.shared.keyed.is_some())
+            .field("global", self.shared.global())
+            .field("keyed", &self.shared.is_keyed())
             .finish()
     }
 }
@@ -323,7 +361,7 @@ impl<K> fmt::Debug for Shared<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
             .field("cfg", &self.cfg)
-            .field("global", &self.global)
+            .field("global", &self.circuits.global)
             .finish_non_exhaustive()
     }
 }

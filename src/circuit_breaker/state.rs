@@ -8,14 +8,14 @@
 //! probes, forcing) takes a short mutex; those paths are rare.
 
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::classify::Outcome;
 use crate::time::Instant;
 
-use super::config::{Config, TripAction};
+use super::config::{Config, FailureRate, TripAction};
 
 /// The state of a circuit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -219,7 +219,10 @@ struct Slow {
 pub(crate) struct Circuit {
     word: AtomicU64,
     consecutive: AtomicU32,
-    window: Option<Window>,
+    /// Made by the first call counted with a failure-rate rule, as long as
+    /// that rule's window says (services made with other settings share
+    /// it).
+    window: OnceLock<Window>,
     /// Nanoseconds since `base` at which probes start (open and degraded).
     open_until: AtomicU64,
     /// Nanoseconds since `base` of the next degraded admission.
@@ -236,11 +239,11 @@ fn nanos(base: Instant, now: Instant) -> u64 {
 impl Circuit {
     /// A closed circuit; `base` is any instant not after the `now`s that
     /// will be passed in.
-    pub(crate) fn new(cfg: &Config, base: Instant) -> Self {
+    pub(crate) fn new(base: Instant) -> Self {
         Self {
             word: AtomicU64::new(pack(CLOSED, 0)),
             consecutive: AtomicU32::new(0),
-            window: cfg.failure_rate.map(|r| Window::new(r.window)),
+            window: OnceLock::new(),
             open_until: AtomicU64::new(0),
             next_slot: AtomicU64::new(0),
             base,
@@ -420,8 +423,8 @@ impl Circuit {
                     return None;
                 }
                 if verdict == Verdict::Success {
-                    if let Some(w) = &self.window {
-                        w.push(false);
+                    if let Some(rate) = &cfg.failure_rate {
+                        self.window(rate).push(false);
                     }
                     if self.consecutive.load(Ordering::Relaxed) != 0 {
                         self.consecutive.store(0, Ordering::Relaxed);
@@ -430,8 +433,8 @@ impl Circuit {
                 }
                 let streak = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut trip = cfg.consecutive_failures.is_some_and(|n| streak >= n.get());
-                if let (Some(w), Some(rate)) = (&self.window, cfg.failure_rate)
-                    && let Some((calls, failures)) = w.push(true)
+                if let Some(rate) = &cfg.failure_rate
+                    && let Some((calls, failures)) = self.window(rate).push(true)
                 {
                     trip |= calls >= u64::from(rate.min_calls)
                         && failures as f64 >= rate.ratio * calls as f64;
@@ -488,9 +491,16 @@ impl Circuit {
         }
     }
 
+    /// The sliding window, made for `rate` if this is the first call
+    /// counted with a failure-rate rule.
+    #[inline]
+    fn window(&self, rate: &FailureRate) -> &Window {
+        self.window.get_or_init(|| Window::new(rate.window))
+    }
+
     fn reset_counters(&self) {
         self.consecutive.store(0, Ordering::Relaxed);
-        if let Some(w) = &self.window {
+        if let Some(w) = self.window.get() {
             w.clear();
         }
     }
@@ -608,7 +618,7 @@ impl Circuit {
     /// Calls and failures in the sliding window, and the consecutive
     /// failures.
     pub(crate) fn counts(&self) -> (u64, u64, u32) {
-        let (calls, failures) = self.window.as_ref().map_or((0, 0), Window::counts);
+        let (calls, failures) = self.window.get().map_or((0, 0), Window::counts);
         (calls, failures, self.consecutive.load(Ordering::Relaxed))
     }
 
@@ -630,7 +640,7 @@ impl Circuit {
     pub(crate) fn is_idle(&self) -> bool {
         let w = self.word.load(Ordering::Acquire);
         mode(w) == CLOSED && self.consecutive.load(Ordering::Relaxed) == 0 && {
-            let (_, failures) = self.window.as_ref().map_or((0, 0), Window::counts);
+            let (_, failures) = self.window.get().map_or((0, 0), Window::counts);
             failures == 0
         }
     }
@@ -683,7 +693,7 @@ mod tests {
     fn three_consecutive_failures_open_then_a_probe_closes() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for i in 0..3 {
             let t = pass(&c, &cfg, t0);
             let tr = c.record(&cfg, t, Verdict::Failure, || t0);
@@ -712,7 +722,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.open_max = Duration::from_secs(12);
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for _ in 0..3 {
             let t = pass(&c, &cfg, t0);
             c.record(&cfg, t, Verdict::Failure, || t0);
@@ -732,7 +742,7 @@ mod tests {
     fn throttled_is_ignored_and_success_resets_the_streak() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let seq = [
             Verdict::Failure,
             Verdict::Failure,
@@ -783,7 +793,7 @@ mod tests {
                 .min_calls(6),
         );
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         // 20 successes fill the window; then S,F alternating.
         for _ in 0..20 {
             let t = pass(&c, &cfg, t0);
@@ -813,7 +823,7 @@ mod tests {
         cfg.consecutive_failures = None;
         cfg.failure_rate = Some(FailureRate::new(0.5).unwrap().min_calls(5));
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for i in 0..5 {
             let t = pass(&c, &cfg, t0);
             let tr = c.record(&cfg, t, Verdict::Failure, || t0);
@@ -825,7 +835,7 @@ mod tests {
     fn stale_outcomes_are_ignored() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let old: Vec<_> = (0..5).map(|_| pass(&c, &cfg, t0)).collect();
         for t in &old[..3] {
             c.record(&cfg, *t, Verdict::Failure, || t0);
@@ -852,7 +862,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.half_open_probes = 2;
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for _ in 0..3 {
             let t = pass(&c, &cfg, t0);
             c.record(&cfg, t, Verdict::Failure, || t0);
@@ -871,7 +881,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.action = TripAction::degrade();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for _ in 0..3 {
             let t = pass(&c, &cfg, t0);
             c.record(&cfg, t, Verdict::Failure, || t0);
@@ -911,7 +921,7 @@ mod tests {
     fn forcing() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         assert_eq!(c.force(State::ForcedOpen).unwrap().to, State::ForcedOpen);
         assert!(c.force(State::ForcedOpen).is_none());
         assert_eq!(rejected(&c, &cfg, t0 + 1000 * S), None);
@@ -960,7 +970,7 @@ mod tests {
     fn the_clock_is_read_only_when_needed() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let no_clock = || -> Instant { panic!("the clock was read") };
         for v in [
             Verdict::Success,
@@ -989,7 +999,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.half_open_probes = 2;
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let mut seen = vec![gen_of(&c)];
         let mut step = |c: &Circuit| {
             let g = gen_of(c);
@@ -1034,7 +1044,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.failure_rate = Some(FailureRate::new(1.0).unwrap().min_calls(3));
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         assert!(c.is_idle());
         for _ in 0..2 {
             let t = pass(&c, &cfg, t0);
@@ -1055,7 +1065,7 @@ mod tests {
                 .window(NonZeroU32::new(130).unwrap())
                 .min_calls(130),
         );
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         for i in 0..129 {
             let v = if i % 2 == 0 {
                 Verdict::Failure
@@ -1082,7 +1092,7 @@ mod tests {
         let mut cfg = cfg.clone();
         cfg.failure_rate = None;
         cfg.consecutive_failures = NonZeroU32::new(5);
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let t = pass(&c, &cfg, t0);
         c.record(&cfg, t, Verdict::Failure, || t0);
         assert!(!c.is_idle());
@@ -1097,7 +1107,7 @@ mod tests {
     fn forcing_resets_and_reports() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         // Releasing a closed circuit clears its counts.
         for _ in 0..2 {
             let t = pass(&c, &cfg, t0);
@@ -1108,7 +1118,7 @@ mod tests {
         let t = pass(&c, &cfg, t0);
         assert!(c.record(&cfg, t, Verdict::Failure, || t0).is_none());
         // Forcing open keeps the trips; releasing clears them.
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         assert_eq!(trip_now(&c, &cfg, t0).trips, 1);
         let tr = c.force(State::ForcedOpen).unwrap();
         assert_eq!(
@@ -1144,7 +1154,7 @@ mod tests {
     fn half_open_admission_in_every_state() {
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let admit = |c: &Circuit| c.admit_half_open(&cfg, &mut c.lock());
         assert_eq!(admit(&c), Admit::Pass(Ticket::Closed(0)));
         c.force(State::ForcedClosed);
@@ -1186,7 +1196,7 @@ mod tests {
                 .min_calls(100),
         );
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let verdicts = [
             Verdict::Failure,
             Verdict::Success,
@@ -1214,7 +1224,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.action = TripAction::degrade();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let tr = trip_now(&c, &cfg, t0);
         assert_eq!(
             (tr.from, tr.to, tr.open_for),
@@ -1254,7 +1264,7 @@ mod tests {
         assert_eq!(Verdict::of(&Outcome::Success, f, false), Verdict::Success);
         let cfg = cfg();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         let t = pass(&c, &cfg, t0);
         c.record(&cfg, t, Verdict::Failure, || t0);
         assert_eq!(
@@ -1280,7 +1290,7 @@ mod tests {
         let mut cfg = cfg();
         cfg.action = TripAction::degrade();
         let t0 = Instant::now();
-        let c = Circuit::new(&cfg, t0);
+        let c = Circuit::new(t0);
         // A failure counted before is forgotten; a ticket of the closed
         // state no longer counts.
         let t = pass(&c, &cfg, t0);
@@ -1335,7 +1345,7 @@ mod tests {
                 State::Open
             };
             let t0 = Instant::now();
-            let c = Circuit::new(&cfg, t0);
+            let c = Circuit::new(t0);
             assert!(c.trip_until(&cfg, t0, t0).is_none(), "a past deadline");
             assert!(c.trip_until(&cfg, t0, t0 + S).is_none());
             assert_eq!(c.state(), State::Closed);
@@ -1406,7 +1416,7 @@ mod tests {
                 cfg.action = TripAction::degrade();
             }
             let t0 = Instant::now();
-            let c = Circuit::new(&cfg, t0);
+            let c = Circuit::new(t0);
             let mut now = t0;
             let mut in_flight: Vec<Ticket> = Vec::new();
             let mut consecutive_closed_failures = 0;

@@ -711,3 +711,42 @@ async fn foreign_errors_are_found_when_boxed_and_local_throttles_boxed_twice() {
         );
     }
 }
+
+/// Issue 14: setters behave one way. A setter configures the services the
+/// layer makes from then on: services made before keep their settings, and
+/// the circuit they share (with a handle taken before) is never replaced.
+#[tokio::test(start_paused = true)]
+async fn setters_never_change_services_already_made_nor_detach_a_handle() {
+    let up = Upstream::default();
+    let layer = breaker();
+    let handle = layer.handle();
+    let three = layer.layer(up.service());
+    let layer = layer.consecutive_failures(NonZeroU32::new(5));
+    let five = layer.layer(up.service());
+    // Four 503s through the service made after the setter: not enough.
+    up.queue(4, 503, SERVICE_UNAVAILABLE);
+    for _ in 0..4 {
+        send(&five, req()).await.unwrap();
+    }
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.counts().2, 4, "the handle sees the same circuit");
+    // The fifth opens the circuit, for every service and the handle.
+    up.queue(1, 503, SERVICE_UNAVAILABLE);
+    send(&five, req()).await.unwrap();
+    assert_eq!(handle.state(), State::Open);
+    assert!(send(&three, req()).await.unwrap_err().is::<CircuitOpen>());
+    // The handle steers the circuit of services made after it was taken.
+    handle.release();
+    send(&five, req()).await.unwrap();
+    handle.force_open();
+    assert!(send(&five, req()).await.unwrap_err().is::<CircuitOpen>());
+    handle.release();
+    // The service made before the setter still trips after 3 in a row.
+    up.queue(3, 503, SERVICE_UNAVAILABLE);
+    for _ in 0..3 {
+        send(&three, req()).await.unwrap();
+    }
+    assert_eq!(handle.state(), State::Open);
+    // A handle taken from the newer layer is the same circuit.
+    assert_eq!(layer.handle().state(), State::Open);
+}
