@@ -63,6 +63,31 @@ pub struct SseScanner {
     max_line: usize,
     meta: EventMeta,
     last_data_closed: bool,
+    /// The current event has a field or a status (what makes
+    /// [`parse_events`] keep an event).
+    in_event: bool,
+}
+
+/// What a scanner reports to the crate's readers: each `data:` line, and
+/// the end of each event (a blank line, a field that starts the next event,
+/// or the end of the stream) with its final metadata, which may have come
+/// after its data.
+pub(crate) trait Sink {
+    /// A complete `data:` line, with the metadata seen before it.
+    fn data(&mut self, line: &[u8], meta: &EventMeta);
+    /// The event is over; `meta` is all of its metadata.
+    fn end(&mut self, meta: &EventMeta);
+}
+
+/// The public callback: data lines only.
+struct DataOnly<F>(F);
+
+impl<F: FnMut(&[u8], &EventMeta)> Sink for DataOnly<F> {
+    fn data(&mut self, line: &[u8], meta: &EventMeta) {
+        (self.0)(line, meta)
+    }
+
+    fn end(&mut self, _: &EventMeta) {}
 }
 
 impl Default for SseScanner {
@@ -84,6 +109,7 @@ impl SseScanner {
                 data_lines: 0,
             },
             last_data_closed: false,
+            in_event: false,
         }
     }
 
@@ -96,7 +122,12 @@ impl SseScanner {
 
     /// Feeds the next chunk; `on_data` is called for every complete `data:`
     /// line (without the `data:` prefix and one optional space).
-    pub fn feed(&mut self, chunk: &[u8], mut on_data: impl FnMut(&[u8], &EventMeta)) {
+    pub fn feed(&mut self, chunk: &[u8], on_data: impl FnMut(&[u8], &EventMeta)) {
+        self.feed_to(chunk, &mut DataOnly(on_data));
+    }
+
+    /// [`SseScanner::feed`], reporting the ends of events too.
+    pub(crate) fn feed_to(&mut self, chunk: &[u8], on_data: &mut impl Sink) {
         // The newlines are found by one forward pass: no input (and no
         // wrong offset) can make this loop spin.
         let mut start = 0;
@@ -105,7 +136,7 @@ impl SseScanner {
             start = pos + 1;
             if self.carry.is_empty() && !self.overlong {
                 if line.len() <= self.max_line {
-                    self.line(line, &mut on_data);
+                    self.line(line, on_data);
                 }
             } else {
                 // Too long is too long wherever the chunks cut the line.
@@ -114,7 +145,7 @@ impl SseScanner {
                 if !overlong {
                     self.carry.extend_from_slice(line);
                     let carry = std::mem::take(&mut self.carry);
-                    self.line(&carry, &mut on_data);
+                    self.line(&carry, on_data);
                     self.carry = carry;
                 }
                 self.carry.clear();
@@ -133,25 +164,43 @@ impl SseScanner {
 
     /// Ends the stream: a last line without a newline is processed, and the
     /// scanner is back at the start of a stream.
-    pub fn finish(&mut self, mut on_data: impl FnMut(&[u8], &EventMeta)) {
+    pub fn finish(&mut self, on_data: impl FnMut(&[u8], &EventMeta)) {
+        self.finish_to(&mut DataOnly(on_data));
+    }
+
+    /// [`SseScanner::finish`], reporting the end of the last event too.
+    pub(crate) fn finish_to(&mut self, on_data: &mut impl Sink) {
         // An overlong line keeps nothing in `carry`.
         let carry = std::mem::take(&mut self.carry);
         if !carry.is_empty() {
-            self.line(&carry, &mut on_data);
+            self.line(&carry, on_data);
+        }
+        if self.in_event {
+            on_data.end(&self.meta);
         }
         *self = Self::new().max_line(self.max_line);
     }
 
-    fn line(&mut self, line: &[u8], on_data: &mut impl FnMut(&[u8], &EventMeta)) {
+    /// The current event is over: report it, start afresh.
+    fn end_event(&mut self, on_data: &mut impl Sink) {
+        if self.in_event {
+            on_data.end(&self.meta);
+        }
+        self.meta = EventMeta::default();
+        self.last_data_closed = false;
+        self.in_event = false;
+    }
+
+    fn line(&mut self, line: &[u8], on_data: &mut impl Sink) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            self.meta = EventMeta::default();
-            self.last_data_closed = false;
+            self.end_event(on_data);
             return;
         }
         if let Some(comment) = line.strip_prefix(b":") {
             if let Some(status) = status_comment(comment) {
                 self.meta.http_status = status;
+                self.in_event = true;
             }
             return;
         }
@@ -169,14 +218,14 @@ impl SseScanner {
                     // (older gateways): keep the event's metadata, count anew.
                     self.meta.data_lines = 0;
                 }
-                on_data(value, &self.meta);
+                self.in_event = true;
+                on_data.data(value, &self.meta);
                 self.meta.data_lines += 1;
                 self.last_data_closed = closes_frame(value);
             }
             b"event" | b"id" if self.meta.data_lines > 0 => {
                 // A field after data without a blank line: a new event began.
-                self.meta = EventMeta::default();
-                self.last_data_closed = false;
+                self.end_event(on_data);
                 self.field(field, value);
             }
             _ => self.field(field, value),
@@ -184,8 +233,13 @@ impl SseScanner {
     }
 
     fn field(&mut self, field: &[u8], value: &[u8]) {
-        if field == b"event" {
-            self.meta.error_event = is_error_name(value);
+        match field {
+            b"event" => {
+                self.meta.error_event = is_error_name(value);
+                self.in_event = true;
+            }
+            b"id" => self.in_event = true,
+            _ => {}
         }
     }
 }

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use super::answer::Answer;
 use crate::BoxError;
 use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome};
-use crate::sse::SseScanner;
+use crate::sse::{EventMeta, Sink, SseScanner};
 use crate::time::{self, Instant};
 use crate::usage::Usage;
 
@@ -357,20 +357,18 @@ impl Watch {
         match &mut self.scan {
             Scan::Off | Scan::Done => {}
             Scan::Sse { scanner, error } => {
-                let (classifier, outcome, usage, want_usage, answer) = (
-                    &self.classifier,
-                    &mut self.outcome,
-                    &mut self.usage,
-                    self.want.usage,
-                    &mut self.answer,
+                scanner.feed_to(
+                    data,
+                    &mut SseSink {
+                        classifier: &self.classifier,
+                        status: self.status.as_u16(),
+                        facts,
+                        outcome: &mut self.outcome,
+                        usage: self.want.usage.then_some(&mut self.usage),
+                        error,
+                        answer: &mut self.answer,
+                    },
                 );
-                scanner.feed(data, |line, meta| {
-                    let usage = want_usage.then_some(&mut *usage);
-                    scan_line(classifier, facts, outcome, usage, error, line, meta);
-                    if let Some(a) = answer.as_mut() {
-                        a.scan(line);
-                    }
-                });
             }
             Scan::Json { buf, overflow } => {
                 let limit = self.classifier.get_body_limit();
@@ -431,19 +429,14 @@ impl Watch {
                 mut error,
             } => {
                 if kind == EndKind::Complete {
-                    let (classifier, outcome, usage, want_usage, answer) = (
-                        &self.classifier,
-                        &mut self.outcome,
-                        &mut self.usage,
-                        self.want.usage,
-                        &mut self.answer,
-                    );
-                    scanner.finish(|line, meta| {
-                        let usage = want_usage.then_some(&mut *usage);
-                        scan_line(classifier, facts, outcome, usage, &mut error, line, meta);
-                        if let Some(a) = answer.as_mut() {
-                            a.scan(line);
-                        }
+                    scanner.finish_to(&mut SseSink {
+                        classifier: &self.classifier,
+                        status: self.status.as_u16(),
+                        facts,
+                        outcome: &mut self.outcome,
+                        usage: self.want.usage.then_some(&mut self.usage),
+                        error: &mut error,
+                        answer: &mut self.answer,
                     });
                 }
             }
@@ -495,23 +488,47 @@ impl Watch {
     }
 }
 
-fn scan_line(
-    classifier: &Classifier,
+/// What the SSE scanner reports to the watch: each `data:` line and the
+/// end of each event, read by the same rules as
+/// [`Classifier::classify`] on a whole body (see
+/// [`Classifier::classify_event`]).
+struct SseSink<'a> {
+    classifier: &'a Classifier,
+    status: u16,
     facts: HeadFacts,
-    outcome: &mut Outcome,
-    usage: Option<&mut Option<Usage>>,
-    error: &mut bool,
-    line: &[u8],
-    meta: &crate::sse::EventMeta,
-) {
-    if !*error && let Some(o) = classifier.classify_event(meta, line) {
-        *outcome = facts.apply(o);
-        *error = true;
+    outcome: &'a mut Outcome,
+    usage: Option<&'a mut Option<Usage>>,
+    /// An error was found: the verdict is settled.
+    error: &'a mut bool,
+    answer: &'a mut Option<Answer>,
+}
+
+impl Sink for SseSink<'_> {
+    #[inline]
+    fn data(&mut self, line: &[u8], meta: &EventMeta) {
+        if !*self.error
+            && let Some(o) = self.classifier.classify_frame(self.status, meta, line)
+        {
+            *self.outcome = self.facts.apply(o);
+            *self.error = true;
+        }
+        if let Some(usage) = self.usage.as_deref_mut()
+            && let Some(u) = Usage::find(line)
+        {
+            *usage = Some(u);
+        }
+        if let Some(a) = self.answer.as_mut() {
+            a.scan(line);
+        }
     }
-    if let Some(usage) = usage
-        && let Some(u) = Usage::find(line)
-    {
-        *usage = Some(u);
+
+    fn end(&mut self, meta: &EventMeta) {
+        if !*self.error
+            && let Some(o) = crate::classify::event_end_outcome(self.status, meta)
+        {
+            *self.outcome = self.facts.apply(o);
+            *self.error = true;
+        }
     }
 }
 

@@ -72,7 +72,7 @@ pub use observe::{Classify, Early, FnClassifier, OnError};
 #[allow(unused_imports)]
 pub(crate) use known::{KnownError, is_circuit_open};
 
-use crate::sse::{EventMeta, parse_events};
+use crate::sse::{EventMeta, Sink, SseScanner};
 
 /// How a call ended, as every layer sees it. See the [module docs](self).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -322,17 +322,36 @@ impl Classifier {
     }
 
     /// Whether reading the body could change [`Classifier::classify_head`]'s
-    /// answer: any non-2xx status, and a 2xx JSON body (which may carry a
-    /// business error). SSE bodies are watched frame by frame instead.
+    /// answer: any non-2xx status, and a 2xx JSON or untyped body (which
+    /// may carry a business error). SSE bodies are watched frame by frame
+    /// instead; a 2xx body of another type (text, audio) is not an error.
     pub fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        !status.is_success() || ContentKind::of(headers) == ContentKind::Json
+        !status.is_success()
+            || matches!(
+                ContentKind::of(headers),
+                ContentKind::Json | ContentKind::Untyped
+            )
     }
 
     /// Classifies a whole response: status, headers and (up to
     /// [`Classifier::body_limit`] bytes of) body, which may be JSON in either
-    /// dialect or an SSE error stream.
+    /// dialect or an SSE error stream. A 2xx body whose content type is
+    /// neither JSON nor SSE (text, audio) is not read: DashScope's errors
+    /// are JSON or SSE, and such a body may quote an error without being
+    /// one. An SSE body is read as a stream, exactly as the
+    /// [body observer](crate::body::Observed) reads it as it passes (see
+    /// [`Classifier::classify_event`]).
     pub fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
-        self.classify_with(status, is_event_stream(headers), self.facts(headers), body)
+        let kind = ContentKind::of(headers);
+        if status.is_success() && kind == ContentKind::Other {
+            return Outcome::Success;
+        }
+        self.classify_with(
+            status,
+            kind == ContentKind::EventStream,
+            self.facts(headers),
+            body,
+        )
     }
 
     /// [`Classifier::classify`] with the header facts already read.
@@ -373,6 +392,17 @@ impl Classifier {
     /// that merely mentions `"code"` or `"error"` (`"code":""`,
     /// `"error":null`, content text), returns `None`: the verdict stays
     /// open for a later frame of the same stream.
+    ///
+    /// How the crate reads a whole SSE body (in [`Classifier::classify`]
+    /// and as it streams past the [body observer](crate::body::Observed)):
+    /// each `data:` line on its own (DashScope sends one JSON frame per
+    /// line), with the metadata of its event seen before it, and with the
+    /// response's HTTP status when the event has no `:HTTP_STATUS/`; when
+    /// an event ends whose metadata marks an error (`event:error`, or a
+    /// status of 400 or more, also one that came after its data, or an
+    /// event with no data) and none of its lines reported one, its status
+    /// decides (transient without one). The first error found is the
+    /// verdict.
     pub fn classify_event(&self, meta: &EventMeta, data: &[u8]) -> Option<Outcome> {
         let flagged = meta.is_error();
         if !flagged && !mentions_code_or_error(data) {
@@ -456,18 +486,52 @@ impl Classifier {
         }
     }
 
+    /// Reads a whole SSE body with the scanner and the rules the body
+    /// observer applies as the stream passes (see
+    /// [`Classifier::classify_event`]).
     fn classify_sse_body(&self, status: StatusCode, body: &[u8]) -> Outcome {
-        for ev in parse_events(body) {
-            let meta = EventMeta {
-                error_event: ev.is_error_event(),
-                http_status: ev.http_status.or(Some(status.as_u16())),
-                data_lines: 0,
-            };
-            if let Some(o) = self.classify_event(&meta, ev.data.as_bytes()) {
-                return o;
+        struct Whole<'a> {
+            classifier: &'a Classifier,
+            status: u16,
+            found: Option<Outcome>,
+        }
+        impl Sink for Whole<'_> {
+            fn data(&mut self, line: &[u8], meta: &EventMeta) {
+                if self.found.is_none() {
+                    self.found = self.classifier.classify_frame(self.status, meta, line);
+                }
+            }
+            fn end(&mut self, meta: &EventMeta) {
+                if self.found.is_none() {
+                    self.found = event_end_outcome(self.status, meta);
+                }
             }
         }
-        by_status(status.as_u16())
+        let mut whole = Whole {
+            classifier: self,
+            status: status.as_u16(),
+            found: None,
+        };
+        let mut scanner = SseScanner::new();
+        scanner.feed_to(body, &mut whole);
+        scanner.finish_to(&mut whole);
+        whole.found.unwrap_or_else(|| by_status(status.as_u16()))
+    }
+
+    /// One `data:` line of a stream whose HTTP status is `status` (the
+    /// status of an event without `:HTTP_STATUS/`).
+    #[inline]
+    pub(crate) fn classify_frame(
+        &self,
+        status: u16,
+        meta: &EventMeta,
+        data: &[u8],
+    ) -> Option<Outcome> {
+        let meta = EventMeta {
+            http_status: meta.http_status.or(Some(status)),
+            ..*meta
+        };
+        self.classify_event(&meta, data)
     }
 
     /// Classifies a parsed error body. `status` is the HTTP status (or the
@@ -601,6 +665,23 @@ impl Classifier {
 // as `&str` is parsed again at each lookup).
 static RETRY_AFTER_MS: http::HeaderName = http::HeaderName::from_static("retry-after-ms");
 static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+
+/// The verdict on an SSE event at its end, in a stream whose HTTP status
+/// is `status`, when none of its `data:` lines reported an error: its
+/// metadata (complete now: a status may come after the data, an event may
+/// have no data) decides.
+pub(crate) fn event_end_outcome(status: u16, meta: &EventMeta) -> Option<Outcome> {
+    let status = meta.http_status.unwrap_or(status);
+    if meta.error_event || status >= 400 {
+        Some(if status >= 400 {
+            by_status(status)
+        } else {
+            Outcome::TRANSIENT
+        })
+    } else {
+        None
+    }
+}
 
 /// Outcome from a status code alone.
 pub(crate) fn by_status(status: u16) -> Outcome {

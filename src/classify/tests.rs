@@ -791,7 +791,9 @@ fn limits_content_types_and_header_facts() {
         assert_eq!(c.needs_body(StatusCode::OK, &typed(ct)), json, "{ct}");
         assert!(c.needs_body(StatusCode::BAD_GATEWAY, &typed(ct)), "{ct}");
     }
-    assert!(!c.needs_body(StatusCode::OK, &h));
+    // An untyped 2xx body is read as JSON (as the observer and retry's
+    // peek read it), so it may matter.
+    assert!(c.needs_body(StatusCode::OK, &h));
     assert!(c.needs_body(StatusCode::INTERNAL_SERVER_ERROR, &h));
     assert!(is_event_stream(&typed(" text/event-stream ;charset=utf-8")));
     assert!(is_event_stream(&typed("TEXT/EVENT-STREAM")));
@@ -1096,4 +1098,148 @@ fn empty_strings_are_no_codes() {
     let info =
         ErrorInfo::parse(br#"{"code":"X","message":"{\"type\":\"\",\"code\":\"c\"}"}"#).unwrap();
     assert_eq!(info.nested_kind.as_deref(), Some("c"));
+}
+
+/// What the body observer concludes from a body read to its end in
+/// `chunks`, and what `classify` concludes from the whole body: they must
+/// agree (issue 14; the fuzz target `classify` asserts it on any input).
+fn both(status: u16, ct: Option<&'static str>, chunks: &[&'static str]) -> Outcome {
+    use crate::body::{BodyEnd, EndKind, Inspect, Observed};
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::{Arc, Mutex};
+
+    let c = Classifier::new();
+    let mut res = http::Response::builder().status(status);
+    if let Some(ct) = ct {
+        res = res.header("content-type", ct);
+    }
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = chunks
+        .iter()
+        .map(|s| Ok(http_body::Frame::data(Bytes::from_static(s.as_bytes()))))
+        .collect();
+    let res = res
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let whole: String = chunks.concat();
+    let classified = c.classify(res.status(), res.headers(), whole.as_bytes());
+    let seen: Arc<Mutex<Option<BodyEnd>>> = Arc::default();
+    let slot = seen.clone();
+    let res = Observed::wrap(res, &c, Inspect::OUTCOME, move |end: BodyEnd| {
+        *slot.lock().unwrap() = Some(end);
+    });
+    let read = res
+        .into_body()
+        .collect()
+        .now_or_never()
+        .expect("every frame is ready")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(read, whole.as_bytes());
+    let end = seen.lock().unwrap().take().expect("the hook ran");
+    assert_eq!(end.kind, EndKind::Complete);
+    assert_eq!(
+        end.outcome, classified,
+        "observer and classify differ on {whole:?}"
+    );
+    classified
+}
+
+/// Issue 14, difference 1: a 2xx body typed neither JSON nor SSE (text,
+/// audio) is not read for an error by either reader (DashScope's errors
+/// are JSON or SSE, QWEN-API.md A2; a text answer may quote one); a JSON
+/// or untyped one is, by both.
+#[test]
+fn a_2xx_body_of_another_type_is_no_error_for_either_reader() {
+    let arrears = r#"{"code":"Arrearage","message":"Access denied."}"#;
+    assert_eq!(both(200, Some("text/plain"), &[arrears]), Outcome::Success);
+    assert_eq!(
+        both(200, Some("text/plain"), &["data: ", arrears, "\n\n"]),
+        Outcome::Success
+    );
+    assert!(!Classifier::new().needs_body(StatusCode::OK, &{
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h
+    }));
+    assert_eq!(
+        both(
+            200,
+            Some("application/json"),
+            &[&arrears[..9], &arrears[9..]]
+        ),
+        perm(P::Billing)
+    );
+    assert_eq!(both(200, None, &[arrears]), perm(P::Billing));
+    // Not a 2xx: the body is read whatever its type.
+    assert_eq!(both(400, Some("text/plain"), &[arrears]), perm(P::Billing));
+}
+
+/// Issue 14, difference 2: an `:HTTP_STATUS/` that comes after its
+/// event's data still marks the event, for both readers (the event is
+/// judged again when it ends, with all its metadata).
+#[test]
+fn a_status_after_the_data_marks_the_event_for_both_readers() {
+    let ok = r#"{"output":{"choices":[{"message":{"content":"Hi"}}]}}"#;
+    assert_eq!(
+        both(
+            200,
+            Some("text/event-stream"),
+            &["id:1\ndata:", ok, "\n:HTTP_STA", "TUS/503\n\n"]
+        ),
+        Outcome::TRANSIENT
+    );
+    // Also at the end of a stream without a last blank line.
+    assert_eq!(
+        both(
+            200,
+            Some("text/event-stream"),
+            &["data:", ok, "\n:HTTP_STATUS/401"]
+        ),
+        perm(P::Auth)
+    );
+    // Before the data, as DashScope sends it: the frame is judged with it.
+    let native = native("Throttling.RateQuota", "Requests rate limit exceeded");
+    let wire: &'static str = Box::leak(
+        format!("id:1\nevent:error\n:HTTP_STATUS/429\ndata:{native}\n\n").into_boxed_str(),
+    );
+    assert_eq!(
+        both(200, Some("text/event-stream"), &[wire]),
+        thr(T::Requests)
+    );
+}
+
+/// Issue 14, difference 3: an error only in an event's metadata (no
+/// `data:` line, or data that is not JSON), and the response's status as
+/// the status of an event without `:HTTP_STATUS/`, for both readers;
+/// multi-line data is read line by line by both.
+#[test]
+fn error_metadata_and_the_default_status_agree_for_both_readers() {
+    let sse = Some("text/event-stream");
+    assert_eq!(
+        both(200, sse, &["id:1\nevent:error\n:HTTP_STATUS/401\n\n"]),
+        perm(P::Auth)
+    );
+    assert_eq!(both(200, sse, &["event: Error\n\n"]), Outcome::TRANSIENT);
+    assert_eq!(
+        both(200, sse, &["event:error\n:HTTP_STATUS/500\ndata: oops\n\n"]),
+        Outcome::TRANSIENT
+    );
+    // An unknown code in a frame: the response's status decides, as for
+    // a JSON body.
+    let unknown = r#"data: {"code":"Something.New","message":"?"}"#;
+    assert_eq!(both(200, sse, &[unknown, "\n\n"]), perm(P::Other));
+    assert_eq!(both(400, sse, &[unknown, "\n\n"]), perm(P::InvalidRequest));
+    assert_eq!(both(503, sse, &[unknown, "\n\n"]), Outcome::TRANSIENT);
+    // Events with nothing in them are no events; the error after them
+    // decides.
+    let arrears = r#"data: {"code":"Arrearage","message":"Access denied."}"#;
+    assert_eq!(both(400, sse, &["\n\n", arrears, "\n\n"]), perm(P::Billing));
+    // One JSON frame per `data:` line (QWEN-API.md A4): a JSON object cut
+    // over two lines is two lines that are not JSON, for both readers.
+    assert_eq!(
+        both(200, sse, &["data: {\"code\":\ndata: \"Arrearage\"}\n\n"]),
+        Outcome::Success
+    );
 }

@@ -426,6 +426,7 @@ where
                 match &mut st.mode {
                     Mode::Sse(scanner) => {
                         let c = st.classifier;
+                        let status = st.parts.status.as_u16();
                         let hold = st.hold.holds();
                         let mut held = false;
                         for_each_chunk(data, |chunk| {
@@ -433,7 +434,7 @@ where
                                 if decided.is_some() {
                                     return;
                                 }
-                                match c.classify_event(meta, line) {
+                                match c.classify_frame(status, meta, line) {
                                     Some(o) if !o.is_success() => decided = Some(Some(o)),
                                     _ if !hold || carries_output(line) => decided = Some(None),
                                     _ => held = true,
@@ -483,9 +484,10 @@ fn sse_end<B: Body>(st: &mut State<B>) -> Outcome {
     };
     let mut found = None;
     let c = st.classifier;
+    let status = st.parts.status.as_u16();
     scanner.finish(|line, meta| {
         if found.is_none() {
-            found = Some(c.classify_event(meta, line));
+            found = Some(c.classify_frame(status, meta, line));
         }
     });
     match found.flatten() {
