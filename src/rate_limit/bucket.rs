@@ -390,6 +390,26 @@ impl Ramp {
         self.from + gain as u32
     }
 
+    /// The rate factor at `now` of a slow start lasting `duration`
+    /// nanoseconds: `from` until `start + hold`, then growing by the same
+    /// ratio per unit of time (geometrically) up to [`FULL_RATE`] at
+    /// `start + duration`.
+    #[inline]
+    pub fn grown_at(&self, now: u64, hold: u64, duration: u64) -> u32 {
+        let from = self.from.clamp(1, FULL_RATE);
+        let grow = self.start.saturating_add(hold);
+        if now <= grow {
+            return from;
+        }
+        let end = self.start.saturating_add(duration);
+        if now >= end {
+            return FULL_RATE;
+        }
+        let x = (now - grow) as f64 / (end - grow) as f64;
+        let rate = f64::from(from) * (f64::from(FULL_RATE) / f64::from(from)).powf(x);
+        (rate as u32).clamp(from, FULL_RATE)
+    }
+
     /// When the ramp is over.
     pub fn end(&self, duration: u64) -> u64 {
         self.start.saturating_add(duration)

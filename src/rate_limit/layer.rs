@@ -199,11 +199,21 @@ impl RateLimitLayer<RateLimiter<AccountModel>, ByAccountModel> {
     /// The Qwen preset over `quotas` (usually
     /// [`QuotaTable::qwen`], the published defaults, with your overrides):
     /// one in-memory limiter per (account, model) as `accounts` groups API
-    /// keys, per-second smoothed RPM and TPM, feedback on, a slow start from
-    /// 50% over 5 s, waiting up to 30 s.
+    /// keys, per-second smoothed RPM and TPM, feedback on, a slow start
+    /// (half the quota held for 1 s, then growing by √2 per second to the
+    /// full quota at 3 s), waiting up to 30 s.
+    ///
+    /// What the slow start assumes of DashScope's undocumented growth guard:
+    /// an idle key may send half its per-second quota (RPM / 60) in any one
+    /// second, and its rate may then grow by √2 (1.41x) from one second to
+    /// the next.
     pub fn qwen(quotas: QuotaTable, accounts: ByAccountModel) -> Self {
         let limiter = RateLimiter::builder(Limits::UNLIMITED)
-            .slow_start(SlowStart::new(Duration::from_secs(5)).initial_rate(0.5))
+            .slow_start(
+                SlowStart::new(Duration::from_secs(3))
+                    .initial_rate(0.5)
+                    .hold(Duration::from_secs(1)),
+            )
             .build_keyed_with(move |k: &AccountModel| quotas.get(k.model()));
         Self::keyed(limiter, accounts)
     }

@@ -51,27 +51,38 @@ impl Cost {
     }
 }
 
-/// Slow start: after a key has been idle, admit at a lower rate and ramp
-/// up linearly to the full quota, so that DashScope's growth guard
+/// Slow start: after a key has been idle, admit at a lower rate, hold it,
+/// then grow it to the full quota, so that DashScope's growth guard
 /// ("Request rate increased too quickly", `Throttling.BurstRate`) is not
 /// tripped by a cold start. A new key is an idle key.
 ///
+/// The rate grows **geometrically**: by the same ratio every second,
+/// `(1 / initial)^(1 / (ramp - hold))`, which is what a guard that compares
+/// a second's rate with the seconds before it sees; a linear ramp grows
+/// fastest (as a ratio) at its start, where the guard is tightest, and
+/// slowest at its end, where it is loosest. Holding the starting rate for a
+/// second means that whichever second boundaries the service counts in,
+/// its first full second holds the starting share.
+///
 /// # Default
 ///
-/// Starts at 25% of the quota, ramps over the given time, and counts a key
-/// as idle once its buckets have been full for 10 s.
+/// Starts at 25% of the quota, no hold, full rate after the given time,
+/// and counts a key as idle once its buckets have been full for 10 s.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SlowStart {
     initial: u32,
+    hold: Duration,
     ramp: Duration,
     idle: Duration,
 }
 
 impl SlowStart {
-    /// Ramp from 25% to 100% of the quota over `ramp`.
+    /// Ramp from 25% to 100% of the quota, reaching it `ramp` after the
+    /// start.
     pub const fn new(ramp: Duration) -> Self {
         Self {
             initial: FULL_RATE / 4,
+            hold: Duration::ZERO,
             ramp,
             idle: Duration::from_secs(10),
         }
@@ -81,6 +92,13 @@ impl SlowStart {
     /// is 0.25.
     pub fn initial_rate(mut self, fraction: f64) -> Self {
         self.initial = rate_from_f64(fraction);
+        self
+    }
+
+    /// How long the starting rate holds before it grows (at most the
+    /// ramp). Default is zero.
+    pub const fn hold(mut self, hold: Duration) -> Self {
+        self.hold = hold;
         self
     }
 
@@ -232,14 +250,23 @@ impl RateLimiterBuilder {
 
 #[derive(Clone, Copy, Debug)]
 struct Settings {
-    slow_start: Option<(u32, u64, u64)>,
+    slow_start: Option<Slow>,
     feedback: Option<(u64, u32, u32, u64)>,
+}
+
+/// A [`SlowStart`] in nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct Slow {
+    initial: u32,
+    hold: u64,
+    ramp: u64,
+    idle: u64,
 }
 
 impl Settings {
     fn ramp_duration(&self, kind: RampKind) -> Option<u64> {
         match kind {
-            RampKind::SlowStart => self.slow_start.map(|s| s.1),
+            RampKind::SlowStart => self.slow_start.map(|s| s.ramp),
             RampKind::Recover => self.feedback.map(|f| f.3),
         }
     }
@@ -284,16 +311,16 @@ impl Dim {
     #[inline]
     fn rate(&self, now: u64, s: &Settings) -> u32 {
         let word = self.ramp.load(Ordering::Relaxed);
-        if let Some((initial, _, idle)) = s.slow_start
-            && (word == 0 || self.bucket.tat().saturating_add(idle) <= now)
+        if let Some(slow) = s.slow_start
+            && (word == 0 || self.bucket.tat().saturating_add(slow.idle) <= now)
         {
             let r = Ramp {
                 start: now,
-                from: initial,
+                from: slow.initial,
                 kind: RampKind::SlowStart,
             };
             self.ramp.store(r.pack(), Ordering::Relaxed);
-            return initial;
+            return slow.initial;
         }
         // A call queued behind others goes out when the bucket's latest
         // reservation has passed, not now: charge it at the rate the ramp
@@ -306,9 +333,12 @@ impl Dim {
     fn rate_of(word: u64, now: u64, s: &Settings) -> u32 {
         match Ramp::unpack(word) {
             None => FULL_RATE,
-            Some(r) => match s.ramp_duration(r.kind) {
-                Some(d) => r.rate_at(now, d),
-                None => FULL_RATE,
+            Some(r) => match (r.kind, s.slow_start) {
+                (RampKind::SlowStart, Some(slow)) => r.grown_at(now, slow.hold, slow.ramp),
+                _ => match s.ramp_duration(r.kind) {
+                    Some(d) => r.rate_at(now, d),
+                    None => FULL_RATE,
+                },
             },
         }
     }
@@ -612,9 +642,12 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         single: Option<Full>,
     ) -> Self {
         let settings = Settings {
-            slow_start: b
-                .slow_start
-                .map(|s| (s.initial, duration_nanos(s.ramp), duration_nanos(s.idle))),
+            slow_start: b.slow_start.map(|s| Slow {
+                initial: s.initial,
+                hold: duration_nanos(s.hold.min(s.ramp)),
+                ramp: duration_nanos(s.ramp),
+                idle: duration_nanos(s.idle),
+            }),
             feedback: b.feedback.map(|f| {
                 (
                     duration_nanos(f.pause),

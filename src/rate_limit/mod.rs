@@ -50,7 +50,7 @@
 //!   ([`RateLimiterBuilder::max_keys`]); a request-only key takes one
 //!   `u64` of state ([`RateLimiter::bytes_per_key`]).
 //! * **Slow start** ([`SlowStart`]): after idle, start at a fraction of the
-//!   quota and ramp up linearly.
+//!   quota, hold it, and grow it by the same ratio every second.
 //! * **Feedback** ([`Feedback`]): when the upstream throttles a call we
 //!   admitted, the key pauses (past the one-second window) and resumes at
 //!   a lower rate that recovers over time. Logged with `tracing` and
