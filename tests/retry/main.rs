@@ -186,6 +186,34 @@ async fn max_retries_bound_the_attempts() {
     assert!(h.next_request().await.is_none());
 }
 
+/// Issue 14: setters behave one way. A setter configures the services the
+/// layer makes from then on (a service made before keeps its policy), and
+/// the stats taken before it count the calls of every service the layer
+/// makes, before or after.
+#[tokio::test(start_paused = true)]
+async fn setters_never_change_services_already_made_nor_detach_the_stats() {
+    let layer = layer().policy(Policy::new().max_retries(1));
+    let stats = layer.stats();
+    let (before, mut h1) = setup(layer.clone());
+    let layer = layer.policy(Policy::new().max_retries(0));
+    let (after, mut h2) = setup(layer);
+    // Made before the setter: still retries once.
+    let call = tokio::spawn(before.oneshot(req()));
+    answer(&mut h1, json(503, UNAVAILABLE)).await;
+    answer(&mut h1, ok()).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    // Made after: sends once.
+    let call = tokio::spawn(after.oneshot(req()));
+    answer(&mut h2, json(503, UNAVAILABLE)).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    assert!(h2.next_request().await.is_none());
+    // One set of stats for both.
+    assert_eq!(
+        (stats.requests(), stats.attempts(), stats.retries()),
+        (2, 3, 1)
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn policy_switches_choose_what_retries() {
     let (svc, mut h) = setup(layer().policy(Policy::new().retry_transient(false)));
