@@ -250,8 +250,11 @@ struct Watch {
     classifier: Classifier,
     status: StatusCode,
     /// The headers that adjust an error; read only when an error is
-    /// possible (a non-2xx head, or a body being inspected).
+    /// possible (a non-2xx head, or a body being inspected), in the same
+    /// pass over the headers as the body's kind.
     facts: Option<HeadFacts>,
+    /// The body's kind, read with `facts`.
+    kind: Option<ContentKind>,
     scan: Scan,
 }
 
@@ -272,8 +275,9 @@ enum Scan {
 
 impl Watch {
     fn new(status: StatusCode, headers: &HeaderMap, classifier: &Classifier) -> Watch {
-        let facts = (!status.is_success()).then(|| classifier.facts(headers));
+        let head = (!status.is_success()).then(|| classifier.head(headers));
         let outcome = crate::classify::by_status(status.as_u16());
+        let facts = head.map(|(_, facts)| facts);
         Watch {
             hooks: Hooks::default(),
             ended: None,
@@ -286,6 +290,7 @@ impl Watch {
             classifier: *classifier,
             status,
             facts,
+            kind: head.map(|(kind, _)| kind),
             scan: Scan::Off,
         }
     }
@@ -303,6 +308,7 @@ impl Watch {
             classifier: Classifier::new(),
             status: StatusCode::OK,
             facts: None,
+            kind: None,
             scan: Scan::Off,
         }
     }
@@ -327,7 +333,16 @@ impl Watch {
             self.answer = Some(Answer::default());
         }
         if want.reads_body() && matches!(self.scan, Scan::Off) {
-            let mode = match (status.is_success(), ContentKind::of(headers)) {
+            let kind = match self.kind {
+                Some(kind) => kind,
+                None => {
+                    let (kind, facts) = classifier.head(headers);
+                    self.facts.get_or_insert(facts);
+                    self.kind = Some(kind);
+                    kind
+                }
+            };
+            let mode = match (status.is_success(), kind) {
                 (_, ContentKind::EventStream) => Some(Scan::Sse {
                     scanner: SseScanner::new(),
                     error: false,
@@ -340,10 +355,8 @@ impl Watch {
             };
             if let Some(mode) = mode {
                 // The headers adjust an error, also one found in a 2xx body
-                // (as `Classifier::classify` does).
-                if self.facts.is_none() {
-                    self.facts = Some(classifier.facts(headers));
-                }
+                // (as `Classifier::classify` does); they were read with the
+                // kind.
                 self.classifier = *classifier;
                 self.scan = mode;
             }
@@ -685,6 +698,15 @@ impl<D: 'static, E: 'static> Observed<D, E> {
         };
         *res.headers_mut() = headers;
         found
+    }
+
+    /// The kind of the body, when the head was read (a non-2xx status, or
+    /// a layer asked for the body to be inspected).
+    #[cfg(feature = "retry")]
+    pub(crate) fn kind_of<B: 'static>(res: &Response<B>) -> Option<ContentKind> {
+        (res.body() as &dyn Any)
+            .downcast_ref::<Self>()
+            .and_then(|o| o.cell.watch_ref().kind)
     }
 }
 

@@ -342,16 +342,11 @@ impl Classifier {
     /// [body observer](crate::body::Observed) reads it as it passes (see
     /// [`Classifier::classify_event`]).
     pub fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
-        let kind = ContentKind::of(headers);
+        let (kind, facts) = self.head(headers);
         if status.is_success() && kind == ContentKind::Other {
             return Outcome::Success;
         }
-        self.classify_with(
-            status,
-            kind == ContentKind::EventStream,
-            self.facts(headers),
-            body,
-        )
+        self.classify_with(status, kind == ContentKind::EventStream, facts, body)
     }
 
     /// [`Classifier::classify`] with the header facts already read.
@@ -441,12 +436,23 @@ impl Classifier {
     /// The capped wait from `retry-after-ms` or `retry-after` (seconds or an
     /// HTTP-date). Garbage, negative and non-finite values are ignored.
     pub fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
-        let parsed = headers
-            .get(&RETRY_AFTER_MS)
+        self.retry_after_of(
+            headers.get(&RETRY_AFTER_MS),
+            headers.get(http::header::RETRY_AFTER),
+        )
+    }
+
+    /// [`Classifier::retry_after`] from the two headers' (first) values.
+    fn retry_after_of(
+        &self,
+        ms: Option<&http::HeaderValue>,
+        secs: Option<&http::HeaderValue>,
+    ) -> Option<Duration> {
+        let parsed = ms
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_seconds(v, 1e-3))
             .or_else(|| {
-                let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+                let v = secs?.to_str().ok()?;
                 parse_seconds(v, 1.0).or_else(|| {
                     let at = httpdate::parse_http_date(v.trim()).ok()?;
                     Some(
@@ -467,8 +473,32 @@ impl Classifier {
 
     /// Reads the headers that adjust an outcome.
     pub(crate) fn facts(&self, headers: &HeaderMap) -> HeadFacts {
-        let should_retry = headers
-            .get(&X_SHOULD_RETRY)
+        self.head(headers).1
+    }
+
+    /// The body's kind and the headers that adjust an outcome, read in one
+    /// pass over the headers (cheaper than a hashed lookup per name; each
+    /// name's first value counts, as with `HeaderMap::get`).
+    pub(crate) fn head(&self, headers: &HeaderMap) -> (ContentKind, HeadFacts) {
+        use http::header::{CONTENT_TYPE, RETRY_AFTER};
+        let (mut ct, mut ms, mut secs, mut should) = (None, None, None, None);
+        for (name, value) in headers {
+            let slot = if name == CONTENT_TYPE {
+                &mut ct
+            } else if name == RETRY_AFTER {
+                &mut secs
+            } else if name == RETRY_AFTER_MS {
+                &mut ms
+            } else if name == X_SHOULD_RETRY {
+                &mut should
+            } else {
+                continue;
+            };
+            if slot.is_none() {
+                *slot = Some(value);
+            }
+        }
+        let should_retry = should
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .and_then(|v| {
@@ -480,10 +510,11 @@ impl Classifier {
                     None
                 }
             });
-        HeadFacts {
-            retry_after: self.retry_after(headers),
+        let facts = HeadFacts {
+            retry_after: self.retry_after_of(ms, secs),
             should_retry,
-        }
+        };
+        (ContentKind::of_value(ct), facts)
     }
 
     /// Reads a whole SSE body with the scanner and the rules the body
@@ -743,7 +774,12 @@ pub(crate) enum ContentKind {
 impl ContentKind {
     /// Reads `content-type` once, without allocating.
     pub(crate) fn of(headers: &HeaderMap) -> ContentKind {
-        let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
+        Self::of_value(headers.get(http::header::CONTENT_TYPE))
+    }
+
+    /// The kind of a `content-type` value (`None`: no such header).
+    pub(crate) fn of_value(ct: Option<&http::HeaderValue>) -> ContentKind {
+        let Some(ct) = ct else {
             return ContentKind::Untyped;
         };
         let ct = ct.as_bytes();

@@ -1243,3 +1243,38 @@ fn error_metadata_and_the_default_status_agree_for_both_readers() {
         Outcome::Success
     );
 }
+
+/// The head read in one pass over the headers says what the lookups by
+/// name say: the first value of each name counts, names match in any case.
+#[test]
+fn head_in_one_pass_is_the_first_value_of_each_name() {
+    let c = Classifier::new();
+    let mut h = HeaderMap::new();
+    h.append(
+        "Content-Type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.append("content-type", HeaderValue::from_static("application/json"));
+    h.append("retry-after", HeaderValue::from_static("5"));
+    h.append("Retry-After", HeaderValue::from_static("7"));
+    h.append("x-should-retry", HeaderValue::from_static(" FALSE "));
+    h.append("x-should-retry", HeaderValue::from_static("true"));
+    h.append("x-other", HeaderValue::from_static("1"));
+    let (kind, facts) = c.head(&h);
+    assert_eq!(kind, ContentKind::EventStream);
+    assert_eq!(kind, ContentKind::of(&h));
+    assert_eq!(facts.retry_after, Some(Duration::from_secs(5)));
+    assert_eq!(facts.retry_after, c.retry_after(&h));
+    assert_eq!(facts.should_retry, Some(false));
+
+    // `retry-after-ms` wins over `retry-after`, wherever it comes.
+    h.append("retry-after-ms", HeaderValue::from_static("250"));
+    let (_, facts) = c.head(&h);
+    assert_eq!(facts.retry_after, Some(Duration::from_millis(250)));
+    assert_eq!(facts.retry_after, c.retry_after(&h));
+
+    // Nothing there: untyped, no facts.
+    let (kind, facts) = c.head(&HeaderMap::new());
+    assert_eq!(kind, ContentKind::Untyped);
+    assert_eq!(facts, HeadFacts::default());
+}

@@ -214,7 +214,10 @@ where
     /// Starts peeking at `res`, holding output-less stream frames within
     /// `hold`.
     pub fn with_hold(mut res: Response<B>, classifier: &Classifier, hold: Hold) -> Self {
-        let mode = match (res.status().is_success(), ContentKind::of(res.headers())) {
+        // A body a layer below watches has had its head read already.
+        let kind = Observed::<B::Data, B::Error>::kind_of(&res)
+            .unwrap_or_else(|| ContentKind::of(res.headers()));
+        let mode = match (res.status().is_success(), kind) {
             (true, ContentKind::EventStream) => Mode::Sse(SseScanner::new()),
             // A business error may hide in a 2xx JSON (or untyped) body.
             (true, ContentKind::Json | ContentKind::Untyped) => Mode::Whole,
