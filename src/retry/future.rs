@@ -36,7 +36,9 @@ pin_project! {
         retries: u32,
         deadline: Option<Deadline>,
         handoff: Handoff,
-        span: tracing::Span,
+        // The span of a retry (none on the first attempt: boxed, so that
+        // the first attempt's future does not carry it).
+        span: Option<Box<tracing::Span>>,
     }
 }
 
@@ -104,7 +106,7 @@ where
             retries: 0,
             deadline,
             handoff,
-            span: tracing::Span::none(),
+            span: None,
         }
     }
 
@@ -127,7 +129,7 @@ where
             retries: 0,
             deadline,
             handoff,
-            span: tracing::Span::none(),
+            span: None,
         }
     }
 }
@@ -245,7 +247,7 @@ where
                         this.shared.stats.bump(Counter::RetryAttempts);
                     }
                     let future = {
-                        let _enter = this.span.enter();
+                        let _enter = this.span.as_ref().map(|s| s.enter());
                         this.service.call(req)
                     };
                     this.state.set(State::Calling { future });
@@ -253,7 +255,7 @@ where
                 }
                 StateProj::Calling { future } => {
                     let result = {
-                        let _enter = this.span.enter();
+                        let _enter = this.span.as_ref().map(|s| s.enter());
                         ready!(future.poll(cx))
                     };
                     // The budget is credited when a first attempt's answer
@@ -369,11 +371,11 @@ where
                     ready!(sleep.as_mut().poll(cx));
                     let req = req.take();
                     *this.retries += 1;
-                    *this.span = tracing::debug_span!(
+                    *this.span = Some(Box::new(tracing::debug_span!(
                         target: "tower_qwen::retry",
                         "retry",
                         attempt = *this.retries + 1
-                    );
+                    )));
                     this.state.set(State::Ready { req });
                     continue;
                 }

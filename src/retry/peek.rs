@@ -294,10 +294,12 @@ where
     }
 }
 
-/// Frames read ahead: the first inline (most peeks read one frame), more in
-/// a queue that allocates only when needed.
+/// Frames read ahead: the first inline when it is data (most peeks read one
+/// data frame; kept as its data, not as a `Frame`, whose trailers variant
+/// would triple the size of every response), more in a queue that
+/// allocates only when needed.
 struct Frames<D> {
-    first: Option<Frame<D>>,
+    first: Option<D>,
     rest: VecDeque<Frame<D>>,
 }
 
@@ -311,14 +313,20 @@ impl<D> Frames<D> {
 
     fn push_back(&mut self, frame: Frame<D>) {
         if self.first.is_none() && self.rest.is_empty() {
-            self.first = Some(frame);
+            match frame.into_data() {
+                Ok(data) => self.first = Some(data),
+                Err(frame) => self.rest.push_back(frame),
+            }
         } else {
             self.rest.push_back(frame);
         }
     }
 
     fn pop_front(&mut self) -> Option<Frame<D>> {
-        self.first.take().or_else(|| self.rest.pop_front())
+        match self.first.take() {
+            Some(data) => Some(Frame::data(data)),
+            None => self.rest.pop_front(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -329,21 +337,24 @@ impl<D> Frames<D> {
         usize::from(self.first.is_some()) + self.rest.len()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Frame<D>> {
-        self.first.iter().chain(self.rest.iter())
+    /// The data read ahead, in order.
+    fn datas(&self) -> impl Iterator<Item = &D> {
+        self.first
+            .iter()
+            .chain(self.rest.iter().filter_map(Frame::data_ref))
     }
 }
 
 /// The frames' data as one slice, copying only when there is more than one
 /// chunk.
 fn contiguous<D: Buf>(frames: &Frames<D>, len: usize) -> Cow<'_, [u8]> {
-    let mut datas = frames.iter().filter_map(Frame::data_ref);
+    let mut datas = frames.datas();
     match (datas.next(), datas.next()) {
         (None, _) => Cow::Borrowed(&[]),
         (Some(d), None) if d.chunk().len() == d.remaining() => Cow::Borrowed(d.chunk()),
         _ => {
             let mut v = Vec::with_capacity(len);
-            for d in frames.iter().filter_map(Frame::data_ref) {
+            for d in frames.datas() {
                 for_each_chunk(d, |c| v.extend_from_slice(c));
             }
             Cow::Owned(v)
@@ -876,12 +887,7 @@ impl<B: Body + Unpin> Body for PeekBody<B> {
         if self.error.is_some() || self.failed {
             return SizeHint::default();
         }
-        let buffered: u64 = self
-            .frames
-            .iter()
-            .filter_map(Frame::data_ref)
-            .map(|d| d.remaining() as u64)
-            .sum();
+        let buffered: u64 = self.frames.datas().map(|d| d.remaining() as u64).sum();
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(buffered));
@@ -948,6 +954,52 @@ mod tests {
             if let Some(q) = quick_output(d) {
                 assert_eq!(q, parsed_output(d), "{}", String::from_utf8_lossy(d));
             }
+        }
+    }
+
+    /// Frames read ahead are replayed in order, trailers included, whether
+    /// the first one is data (kept inline) or trailers (queued).
+    #[tokio::test]
+    async fn replays_data_and_trailers_in_order() {
+        use bytes::Bytes;
+        use http::HeaderMap;
+        use http_body::Frame;
+        use http_body_util::{BodyExt, StreamBody};
+
+        use super::Peek;
+        use crate::classify::{Classifier, Outcome};
+
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", "1".parse().unwrap());
+        let data = |s: &'static str| Frame::data(Bytes::from_static(s.as_bytes()));
+        for frames in [
+            vec![
+                data("{\"a\""),
+                data(":1}"),
+                Frame::trailers(trailers.clone()),
+            ],
+            vec![Frame::trailers(trailers.clone()), data("{\"a\":1}")],
+        ] {
+            let expected: Vec<_> = frames
+                .iter()
+                .map(|f| (f.data_ref().cloned(), f.trailers_ref().cloned()))
+                .collect();
+            let body = StreamBody::new(futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+            ));
+            let res = http::Response::builder()
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            let peeked = Peek::new(res, &Classifier::new()).await;
+            assert_eq!(peeked.outcome, Outcome::Success);
+            let mut body = peeked.response.into_body();
+            let mut got = Vec::new();
+            while let Some(f) = body.frame().await {
+                let f = f.unwrap();
+                got.push((f.data_ref().cloned(), f.trailers_ref().cloned()));
+            }
+            assert_eq!(got, expected);
         }
     }
 }
