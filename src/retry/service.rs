@@ -104,27 +104,32 @@ where
             ),
             None => Deadline::of(&req),
         };
-        // The ready service makes this call; the future keeps it for the
-        // retries (polling it ready again first), and `self` gets a fresh
-        // clone that must be polled ready before its next call.
-        let clone = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, clone);
+        // The ready service makes this call (and must be polled ready
+        // before its next one); the future keeps a clone of it for the
+        // retries, taken after the call as tower's `Retry` does (polled
+        // ready before each retry), so the service is not moved around.
         let shared = self.shared.clone();
         let handoff = handoff_of(&req);
 
         if config.policy.get_max_retries() == 0 {
-            let future = service.call(req);
+            let future = self.inner.call(req);
+            let service = self.inner.clone();
             return ResponseFuture::calling(service, None, future, shared, deadline, handoff);
         }
         let (parts, body) = req.into_parts();
         match body.try_clone() {
             Some(copy) => {
                 let template = (parts.clone(), copy);
-                let future = service.call(Request::from_parts(parts, body));
+                let future = self.inner.call(Request::from_parts(parts, body));
+                let service = self.inner.clone();
                 ResponseFuture::calling(service, Some(template), future, shared, deadline, handoff)
             }
             None => match body.buffer(config.buffer_limit) {
                 Ok(buffering) => {
+                    // The call waits for the body: the ready service is
+                    // given to the future, `self` gets a fresh clone.
+                    let clone = self.inner.clone();
+                    let service = std::mem::replace(&mut self.inner, clone);
                     ResponseFuture::buffering(service, parts, buffering, shared, deadline, handoff)
                 }
                 Err(body) => {
@@ -132,7 +137,8 @@ where
                         target: "tower_qwen::retry",
                         "request body cannot be replayed: sending it once"
                     );
-                    let future = service.call(Request::from_parts(parts, body));
+                    let future = self.inner.call(Request::from_parts(parts, body));
+                    let service = self.inner.clone();
                     ResponseFuture::calling(service, None, future, shared, deadline, handoff)
                 }
             },
