@@ -83,13 +83,18 @@ pub enum Protocol {
 impl Endpoint {
     /// Classifies a request path.
     pub fn from_path(path: &str) -> Self {
+        use memchr::memmem::Finder;
+        use std::sync::LazyLock;
+        // Searchers built once (`str::contains` builds one per call).
+        static FILES: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new("/compatible-mode/v1/files/"));
+        static BATCHES: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new("/compatible-mode/v1/batches/"));
         let path = path.trim_end_matches('/');
-        if path.ends_with("/compatible-mode/v1/files")
-            || path.contains("/compatible-mode/v1/files/")
-        {
+        if path.ends_with("/compatible-mode/v1/files") || FILES.find(path.as_bytes()).is_some() {
             Self::Files
         } else if path.ends_with("/compatible-mode/v1/batches")
-            || path.contains("/compatible-mode/v1/batches/")
+            || BATCHES.find(path.as_bytes()).is_some()
         {
             Self::Batches
         } else if path.ends_with("/services/aigc/text-generation/generation") {
@@ -263,8 +268,8 @@ impl RequestInfo {
             endpoint,
             ..Default::default()
         };
-        if header_is(headers, "x-dashscope-sse", "enable")
-            || header_is(headers, http::header::ACCEPT.as_str(), "text/event-stream")
+        if header_is(headers, &X_DASHSCOPE_SSE, "enable")
+            || header_is(headers, &http::header::ACCEPT, "text/event-stream")
         {
             info.stream = true;
         }
@@ -302,7 +307,10 @@ impl RequestInfo {
     }
 }
 
-fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
+// Named once: a name given as `&str` is parsed again at each lookup.
+static X_DASHSCOPE_SSE: http::HeaderName = http::HeaderName::from_static("x-dashscope-sse");
+
+fn header_is(headers: &HeaderMap, name: &http::HeaderName, value: &str) -> bool {
     headers
         .get_all(name)
         .iter()
