@@ -25,7 +25,7 @@
 //! It also prints each stack's response future and response sizes. With
 //! `STACK_COUNT=<calls>` (and `STACK_ONLY=<row name>`) it runs the same
 //! services without criterion, for an instruction count per call under
-//! callgrind (`--collect-atstart=no --toggle-collect='*count*'`); see
+//! callgrind (`--collect-atstart=no --toggle-collect='stack::count'`); see
 //! BENCHMARKS.md.
 
 use std::convert::Infallible;
@@ -251,7 +251,7 @@ fn main() {
     // `STACK_COUNT=<calls> STACK_ONLY=<name>`: run the stack of that name
     // (all when unset) for that many calls, after
     // as many warm-up calls, without criterion; under callgrind with
-    // `--collect-atstart=no --toggle-collect=*count*` the instruction
+    // `--collect-atstart=no --toggle-collect=stack::count` the instruction
     // count divided by the calls is the cost of one call.
     if let Ok(n) = std::env::var("STACK_COUNT") {
         let iters: u64 = n.parse().expect("STACK_COUNT: a number of calls");
