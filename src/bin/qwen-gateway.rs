@@ -12,7 +12,9 @@
 //! object per line with `--log-format json`; `RUST_LOG` filters them
 //! (default `info`). Ctrl-C or SIGTERM shuts down gracefully. It serves
 //! HTTP/1.1 and HTTP/2 cleartext (prior knowledge). `--mock` needs the
-//! `mock` feature, which is on by default.
+//! `mock` feature, which is on by default. It runs on one thread unless
+//! `[server] worker_threads` says otherwise (the least CPU per request;
+//! see `GatewayConfig::worker_threads`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -22,7 +24,7 @@ use clap::{Parser, ValueEnum};
 use tower_qwen::gateway::error::ConfigError;
 use tower_qwen::gateway::{Gateway, GatewayConfig};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "qwen-gateway",
     version,
@@ -78,14 +80,13 @@ fn load(args: &Args, mock_url: Option<&str>) -> Result<GatewayConfig, ConfigErro
     })
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    // With --mock the upstream is the mock, whose address is not known
+    // before it starts: the file is read as a mock run would read it.
+    let placeholder = args.mock.then_some("http://127.0.0.1:1");
     if args.check_config {
-        // With --mock the upstream would be the mock; its address is not
-        // known yet, so the file is checked as a mock run would read it.
-        let mock_url = args.mock.then_some("http://127.0.0.1:1");
-        return match load(&args, mock_url) {
+        return match load(&args, placeholder) {
             Ok(config) => {
                 print!("{}", config.effective_toml());
                 ExitCode::SUCCESS
@@ -96,7 +97,45 @@ async fn main() -> ExitCode {
             }
         };
     }
+    // The runtime's shape (`server.worker_threads`) comes from the file,
+    // read once before the runtime exists.
+    let threads = match load(&args, placeholder) {
+        Ok(config) => config.worker_threads(),
+        Err(e) => {
+            eprintln!("{}: {e}", args.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(run(args, threads)),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, threads: usize) -> ExitCode {
     init_logs(args.log_format);
+    match threads {
+        1 => tracing::info!("runtime: current-thread (server.worker_threads = 1)"),
+        0 => {
+            tracing::info!("runtime: multi-thread, one worker per CPU (server.worker_threads = 0)")
+        }
+        n => tracing::info!(worker_threads = n, "runtime: multi-thread"),
+    }
     let mock = if args.mock {
         start_mock().await
     } else {
@@ -132,13 +171,24 @@ async fn main() -> ExitCode {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!(config = %args.config.display(), "SIGHUP: reloading the configuration");
-                match load(&args, mock_url.as_deref()) {
-                    Ok(c) => gw.reload(c),
-                    Err(e) => tracing::error!(
-                        config = %args.config.display(),
-                        error = %e,
-                        "reload refused: the configuration is invalid; keeping the running one"
-                    ),
+                // Reading a file and building its stacks is CPU work (seconds
+                // with 100,000 keys): done off the runtime's thread, so that
+                // a current-thread runtime goes on serving meanwhile.
+                let (args, url, gw) = (args.clone(), mock_url.clone(), gw.clone());
+                let rt = tokio::runtime::Handle::current();
+                let reload = tokio::task::spawn_blocking(move || {
+                    let _rt = rt.enter();
+                    match load(&args, url.as_deref()) {
+                        Ok(c) => gw.reload(c),
+                        Err(e) => tracing::error!(
+                            config = %args.config.display(),
+                            error = %e,
+                            "reload refused: the configuration is invalid; keeping the running one"
+                        ),
+                    }
+                });
+                if let Err(e) = reload.await {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration");
                 }
             }
         });

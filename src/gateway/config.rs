@@ -70,6 +70,8 @@ pub(crate) struct ServerConfig {
     /// Failed authentications a client address may make per minute (a
     /// burst of as many), then 429; 0: no limit.
     pub(crate) max_auth_failures_per_minute: u32,
+    /// Threads of the `qwen-gateway` program's runtime (0: one per CPU).
+    pub(crate) worker_threads: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +282,21 @@ impl GatewayConfig {
     /// included) finish. Default is 30 s.
     pub fn shutdown_grace(&self) -> Duration {
         self.server.shutdown_grace
+    }
+
+    /// `server.worker_threads`: how many threads the `qwen-gateway`
+    /// program runs the gateway on. 1 is tokio's current-thread runtime:
+    /// every connection, upstream call and timer on one thread, with no
+    /// hand-off between threads, which costs the least CPU per request
+    /// (BENCHMARKS.md, "The gateway hop"); `n` ≥ 2 a multi-thread runtime
+    /// of `n` workers, for more than one core's worth of requests; 0 a
+    /// multi-thread runtime with one worker per CPU the process may run on.
+    /// Default is 1. [`Gateway::serve`] runs on the caller's runtime and
+    /// does not read it.
+    ///
+    /// [`Gateway::serve`]: super::Gateway::serve
+    pub fn worker_threads(&self) -> usize {
+        self.server.worker_threads
     }
 
     /// Whether a `[redis]` section makes the replicas share their limits.
@@ -631,6 +648,7 @@ fn validate(
             .max_connections
             .map_or_else(super::serve::default_max_connections, |n| n.get() as usize),
         max_auth_failures_per_minute: f.server.max_auth_failures_per_minute.get() as u32,
+        worker_threads: f.server.worker_threads.get() as usize,
     };
 
     let up = &f.upstream;

@@ -292,6 +292,7 @@
 //! shutdown_grace = "30s"
 //! max_connections = 480           # default: from the fd limit
 //! max_auth_failures_per_minute = 10
+//! worker_threads = 1              # the qwen-gateway program's threads; 0: one per CPU
 //!
 //! [upstream]
 //! region = "singapore"            # or base_url = "https://dashscope.aliyuncs.com"
@@ -428,6 +429,7 @@ pub struct Gateway {
     max_connections: usize,
     grace: std::time::Duration,
     listen: std::net::SocketAddr,
+    worker_threads: usize,
 }
 
 /// What the handlers share: the state built from the current
@@ -545,6 +547,7 @@ impl Gateway {
             max_connections: config.server.max_connections,
             grace: config.server.shutdown_grace,
             listen: config.server.listen,
+            worker_threads: config.server.worker_threads,
         }
     }
 
@@ -562,9 +565,9 @@ impl Gateway {
     /// counts. The client keys' token budgets per day and month are kept
     /// (in memory too): what a key spent still counts under its new
     /// limits. Metrics
-    /// keep counting: a key keeps its series. `listen`, `max_connections`
-    /// and `shutdown_grace` belong to the running server and need a
-    /// restart (a `warn` says so when they changed).
+    /// keep counting: a key keeps its series. `listen`, `max_connections`,
+    /// `shutdown_grace` and `worker_threads` belong to the running server
+    /// and need a restart (a `warn` says so when they changed).
     ///
     /// # Panics
     ///
@@ -575,9 +578,10 @@ impl Gateway {
         if s.listen != self.listen
             || s.max_connections != self.max_connections
             || s.shutdown_grace != self.grace
+            || s.worker_threads != self.worker_threads
         {
             tracing::warn!(
-                "server.listen, server.max_connections and server.shutdown_grace changed: they take effect on restart only"
+                "server.listen, server.max_connections, server.shutdown_grace or server.worker_threads changed: they take effect on restart only"
             );
         }
         let previous = self

@@ -476,3 +476,68 @@ fn the_readme_gateway_config_is_valid() {
     let c = GatewayConfig::from_toml_with_env(block, env).unwrap();
     assert!(c.effective_toml().contains("name = \"team-b\""));
 }
+
+/// `server.worker_threads` picks the program's runtime: by default 1,
+/// tokio's current-thread runtime (the log says which), and the gateway
+/// serves on it, the `--mock` upstream included; `--check-config` shows
+/// the setting, 0 (one per CPU) is accepted and more than 1024 refused.
+#[cfg(unix)]
+#[test]
+fn worker_threads_picks_the_programs_runtime() {
+    use std::io::Read;
+
+    let text = |threads: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{threads}\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n"
+        )
+    };
+    let check = |threads: &str| {
+        let path = temp_file("threads-check.toml", &text(threads));
+        let out = Command::new(BIN)
+            .args(["--mock", "--check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let shown = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        match out.status.success() {
+            true => {
+                let shown: toml::Table = shown.parse().unwrap();
+                Ok(shown["server"]["worker_threads"].as_integer().unwrap())
+            }
+            false => Err(stderr),
+        }
+    };
+    assert_eq!(check(""), Ok(1));
+    assert_eq!(check("worker_threads = 0"), Ok(0));
+    assert_eq!(check("worker_threads = 4"), Ok(4));
+    let refused = check("worker_threads = 1025").unwrap_err();
+    assert!(refused.contains("server.worker_threads"), "{refused}");
+
+    let path = temp_file("threads.toml", &text(""));
+    let (mut child, lines) = run("text", &path);
+    let seen = lines.until("gateway listening");
+    let text = seen.join("\n");
+    assert!(text.contains("runtime: current-thread"), "{text}");
+    let listening = seen.last().unwrap();
+    let addr = listening[listening.find("addr=").expect("the address") + 5..]
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gw-alice-0001\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let read = conn.read_to_string(&mut answer);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    read.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -63,6 +63,8 @@ pub(super) struct ServerFile {
     /// Default: from the file-descriptor limit.
     pub(super) max_connections: Option<Int<1, { 1 << 20 }>>,
     pub(super) max_auth_failures_per_minute: Int<0, 1_000_000>,
+    /// 0: one per CPU.
+    pub(super) worker_threads: Int<0, 1024>,
 }
 
 impl Default for ServerFile {
@@ -76,6 +78,7 @@ impl Default for ServerFile {
             shutdown_grace: OptDur(Some(Duration::from_secs(30))),
             max_connections: None,
             max_auth_failures_per_minute: Int(10),
+            worker_threads: Int(1),
         }
     }
 }

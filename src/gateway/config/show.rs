@@ -54,6 +54,7 @@ impl GatewayConfig {
             "max_auth_failures_per_minute".into(),
             int(u64::from(s.max_auth_failures_per_minute)),
         );
+        server.insert("worker_threads".into(), int(s.worker_threads as u64));
         root.insert("server".into(), server.into());
 
         let u = &self.upstream;
