@@ -98,14 +98,17 @@ fn main() -> ExitCode {
         };
     }
     // The runtime's shape (`server.worker_threads`) comes from the file,
-    // read once before the runtime exists.
-    let threads = match load(&args, placeholder) {
-        Ok(config) => config.worker_threads(),
+    // read before the runtime exists; without a mock that reading is the
+    // one the gateway starts from.
+    let config = match load(&args, placeholder) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("{}: {e}", args.config.display());
             return ExitCode::FAILURE;
         }
     };
+    let threads = config.worker_threads();
+    let config = (!args.mock).then_some(config);
     let runtime = match threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -119,7 +122,7 @@ fn main() -> ExitCode {
             .build(),
     };
     match runtime {
-        Ok(rt) => rt.block_on(run(args, threads)),
+        Ok(rt) => rt.block_on(run(args, threads, config)),
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
             ExitCode::FAILURE
@@ -127,7 +130,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, threads: usize) -> ExitCode {
+/// Serves until Ctrl-C or SIGTERM; `config` is the file as read at start
+/// (`None` with `--mock`: it is read again with the mock's address).
+async fn run(args: Args, threads: usize, config: Option<GatewayConfig>) -> ExitCode {
     init_logs(args.log_format);
     match threads {
         1 => tracing::info!("runtime: current-thread (server.worker_threads = 1)"),
@@ -149,7 +154,7 @@ async fn run(args: Args, threads: usize) -> ExitCode {
         }
     };
     let mock_url = mock.as_ref().map(|m| m.base_url());
-    let config = match load(&args, mock_url.as_deref()) {
+    let config = match config.map_or_else(|| load(&args, mock_url.as_deref()), Ok) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", args.config.display());
