@@ -208,10 +208,11 @@ async fn run(url: String) {
             }
             let tag = |what: &str| format!("bench:{what}{tasks}{}:", keys.name().len());
             // The Redis backend: exact decisions, batched.
-            let lim: RedisLimiter<u64> = RedisLimiter::builder(limits())
+            let lim: RedisLimiter<u64> = RateLimiter::builder(limits())
+                .redis(connect_lazy(&url, Duration::from_secs(5)).unwrap())
                 .prefix(tag("gcra"))
                 .timeout(Duration::from_secs(5))
-                .build_keyed(connect_lazy(&url, Duration::from_secs(5)).unwrap());
+                .build_keyed();
             let l = lim.clone();
             let decide = move |task| {
                 let l = l.clone();
@@ -223,11 +224,12 @@ async fn run(url: String) {
 
             // The same with leases: 20 requests / 10,000 tokens per slice,
             // 50 ms.
-            let lim: RedisLimiter<u64> = RedisLimiter::builder(limits())
+            let lim: RedisLimiter<u64> = RateLimiter::builder(limits())
+                .redis(connect_lazy(&url, Duration::from_secs(5)).unwrap())
                 .prefix(tag("lease"))
                 .timeout(Duration::from_secs(5))
                 .lease(Lease::new(Cost::new(20, 10_000), Duration::from_millis(50)))
-                .build_keyed(connect_lazy(&url, Duration::from_secs(5)).unwrap());
+                .build_keyed();
             let l = lim.clone();
             let decide = move |task| {
                 let l = l.clone();

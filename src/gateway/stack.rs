@@ -238,17 +238,29 @@ pub(crate) fn build(
                 .map_or(Limits::UNLIMITED, |t| t.get(k.model()))
         }
     };
+    // The client-key buckets and budgets, whatever the backend.
+    let bucket_builder = || {
+        RateLimiter::builder(Limits::UNLIMITED)
+            .feedback(None)
+            .max_keys(cfg.keys.len().max(1))
+    };
+    let budget_builder = || {
+        Budget::builder()
+            .clock(wall_clock)
+            .max_keys(cfg.keys.len().max(1))
+    };
     #[cfg(feature = "redis")]
     if let Some(r) = &cfg.redis {
-        use crate::redis::{FailurePolicy, RedisLimiter, connect_lazy};
+        use crate::redis::{FailurePolicy, connect_lazy};
         // Validated in the configuration: only a missing runtime fails here.
         let conn = connect_lazy(&r.url, r.timeout)
             .expect("Gateway::new with [redis] runs inside a tokio runtime");
         let policy = r
             .fail_open
             .map_or(FailurePolicy::fail_closed(), FailurePolicy::fail_open);
-        let builder = |prefix: String| {
-            let b = RedisLimiter::builder(Limits::UNLIMITED)
+        let on_redis = |b: crate::rate_limit::RateLimiterBuilder, prefix: String| {
+            let b = b
+                .redis(conn.clone())
                 .prefix(prefix)
                 .timeout(r.timeout)
                 .on_failure(policy)
@@ -261,25 +273,26 @@ pub(crate) fn build(
                 crate::redis::Clock::Server => b,
             }
         };
-        let buckets = builder(format!("{}key:", r.prefix))
-            .feedback(None)
-            .max_keys(cfg.keys.len().max(1))
-            .build_keyed_with(conn.clone(), limits_of);
+        let buckets =
+            on_redis(bucket_builder(), format!("{}key:", r.prefix)).build_keyed_with(limits_of);
         let accounts: Vec<_> = cfg
             .accounts
             .iter()
             .map(|a| {
-                builder(format!("{}acct:", r.prefix)).build_keyed_with(conn.clone(), quotas_of(a))
+                on_redis(
+                    RateLimiter::builder(Limits::UNLIMITED),
+                    format!("{}acct:", r.prefix),
+                )
+                .build_keyed_with(quotas_of(a))
             })
             .collect();
-        let budgets = crate::redis::RedisBudget::builder()
+        let budgets = budget_builder()
+            .redis(conn.clone())
             .prefix(format!("{}budget:", r.prefix))
             .timeout(r.timeout)
             .on_failure(policy)
             .probe_every(r.probe_every)
-            .clock(wall_clock)
-            .max_keys(cfg.keys.len().max(1))
-            .build_with(conn.clone(), budgets_of);
+            .build_with(budgets_of);
         let mut redis: Vec<RedisProbe> = Vec::new();
         if cfg.keys.iter().any(|k| !k.tokens.budget.is_none()) {
             let b = budgets.clone();
@@ -327,10 +340,7 @@ pub(crate) fn build(
             redis,
         };
     }
-    let buckets = RateLimiter::builder(Limits::UNLIMITED)
-        .feedback(None)
-        .max_keys(cfg.keys.len().max(1))
-        .build_keyed_with(limits_of);
+    let buckets = bucket_builder().build_keyed_with(limits_of);
     let accounts: Vec<_> = cfg
         .accounts
         .iter()
@@ -342,10 +352,7 @@ pub(crate) fn build(
         .collect();
     let budgets = match previous {
         Some(b) => b.with_limits(budgets_of),
-        None => Budget::builder()
-            .clock(wall_clock)
-            .max_keys(cfg.keys.len().max(1))
-            .build_with(budgets_of),
+        None => budget_builder().build_with(budgets_of),
     };
     let (breaker, services, files) = assemble(
         cfg,

@@ -79,7 +79,8 @@ use crate::time::{self, Instant};
 
 use super::backend::{Backend, Decision, Immediate, Permit, Ticket};
 use super::error::BudgetExceeded;
-use super::limiter::{Cost, DimState, Snapshot};
+use super::limiter::sealed;
+use super::limiter::{Cost, DimState, InMemory, Snapshot};
 
 const DAY: u64 = 86_400;
 
@@ -404,8 +405,6 @@ fn tightest(
     })
 }
 
-type LimitsFor<K> = Box<dyn Fn(&K) -> BudgetLimits + Send + Sync>;
-
 /// One key's counters.
 #[derive(Debug, Default)]
 pub(crate) struct Counters(Mutex<[Count; 2]>);
@@ -427,7 +426,7 @@ impl Counters {
 }
 
 struct Shared<K> {
-    limits_for: LimitsFor<K>,
+    limits_for: sealed::BudgetLimitsFor<K>,
     clock: WallClock,
     counts: Arc<Counts<K>>,
 }
@@ -438,53 +437,114 @@ struct Counts<K> {
     overflow: OnceLock<Counters>,
 }
 
-/// Builds a [`Budget`]. See the [module docs](self) for an example.
+/// Builds a token budget, whatever its backend: the settings both
+/// backends share are set here once, the backend is chosen by the type
+/// parameter `S` (the [`BudgetStore`]): [`InMemory`] from
+/// [`Budget::builder`] (a [`Budget`]), or Redis after
+/// [`redis`](BudgetBuilder::redis) (a
+/// [`RedisBudget`](crate::redis::RedisBudget), with the Redis-only
+/// settings of [`RedisStore`](crate::redis::RedisStore)); `build` and
+/// `build_with` then make that backend. See the [module docs](self) for
+/// an example.
 #[derive(Clone, Copy, Debug)]
-pub struct BudgetBuilder {
-    clock: Option<WallClock>,
-    max_keys: usize,
+pub struct BudgetBuilder<S = InMemory> {
+    pub(crate) clock: Option<WallClock>,
+    pub(crate) max_keys: usize,
+    pub(crate) store: S,
 }
 
-impl BudgetBuilder {
+/// Where a [`BudgetBuilder`] keeps the counters of the budget it builds
+/// for keys of type `K`, and so which backend it builds: [`InMemory`]
+/// builds a [`Budget<K>`](Budget), Redis a
+/// [`RedisBudget<K>`](crate::redis::RedisBudget). Sealed.
+///
+/// # Example
+///
+/// ```
+/// use std::num::NonZeroU64;
+/// use tower_qwen::rate_limit::{Budget, BudgetBuilder, BudgetLimits, BudgetStore};
+///
+/// // Generic over the store: the same settings, any backend.
+/// fn daily<S: BudgetStore<String>>(b: BudgetBuilder<S>) -> S::Budget {
+///     b.max_keys(1_000).build(BudgetLimits::per_day(NonZeroU64::new(10_000).unwrap()))
+/// }
+/// let budget = daily(Budget::builder());
+/// assert_eq!(budget.snapshot(&"ann".to_owned()).unwrap().tokens.unwrap().remaining, 10_000);
+/// ```
+pub trait BudgetStore<K>: sealed::Sealed + Sized {
+    /// The backend built.
+    type Budget: Backend<K>;
+
+    #[doc(hidden)]
+    fn build_budget(b: BudgetBuilder<Self>, limits_for: sealed::BudgetLimitsFor<K>)
+    -> Self::Budget;
+}
+
+impl<K> BudgetStore<K> for InMemory
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Budget = Budget<K>;
+
+    fn build_budget(b: BudgetBuilder<Self>, limits_for: sealed::BudgetLimitsFor<K>) -> Budget<K> {
+        Budget {
+            shared: Arc::new(Shared {
+                limits_for,
+                clock: b.clock.unwrap_or_else(WallClock::system),
+                counts: Arc::new(Counts {
+                    store: Store::new(b.max_keys, 60 * 1_000_000_000, "token budget"),
+                    overflow: OnceLock::new(),
+                }),
+            }),
+        }
+    }
+}
+
+impl<S> BudgetBuilder<S> {
     /// The clock the windows are read from. Default is
-    /// [`WallClock::system`] when the budget is built.
+    /// [`WallClock::system`] when the budget is built. Replicas sharing a
+    /// Redis budget agree on a window as far as their clocks agree.
     pub fn clock(mut self, clock: WallClock) -> Self {
         self.clock = Some(clock);
         self
     }
 
-    /// The most keys counted at once. Default is 100,000. A key whose
-    /// windows are all over is forgotten when room is needed; if every key
-    /// is busy, new keys share one overflow count (still limited, together).
+    /// The most keys counted at once (on Redis: whose counts this process
+    /// remembers, for snapshots and the fail-open fallback). Default is
+    /// 100,000. A key whose windows are all over is forgotten when room is
+    /// needed; if every key is busy, new keys share one overflow count
+    /// (still limited, together).
     pub fn max_keys(mut self, max: usize) -> Self {
         self.max_keys = max.max(1);
         self
     }
 
     /// A budget with the same limits for every key.
-    pub fn build<K>(self, limits: BudgetLimits) -> Budget<K>
+    pub fn build<K>(self, limits: BudgetLimits) -> <S as BudgetStore<K>>::Budget
     where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
+        S: BudgetStore<K>,
     {
         self.build_with(move |_: &K| limits)
     }
 
     /// A budget whose limits depend on the key (asked at every call, so
     /// keep it cheap).
-    pub fn build_with<K, F>(self, limits_for: F) -> Budget<K>
+    pub fn build_with<K, F>(self, limits_for: F) -> <S as BudgetStore<K>>::Budget
     where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
+        S: BudgetStore<K>,
         F: Fn(&K) -> BudgetLimits + Send + Sync + 'static,
     {
-        Budget {
-            shared: Arc::new(Shared {
-                limits_for: Box::new(limits_for),
-                clock: self.clock.unwrap_or_else(WallClock::system),
-                counts: Arc::new(Counts {
-                    store: Store::new(self.max_keys, 60 * 1_000_000_000, "token budget"),
-                    overflow: OnceLock::new(),
-                }),
-            }),
+        S::build_budget(self, Arc::new(limits_for))
+    }
+
+    /// The same shared settings over another store (the Redis backend's
+    /// `redis` uses it).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_store<T>(self, store: T) -> BudgetBuilder<T> {
+        BudgetBuilder {
+            clock: self.clock,
+            max_keys: self.max_keys,
+            store,
         }
     }
 }
@@ -516,11 +576,13 @@ impl<K> fmt::Debug for Budget<K> {
 }
 
 impl Budget {
-    /// Builds a budget.
+    /// A builder, in memory until another store is chosen (see
+    /// [`BudgetBuilder`]).
     pub fn builder() -> BudgetBuilder {
         BudgetBuilder {
             clock: None,
             max_keys: 100_000,
+            store: InMemory,
         }
     }
 }
@@ -538,7 +600,7 @@ where
     {
         Budget {
             shared: Arc::new(Shared {
-                limits_for: Box::new(limits_for),
+                limits_for: Arc::new(limits_for),
                 clock: self.shared.clock,
                 counts: self.shared.counts.clone(),
             }),

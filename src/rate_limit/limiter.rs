@@ -179,31 +179,171 @@ impl Feedback {
     }
 }
 
-/// Builds a [`RateLimiter`]. See the [module docs](super) for an example.
+/// Builds a rate limiter, whatever its backend: the settings every
+/// backend shares are set here once, the backend is chosen by the type
+/// parameter `S` (the [`LimiterStore`]): [`InMemory`] from
+/// [`RateLimiter::builder`] (a [`RateLimiter`]), or Redis after
+/// [`redis`](RateLimiterBuilder::redis) (a
+/// [`RedisLimiter`](crate::redis::RedisLimiter), with the Redis-only
+/// settings of [`RedisStore`](crate::redis::RedisStore)); `build`,
+/// `build_keyed` and `build_keyed_with` then make that backend.
+///
+/// # Example
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use std::time::Duration;
+/// use tower_qwen::rate_limit::{Feedback, Limits, Quota, RateLimiter};
+///
+/// let limits = Limits::requests(Quota::per_minute(NonZeroU32::new(60).unwrap()));
+/// let shared = RateLimiter::builder(limits)
+///     .feedback(Feedback::new().pause(Duration::from_secs(2)))
+///     .max_keys(10_000);
+/// // In memory:
+/// let limiter: RateLimiter<String> = shared.clone().build_keyed();
+/// assert!(limiter.is_keyed());
+/// ```
+///
+/// See the [module docs](super) for a limiter in a stack, and the
+/// [Redis module's](crate::redis) for the same builder on Redis.
 #[derive(Clone, Debug)]
-pub struct RateLimiterBuilder {
-    limits: Limits,
-    slow_start: Option<SlowStart>,
-    feedback: Option<Feedback>,
-    max_keys: usize,
-    sweep_every: Duration,
+pub struct RateLimiterBuilder<S = InMemory> {
+    pub(crate) limits: Limits,
+    pub(crate) slow_start: Option<SlowStart>,
+    pub(crate) feedback: Option<Feedback>,
+    pub(crate) max_keys: usize,
+    pub(crate) sweep_every: Duration,
+    pub(crate) store: S,
 }
 
-impl RateLimiterBuilder {
-    /// Slow start after idle. Default is none (`None` disables).
+/// The in-memory store of a [`RateLimiterBuilder`] or a
+/// [`BudgetBuilder`](super::BudgetBuilder), their default: state in this
+/// process, shared by the clones of what they build.
+///
+/// # Example
+///
+/// ```
+/// use tower_qwen::rate_limit::{InMemory, Limits, RateLimiter, RateLimiterBuilder};
+///
+/// let builder: RateLimiterBuilder<InMemory> = RateLimiter::builder(Limits::UNLIMITED);
+/// let limiter: RateLimiter = builder.build();
+/// assert!(!limiter.is_keyed());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InMemory;
+
+/// Where a [`RateLimiterBuilder`] keeps the state of the limiter it builds
+/// for keys of type `K`, and so which backend it builds: [`InMemory`]
+/// builds a [`RateLimiter<K>`](RateLimiter), Redis a
+/// [`RedisLimiter<K>`](crate::redis::RedisLimiter) (whose keys must be a
+/// [`StoreKey`](crate::key::StoreKey)). Sealed: implemented by the crate's
+/// stores only (a backend of your own implements [`Backend`] and is built
+/// your way).
+///
+/// # Example
+///
+/// ```
+/// use tower_qwen::rate_limit::{Backend, LimiterStore, Limits, RateLimiter, RateLimiterBuilder};
+///
+/// // Generic over the store: the same settings, any backend.
+/// fn per_user<S: LimiterStore<String>>(b: RateLimiterBuilder<S>) -> S::Limiter {
+///     b.max_keys(1_000).build_keyed()
+/// }
+/// let limiter = per_user(RateLimiter::builder(Limits::UNLIMITED));
+/// assert!(limiter.snapshot(&"ann".to_owned()).is_none());
+/// ```
+pub trait LimiterStore<K>: sealed::Sealed + Sized {
+    /// The backend built.
+    type Limiter: Backend<K>;
+
+    #[doc(hidden)]
+    fn build_limiter(b: RateLimiterBuilder<Self>, keys: sealed::Keys<K>) -> Self::Limiter;
+}
+
+pub(crate) mod sealed {
+    use std::sync::Arc;
+
+    use super::super::budget::BudgetLimits;
+    use super::super::quota::Limits;
+
+    /// Implemented by the crate's stores only.
+    #[allow(unreachable_pub)]
+    pub trait Sealed {}
+
+    /// Which limits a built limiter gives its keys.
+    #[allow(unreachable_pub)]
+    pub enum Keys<K> {
+        /// One limiter for everything (`build`).
+        One,
+        /// The builder's limits for every key (`build_keyed`).
+        Same,
+        /// Limits by key (`build_keyed_with`).
+        Each(Arc<dyn Fn(&K) -> Limits + Send + Sync>),
+    }
+
+    impl<K> std::fmt::Debug for Keys<K> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                Keys::One => "One",
+                Keys::Same => "Same",
+                Keys::Each(_) => "Each",
+            })
+        }
+    }
+
+    /// A budget's limits by key.
+    #[allow(unreachable_pub)]
+    pub type BudgetLimitsFor<K> = Arc<dyn Fn(&K) -> BudgetLimits + Send + Sync>;
+}
+
+impl sealed::Sealed for InMemory {}
+
+impl<K> LimiterStore<K> for InMemory
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Limiter = RateLimiter<K>;
+
+    fn build_limiter(b: RateLimiterBuilder<Self>, keys: sealed::Keys<K>) -> RateLimiter<K> {
+        match keys {
+            sealed::Keys::One => {
+                let single = Full::new(b.limits);
+                RateLimiter::from_parts(b, None, Some(single))
+            }
+            sealed::Keys::Same => RateLimiter::from_parts(b, None, None),
+            sealed::Keys::Each(f) => RateLimiter::from_parts(b, Some(f), None),
+        }
+    }
+}
+
+impl RateLimiterBuilder<InMemory> {
+    /// Slow start after idle (the in-memory backend's alone: see
+    /// [the backends](super#the-backends)). Default is none (`None`
+    /// disables).
     pub fn slow_start(mut self, slow_start: impl Into<Option<SlowStart>>) -> Self {
         self.slow_start = slow_start.into();
         self
     }
+}
 
+impl<S> RateLimiterBuilder<S> {
     /// Tightening on upstream throttles. Default is [`Feedback::new`]
     /// (`None` disables).
+    ///
+    /// In memory the key pauses, then recovers at a reduced rate; on Redis
+    /// only the pause is replicated (for every replica; a pause applied
+    /// while calls already hold later slots does not move those), and the
+    /// fail-open fallback limiter tightens as in memory (see
+    /// [the backends](super#the-backends)).
     pub fn feedback(mut self, feedback: impl Into<Option<Feedback>>) -> Self {
         self.feedback = feedback.into();
         self
     }
 
-    /// The most keys a keyed limiter remembers. Default is 100,000.
+    /// The most keys a keyed limiter remembers (on Redis: the local state
+    /// of leases, snapshots and the fail-open fallback). Default is
+    /// 100,000.
     ///
     /// When a new key arrives and the map is full, idle keys are evicted
     /// first (at most once a second); if none is idle, the new key shares
@@ -215,36 +355,56 @@ impl RateLimiterBuilder {
         self
     }
 
-    /// How often a keyed limiter sweeps idle keys out, checked when a new
-    /// key arrives (no background task). Default is 60 s.
+    /// How often a keyed limiter sweeps idle keys out of its local state,
+    /// checked when a new key arrives (no background task). Default is
+    /// 60 s.
     pub fn sweep_every(mut self, every: Duration) -> Self {
         self.sweep_every = every;
         self
     }
 
     /// One limiter for everything (key `()`).
-    pub fn build(self) -> RateLimiter<()> {
-        let single = Full::new(self.limits);
-        RateLimiter::from_parts(self, None, Some(single))
-    }
-
-    /// A keyed limiter: each key gets its own state with these limits (a
-    /// request-only key without slow start takes one `u64`).
-    pub fn build_keyed<K>(self) -> RateLimiter<K>
+    pub fn build(self) -> S::Limiter
     where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
+        S: LimiterStore<()>,
     {
-        RateLimiter::from_parts(self, None, None)
+        S::build_limiter(self, sealed::Keys::One)
     }
 
-    /// A keyed limiter whose limits depend on the key (called once, when a
-    /// key is first seen).
-    pub fn build_keyed_with<K, F>(self, limits_for: F) -> RateLimiter<K>
+    /// A keyed limiter: each key gets its own state with the builder's
+    /// limits (in memory, a request-only key without slow start takes one
+    /// `u64`).
+    pub fn build_keyed<K>(self) -> <S as LimiterStore<K>>::Limiter
     where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
+        S: LimiterStore<K>,
+    {
+        S::build_limiter(self, sealed::Keys::Same)
+    }
+
+    /// A keyed limiter whose limits depend on the key. In memory it is
+    /// called once, when a key is first seen; on Redis on every decision
+    /// (the limits travel with each script call: keep it cheap), and
+    /// every replica must give a key the same limits.
+    pub fn build_keyed_with<K, F>(self, limits_for: F) -> <S as LimiterStore<K>>::Limiter
+    where
+        S: LimiterStore<K>,
         F: Fn(&K) -> Limits + Send + Sync + 'static,
     {
-        RateLimiter::from_parts(self, Some(Box::new(limits_for)), None)
+        S::build_limiter(self, sealed::Keys::Each(Arc::new(limits_for)))
+    }
+
+    /// The same shared settings over another store (the Redis backend's
+    /// `redis` uses it).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_store<T>(self, store: T) -> RateLimiterBuilder<T> {
+        RateLimiterBuilder {
+            limits: self.limits,
+            slow_start: self.slow_start,
+            feedback: self.feedback,
+            max_keys: self.max_keys,
+            sweep_every: self.sweep_every,
+            store,
+        }
     }
 }
 
@@ -544,7 +704,7 @@ fn book_full(
     }
 }
 
-type LimitsFor<K> = Box<dyn Fn(&K) -> Limits + Send + Sync>;
+type LimitsFor<K> = Arc<dyn Fn(&K) -> Limits + Send + Sync>;
 
 /// Where a key's state lives, so that later operations (cancel, reconcile,
 /// feedback) find the state the booking used.
@@ -618,7 +778,8 @@ impl<K> fmt::Debug for RateLimiter<K> {
 }
 
 impl RateLimiter<()> {
-    /// A builder with these limits for every key.
+    /// A builder with these limits for every key, in memory until
+    /// another store is chosen (see [`RateLimiterBuilder`]).
     pub fn builder(limits: Limits) -> RateLimiterBuilder {
         RateLimiterBuilder {
             limits,
@@ -626,6 +787,7 @@ impl RateLimiter<()> {
             feedback: Some(Feedback::new()),
             max_keys: 100_000,
             sweep_every: Duration::from_secs(60),
+            store: InMemory,
         }
     }
 
@@ -637,7 +799,7 @@ impl RateLimiter<()> {
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     fn from_parts(
-        b: RateLimiterBuilder,
+        b: RateLimiterBuilder<InMemory>,
         limits_for: Option<LimitsFor<K>>,
         single: Option<Full>,
     ) -> Self {

@@ -14,7 +14,12 @@
 //!   the body's end, the wait and reject modes; a [`Backend`] decides and
 //!   stores. [`RateLimiter`] decides in memory, at once, with no future;
 //!   [`RedisLimiter`](crate::redis::RedisLimiter) decides in Redis so that
-//!   replicas share one quota; implement [`Backend`] for a third.
+//!   replicas share one quota; implement [`Backend`] for a third. One
+//!   builder makes either: [`RateLimiter::builder`] takes the settings
+//!   the backends share (feedback, key bound, sweep) once, and builds in
+//!   memory, or on Redis after
+//!   [`redis`](RateLimiterBuilder::redis); token budgets likewise from
+//!   [`Budget::builder`].
 //! * **Any request type.** A key function ([`key`](crate::key): global,
 //!   by model, by (account, model), by header, or a closure) and a cost
 //!   function ([`CostOf`]: [`Estimate`] for DashScope HTTP requests,
@@ -189,18 +194,18 @@ pub use backend::{Admission, Backend, Decision, Immediate, Permit, Reservation, 
 #[cfg(feature = "gateway")]
 pub(crate) use budget::Tightest;
 pub use budget::{
-    Budget, BudgetBuilder, BudgetLimits, BudgetPermit, BudgetTicket, Period, WallClock,
+    Budget, BudgetBuilder, BudgetLimits, BudgetPermit, BudgetStore, BudgetTicket, Period, WallClock,
 };
 #[cfg(feature = "redis")]
 pub(crate) use budget::{Window, refusal, windows};
 pub use layer::{
     CostOf, DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS, Estimate, Mode, PerCall, RateLimitLayer,
 };
-#[cfg(feature = "redis")]
-pub(crate) use limiter::dim_state;
 pub use limiter::{
-    Cost, DimState, Feedback, MemoryPermit, MemoryTicket, RateLimiter, RateLimiterBuilder,
-    SlowStart, Snapshot,
+    Cost, DimState, Feedback, InMemory, LimiterStore, MemoryPermit, MemoryTicket, RateLimiter,
+    RateLimiterBuilder, SlowStart, Snapshot,
 };
+#[cfg(feature = "redis")]
+pub(crate) use limiter::{dim_state, sealed};
 pub use quota::{Limits, Quota, QuotaTable, qwen_limits};
 pub use service::RateLimit;

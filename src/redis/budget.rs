@@ -29,16 +29,17 @@ use crate::BoxError;
 use crate::classify::ThrottleCause;
 use crate::key::StoreKey;
 use crate::rate_limit::error::BudgetExceeded;
+use crate::rate_limit::sealed::BudgetLimitsFor;
 use crate::rate_limit::{
-    Backend, Budget, BudgetLimits, BudgetPermit, BudgetTicket, Cost, Decision, Period, Permit,
-    Snapshot, WallClock, Window, windows,
+    Backend, Budget, BudgetBuilder, BudgetLimits, BudgetPermit, BudgetStore, BudgetTicket, Cost,
+    Decision, Period, Permit, Snapshot, WallClock, Window, windows,
 };
 use crate::time::{self, Instant, duration_nanos};
 
 use super::batch::{Background, Failure};
 use super::error::StoreUnavailable;
 use super::fallback::{FailurePolicy, Health};
-use super::limiter::DEFAULT_TIMEOUT;
+use super::store::RedisStore;
 
 /// How long a window's counter outlives the window (late reconciliations
 /// still find it).
@@ -85,94 +86,37 @@ return 0
 
 static ADJUST_SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(ADJUST));
 
-/// Builds a [`RedisBudget`].
-#[derive(Clone, Debug)]
-pub struct RedisBudgetBuilder {
-    prefix: String,
-    timeout: Option<Duration>,
-    policy: FailurePolicy,
-    probe_every: Duration,
-    clock: Option<WallClock>,
-    max_keys: usize,
-}
+impl<K> BudgetStore<K> for RedisStore
+where
+    K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Budget = RedisBudget<K>;
 
-impl RedisBudgetBuilder {
-    /// The prefix of the counters' Redis keys. Default is
-    /// `"tower-qwen:budget:"`.
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How long a Redis call may take before the failure policy applies.
-    /// Default is 100 ms (`None`: no limit).
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
-        self
-    }
-
-    /// What to do when Redis cannot answer. Default is
-    /// [`FailurePolicy::default`] (fail open, one replica).
-    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// How often Redis is tried again while down. Default is 500 ms.
-    pub fn probe_every(mut self, every: Duration) -> Self {
-        self.probe_every = every;
-        self
-    }
-
-    /// The clock the windows are read from. Default is
-    /// [`WallClock::system`] when the budget is built. Replicas agree on
-    /// a window as far as their clocks agree.
-    pub fn clock(mut self, clock: WallClock) -> Self {
-        self.clock = Some(clock);
-        self
-    }
-
-    /// The most keys whose counts this process remembers (for snapshots
-    /// and the fail-open fallback). Default is 100,000.
-    pub fn max_keys(mut self, max: usize) -> Self {
-        self.max_keys = max.max(1);
-        self
-    }
-
-    /// A budget with the same limits for every key.
-    pub fn build<K>(self, conn: ConnectionManager, limits: BudgetLimits) -> RedisBudget<K>
-    where
-        K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
-    {
-        self.build_with(conn, move |_: &K| limits)
-    }
-
-    /// A budget whose limits depend on the key (asked at every call).
-    pub fn build_with<K, F>(self, conn: ConnectionManager, limits_for: F) -> RedisBudget<K>
-    where
-        K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
-        F: Fn(&K) -> BudgetLimits + Send + Sync + 'static,
-    {
-        let clock = self.clock.unwrap_or_else(WallClock::system);
-        let limits_for = Arc::new(limits_for);
-        let base = Budget::builder().clock(clock).max_keys(self.max_keys);
-        let l = limits_for.clone();
-        let view = base.build_with(move |k: &K| l(k));
-        let (l, n) = (
-            limits_for.clone(),
-            self.policy.replicas().map_or(1, |n| n.get()),
-        );
-        let fallback = base.build_with(move |k: &K| shared_by(l(k), n));
+    fn build_budget(b: BudgetBuilder<Self>, limits_for: BudgetLimitsFor<K>) -> RedisBudget<K> {
+        let clock = b.clock.unwrap_or_else(WallClock::system);
+        let store = b.store;
+        // The local view and the fail-open counts: in memory, the
+        // builder's shared settings.
+        let local = Budget::builder().clock(clock).max_keys(b.max_keys);
+        let view = local.build_with({
+            let l = limits_for.clone();
+            move |k: &K| l(k)
+        });
+        let n = store.policy.replicas().map_or(1, |n| n.get());
+        let fallback = local.build_with({
+            let l = limits_for.clone();
+            move |k: &K| shared_by(l(k), n)
+        });
         RedisBudget {
             shared: Arc::new(Shared {
-                conn,
-                prefix: self.prefix,
-                timeout: self.timeout,
-                policy: self.policy,
-                health: Health::new(duration_nanos(self.probe_every)),
+                conn: store.conn,
+                prefix: store.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+                timeout: store.timeout,
+                policy: store.policy,
+                health: Health::new(duration_nanos(store.probe_every)),
                 origin: time::now(),
                 clock,
-                limits_for: Box::new(move |k: &K| limits_for(k)),
+                limits_for,
                 view,
                 fallback,
                 background: Background::default(),
@@ -180,6 +124,9 @@ impl RedisBudgetBuilder {
         }
     }
 }
+
+/// The default key prefix of a [`RedisBudget`].
+const DEFAULT_PREFIX: &str = "tower-qwen:budget:";
 
 /// `limits` shared by `n` replicas (each budget divided by `n`, at least 1).
 fn shared_by(limits: BudgetLimits, n: u32) -> BudgetLimits {
@@ -203,7 +150,7 @@ struct Shared<K> {
     health: Health,
     origin: Instant,
     clock: WallClock,
-    limits_for: Box<dyn Fn(&K) -> BudgetLimits + Send + Sync>,
+    limits_for: BudgetLimitsFor<K>,
     /// What Redis said each key spent, as of its last round trip here.
     view: Budget<K>,
     /// The fail-open counts.
@@ -260,20 +207,6 @@ impl<K> fmt::Debug for RedisBudget<K> {
             .field("policy", &self.shared.policy)
             .field("down", &self.shared.health.is_down())
             .finish_non_exhaustive()
-    }
-}
-
-impl RedisBudget {
-    /// Builds a Redis budget.
-    pub fn builder() -> RedisBudgetBuilder {
-        RedisBudgetBuilder {
-            prefix: "tower-qwen:budget:".to_owned(),
-            timeout: Some(DEFAULT_TIMEOUT),
-            policy: FailurePolicy::default(),
-            probe_every: Duration::from_millis(500),
-            clock: None,
-            max_keys: 100_000,
-        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::rate_limit::{Limits, Quota};
 ///   transient with the time until Redis is tried again.
 ///
 /// Either way Redis is probed again every
-/// [`probe_every`](super::RedisLimiterBuilder::probe_every) (the first call
+/// [`probe_every`](crate::rate_limit::RateLimiterBuilder::probe_every) (the first call
 /// after that goes to Redis; the others keep the policy meanwhile, so no
 /// call waits for a dead Redis longer than one timeout), and the limiter
 /// goes back to Redis as soon as a call succeeds. Each transition is

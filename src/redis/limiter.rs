@@ -18,17 +18,19 @@ use crate::key::store::Store;
 use crate::rate_limit::bucket::{FULL_RATE, Gcra};
 use crate::rate_limit::dim_state;
 use crate::rate_limit::error::{Dimension, RateLimited};
+use crate::rate_limit::sealed::Keys;
 use crate::rate_limit::{
-    Admission, Backend, Cost, Decision, Feedback, Limits, MemoryPermit, MemoryTicket, Permit,
-    Quota, RateLimiter, Reservation, Snapshot, Ticket,
+    Admission, Backend, Cost, Decision, LimiterStore, Limits, MemoryPermit, MemoryTicket, Permit,
+    Quota, RateLimiter, RateLimiterBuilder, Reservation, Snapshot, Ticket,
 };
 use crate::time::{self, Instant, duration_nanos};
 
 use super::batch::{Background, Batcher, Counters, Exec, Failure};
 use super::error::StoreUnavailable;
-use super::fallback::{FailurePolicy, Health, scale};
+use super::fallback::{Health, scale};
 use super::lease::{Lease, LeaseCell, Renewal};
 use super::script::{Booked, DimArgs, Grant, Now, Op, Refund};
+use super::store::RedisStore;
 
 /// Whose clock the script decides on.
 ///
@@ -49,135 +51,41 @@ pub enum Clock {
     /// the origin, so this is for one process (tests with a controlled
     /// clock, several limiters in one binary). Redis still expires idle keys
     /// on its own clock: under paused test time, set a large
-    /// [`expiry_slack`](RedisLimiterBuilder::expiry_slack).
+    /// [`expiry_slack`](crate::rate_limit::RateLimiterBuilder::expiry_slack).
     Local(Instant),
 }
 
-/// Builds a [`RedisLimiter`]. See the [module docs](super) for an example.
-#[derive(Clone, Debug)]
-pub struct RedisLimiterBuilder {
-    limits: Limits,
-    prefix: String,
-    timeout: Option<Duration>,
-    policy: FailurePolicy,
-    probe_every: Duration,
-    clock: Clock,
-    lease: Option<Lease>,
-    feedback: Option<Duration>,
-    expiry_slack: Duration,
-    max_keys: usize,
-}
+impl<K> LimiterStore<K> for RedisStore
+where
+    K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Limiter = RedisLimiter<K>;
 
-/// The default Redis timeout: 100 ms.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
-
-impl RedisLimiterBuilder {
-    /// The prefix of every Redis key this limiter writes. Default is
-    /// `"tower-qwen:rl:"`. Limiters that must share budgets use the same
-    /// prefix (and the same limits).
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How long one Redis call may take before the failure policy decides
-    /// instead (and Redis counts as down). Default is 100 ms; `None`
-    /// disables it (the connection's own timeouts still apply).
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
-        self
-    }
-
-    /// What to do when Redis cannot decide. Default is
-    /// [`FailurePolicy::default`] (fail open, one replica).
-    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// While Redis is down, how often a call tries it again. Default is
-    /// 500 ms.
-    pub fn probe_every(mut self, every: Duration) -> Self {
-        self.probe_every = every;
-        self
-    }
-
-    /// Whose clock decides. Default is [`Clock::Server`].
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// Local pre-reservation. Default is none (`None` disables).
-    pub fn lease(mut self, lease: impl Into<Option<Lease>>) -> Self {
-        self.lease = lease.into();
-        self
-    }
-
-    /// When the upstream throttles a call the limiter admitted, pause the
-    /// key in Redis for [`Feedback::pause`] (for every replica; a pause
-    /// applied while calls already hold later slots does not move those).
-    /// Only the pause is replicated: the reduced rate and its recovery are
-    /// the in-memory backend's alone (see the
-    /// [rate limiter's docs](crate::rate_limit#the-backends)). Default is
-    /// [`Feedback::new`] (a 1 s pause); `None` disables.
-    pub fn feedback(mut self, feedback: impl Into<Option<Feedback>>) -> Self {
-        self.feedback = feedback.into().map(|f| f.pause);
-        self
-    }
-
-    /// How long a key stays in Redis after its buckets are full again: at
-    /// least this, and with [`Clock::Server`] at most twice this (the
-    /// expiry is set with room to spare, so a busy key does not reset it on
-    /// every call). Default is 1 s.
-    pub fn expiry_slack(mut self, slack: Duration) -> Self {
-        self.expiry_slack = slack;
-        self
-    }
-
-    /// The most keys the local state (leases, the fallback limiter)
-    /// remembers. Default is 100,000.
-    pub fn max_keys(mut self, max: usize) -> Self {
-        self.max_keys = max.max(1);
-        self
-    }
-
-    /// One limit for everything (key `()`), on `conn`.
-    pub fn build(self, conn: ConnectionManager) -> RedisLimiter<()> {
-        self.build_keyed(conn)
-    }
-
-    /// A keyed limiter: each key gets these limits.
-    pub fn build_keyed<K>(self, conn: ConnectionManager) -> RedisLimiter<K>
-    where
-        K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
-    {
-        let limits = self.limits;
-        self.build_keyed_with(conn, move |_: &K| limits)
-    }
-
-    /// A keyed limiter whose limits depend on the key. Every replica must
-    /// give a key the same limits. `limits_for` runs on every decision (the
-    /// limits travel with each script call): keep it cheap.
-    pub fn build_keyed_with<K, F>(self, conn: ConnectionManager, limits_for: F) -> RedisLimiter<K>
-    where
-        K: StoreKey + Hash + Eq + Clone + Send + Sync + 'static,
-        F: Fn(&K) -> Limits + Send + Sync + 'static,
-    {
-        let limits_for: LimitsFor<K> = Arc::new(limits_for);
-        let fallback = self.policy.replicas().map(|n| {
+    fn build_limiter(b: RateLimiterBuilder<Self>, keys: Keys<K>) -> RedisLimiter<K> {
+        let limits_for: LimitsFor<K> = match keys {
+            Keys::One | Keys::Same => {
+                let limits = b.limits;
+                Arc::new(move |_: &K| limits)
+            }
+            Keys::Each(f) => f,
+        };
+        let store = b.store;
+        // The fail-open fallback: in memory, the builder's shared settings.
+        let fallback = store.policy.replicas().map(|n| {
             let f = limits_for.clone();
             RateLimiter::builder(Limits::UNLIMITED)
-                .max_keys(self.max_keys)
+                .feedback(b.feedback)
+                .max_keys(b.max_keys)
+                .sweep_every(b.sweep_every)
                 .build_keyed_with(move |k: &K| scale(f(k), n.get()))
         });
         let exec = Arc::new(Exec {
-            conn,
-            timeout: self.timeout,
+            conn: store.conn,
+            timeout: store.timeout,
             origin: time::now(),
-            slack_ms: u64::try_from(self.expiry_slack.as_millis()).unwrap_or(u64::MAX),
-            health: Health::new(duration_nanos(self.probe_every)),
-            policy: self.policy,
+            slack_ms: u64::try_from(store.expiry_slack.as_millis()).unwrap_or(u64::MAX),
+            health: Health::new(duration_nanos(store.probe_every)),
+            policy: store.policy,
             counters: Counters::default(),
             background: Background::default(),
         });
@@ -185,25 +93,25 @@ impl RedisLimiterBuilder {
             shared: Arc::new(Shared {
                 core: Arc::new(Core {
                     batcher: Batcher::new(exec),
-                    clock: self.clock,
-                    feedback: self.feedback.map(duration_nanos),
-                    leases: self.lease.is_some(),
+                    clock: store.clock,
+                    feedback: b.feedback.map(|f| duration_nanos(f.pause)),
+                    leases: store.lease.is_some(),
                 }),
-                prefix: self.prefix,
+                prefix: store.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
                 limits_for,
                 fallback,
-                lease: self.lease,
-                local: Store::new(self.max_keys, duration_nanos(SWEEP_EVERY), "redis limiter"),
+                lease: store.lease,
+                local: Store::new(b.max_keys, duration_nanos(b.sweep_every), "redis limiter"),
             }),
         }
     }
 }
 
+/// The default key prefix of a [`RedisLimiter`].
+const DEFAULT_PREFIX: &str = "tower-qwen:rl:";
+
 /// How many renewals in flight a call waits for before it books alone.
 const LEASE_WAITS: usize = 4;
-
-/// How often the local state is swept when new keys arrive.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 type LimitsFor<K> = Arc<dyn Fn(&K) -> Limits + Send + Sync>;
 
@@ -295,7 +203,7 @@ struct Shared<K> {
 /// cancelled), refunds and overruns when tokens are reconciled. Decisions
 /// waiting at the same moment share one script call (see the
 /// [module docs](super)). Idle keys expire on their own. When Redis is slow
-/// or down, a [`FailurePolicy`] decides; with a [`Lease`], most calls are
+/// or down, a [`FailurePolicy`](super::FailurePolicy) decides; with a [`Lease`], most calls are
 /// decided locally.
 ///
 /// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) drives it from a
@@ -348,29 +256,6 @@ pub struct Stats {
     pub outages: u64,
     /// Whether Redis is currently considered up.
     pub available: bool,
-}
-
-impl RedisLimiter<()> {
-    /// A builder with these limits for every key.
-    pub fn builder(limits: Limits) -> RedisLimiterBuilder {
-        RedisLimiterBuilder {
-            limits,
-            prefix: "tower-qwen:rl:".to_owned(),
-            timeout: Some(DEFAULT_TIMEOUT),
-            policy: FailurePolicy::default(),
-            probe_every: Duration::from_millis(500),
-            clock: Clock::Server,
-            lease: None,
-            feedback: Some(Duration::from_secs(1)),
-            expiry_slack: Duration::from_secs(1),
-            max_keys: 100_000,
-        }
-    }
-
-    /// One unkeyed limiter with the default settings.
-    pub fn new(limits: Limits, conn: ConnectionManager) -> Self {
-        Self::builder(limits).build(conn)
-    }
 }
 
 /// A [`ConnectionManagerConfig`] suited to the limiter: connection and
@@ -564,7 +449,7 @@ where
 
     /// Pings Redis now (with the timeout) and updates the up/down state;
     /// returns whether Redis answered. Calls do this on their own every
-    /// [`probe_every`](RedisLimiterBuilder::probe_every) while Redis is
+    /// [`probe_every`](RateLimiterBuilder::probe_every) while Redis is
     /// down; this is for health checks and tests.
     pub async fn probe(&self) -> bool {
         let exec = self.shared.core.exec();
@@ -1077,7 +962,7 @@ where
     }
 
     /// Feedback pauses the key in Redis for every replica (see
-    /// [`feedback`](RedisLimiterBuilder::feedback)); the reconciliation
+    /// [`feedback`](crate::rate_limit::RateLimiterBuilder::feedback)); the reconciliation
     /// refunds or charges in Redis, or in the lease the call came from. Both
     /// run in the background, in this order.
     fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {

@@ -9,7 +9,14 @@
 //! token estimate, reconciliation from the response's `usage` and feedback
 //! from upstream throttles, and the same error,
 //! [`RateLimited`](crate::rate_limit::error::RateLimited)), or call it
-//! directly ([`RedisLimiter::check`], [`RedisLimiter::reserve`]).
+//! directly ([`RedisLimiter::check`], [`RedisLimiter::reserve`]). It is
+//! built by the one rate limiter builder, the in-memory limiter's:
+//! [`RateLimiter::builder(limits)`](crate::rate_limit::RateLimiter::builder)
+//! sets what both backends share, [`.redis(conn)`](crate::rate_limit::RateLimiterBuilder::redis)
+//! chooses Redis and its own settings ([`RedisStore`]). [`RedisBudget`],
+//! token budgets in Redis, comes from
+//! [`Budget::builder().redis(conn)`](crate::rate_limit::BudgetBuilder::redis)
+//! the same way.
 //!
 //! * **Atomic scripts, batched** (Lua, in `src/redis/script.rs`): the
 //!   in-memory GCRA operation for operation (a weighted cost in the
@@ -35,11 +42,11 @@
 //!   (late by at most one network latency, never early). [`Clock::Local`]
 //!   passes the caller's tokio time instead, for tests and one-process use.
 //! * **Failure policy** ([`FailurePolicy`]): every Redis call has its own
-//!   timeout ([`RedisLimiterBuilder::timeout`], queueing included); when
+//!   timeout ([`timeout`](crate::rate_limit::RateLimiterBuilder::timeout), queueing included); when
 //!   Redis fails or is slow, the limiter fails open to an in-memory limiter
 //!   at `1/N` of the quota (`N` replicas) or fails closed with
 //!   [`StoreUnavailable`](error::StoreUnavailable). While Redis is down,
-//!   one call per [`probe_every`](RedisLimiterBuilder::probe_every) tries
+//!   one call per [`probe_every`](crate::rate_limit::RateLimiterBuilder::probe_every) tries
 //!   it again (the others do not wait for it), and the first success
 //!   switches back. Each transition is a `tracing::warn!`. Connections are
 //!   the `redis` crate's tokio [`ConnectionManager`], which reconnects on
@@ -106,18 +113,20 @@
 //! use http_body_util::Full;
 //! use bytes::Bytes;
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_qwen::rate_limit::{Limits, Quota};
+//! use tower_qwen::rate_limit::{Limits, Quota, RateLimiter};
 //! use tower_qwen::rate_limit::error::RateLimited;
 //! use tower_qwen::rate_limit::RateLimitLayer;
-//! use tower_qwen::redis::{FailurePolicy, RedisLimiter, connect_lazy};
+//! use tower_qwen::redis::{FailurePolicy, connect_lazy};
 //!
 //! let limits = Limits::requests(Quota::per_hour(NonZeroU32::new(2).unwrap()));
 //! let replica = || {
 //!     let conn = connect_lazy(&url, None).unwrap();
-//!     let limiter = RedisLimiter::builder(limits)
+//!     // The one rate limiter builder; `redis` picks the backend.
+//!     let limiter = RateLimiter::builder(limits)
+//!         .redis(conn)
 //!         .prefix("example:")
 //!         .on_failure(FailurePolicy::fail_open(NonZeroU32::new(3).unwrap()))
-//!         .build(conn);
+//!         .build();
 //!     ServiceBuilder::new()
 //!         .layer(RateLimitLayer::new(limiter).reject())
 //!         .service_fn(|_req: http::Request<Full<Bytes>>| async {
@@ -137,6 +146,8 @@
 //! ```
 //!
 //! [`RateLimiter`]: crate::rate_limit::RateLimiter
+//! [`RateLimiterBuilder`]: crate::rate_limit::RateLimiterBuilder
+//! [`RateLimiterBuilder::redis`]: crate::rate_limit::RateLimiterBuilder::redis
 //! [`RateLimitLayer`]: crate::rate_limit::RateLimitLayer
 //! [`Backend`]: crate::rate_limit::Backend
 //! [`StoreKey`]: crate::key::StoreKey
@@ -150,11 +161,12 @@ mod fallback;
 mod lease;
 mod limiter;
 mod script;
+mod store;
 
-pub use budget::{RedisBudget, RedisBudgetBuilder, RedisBudgetPermit};
+pub use budget::{RedisBudget, RedisBudgetPermit};
 pub use fallback::FailurePolicy;
 pub use lease::Lease;
 pub use limiter::{
-    Clock, DEFAULT_TIMEOUT, Pending, RedisLimiter, RedisLimiterBuilder, RedisPermit, RedisTicket,
-    Stats, connect_lazy, manager_config,
+    Clock, Pending, RedisLimiter, RedisPermit, RedisTicket, Stats, connect_lazy, manager_config,
 };
+pub use store::{DEFAULT_TIMEOUT, RedisStore};

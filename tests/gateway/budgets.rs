@@ -386,18 +386,19 @@ mod shared {
     /// a counter Redis lost below 0. Real time, bounded.
     #[tokio::test]
     async fn a_redis_budget_reconciles_and_never_goes_below_zero() {
+        use tower_qwen::rate_limit::Budget;
         use tower_qwen::rate_limit::{BudgetLimits, RateLimitLayer};
-        use tower_qwen::redis::{RedisBudget, connect_lazy};
+        use tower_qwen::redis::connect_lazy;
 
         let server = RedisServer::start();
         let conn = connect_lazy(&server.url(), None).unwrap();
-        let budget = RedisBudget::builder()
+        let budget = Budget::builder()
+            .redis(conn)
             .prefix("t:")
             .clock(WallClock::starting_at(utc(2026, 3, 10, 12)))
-            .build(
-                conn,
-                BudgetLimits::per_day(std::num::NonZeroU64::new(1_000).unwrap()),
-            );
+            .build(BudgetLimits::per_day(
+                std::num::NonZeroU64::new(1_000).unwrap(),
+            ));
         let svc = tower::ServiceBuilder::new()
             .layer(RateLimitLayer::new(budget.clone()).reject())
             .service_fn(|_req: Request<Full<Bytes>>| async {

@@ -23,12 +23,15 @@ use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 use tower_qwen::classify::{Classifier, ThrottleCause};
 use tower_qwen::key::StoreKey;
 use tower_qwen::rate_limit::error::RateLimited;
-use tower_qwen::rate_limit::{Admission, Cost, Limits, Quota, RateLimitLayer, RateLimiter};
+use tower_qwen::rate_limit::{
+    Admission, Cost, Limits, Quota, RateLimitLayer, RateLimiter, RateLimiterBuilder,
+};
 use tower_qwen::redis::error::StoreUnavailable;
 use tower_qwen::redis::{
-    Clock, FailurePolicy, Lease, RedisLimiter, RedisLimiterBuilder, RedisPermit, connect_lazy,
+    Clock, FailurePolicy, Lease, RedisLimiter, RedisPermit, RedisStore, connect_lazy,
 };
 
+mod builder;
 mod script;
 mod server;
 
@@ -44,8 +47,14 @@ fn nz(n: u32) -> NonZeroU32 {
 /// A limiter builder on a fresh key prefix, deciding on the local clock
 /// from `origin`, with no Redis timeout (paused-time tests) and keys kept
 /// for an hour after they are full (Redis expires on its own clock).
-fn local(limits: Limits, prefix: &str, origin: Instant) -> RedisLimiterBuilder {
-    RedisLimiter::builder(limits)
+fn local(
+    limits: Limits,
+    prefix: &str,
+    origin: Instant,
+    conn: redis::aio::ConnectionManager,
+) -> RateLimiterBuilder<RedisStore> {
+    RateLimiter::builder(limits)
+        .redis(conn)
         .prefix(format!("test:{prefix}:"))
         .clock(Clock::Local(origin))
         .timeout(None)
@@ -72,7 +81,7 @@ async fn three_replicas_share_one_budget_and_in_memory_would_admit_three_times()
     // over a 10 s window.
     let limits = Limits::requests(Quota::per_second(nz(10)).allow_burst(nz(5)));
     let replicas: Vec<_> = (0..3)
-        .map(|_| local(limits, "share", t0).build(conn(&server)))
+        .map(|_| local(limits, "share", t0, conn(&server)).build())
         .collect();
     let memory: Vec<_> = (0..3).map(|_| RateLimiter::new(limits)).collect();
     let (mut in_redis, mut in_memory) = (0u32, 0u32);
@@ -118,10 +127,11 @@ async fn replicas_on_the_server_clock_share_a_daily_budget() {
     let limits = Limits::requests(Quota::new(nz(20), Duration::from_secs(86_400)).unwrap());
     let replicas: Vec<_> = (0..3)
         .map(|_| {
-            RedisLimiter::builder(limits)
+            RateLimiter::builder(limits)
+                .redis(conn(&server))
                 .prefix("test:server-clock:")
                 .timeout(Duration::from_secs(5))
-                .build(conn(&server))
+                .build()
         })
         .collect();
     let mut admitted = 0;
@@ -143,12 +153,13 @@ async fn keys_are_separate_and_expire_when_full() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
-    let lim = RedisLimiter::builder(limits)
+    let lim = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:expiry:")
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(Duration::ZERO)
-        .build_keyed::<String>(conn(&server));
+        .build_keyed::<String>();
     lim.check_at(&"a".to_owned(), Cost::ONE, t0).await.unwrap();
     lim.check_at(&"b".to_owned(), Cost::ONE, t0).await.unwrap();
     let e = lim
@@ -183,7 +194,7 @@ async fn concurrent_decisions_share_round_trips_and_decide_like_memory() {
     // all at t0, some with a token cost too.
     let limits = Limits::requests(Quota::per_hour(nz(10)))
         .and_tokens(Quota::per_hour(nz(1_000)).allow_burst(nz(1_000)));
-    let lim: RedisLimiter<u32> = local(limits, "batch", t0).build_keyed(conn(&server));
+    let lim: RedisLimiter<u32> = local(limits, "batch", t0, conn(&server)).build_keyed();
     let memory: RateLimiter<u32> = RateLimiter::builder(limits).build_keyed();
     let cost = |i: u32| Cost::call(if i.is_multiple_of(3) { 150 } else { 0 });
     let mut set = tokio::task::JoinSet::new();
@@ -248,12 +259,13 @@ async fn fail_open_at_one_nth_when_redis_dies_and_resume_when_it_returns() {
     let mut server = RedisServer::start();
     // 30 an hour shared by 3 replicas: each falls back to 10 an hour.
     let limits = Limits::requests(Quota::per_hour(nz(30)));
-    let lim = RedisLimiter::builder(limits)
+    let lim = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:fail-open:")
         .timeout(Duration::from_secs(2))
         .probe_every(Duration::from_millis(50))
         .on_failure(FailurePolicy::fail_open(nz(3)))
-        .build(conn(&server));
+        .build();
     for _ in 0..5 {
         assert!(guarded(&lim, &()).await.unwrap().get_ref().is_from_redis());
     }
@@ -302,12 +314,13 @@ async fn fail_open_at_one_nth_when_redis_dies_and_resume_when_it_returns() {
 async fn fail_closed_on_a_frozen_redis_times_out_then_refuses_fast_then_recovers() {
     let server = RedisServer::start();
     let limits = Limits::requests(Quota::per_hour(nz(100)));
-    let lim = RedisLimiter::builder(limits)
+    let lim = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:fail-closed:")
         .timeout(Duration::from_secs(1))
         .probe_every(Duration::from_secs(3600))
         .on_failure(FailurePolicy::fail_closed())
-        .build(conn(&server));
+        .build();
     guarded(&lim, &()).await.unwrap();
     server.freeze();
     // The first call waits for its own timeout, then fails closed.
@@ -338,9 +351,9 @@ async fn leases_save_round_trips_under_the_quota_and_stay_within_the_bound_over_
     let limits = Limits::requests(Quota::per_second(nz(rate)).allow_burst(nz(burst)));
     let replicas: Vec<_> = (0..3)
         .map(|_| {
-            local(limits, "lease", t0)
+            local(limits, "lease", t0, conn(&server))
                 .lease(Lease::new(Cost::new(slice, 0), ttl))
-                .build(conn(&server))
+                .build()
         })
         .collect();
     // Under the quota: each replica calls every 500 ms (6/s in all, the
@@ -459,9 +472,9 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let log = Log::default();
     // Two replicas (two limiters, two connections), same key.
-    let a = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let a = RateLimitLayer::new(local(limits, "layer-wait", t0, conn(&server)).build())
         .layer(upstream(log.clone(), || usage(10)));
-    let b = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let b = RateLimitLayer::new(local(limits, "layer-wait", t0, conn(&server)).build())
         .wait(Duration::from_secs(5))
         .layer(upstream(log.clone(), || usage(10)));
     drain(a.clone().oneshot(chat(10, 0)).await.unwrap()).await;
@@ -472,7 +485,7 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
     assert_eq!(calls[0], ("0".to_owned(), t0));
     assert_eq!(calls[1], ("1".to_owned(), t0 + Duration::from_secs(1)));
     // Reject mode on a clone of a third replica: the exact wait.
-    let c = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let c = RateLimitLayer::new(local(limits, "layer-wait", t0, conn(&server)).build())
         .reject()
         .layer(upstream(log.clone(), || usage(10)));
     let e = c.clone().oneshot(chat(10, 2)).await.unwrap_err();
@@ -487,7 +500,7 @@ async fn layer_replicas_wait_for_the_shared_slot_and_reject_with_the_exact_wait(
         }
     ));
     // A wait beyond max_wait fails at once and reserves nothing.
-    let short = RateLimitLayer::new(local(limits, "layer-wait", t0).build(conn(&server)))
+    let short = RateLimitLayer::new(local(limits, "layer-wait", t0, conn(&server)).build())
         .wait(Duration::from_millis(500))
         .layer(upstream(log.clone(), || usage(10)));
     let e = short.oneshot(chat(10, 3)).await.unwrap_err();
@@ -501,7 +514,7 @@ async fn layer_dropped_waiter_gives_its_slot_back() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
-    let limiter = local(limits, "layer-drop", t0).build(conn(&server));
+    let limiter = local(limits, "layer-drop", t0, conn(&server)).build();
     let layer = RateLimitLayer::new(limiter.clone());
     let log = Log::default();
     let svc = layer.layer(upstream(log.clone(), || usage(10)));
@@ -546,7 +559,7 @@ where
 async fn layer_reconciles_tokens_with_the_real_usage() {
     let server = RedisServer::start();
     let t0 = Instant::now();
-    let limiter = local(tokens_only(), "layer-usage", t0).build(conn(&server));
+    let limiter = local(tokens_only(), "layer-usage", t0, conn(&server)).build();
     let layer = RateLimitLayer::new(limiter.clone()).reject();
     let svc = layer.layer(upstream(Log::default(), || usage(10)));
     drain(svc.clone().oneshot(chat(95, 0)).await.unwrap()).await;
@@ -559,7 +572,7 @@ async fn layer_reconciles_tokens_with_the_real_usage() {
 async fn layer_keeps_the_estimate_of_a_dropped_stream() {
     let server = RedisServer::start();
     let t0 = Instant::now();
-    let limiter = local(tokens_only(), "layer-stream", t0).build(conn(&server));
+    let limiter = local(tokens_only(), "layer-stream", t0, conn(&server)).build();
     let layer = RateLimitLayer::new(limiter.clone()).reject();
     let sse = || {
         Response::builder()
@@ -579,14 +592,14 @@ async fn layer_pauses_the_key_for_every_replica_on_an_upstream_429() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
-    let a_lim = local(limits, "layer-429", t0).build(conn(&server));
+    let a_lim = local(limits, "layer-429", t0, conn(&server)).build();
     let a = RateLimitLayer::new(a_lim.clone()).layer(upstream(Log::default(), rate_quota_429));
     let res = a.oneshot(chat(10, 0)).await.unwrap();
     assert_eq!(res.status(), 429);
     drain(res).await;
     a_lim.settle().await;
     // Another replica sees the pause: 1 s of debt + 1 s of pause.
-    let b = RateLimitLayer::new(local(limits, "layer-429", t0).build(conn(&server)))
+    let b = RateLimitLayer::new(local(limits, "layer-429", t0, conn(&server)).build())
         .reject()
         .layer(upstream(Log::default(), || usage(10)));
     let e = b.oneshot(chat(10, 1)).await.unwrap_err();
@@ -598,11 +611,12 @@ async fn layer_fails_closed_with_a_typed_transient_error_when_redis_is_gone() {
     let mut server = RedisServer::start();
     let url = server.url();
     server.stop();
-    let limiter = RedisLimiter::builder(Limits::requests(Quota::per_hour(nz(10))))
+    let limiter = RateLimiter::builder(Limits::requests(Quota::per_hour(nz(10))))
+        .redis(connect_lazy(&url, None).unwrap())
         .prefix("test:layer-closed:")
         .timeout(Duration::from_millis(200))
         .on_failure(FailurePolicy::fail_closed())
-        .build(connect_lazy(&url, None).unwrap());
+        .build();
     let log = Log::default();
     let svc = RateLimitLayer::new(limiter).layer(upstream(log.clone(), || usage(10)));
     let e = tokio::time::timeout(Duration::from_secs(30), svc.oneshot(chat(10, 0)))
@@ -619,7 +633,7 @@ async fn layer_holds_no_inner_capacity_while_deciding_or_waiting() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
-    let limiter = local(limits, "layer-permit", t0).build(conn(&server));
+    let limiter = local(limits, "layer-permit", t0, conn(&server)).build();
     let inner = tower::limit::ConcurrencyLimit::new(upstream(Log::default(), || usage(10)), 1);
     let mut svc = RateLimitLayer::new(limiter).layer(inner);
     // poll_ready takes the only permit ...

@@ -73,12 +73,13 @@ async fn run_case(
 ) -> Result<(), TestCaseError> {
     let t0 = Instant::now();
     let memory = RateLimiter::new(limits);
-    let redis = RedisLimiter::builder(limits)
+    let redis = RateLimiter::builder(limits)
+        .redis(conn)
         .prefix(format!("test:prop{case}:"))
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(HOUR)
-        .build(conn);
+        .build();
     let mut pending: Vec<Pair> = Vec::new();
     for (i, op) in ops.into_iter().enumerate() {
         match op {
@@ -229,12 +230,13 @@ async fn a_refund_after_another_refund_keeps_the_later_charges() {
     let t0 = Instant::now();
     let limits = Limits::tokens(Quota::tokens_per_minute(nz(60_000)).allow_burst(nz(4)));
     let memory = RateLimiter::new(limits);
-    let redis = RedisLimiter::builder(limits)
+    let redis = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:refunds:")
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(HOUR)
-        .build(conn(&server));
+        .build();
     let us = Duration::from_micros;
     let _a = both(&memory, &redis, 1, Duration::ZERO).await;
     tokio::time::advance(MS).await;
@@ -273,12 +275,13 @@ async fn a_give_back_after_a_refund_keeps_the_later_booking() {
     let limits = Limits::requests(Quota::per_minute(nz(20_000)).allow_burst(nz(1)))
         .and_tokens(Quota::tokens_per_minute(nz(15_000)).allow_burst(nz(4)));
     let memory = RateLimiter::new(limits);
-    let redis = RedisLimiter::builder(limits)
+    let redis = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:give-back:")
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(HOUR)
-        .build(conn(&server));
+        .build();
     let book = async |requests, tokens| {
         let now = Instant::now();
         let cost = Cost::new(requests, tokens);
@@ -315,12 +318,13 @@ async fn grants_survive_the_daily_epoch_rebase_exactly() {
     // One token a second, burst 1.
     let limits = Limits::tokens(Quota::per_second(nz(1)).allow_burst(nz(1)));
     let memory = RateLimiter::new(limits);
-    let redis = RedisLimiter::builder(limits)
+    let redis = RateLimiter::builder(limits)
+        .redis(conn(&server))
         .prefix("test:rebase:")
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(HOUR)
-        .build(conn(&server));
+        .build();
     let day = Duration::from_secs(86_400);
     tokio::time::advance(Duration::from_millis(10_250)).await;
     // a: 100,000 tokens at once (admit when full), b waits behind it.
@@ -410,12 +414,13 @@ async fn run_batch_case(
 ) -> Result<(), TestCaseError> {
     let t0 = Instant::now();
     let memory: RateLimiter<u8> = RateLimiter::builder(limits).build_keyed();
-    let redis: RedisLimiter<u8> = RedisLimiter::builder(limits)
+    let redis: RedisLimiter<u8> = RateLimiter::builder(limits)
+        .redis(conn)
         .prefix(format!("test:batch{case}:"))
         .clock(Clock::Local(t0))
         .timeout(None)
         .expiry_slack(HOUR)
-        .build_keyed(conn);
+        .build_keyed();
     let mut pending: Vec<KeyedPair> = Vec::new();
     let steps = ops.len() as u64;
     for (i, op) in ops.into_iter().enumerate() {
