@@ -444,12 +444,35 @@ struct Counts<K> {
 /// [`redis`](BudgetBuilder::redis) (a
 /// [`RedisBudget`](crate::redis::RedisBudget), with the Redis-only
 /// settings of [`RedisStore`](crate::redis::RedisStore)); `build` and
-/// `build_with` then make that backend. See the [module docs](self) for
-/// an example.
+/// `build_with` then make that backend. See the [module docs](self) for a
+/// budget in a stack.
+///
+/// # Example
+///
+/// ```
+/// use std::num::NonZeroU64;
+/// use std::time::{Duration, SystemTime};
+/// use tower_qwen::rate_limit::{Budget, BudgetLimits, WallClock};
+///
+/// let noon = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 12 * 3600);
+/// let shared = Budget::builder().clock(WallClock::starting_at(noon)).max_keys(10_000);
+/// // Per-key limits, in memory (on Redis: `shared.redis(conn).build_with(..)`).
+/// let budget = shared.build_with(|key: &String| match key.as_str() {
+///     "free" => BudgetLimits::per_day(NonZeroU64::new(10_000).unwrap()),
+///     _ => BudgetLimits::NONE,
+/// });
+/// let today = budget.snapshot(&"free".to_owned()).unwrap().tokens.unwrap();
+/// assert_eq!(today.remaining, 10_000);
+/// // The day ends at midnight UTC, 12 h after the clock's noon.
+/// assert!(today.reset <= Duration::from_secs(12 * 3600) && today.reset > Duration::from_secs(11 * 3600));
+/// assert!(budget.snapshot(&"paid".to_owned()).is_none());
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct BudgetBuilder<S = InMemory> {
     pub(crate) clock: Option<WallClock>,
     pub(crate) max_keys: usize,
+    /// Read by the Redis store (the in-memory one is a unit).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) store: S,
 }
 

@@ -213,6 +213,8 @@ pub struct RateLimiterBuilder<S = InMemory> {
     pub(crate) feedback: Option<Feedback>,
     pub(crate) max_keys: usize,
     pub(crate) sweep_every: Duration,
+    /// Read by the Redis store (the in-memory one is a unit).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) store: S,
 }
 

@@ -73,6 +73,7 @@
 //!
 //! | | [`RateLimiter`] (memory) | [`RedisLimiter`](crate::redis::RedisLimiter) |
 //! |---|---|---|
+//! | built by | `RateLimiter::builder(limits)` ... `.build*()` | the same builder, `.redis(conn)` ... `.build*()` |
 //! | shared by | the clones in one process | every replica on the Redis |
 //! | a decision | a CAS, no future | a script call (batched), or a local lease |
 //! | two dimensions, FIFO slots, give-back, reconciliation | yes | yes (the same arithmetic, property-tested) |
