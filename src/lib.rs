@@ -201,7 +201,8 @@ pub mod mock;
 /// Alias for a type-erased error type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(all(doctest, feature = "client"))]
+/// The README's code blocks, compiled as doctests so they stay true (they
+/// use the client and, for the one limiter with two backends, Redis).
+#[cfg(all(doctest, feature = "client", feature = "redis"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
