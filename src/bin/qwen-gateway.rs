@@ -1,7 +1,7 @@
 //! `qwen-gateway`: the tower-qwen gateway as a program.
 //!
 //! ```text
-//! cargo install tower-qwen --features gateway
+//! cargo install tower-qwen --features gateway        # add ,otel for OTLP export
 //! DASHSCOPE_API_KEY=sk-... qwen-gateway --config gateway.toml
 //! qwen-gateway --config gateway.toml --check-config   # validate, print the effective config (no secrets)
 //! qwen-gateway --config gateway.toml --mock           # a mock DashScope behind it: no key, no network
@@ -15,6 +15,14 @@
 //! `mock` feature, which is on by default. It runs on one thread unless
 //! `[server] worker_threads` says otherwise (the least CPU per request;
 //! see `GatewayConfig::worker_threads`).
+//!
+//! Built with the `otel` feature, it exports the GenAI spans and metrics
+//! of proxied calls over OTLP (HTTP + protobuf) to `[telemetry]
+//! otlp_endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`), and on Ctrl-C or
+//! SIGTERM, once the last answers are over, exports what is pending before
+//! it exits (bounded by the exporter's timeout, `OTEL_EXPORTER_OTLP_TIMEOUT`,
+//! 10 s by default). Without the feature, a configuration asking for OTLP
+//! is refused.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -80,6 +88,71 @@ fn load(args: &Args, mock_url: Option<&str>) -> Result<GatewayConfig, ConfigErro
     })
 }
 
+/// The OTLP export `[telemetry]` asks for, built once for the life of the
+/// process and given to every configuration read (the first and each
+/// reload).
+#[derive(Clone)]
+struct Export {
+    #[cfg(feature = "otel")]
+    genai: Option<tower_qwen::telemetry::otel::GenAiOtel>,
+    /// What it was built from: a reload cannot change it.
+    endpoint: Option<String>,
+    service_name: String,
+}
+
+impl Export {
+    /// The pipeline for `config` (none when it asks for none).
+    #[cfg(feature = "otel")]
+    fn start(
+        config: &GatewayConfig,
+    ) -> Result<(Self, Option<tower_qwen::telemetry::otel::Otlp>), String> {
+        use tower_qwen::telemetry::otel::{GenAiOtel, Otlp};
+        let otlp = match config.otlp_endpoint() {
+            Some(endpoint) => Some(
+                Otlp::http(endpoint, config.service_name())
+                    .map_err(|e| format!("telemetry.otlp_endpoint: cannot export to it: {e}"))?,
+            ),
+            None => None,
+        };
+        let genai = otlp
+            .as_ref()
+            .map(|o| GenAiOtel::new(o.meter_provider()).tracer(o.tracer_provider()));
+        let export = Self {
+            genai,
+            endpoint: config.otlp_endpoint().map(str::to_owned),
+            service_name: config.service_name().to_owned(),
+        };
+        Ok((export, otlp))
+    }
+
+    /// Nothing to export in this build (a configuration asking for it is
+    /// refused when it is read).
+    #[cfg(not(feature = "otel"))]
+    fn start(config: &GatewayConfig) -> Result<(Self, Option<std::convert::Infallible>), String> {
+        let export = Self {
+            endpoint: config.otlp_endpoint().map(str::to_owned),
+            service_name: config.service_name().to_owned(),
+        };
+        Ok((export, None))
+    }
+
+    /// `config` recording into the running pipeline.
+    fn apply(&self, config: GatewayConfig) -> GatewayConfig {
+        if config.otlp_endpoint() != self.endpoint.as_deref()
+            || config.service_name() != self.service_name
+        {
+            tracing::warn!(
+                "telemetry.otlp_endpoint or telemetry.service_name changed: they take effect on restart only"
+            );
+        }
+        #[cfg(feature = "otel")]
+        if let Some(genai) = &self.genai {
+            return config.otel(genai.clone());
+        }
+        config
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // With --mock the upstream is the mock, whose address is not known
@@ -108,6 +181,15 @@ fn main() -> ExitCode {
         }
     };
     let threads = config.worker_threads();
+    // The exporters run on threads of their own, started before the
+    // runtime and stopped after it.
+    let (export, otlp) = match Export::start(&config) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{}: {e}", args.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let config = (!args.mock).then_some(config);
     let runtime = match threads {
         1 => tokio::runtime::Builder::new_current_thread()
@@ -121,19 +203,51 @@ fn main() -> ExitCode {
             .enable_all()
             .build(),
     };
-    match runtime {
-        Ok(rt) => rt.block_on(run(args, threads, config)),
+    let code = match runtime {
+        Ok(rt) => rt.block_on(run(args, threads, config, export)),
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
             ExitCode::FAILURE
         }
+    };
+    // Every answer is over (or was cut) and the runtime is gone with its
+    // tasks, so every span has ended: export what is pending, then exit.
+    if let Some(otlp) = otlp {
+        #[cfg(feature = "otel")]
+        match otlp.shutdown() {
+            Ok(()) => tracing::info!("OTLP: pending spans and metrics exported"),
+            Err(e) => tracing::error!(error = %e, "OTLP: the last export failed"),
+        }
+        #[cfg(not(feature = "otel"))]
+        match otlp {}
     }
+    code
 }
 
 /// Serves until Ctrl-C or SIGTERM; `config` is the file as read at start
 /// (`None` with `--mock`: it is read again with the mock's address).
-async fn run(args: Args, threads: usize, config: Option<GatewayConfig>) -> ExitCode {
+async fn run(
+    args: Args,
+    threads: usize,
+    config: Option<GatewayConfig>,
+    export: Export,
+) -> ExitCode {
     init_logs(args.log_format);
+    match &export.endpoint {
+        Some(endpoint) => tracing::info!(
+            endpoint,
+            service_name = export.service_name,
+            "exporting the GenAI spans and metrics over OTLP"
+        ),
+        None if !cfg!(feature = "otel")
+            && std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.trim().is_empty()) =>
+        {
+            tracing::warn!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this qwen-gateway is built without the `otel` feature: nothing is exported (cargo install tower-qwen --features gateway,otel)"
+            )
+        }
+        None => {}
+    }
     match threads {
         1 => tracing::info!("runtime: current-thread (server.worker_threads = 1)"),
         0 => {
@@ -161,7 +275,7 @@ async fn run(args: Args, threads: usize, config: Option<GatewayConfig>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    let gateway = Gateway::new(config);
+    let gateway = Gateway::new(export.apply(config));
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -180,11 +294,12 @@ async fn run(args: Args, threads: usize, config: Option<GatewayConfig>) -> ExitC
                 // with 100,000 keys): done off the runtime's thread, so that
                 // a current-thread runtime goes on serving meanwhile.
                 let (args, url, gw) = (args.clone(), mock_url.clone(), gw.clone());
+                let export = export.clone();
                 let rt = tokio::runtime::Handle::current();
                 let reload = tokio::task::spawn_blocking(move || {
                     let _rt = rt.enter();
                     match load(&args, url.as_deref()) {
-                        Ok(c) => gw.reload(c),
+                        Ok(c) => gw.reload(export.apply(c)),
                         Err(e) => tracing::error!(
                             config = %args.config.display(),
                             error = %e,

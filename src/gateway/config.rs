@@ -51,6 +51,11 @@ pub struct GatewayConfig {
     pub(crate) wall_clock: Option<WallClock>,
     /// `[telemetry] genai_spans`: a GenAI span per proxied call.
     pub(crate) genai_spans: bool,
+    /// `[telemetry] otlp_endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`): the
+    /// OTLP collector's base URL, `http://` only.
+    pub(crate) otlp_endpoint: Option<String>,
+    /// `[telemetry] service_name` (or `OTEL_SERVICE_NAME`).
+    pub(crate) service_name: String,
     /// Where the GenAI metrics and OpenTelemetry spans go, if anywhere.
     #[cfg(feature = "otel")]
     pub(crate) otel: Option<crate::telemetry::otel::GenAiOtel>,
@@ -302,6 +307,28 @@ impl GatewayConfig {
     /// Whether a `[redis]` section makes the replicas share their limits.
     pub fn has_redis(&self) -> bool {
         self.redis.is_some()
+    }
+
+    /// Where the GenAI spans and metrics are to be exported over OTLP
+    /// (HTTP + protobuf): `[telemetry] otlp_endpoint` (or
+    /// `QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT`), else the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None` when neither is set or the
+    /// file says `"off"`. Always an `http://` base URL without a trailing
+    /// slash (`/v1/traces` and `/v1/metrics` go after it). A configuration
+    /// that asks for it only validates in a build with the `otel` feature.
+    ///
+    /// The gateway does not export by itself: `qwen-gateway` builds
+    /// `telemetry::otel::Otlp::http(endpoint, service_name)`, passes its
+    /// providers with `GatewayConfig::otel` and shuts it down on exit; a
+    /// program of your own does the same (feature `otel`).
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint.as_deref()
+    }
+
+    /// The `service.name` of exported telemetry: `[telemetry]
+    /// service_name`, else `OTEL_SERVICE_NAME`, else `qwen-gateway`.
+    pub fn service_name(&self) -> &str {
+        &self.service_name
     }
 
     /// The clock the client keys' token budgets read their UTC days and
@@ -728,6 +755,8 @@ fn validate(
     let mut keys = validate_keys(&f.keys, &accounts, default_bucket, default_tokens, env, p);
     let key_series = f.metrics.key_series.0 as usize;
     assign_series(&mut keys, &f.keys, key_series);
+    let (otlp_endpoint, service_name) =
+        validate_telemetry(&f.telemetry, env, cfg!(feature = "otel"), p);
 
     Some(GatewayConfig {
         server,
@@ -748,10 +777,110 @@ fn validate(
         keys,
         wall_clock: None,
         genai_spans: f.telemetry.genai_spans.0,
+        otlp_endpoint,
+        service_name,
         #[cfg(feature = "otel")]
         otel: None,
     })
 }
+
+/// The service name of exported telemetry when nothing sets one.
+pub(crate) const DEFAULT_SERVICE_NAME: &str = "qwen-gateway";
+
+/// `[telemetry]`'s OTLP export: the collector's base URL (the file's or
+/// the environment's `QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT`, else the
+/// standard `OTEL_EXPORTER_OTLP_ENDPOINT`; `"off"`: none) and the service
+/// name (likewise, else `OTEL_SERVICE_NAME`, else `qwen-gateway`). Asking
+/// for an export in a build without it (`otel_built` false) is an error;
+/// the standard variable is then not read (an ambient setting, not this
+/// configuration's request).
+fn validate_telemetry(
+    t: &file::TelemetryFile,
+    env: &dyn Fn(&str) -> Option<String>,
+    otel_built: bool,
+    p: &mut Problems,
+) -> (Option<String>, String) {
+    const FIELD: &str = "telemetry.otlp_endpoint";
+    const STANDARD: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+    let standard = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let (endpoint, label) = match t.otlp_endpoint.as_deref().map(str::trim) {
+        Some(e) if e.is_empty() || e.eq_ignore_ascii_case("off") => (None, FIELD.to_owned()),
+        Some(e) => (Some(e.to_owned()), FIELD.to_owned()),
+        None if otel_built => (
+            standard(STANDARD).map(|e| e.trim().to_owned()),
+            format!("{FIELD} (from {STANDARD})"),
+        ),
+        None => (None, FIELD.to_owned()),
+    };
+    let service_name = match &t.service_name {
+        Some(n) => n.trim().to_owned(),
+        None => standard("OTEL_SERVICE_NAME")
+            .map_or_else(|| DEFAULT_SERVICE_NAME.to_owned(), |n| n.trim().to_owned()),
+    };
+    if service_name.is_empty() {
+        p.bad("telemetry.service_name", "must not be empty");
+    }
+    let endpoint = endpoint.and_then(|e| {
+        let why = if !otel_built {
+            Some("this build has no OpenTelemetry export (build with the `otel` feature: cargo install tower-qwen --features gateway,otel)".to_owned())
+        } else if !t.genai_spans.0 {
+            Some("exports the GenAI spans and metrics: needs telemetry.genai_spans = true".to_owned())
+        } else {
+            otlp_endpoint_problem(&e)
+        };
+        match why {
+            Some(why) => {
+                p.bad(label, why);
+                None
+            }
+            None => Some(e.trim_end_matches('/').to_owned()),
+        }
+    });
+    (endpoint, service_name)
+}
+
+/// What is wrong with an OTLP endpoint, if anything: it must be an
+/// `http://` URL with a host and no query (the exporter of this crate has
+/// no TLS; `/v1/traces` and `/v1/metrics` are appended to it). A URL with
+/// credentials is not echoed.
+fn otlp_endpoint_problem(e: &str) -> Option<String> {
+    let shown = if e.contains('@') {
+        "(a URL with credentials, not shown)".to_owned()
+    } else {
+        format!("{e:?}")
+    };
+    let uri = match e.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            return Some(format!(
+                "{shown} is not a URL (expected e.g. \"http://127.0.0.1:4318\")"
+            ));
+        }
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Some(format!(
+                "{shown}: https is not supported (the OTLP exporter is built without TLS): send to a collector or agent over http://, e.g. one on the same host"
+            ));
+        }
+        _ => {
+            return Some(format!(
+                "{shown} is not an http:// URL (expected e.g. \"http://127.0.0.1:4318\")"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Some(format!("{shown} has no host"));
+    }
+    if uri.query().is_some() {
+        return Some(format!(
+            "{shown}: a base URL takes no query (/v1/traces and /v1/metrics are appended)"
+        ));
+    }
+    None
+}
+
 
 /// Token limits from their fields (0: none), checked together: a month's
 /// budget below a day's is a mistake.
@@ -1183,6 +1312,129 @@ mod tests {
         [[keys]]
         key = "gw-client-secret"
     "#;
+
+    fn telemetry(
+        endpoint: Option<&str>,
+        genai_spans: bool,
+        vars: &'static [(&'static str, &'static str)],
+        otel_built: bool,
+    ) -> ((Option<String>, String), Vec<(String, String)>) {
+        let t = file::TelemetryFile {
+            genai_spans: file::Flag(genai_spans),
+            otlp_endpoint: endpoint.map(str::to_owned),
+            service_name: None,
+        };
+        let mut p = Problems::default();
+        let got = validate_telemetry(&t, &env(vars), otel_built, &mut p);
+        (got, p.0)
+    }
+
+    /// Issue 17: the OTLP endpoint comes from the file (or its environment
+    /// overlay), else from the standard `OTEL_EXPORTER_OTLP_ENDPOINT`;
+    /// `"off"` turns it off; asking for it in a build without `otel` is an
+    /// error, while the ambient standard variable is then not read.
+    #[test]
+    fn the_otlp_endpoint_and_where_it_comes_from() {
+        const STANDARD: &[(&str, &str)] = &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_SERVICE_NAME", "svc-from-env"),
+        ];
+        let ok = |e: &str, name: &str| ((Some(e.to_owned()), name.to_owned()), vec![]);
+        assert_eq!(
+            telemetry(Some("http://127.0.0.1:4318/"), true, &[], true),
+            ok("http://127.0.0.1:4318", DEFAULT_SERVICE_NAME)
+        );
+        assert_eq!(
+            telemetry(None, true, STANDARD, true),
+            ok("http://collector:4318", "svc-from-env")
+        );
+        assert_eq!(
+            telemetry(Some("http://127.0.0.1:4318"), true, STANDARD, true),
+            ok("http://127.0.0.1:4318", "svc-from-env")
+        );
+        assert_eq!(
+            telemetry(Some("off"), true, STANDARD, true),
+            ((None, "svc-from-env".to_owned()), vec![])
+        );
+        assert_eq!(
+            telemetry(None, true, &[], true),
+            ((None, DEFAULT_SERVICE_NAME.to_owned()), vec![])
+        );
+        // Without `otel`: the file's request is an error, the ambient
+        // variable is not read.
+        assert_eq!(
+            telemetry(None, true, STANDARD, false),
+            ((None, "svc-from-env".to_owned()), vec![])
+        );
+        let (got, problems) = telemetry(Some("http://127.0.0.1:4318"), true, &[], false);
+        assert_eq!(got.0, None);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, "telemetry.otlp_endpoint");
+        assert!(problems[0].1.contains("`otel` feature"), "{problems:?}");
+    }
+
+    #[test]
+    fn bad_otlp_endpoints_are_named() {
+        for (endpoint, says) in [
+            ("https://collector:4318", "https is not supported"),
+            ("grpc://collector:4317", "not an http:// URL"),
+            ("collector:4318", "not an http:// URL"),
+            ("http://", "not a URL"),
+            ("http://collector:4318/?x=1", "no query"),
+            ("https://user:hunter2@collector", "credentials, not shown"),
+        ] {
+            let (got, problems) = telemetry(Some(endpoint), true, &[], true);
+            assert_eq!(got.0, None, "{endpoint}");
+            assert_eq!(problems.len(), 1, "{endpoint}: {problems:?}");
+            assert_eq!(problems[0].0, "telemetry.otlp_endpoint");
+            assert!(problems[0].1.contains(says), "{endpoint}: {problems:?}");
+            assert!(!problems[0].1.contains("hunter2"));
+        }
+        let (_, problems) = telemetry(Some("http://collector:4318"), false, &[], true);
+        assert!(problems[0].1.contains("genai_spans"), "{problems:?}");
+        const BAD: &[(&str, &str)] = &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")];
+        let (_, problems) = telemetry(None, true, BAD, true);
+        assert_eq!(
+            problems[0].0,
+            "telemetry.otlp_endpoint (from OTEL_EXPORTER_OTLP_ENDPOINT)"
+        );
+    }
+
+    /// The environment overlay sets the endpoint like any other field;
+    /// `--check-config` shows it and the service name.
+    #[test]
+    fn the_otlp_endpoint_from_the_overlay_is_shown() {
+        let vars = env(&[
+            ("QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("QWEN_GATEWAY_TELEMETRY_SERVICE_NAME", "gw-east"),
+        ]);
+        match GatewayConfig::from_toml_with_env(MIN, vars) {
+            Ok(c) => {
+                assert!(cfg!(feature = "otel"));
+                assert_eq!(c.otlp_endpoint(), Some("http://127.0.0.1:4318"));
+                assert_eq!(c.service_name(), "gw-east");
+                let shown: toml::Table = c.effective_toml().parse().unwrap();
+                assert_eq!(
+                    shown["telemetry"]["otlp_endpoint"].as_str(),
+                    Some("http://127.0.0.1:4318")
+                );
+                assert_eq!(shown["telemetry"]["service_name"].as_str(), Some("gw-east"));
+            }
+            Err(e) => {
+                assert!(!cfg!(feature = "otel"), "{e}");
+                assert!(e.fields().any(|f| f == "telemetry.otlp_endpoint"), "{e}");
+                assert!(e.to_string().contains("`otel` feature"), "{e}");
+            }
+        }
+        let c = GatewayConfig::from_toml_with_env(MIN, env(&[])).unwrap();
+        assert_eq!(c.otlp_endpoint(), None);
+        let shown: toml::Table = c.effective_toml().parse().unwrap();
+        assert_eq!(shown["telemetry"]["otlp_endpoint"].as_str(), Some("off"));
+        assert_eq!(
+            shown["telemetry"]["service_name"].as_str(),
+            Some("qwen-gateway")
+        );
+    }
 
     #[test]
     fn minimal_config_and_defaults() {

@@ -12,14 +12,24 @@
 //! render it and the recorder's memory do not grow with the number of
 //! keys. Series are interned by label and the recorder outlives reloads,
 //! so a key keeps its counts across a reload.
+//!
+//! The per-key gauges (bucket level, degraded) are not in the recorder:
+//! they are written at each scrape from the configuration in force
+//! ([`Metrics::render`]), so a key a reload removes (or moves under
+//! `_other`) leaves no gauge behind (the recorder cannot unregister a
+//! series). Counters of a removed key keep their counts, as counters do.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use metrics::{Counter, Gauge, Histogram, Recorder};
+use metrics_exporter_prometheus::formatting::{
+    sanitize_label_value, write_help_line, write_type_line,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -78,11 +88,24 @@ pub(crate) const RESERVED_KEY_LABELS: [&str; 2] = [OTHER_KEYS, NO_KEY];
 pub(crate) struct KeySeries {
     /// Its series id (shared by every key counted under `_other`).
     pub(crate) id: u32,
-    /// Its bucket level and degraded flag, set at each scrape; `None` for
-    /// a key counted under `_other`.
-    pub(crate) gauges: Option<(Gauge, Gauge)>,
+    /// Whether it has its own series (its gauges are written at each
+    /// scrape); `false` for a key counted under `_other`.
+    pub(crate) own: bool,
     pub(crate) degradations: Counter,
 }
+
+/// One client key's gauges at a scrape.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyGauges<'a> {
+    pub(crate) name: &'a str,
+    /// Its bucket level.
+    pub(crate) bucket: f64,
+    pub(crate) degraded: bool,
+}
+
+const BUCKET_REMAINING_HELP: &str =
+    "Requests a client key may send at once now (its token bucket level).";
+const KEY_DEGRADED_HELP: &str = "1 while a client key is degraded, else 0.";
 
 /// What one configuration's stacks record into, by key (configuration
 /// order).
@@ -168,16 +191,6 @@ impl Metrics {
             "Time from sending a request upstream to its response headers, by route.".into(),
         );
         recorder.describe_gauge(
-            BUCKET_REMAINING.into(),
-            None,
-            "Requests a client key may send at once now (its token bucket level).".into(),
-        );
-        recorder.describe_gauge(
-            KEY_DEGRADED.into(),
-            None,
-            "1 while a client key is degraded, else 0.".into(),
-        );
-        recorder.describe_gauge(
             DEGRADED_KEYS.into(),
             None,
             "Client keys degraded now.".into(),
@@ -253,12 +266,7 @@ impl Metrics {
         let label = label.to_owned();
         metrics::with_local_recorder(&self.recorder, || KeySeries {
             id,
-            gauges: name.map(|_| {
-                (
-                    metrics::gauge!(BUCKET_REMAINING, "key" => label.clone()),
-                    metrics::gauge!(KEY_DEGRADED, "key" => label.clone()),
-                )
-            }),
+            own: name.is_some(),
             degradations: metrics::counter!(DEGRADATIONS, "key" => label),
         })
     }
@@ -332,10 +340,33 @@ impl Metrics {
         self.latency.insert(route, h);
     }
 
-    /// The Prometheus text exposition.
-    pub(crate) fn render(&self) -> String {
+    /// The Prometheus text exposition: the recorder's series, then the
+    /// gauges of `keys` (the keys with their own series in the
+    /// configuration in force, and only those).
+    pub(crate) fn render(&self, keys: &[KeyGauges<'_>]) -> String {
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut out = self.handle.render();
+        if keys.is_empty() {
+            return out;
+        }
+        let families: [(&str, &str, fn(&KeyGauges<'_>) -> f64); 2] = [
+            (BUCKET_REMAINING, BUCKET_REMAINING_HELP, |k| k.bucket),
+            (KEY_DEGRADED, KEY_DEGRADED_HELP, |k| f64::from(u8::from(k.degraded))),
+        ];
+        for (name, help, value) in families {
+            write_help_line(&mut out, name, None, None, help);
+            write_type_line(&mut out, name, None, None, "gauge");
+            for k in keys {
+                let _ = writeln!(
+                    out,
+                    "{name}{{key=\"{}\"}} {}",
+                    sanitize_label_value(k.name),
+                    value(k)
+                );
+            }
+            out.push('\n');
+        }
+        out
     }
 
     /// Drains histogram buffers; call now and then.

@@ -167,7 +167,10 @@
 //! `tracing-opentelemetry` bridges it); with the `otel` feature,
 //! `GatewayConfig::otel` also records the `gen_ai.client.*` metrics and
 //! an OpenTelemetry span per call, a child of the client's `traceparent`
-//! when it sent one. `/metrics` is unchanged.
+//! when it sent one. `[telemetry] otlp_endpoint` (or the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`) says where `qwen-gateway` exports them
+//! over OTLP ([`GatewayConfig::otlp_endpoint`]); a configuration asking
+//! for it in a build without `otel` is refused. `/metrics` is unchanged.
 //!
 //! **Reload** ([`Gateway::reload`], [`Gateway::reload_from`]; SIGHUP in
 //! `qwen-gateway`): keys, limits, accounts and the rest take effect for
@@ -320,6 +323,9 @@
 //!
 //! [telemetry]
 //! genai_spans = true              # a GenAI span per generation/embedding call
+//! otlp_endpoint = "off"           # OTLP collector (qwen-gateway with `otel`); unset:
+//!                                 # OTEL_EXPORTER_OTLP_ENDPOINT
+//! service_name = "qwen-gateway"   # unset: OTEL_SERVICE_NAME
 //!
 //! [redis]                         # optional: replicas share limits and degrade state
 //! url = "redis://127.0.0.1:6379"
@@ -490,7 +496,7 @@ fn build(
     for ((k, series), (svc, files)) in config.keys.iter().zip(series).zip(stacks) {
         let client = Arc::new(ClientKey {
             idx: series.id,
-            gauges: series.gauges,
+            own_series: series.own,
             name: Arc::from(k.name.as_str()),
             id: k.digest.redacted_id(),
             capacity: k.bucket.capacity.get(),
@@ -536,6 +542,16 @@ impl Gateway {
     /// connection manager spawns its task; it connects lazily, so Redis
     /// need not be up yet).
     pub fn new(config: GatewayConfig) -> Self {
+        #[cfg(feature = "otel")]
+        let exporting = config.otel.is_some();
+        #[cfg(not(feature = "otel"))]
+        let exporting = false;
+        if let (Some(endpoint), false) = (config.otlp_endpoint(), exporting) {
+            tracing::warn!(
+                endpoint,
+                "telemetry.otlp_endpoint is set but no GatewayConfig::otel was given: nothing is exported (qwen-gateway builds the OTLP pipeline; a program of your own passes its own)"
+            );
+        }
         let metrics = Arc::new(metrics::Metrics::new());
         let inner = build(&config, metrics.clone(), None);
         Self {
@@ -664,10 +680,11 @@ impl Gateway {
             .with_state(self.live.clone())
     }
 
-    /// The Prometheus text of the gateway's metrics (what `/metrics`
-    /// answers, without refreshing the bucket and degradation gauges).
+    /// The Prometheus text of the gateway's metrics: what `/metrics`
+    /// answers (the bucket and degradation gauges read now, for the keys of
+    /// the configuration in force).
     pub fn render_metrics(&self) -> String {
-        self.live.metrics.render()
+        self.live.load().render_metrics()
     }
 
     /// Whether the client key named `name` is degraded now; `None` for an

@@ -34,7 +34,7 @@ use crate::timeout::error::{DeadlineExceeded, HeaderTimeout, IdleTimeout};
 use super::Live;
 use super::auth::{AuthFailures, KeyDigest, bearer, digest_of};
 use super::error::{Failed, LimitsUnavailable, Refused, UpstreamBusy};
-use super::metrics::{KeyIdx, Metrics, route_label};
+use super::metrics::{KeyGauges, KeyIdx, Metrics, route_label};
 use super::respond::{Refusal, ceil_secs, refuse_saying, sse_error_event};
 use super::stack::{ClientName, KeySvc, Limiter};
 
@@ -42,8 +42,9 @@ use super::stack::{ClientName, KeySvc, Limiter};
 pub(crate) struct ClientKey {
     /// Its metrics series id ([`Metrics::key_series`]).
     pub(crate) idx: u32,
-    /// Its bucket level and degraded gauges, when it has its own series.
-    pub(crate) gauges: Option<(::metrics::Gauge, ::metrics::Gauge)>,
+    /// Whether it has its own `/metrics` series (then its bucket level and
+    /// degraded gauges are shown).
+    pub(crate) own_series: bool,
     pub(crate) name: Arc<str>,
     pub(crate) id: String,
     /// Its bucket's capacity (what a bucket never used has).
@@ -806,33 +807,45 @@ pub(crate) async fn healthz() -> Response {
 
 /// `GET /metrics`.
 pub(crate) async fn metrics(State(live): State<Arc<Live>>) -> Response {
-    let gw = live.load();
-    let mut degraded = 0u32;
-    for c in &gw.clients {
-        let d = gw.is_degraded(c);
-        degraded += u32::from(d);
-        // Levels only for the keys with their own series.
-        let Some((bucket, key_degraded)) = &c.gauges else {
-            continue;
-        };
-        key_degraded.set(f64::from(u8::from(d)));
-        let level = match gw.buckets.snapshot(&c.name) {
-            Some(s) => s
-                .requests
-                .map_or(f64::from(u32::MAX), |r| r.remaining as f64),
-            None => f64::from(c.capacity),
-        };
-        bucket.set(level);
-    }
-    gw.metrics.degraded_keys.set(f64::from(degraded));
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        gw.metrics.render(),
+        live.load().render_metrics(),
     )
         .into_response()
+}
+
+impl Inner {
+    /// The Prometheus text of `/metrics`: the degraded-keys count and the
+    /// per-key gauges read now, from this configuration's keys (a key a
+    /// reload removed has none).
+    pub(crate) fn render_metrics(&self) -> String {
+        let mut degraded = 0u32;
+        let mut gauges = Vec::new();
+        for c in &self.clients {
+            let d = self.is_degraded(c);
+            degraded += u32::from(d);
+            // Levels only for the keys with their own series.
+            if !c.own_series {
+                continue;
+            }
+            let bucket = match self.buckets.snapshot(&c.name) {
+                Some(s) => s
+                    .requests
+                    .map_or(f64::from(u32::MAX), |r| r.remaining as f64),
+                None => f64::from(c.capacity),
+            };
+            gauges.push(KeyGauges {
+                name: &c.name,
+                bucket,
+                degraded: d,
+            });
+        }
+        self.metrics.degraded_keys.set(f64::from(degraded));
+        self.metrics.render(&gauges)
+    }
 }
 
 /// Any other path: 404 in the dialect the path suggests.

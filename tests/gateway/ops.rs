@@ -159,6 +159,74 @@ fn config_for(base: &str, extra: &str) -> String {
     )
 }
 
+/// Issue 17: a reload that removes a client key (or takes its own series
+/// away) removes its gauges from `/metrics`; they used to stay, frozen at
+/// their last value. Its counters keep their counts; the new keys have
+/// their gauges.
+#[tokio::test]
+async fn a_reload_removes_the_gauges_of_the_keys_it_removes() {
+    let m = mock().start().await.unwrap();
+    let base = m.base_url();
+    let env = start_with(m, &config_for(&base, "")).await;
+    assert_eq!(env.alice_chat("qwen-plus").await, 200);
+    let scrape = || async {
+        String::from_utf8(env.get("/metrics", None).await.body.to_vec()).unwrap()
+    };
+    let gauges = |m: &str, key: &str| -> Vec<String> {
+        m.lines()
+            .filter(|l| {
+                (l.starts_with("gateway_key_bucket_remaining{")
+                    || l.starts_with("gateway_key_degraded{"))
+                    && l.contains(&format!("key=\"{key}\""))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = scrape().await;
+    assert_eq!(gauges(&before, "alice").len(), 2, "{before}");
+    assert_eq!(gauges(&before, "bob").len(), 2, "{before}");
+
+    // Alice removed, Bob counted under `_other`, Carol added.
+    let next = format!(
+        r#"
+        [upstream]
+        base_url = "{base}"
+        [[accounts]]
+        name = "main"
+        api_key = "{UPSTREAM}"
+        quotas = "unlimited"
+        [[keys]]
+        name = "bob"
+        sha256 = "{bob}"
+        metrics = false
+        [[keys]]
+        name = "carol"
+        key = "{CAROL}"
+        capacity = 7
+        "#,
+        bob = key_sha256(BOB),
+    );
+    env.gateway
+        .reload(GatewayConfig::from_toml_with_env(&next, |_| None).unwrap());
+    for m in [scrape().await, env.gateway.render_metrics()] {
+        assert_eq!(gauges(&m, "alice"), Vec::<String>::new(), "{m}");
+        assert_eq!(gauges(&m, "bob"), Vec::<String>::new(), "{m}");
+        assert_eq!(
+            gauges(&m, "carol"),
+            [
+                "gateway_key_bucket_remaining{key=\"carol\"} 7",
+                "gateway_key_degraded{key=\"carol\"} 0"
+            ],
+            "{m}"
+        );
+        for family in ["gateway_key_bucket_remaining", "gateway_key_degraded"] {
+            assert_eq!(m.matches(&format!("# TYPE {family} gauge\n")).count(), 1);
+            assert_eq!(m.matches(&format!("# HELP {family} ")).count(), 1);
+        }
+        assert_eq!(requests_of(&m, "alice"), 1.0, "a counter keeps its count");
+    }
+}
+
 /// A file that does not validate changes nothing.
 #[tokio::test]
 async fn an_invalid_file_is_not_reloaded() {
@@ -402,10 +470,20 @@ impl Lines {
 }
 
 fn run(format: &str, config: &std::path::Path) -> (std::process::Child, Lines) {
+    run_with(format, config, &[])
+}
+
+/// [`run`] with more environment variables.
+fn run_with(
+    format: &str,
+    config: &std::path::Path,
+    vars: &[(&str, &str)],
+) -> (std::process::Child, Lines) {
     let mut child = Command::new(BIN)
         .args(["--mock", "--log-format", format, "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
+        .envs(vars.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -475,6 +553,21 @@ fn the_readme_gateway_config_is_valid() {
     };
     let c = GatewayConfig::from_toml_with_env(block, env).unwrap();
     assert!(c.effective_toml().contains("name = \"team-b\""));
+
+    // Its OTLP lines, added to it: valid with `otel`, refused without.
+    let otlp = &readme[readme.find("```toml\n[telemetry]").expect("the OTLP lines") + 8..];
+    let otlp = &otlp[..otlp.find("```").unwrap()];
+    match GatewayConfig::from_toml_with_env(&format!("{otlp}{block}"), env) {
+        Ok(c) => {
+            assert!(cfg!(feature = "otel"));
+            assert_eq!(c.otlp_endpoint(), Some("http://127.0.0.1:4318"));
+            assert_eq!(c.service_name(), "qwen-gateway");
+        }
+        Err(e) => {
+            assert!(!cfg!(feature = "otel"), "{e}");
+            assert!(e.fields().any(|f| f == "telemetry.otlp_endpoint"), "{e}");
+        }
+    }
 }
 
 /// `server.worker_threads` picks the program's runtime: by default 1,
@@ -519,13 +612,9 @@ fn worker_threads_picks_the_programs_runtime() {
     let seen = lines.until("gateway listening");
     let text = seen.join("\n");
     assert!(text.contains("runtime: current-thread"), "{text}");
-    let listening = seen.last().unwrap();
-    let addr = listening[listening.find("addr=").expect("the address") + 5..]
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let addr = listening_addr(seen.last().unwrap());
     let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     write!(
@@ -540,4 +629,265 @@ fn worker_threads_picks_the_programs_runtime() {
     child.wait().unwrap();
     read.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// The address in a "gateway listening" log line.
+fn listening_addr(line: &str) -> String {
+    line[line.find("addr=").expect("the address") + 5..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A fake OTLP collector on loopback: records each POST to `/v1/{signal}`
+/// (signal, content type, body) and answers 200. It runs on a runtime of
+/// its own, so the test's thread may block.
+#[cfg(feature = "otel")]
+struct Collector {
+    addr: SocketAddr,
+    posts: Arc<Mutex<Vec<(String, String, Bytes)>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+#[cfg(feature = "otel")]
+impl Collector {
+    fn start() -> Self {
+        use axum::extract::Path;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let seen = posts.clone();
+        let app = axum::Router::new().route(
+            "/v1/{signal}",
+            axum::routing::post(
+                move |Path(signal): Path<String>, headers: HeaderMap, body: Bytes| {
+                    let seen = seen.clone();
+                    async move {
+                        let kind = headers
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        seen.lock().unwrap().push((signal, kind, body));
+                        ([("content-type", "application/x-protobuf")], Bytes::new())
+                    }
+                },
+            ),
+        );
+        rt.spawn(async move { axum::serve(listener, app).await });
+        Self {
+            addr,
+            posts,
+            _rt: rt,
+        }
+    }
+
+    /// The bodies POSTed to `/v1/{signal}`, each checked to be protobuf.
+    fn bodies(&self, signal: &str) -> Vec<Bytes> {
+        let posts = self.posts.lock().unwrap();
+        posts
+            .iter()
+            .filter(|(s, _, _)| s == signal)
+            .map(|(_, kind, body)| {
+                assert_eq!(kind, "application/x-protobuf");
+                body.clone()
+            })
+            .collect()
+    }
+}
+
+/// Issue 17, item 3 in the program: built with `otel`, `qwen-gateway`
+/// exports the GenAI span of a proxied call (a child of the client's
+/// `traceparent`, with the GenAI attributes and the configured service
+/// name) and the GenAI metrics to `[telemetry] otlp_endpoint` over OTLP.
+/// The batch and metric intervals are set to ten minutes: what reaches the
+/// collector is what the program exports when SIGTERM stops it.
+#[cfg(all(unix, feature = "otel"))]
+#[test]
+fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+    use prost::Message;
+    use std::io::Read;
+
+    fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+        attrs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    }
+    fn text(v: Option<&any_value::Value>) -> Option<&str> {
+        match v {
+            Some(any_value::Value::StringValue(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    let collector = Collector::start();
+    let path = temp_file(
+        "otlp.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"http://{}\"\nservice_name = \"gw-under-test\"\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
+            collector.addr
+        ),
+    );
+    let (mut child, lines) = run_with(
+        "text",
+        &path,
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+        ],
+    );
+    let seen = lines.until("gateway listening");
+    let text_log = seen.join("\n");
+    assert!(
+        text_log.contains("exporting the GenAI spans and metrics over OTLP"),
+        "{text_log}"
+    );
+    let addr = listening_addr(seen.last().unwrap());
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gw-alice-0001\r\ntraceparent: 00-{trace_id}-{parent}-01\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let read = conn.read_to_string(&mut answer);
+    // Nothing is exported before the program stops (ten-minute intervals).
+    let early = collector.bodies("traces").len();
+
+    let pid = child.id();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let exited = rx.recv_timeout(Duration::from_secs(60));
+    if exited.is_err() {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    read.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let exit = exited.expect("the program exits within 60 s of SIGTERM").unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(early, 0, "spans exported before the shutdown");
+
+    // The span: a child of the client's traceparent, with the GenAI
+    // attributes, under the configured service name.
+    let mut spans = Vec::new();
+    for body in collector.bodies("traces") {
+        let req = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+        for rs in req.resource_spans {
+            let resource = rs.resource.expect("a resource");
+            assert_eq!(
+                text(attr(&resource.attributes, "service.name")),
+                Some("gw-under-test")
+            );
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+    }
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let span = &spans[0];
+    assert_eq!(span.name, "chat qwen-plus");
+    assert_eq!(span.kind, 3, "SPAN_KIND_CLIENT");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), parent);
+    assert_eq!(text(attr(&span.attributes, "gen_ai.operation.name")), Some("chat"));
+    assert_eq!(
+        text(attr(&span.attributes, "gen_ai.provider.name")),
+        Some("dashscope")
+    );
+    assert_eq!(
+        text(attr(&span.attributes, "gen_ai.request.model")),
+        Some("qwen-plus")
+    );
+    assert_eq!(
+        text(attr(&span.attributes, "tower_qwen.client_key.name")),
+        Some("alice")
+    );
+    match attr(&span.attributes, "gen_ai.usage.input_tokens") {
+        Some(any_value::Value::IntValue(n)) => assert!(*n > 0),
+        other => panic!("input tokens: {other:?}"),
+    }
+    assert!(!format!("{span:?}").contains("gw-alice-0001"), "no key");
+
+    // The GenAI metrics.
+    let mut names = Vec::new();
+    for body in collector.bodies("metrics") {
+        let req = ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics export");
+        for rm in req.resource_metrics {
+            for sm in rm.scope_metrics {
+                names.extend(sm.metrics.into_iter().map(|m| m.name));
+            }
+        }
+    }
+    for name in ["gen_ai.client.operation.duration", "gen_ai.client.token.usage"] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+}
+
+/// A configuration asking for OTLP in a program built without `otel` is
+/// refused, naming the field; the ambient standard variable only warns.
+#[cfg(all(unix, not(feature = "otel")))]
+#[test]
+fn otlp_without_the_otel_feature_is_a_config_error() {
+    let path = temp_file(
+        "otlp-off.toml",
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n[[accounts]]\nname = \"main\"\napi_key = \"sk-upstream-0001\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
+    );
+    for check in [true, false] {
+        let mut cmd = Command::new(BIN);
+        if check {
+            cmd.arg("--check-config");
+        }
+        let out = cmd
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains("telemetry.otlp_endpoint"), "{stderr}");
+        assert!(stderr.contains("`otel` feature"), "{stderr}");
+    }
+
+    let path = temp_file(
+        "otlp-ambient.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
+    );
+    let (mut child, lines) = run_with(
+        "text",
+        &path,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")],
+    );
+    let seen = lines.until("gateway listening").join("\n");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        seen.contains("built without the `otel` feature: nothing is exported"),
+        "{seen}"
+    );
 }

@@ -205,17 +205,24 @@ impl Default for MetricsFile {
     }
 }
 
-/// The GenAI spans of proxied calls.
+/// The GenAI spans of proxied calls, and their export over OTLP.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct TelemetryFile {
     pub(super) genai_spans: Flag,
+    /// The OTLP collector's base URL (HTTP + protobuf); `"off"`: none.
+    /// Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`, if set.
+    pub(super) otlp_endpoint: Option<String>,
+    /// Unset: `OTEL_SERVICE_NAME`, else `qwen-gateway`.
+    pub(super) service_name: Option<String>,
 }
 
 impl Default for TelemetryFile {
     fn default() -> Self {
         Self {
             genai_spans: Flag(true),
+            otlp_endpoint: None,
+            service_name: None,
         }
     }
 }

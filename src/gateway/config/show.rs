@@ -20,6 +20,9 @@ impl GatewayConfig {
     /// are shown as `"<redacted:ID>"` (ID: the 8-hex-digit id logs and
     /// metrics use), upstream keys likewise, a Redis URL without its user
     /// and password. `[limits]` appears folded into each `[[keys]]` entry.
+    /// The sections come in the order of the file format (that of
+    /// `examples/gateway.toml`): `[server]`, `[upstream]`, `[degrade]`,
+    /// `[redis]`, `[metrics]`, `[telemetry]`, `[[accounts]]`, `[[keys]]`.
     ///
     /// # Example
     ///
@@ -115,6 +118,14 @@ impl GatewayConfig {
 
         let mut telemetry = Table::new();
         telemetry.insert("genai_spans".into(), self.genai_spans.into());
+        telemetry.insert(
+            "otlp_endpoint".into(),
+            self.otlp_endpoint
+                .as_deref()
+                .map_or_else(|| "off".to_owned(), without_credentials)
+                .into(),
+        );
+        telemetry.insert("service_name".into(), self.service_name.clone().into());
         root.insert("telemetry".into(), telemetry.into());
 
         let accounts: Vec<Value> = self
@@ -196,7 +207,27 @@ impl GatewayConfig {
             .collect();
         root.insert("keys".into(), keys.into());
 
-        toml::to_string(&root).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        // The sections in the order of the file format (that of
+        // examples/gateway.toml), not the table's alphabetical one.
+        let mut out = String::new();
+        for &name in super::file::section_names() {
+            let Some(section) = root.remove(name) else {
+                continue;
+            };
+            let mut one = Table::new();
+            one.insert(name.to_owned(), section);
+            match toml::to_string(&one) {
+                Ok(text) => {
+                    if !out.is_empty() {
+                        out.push('\n');
+                    }
+                    out.push_str(&text);
+                }
+                Err(e) => return format!("# cannot render: {e}\n"),
+            }
+        }
+        debug_assert!(root.is_empty(), "a section the file format does not name");
+        out
     }
 }
 
@@ -237,6 +268,74 @@ fn without_credentials(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::GatewayConfig;
+
+    /// The top-level section names of a TOML text, in order of first
+    /// appearance; with `commented`, also those of `# [section]` lines.
+    fn section_order(text: &str, commented: bool) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for line in text.lines() {
+            let mut l = line.trim_start();
+            if commented && let Some(rest) = l.strip_prefix('#') {
+                l = rest.trim_start();
+            }
+            let Some(head) = l.strip_prefix('[') else {
+                continue;
+            };
+            let head = head.trim_start_matches('[');
+            let Some(end) = head.find([']', '.']) else {
+                continue;
+            };
+            let name = head[..end].trim();
+            if !name.is_empty() && !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+        }
+        names
+    }
+
+    /// Issue 17: `--check-config` printed the sections alphabetically
+    /// (`[[accounts]]`, `[degrade]`, `[[keys]]`, ...); they come in the
+    /// order the example configuration documents them.
+    #[test]
+    fn sections_come_in_the_order_of_the_example_config() {
+        let example = include_str!("../../../examples/gateway.toml");
+        let env = |name: &str| (name == "DASHSCOPE_API_KEY").then(|| "sk-example-0001".to_owned());
+        let with_redis = format!(
+            "{example}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n"
+        );
+        let mut documented = section_order(example, true);
+        // [limits] is shown folded into each key.
+        documented.retain(|n| n != "limits");
+        assert_eq!(
+            documented,
+            [
+                "server",
+                "upstream",
+                "degrade",
+                "redis",
+                "metrics",
+                "telemetry",
+                "accounts",
+                "keys"
+            ]
+        );
+        let mut texts = vec![example.to_owned()];
+        if cfg!(feature = "redis") {
+            texts.push(with_redis);
+        }
+        for text in &texts {
+            let config = GatewayConfig::from_toml_with_env(text, env).unwrap();
+            let shown = config.effective_toml();
+            let mut expected = documented.clone();
+            if config.redis.is_none() {
+                expected.retain(|n| n != "redis");
+            }
+            assert_eq!(section_order(&shown, false), expected, "{shown}");
+            let parsed: Table = shown.parse().expect("still TOML");
+            assert_eq!(parsed.len(), expected.len());
+        }
+    }
 
     #[test]
     fn credentials_are_removed_from_urls() {
