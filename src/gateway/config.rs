@@ -881,7 +881,6 @@ fn otlp_endpoint_problem(e: &str) -> Option<String> {
     None
 }
 
-
 /// Token limits from their fields (0: none), checked together: a month's
 /// budget below a day's is a mistake.
 fn token_config(
@@ -1405,7 +1404,10 @@ mod tests {
     #[test]
     fn the_otlp_endpoint_from_the_overlay_is_shown() {
         let vars = env(&[
-            ("QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            (
+                "QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT",
+                "http://127.0.0.1:4318",
+            ),
             ("QWEN_GATEWAY_TELEMETRY_SERVICE_NAME", "gw-east"),
         ]);
         match GatewayConfig::from_toml_with_env(MIN, vars) {

@@ -351,7 +351,9 @@ impl Metrics {
         }
         let families: [(&str, &str, fn(&KeyGauges<'_>) -> f64); 2] = [
             (BUCKET_REMAINING, BUCKET_REMAINING_HELP, |k| k.bucket),
-            (KEY_DEGRADED, KEY_DEGRADED_HELP, |k| f64::from(u8::from(k.degraded))),
+            (KEY_DEGRADED, KEY_DEGRADED_HELP, |k| {
+                f64::from(u8::from(k.degraded))
+            }),
         ];
         for (name, help, value) in families {
             write_help_line(&mut out, name, None, None, help);

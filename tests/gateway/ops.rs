@@ -169,9 +169,8 @@ async fn a_reload_removes_the_gauges_of_the_keys_it_removes() {
     let base = m.base_url();
     let env = start_with(m, &config_for(&base, "")).await;
     assert_eq!(env.alice_chat("qwen-plus").await, 200);
-    let scrape = || async {
-        String::from_utf8(env.get("/metrics", None).await.body.to_vec()).unwrap()
-    };
+    let scrape =
+        || async { String::from_utf8(env.get("/metrics", None).await.body.to_vec()).unwrap() };
     let gauges = |m: &str, key: &str| -> Vec<String> {
         m.lines()
             .filter(|l| {
@@ -783,11 +782,15 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
     });
     let exited = rx.recv_timeout(Duration::from_secs(60));
     if exited.is_err() {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     }
     read.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let exit = exited.expect("the program exits within 60 s of SIGTERM").unwrap();
+    let exit = exited
+        .expect("the program exits within 60 s of SIGTERM")
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert_eq!(early, 0, "spans exported before the shutdown");
 
@@ -814,7 +817,10 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(hex(&span.trace_id), trace_id);
     assert_eq!(hex(&span.parent_span_id), parent);
-    assert_eq!(text(attr(&span.attributes, "gen_ai.operation.name")), Some("chat"));
+    assert_eq!(
+        text(attr(&span.attributes, "gen_ai.operation.name")),
+        Some("chat")
+    );
     assert_eq!(
         text(attr(&span.attributes, "gen_ai.provider.name")),
         Some("dashscope")
@@ -843,7 +849,10 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
             }
         }
     }
-    for name in ["gen_ai.client.operation.duration", "gen_ai.client.token.usage"] {
+    for name in [
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.token.usage",
+    ] {
         assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
     }
 }

@@ -301,9 +301,7 @@ mod tests {
     fn sections_come_in_the_order_of_the_example_config() {
         let example = include_str!("../../../examples/gateway.toml");
         let env = |name: &str| (name == "DASHSCOPE_API_KEY").then(|| "sk-example-0001".to_owned());
-        let with_redis = format!(
-            "{example}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n"
-        );
+        let with_redis = format!("{example}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
         let mut documented = section_order(example, true);
         // [limits] is shown folded into each key.
         documented.retain(|n| n != "limits");
