@@ -1312,12 +1312,16 @@ mod tests {
         key = "gw-client-secret"
     "#;
 
+    /// What [`validate_telemetry`] gives (endpoint, service name) and the
+    /// problems it found.
+    type Telemetry = ((Option<String>, String), Vec<(String, String)>);
+
     fn telemetry(
         endpoint: Option<&str>,
         genai_spans: bool,
         vars: &'static [(&'static str, &'static str)],
         otel_built: bool,
-    ) -> ((Option<String>, String), Vec<(String, String)>) {
+    ) -> Telemetry {
         let t = file::TelemetryFile {
             genai_spans: file::Flag(genai_spans),
             otlp_endpoint: endpoint.map(str::to_owned),
@@ -1410,23 +1414,21 @@ mod tests {
             ),
             ("QWEN_GATEWAY_TELEMETRY_SERVICE_NAME", "gw-east"),
         ]);
-        match GatewayConfig::from_toml_with_env(MIN, vars) {
-            Ok(c) => {
-                assert!(cfg!(feature = "otel"));
-                assert_eq!(c.otlp_endpoint(), Some("http://127.0.0.1:4318"));
-                assert_eq!(c.service_name(), "gw-east");
-                let shown: toml::Table = c.effective_toml().parse().unwrap();
-                assert_eq!(
-                    shown["telemetry"]["otlp_endpoint"].as_str(),
-                    Some("http://127.0.0.1:4318")
-                );
-                assert_eq!(shown["telemetry"]["service_name"].as_str(), Some("gw-east"));
-            }
-            Err(e) => {
-                assert!(!cfg!(feature = "otel"), "{e}");
-                assert!(e.fields().any(|f| f == "telemetry.otlp_endpoint"), "{e}");
-                assert!(e.to_string().contains("`otel` feature"), "{e}");
-            }
+        let read = GatewayConfig::from_toml_with_env(MIN, vars);
+        if cfg!(feature = "otel") {
+            let c = read.unwrap();
+            assert_eq!(c.otlp_endpoint(), Some("http://127.0.0.1:4318"));
+            assert_eq!(c.service_name(), "gw-east");
+            let shown: toml::Table = c.effective_toml().parse().unwrap();
+            assert_eq!(
+                shown["telemetry"]["otlp_endpoint"].as_str(),
+                Some("http://127.0.0.1:4318")
+            );
+            assert_eq!(shown["telemetry"]["service_name"].as_str(), Some("gw-east"));
+        } else {
+            let e = read.unwrap_err();
+            assert!(e.fields().any(|f| f == "telemetry.otlp_endpoint"), "{e}");
+            assert!(e.to_string().contains("`otel` feature"), "{e}");
         }
         let c = GatewayConfig::from_toml_with_env(MIN, env(&[])).unwrap();
         assert_eq!(c.otlp_endpoint(), None);

@@ -349,25 +349,16 @@ impl Metrics {
         if keys.is_empty() {
             return out;
         }
-        let families: [(&str, &str, fn(&KeyGauges<'_>) -> f64); 2] = [
-            (BUCKET_REMAINING, BUCKET_REMAINING_HELP, |k| k.bucket),
-            (KEY_DEGRADED, KEY_DEGRADED_HELP, |k| {
-                f64::from(u8::from(k.degraded))
-            }),
-        ];
-        for (name, help, value) in families {
-            write_help_line(&mut out, name, None, None, help);
-            write_type_line(&mut out, name, None, None, "gauge");
-            for k in keys {
-                let _ = writeln!(
-                    out,
-                    "{name}{{key=\"{}\"}} {}",
-                    sanitize_label_value(k.name),
-                    value(k)
-                );
-            }
-            out.push('\n');
-        }
+        gauge_family(
+            &mut out,
+            BUCKET_REMAINING,
+            BUCKET_REMAINING_HELP,
+            keys,
+            |k| k.bucket,
+        );
+        gauge_family(&mut out, KEY_DEGRADED, KEY_DEGRADED_HELP, keys, |k| {
+            f64::from(u8::from(k.degraded))
+        });
         out
     }
 
@@ -375,4 +366,25 @@ impl Metrics {
     pub(crate) fn upkeep(&self) {
         self.handle.run_upkeep();
     }
+}
+
+/// Writes one gauge family of the client keys in Prometheus text.
+fn gauge_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    keys: &[KeyGauges<'_>],
+    value: impl Fn(&KeyGauges<'_>) -> f64,
+) {
+    write_help_line(out, name, None, None, help);
+    write_type_line(out, name, None, None, "gauge");
+    for k in keys {
+        let _ = writeln!(
+            out,
+            "{name}{{key=\"{}\"}} {}",
+            sanitize_label_value(k.name),
+            value(k)
+        );
+    }
+    out.push('\n');
 }
