@@ -791,9 +791,9 @@ pub(crate) const DEFAULT_SERVICE_NAME: &str = "qwen-gateway";
 /// the environment's `QWEN_GATEWAY_TELEMETRY_OTLP_ENDPOINT`, else the
 /// standard `OTEL_EXPORTER_OTLP_ENDPOINT`; `"off"`: none) and the service
 /// name (likewise, else `OTEL_SERVICE_NAME`, else `qwen-gateway`). Asking
-/// for an export in a build without it (`otel_built` false) is an error;
-/// the standard variable is then not read (an ambient setting, not this
-/// configuration's request).
+/// for an export in a build without it (`otel_built` false), or with
+/// `genai_spans` off, is an error; the standard variable is then not read
+/// (an ambient setting, not this configuration's request).
 fn validate_telemetry(
     t: &file::TelemetryFile,
     env: &dyn Fn(&str) -> Option<String>,
@@ -806,7 +806,8 @@ fn validate_telemetry(
     let (endpoint, label) = match t.otlp_endpoint.as_deref().map(str::trim) {
         Some(e) if e.is_empty() || e.eq_ignore_ascii_case("off") => (None, FIELD.to_owned()),
         Some(e) => (Some(e.to_owned()), FIELD.to_owned()),
-        None if otel_built => (
+        // The spans turned off, the ambient variable has nothing to export.
+        None if otel_built && t.genai_spans.0 => (
             standard(STANDARD).map(|e| e.trim().to_owned()),
             format!("{FIELD} (from {STANDARD})"),
         ),
@@ -1395,6 +1396,12 @@ mod tests {
         }
         let (_, problems) = telemetry(Some("http://collector:4318"), false, &[], true);
         assert!(problems[0].1.contains("genai_spans"), "{problems:?}");
+        // The spans turned off, the ambient variable is not read.
+        const AMBIENT: &[(&str, &str)] = &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")];
+        assert_eq!(
+            telemetry(None, false, AMBIENT, true),
+            ((None, DEFAULT_SERVICE_NAME.to_owned()), vec![])
+        );
         const BAD: &[(&str, &str)] = &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")];
         let (_, problems) = telemetry(None, true, BAD, true);
         assert_eq!(

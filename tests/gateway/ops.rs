@@ -704,7 +704,9 @@ impl Collector {
 /// `traceparent`, with the GenAI attributes and the configured service
 /// name) and the GenAI metrics to `[telemetry] otlp_endpoint` over OTLP.
 /// The batch and metric intervals are set to ten minutes: what reaches the
-/// collector is what the program exports when SIGTERM stops it.
+/// collector is what the program exports when SIGTERM stops it. A SIGHUP
+/// reload keeps the export (a changed service name waits for a restart,
+/// with a warning).
 #[cfg(all(unix, feature = "otel"))]
 #[test]
 fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
@@ -728,13 +730,13 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
     }
 
     let collector = Collector::start();
-    let path = temp_file(
-        "otlp.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"http://{}\"\nservice_name = \"gw-under-test\"\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
+    let file = |service: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"http://{}\"\nservice_name = \"{service}\"\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n",
             collector.addr
-        ),
-    );
+        )
+    };
+    let path = temp_file("otlp.toml", &file("gw-under-test"));
     let (mut child, lines) = run_with(
         "text",
         &path,
@@ -750,6 +752,16 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
         "{text_log}"
     );
     let addr = listening_addr(seen.last().unwrap());
+
+    // A reload, the service renamed: the running export goes on as it is.
+    std::fs::write(&path, file("gw-renamed")).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reload = lines.until("gateway configuration reloaded").join("\n");
+    assert!(reload.contains("take effect on restart only"), "{reload}");
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
