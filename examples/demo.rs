@@ -159,11 +159,25 @@ struct Record {
     end: End,
 }
 
-/// Counts what actually went upstream, for every client alike.
-#[derive(Default, Debug)]
+/// Counts what actually went upstream, for every client alike: in all, and
+/// per second of the run (by when the answer's head came back).
+#[derive(Debug)]
 struct Wire {
+    start: Instant,
     calls: AtomicU64,
     throttled: AtomicU64,
+    per_second: std::sync::Mutex<Vec<(u32, u32)>>,
+}
+
+impl Wire {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            calls: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            per_second: std::sync::Mutex::new(Vec::new()),
+        }
+    }
 }
 
 struct RunResult {
@@ -171,6 +185,10 @@ struct RunResult {
     records: Vec<Record>,
     calls: u64,
     throttled: u64,
+    /// Upstream calls and 429s per second of the run.
+    per_second: Vec<(u32, u32)>,
+    /// The mock's errors sent, by code (empty for a real upstream).
+    codes: BTreeMap<String, u64>,
     elapsed: Duration,
 }
 
@@ -230,7 +248,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
             for rec in r.records.iter().filter(|x| x.end == End::Ok) {
                 per[rec.finished.as_secs() as usize] += 1;
             }
-            println!("{:>10}: {:?}", r.name, per);
+            println!("{:>10}: successes per second {:?}", r.name, per);
+            let calls: Vec<u32> = r.per_second.iter().map(|c| c.0).collect();
+            println!("{:>10}: upstream calls per second {:?}", r.name, calls);
+            if r.throttled > 0 {
+                let t: Vec<u32> = r.per_second.iter().map(|c| c.1).collect();
+                println!("{:>10}: 429s per second {:?}", r.name, t);
+            }
+            if !r.codes.is_empty() {
+                println!("{:>10}: the mock's errors by code {:?}", r.name, r.codes);
+            }
         }
     }
     draw_chart(&results, rps, &args.chart)?;
@@ -261,7 +288,7 @@ async fn one_run(name: &'static str, args: &Args) -> Result<RunResult, BoxError>
             (Some(mock), base, ApiKey::new(MOCK_KEY)?)
         }
     };
-    let wire = Arc::new(Wire::default());
+    let wire = Arc::new(Wire::new());
     let client = match name {
         "naive" => naive_client(base, key, wire.clone()),
         "tower" => tower_client(base, key, wire.clone(), args),
@@ -269,14 +296,20 @@ async fn one_run(name: &'static str, args: &Args) -> Result<RunResult, BoxError>
     };
     let records = drive(name, client, args).await;
     let elapsed = records.iter().map(|r| r.finished).max().unwrap_or_default();
+    let mut codes = BTreeMap::new();
     if let Some(mock) = mock {
+        codes = mock.stats().by_code;
         mock.shutdown().await;
     }
+    let per_second =
+        std::mem::take(&mut *wire.per_second.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(RunResult {
         name,
         records,
         calls: wire.calls.load(Ordering::Relaxed),
         throttled: wire.throttled.load(Ordering::Relaxed),
+        per_second,
+        codes,
         elapsed,
     })
 }
@@ -468,9 +501,17 @@ fn transport_for_qwen(wire: Arc<Wire>) -> Client {
 
 fn count<B>(wire: &Wire, res: &Response<B>) {
     wire.calls.fetch_add(1, Ordering::Relaxed);
-    if res.status() == StatusCode::TOO_MANY_REQUESTS {
+    let throttled = res.status() == StatusCode::TOO_MANY_REQUESTS;
+    if throttled {
         wire.throttled.fetch_add(1, Ordering::Relaxed);
     }
+    let sec = wire.start.elapsed().as_secs() as usize;
+    let mut per = wire.per_second.lock().unwrap_or_else(|e| e.into_inner());
+    if per.len() <= sec {
+        per.resize(sec + 1, (0, 0));
+    }
+    per[sec].0 += 1;
+    per[sec].1 += u32::from(throttled);
 }
 
 /// Sends the workload: bursts of arrivals, each request from its own task.

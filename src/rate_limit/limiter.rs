@@ -122,10 +122,33 @@ impl SlowStart {
 /// Requests, burst: the request rate is lowered; tokens: the token rate;
 /// overloaded and unknown: both. The pause applies to the whole key.
 ///
+/// # A lone quota throttle
+///
+/// The limiter never paces a key above its configured quota (a token
+/// estimate that falls short is charged as soon as the usage is known), so
+/// a *lone* throttle of the key's own quota (cause requests or tokens, no
+/// other throttle acted on within [`repeat_within`](Self::repeat_within)
+/// before it) is taken as timing, not as a wrong quota: calls paced at the
+/// quota reach the upstream with varying delays, and a call meant for the
+/// end of one of its counting windows (DashScope counts whole seconds)
+/// lands in the next one, which then holds one call too many. Pausing the
+/// key for a second and halving its rate would cost a second's quota and
+/// more for that one refused call; instead, the throttled quota's rate
+/// steps down by [`lone_rate_factor`](Self::lone_rate_factor) (a margin for
+/// that jitter) without a pause, and recovers over the same `recover_over`
+/// (a slow start in progress is left alone). A second throttle within
+/// `repeat_within`, or any burst, overload or unknown throttle, tightens
+/// as above: a quota set higher than the account's, or shared with another
+/// client, draws them in a row.
+///
+/// The Redis backend replicates only the pause, and pauses on every
+/// throttle.
+///
 /// # Default
 ///
 /// Pause 1 s, rate × 0.5 (never below 1/16 of the quota), recover over
-/// 30 s.
+/// 30 s; a lone quota throttle (none other within 2 s): rate × 0.98, no
+/// pause.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Feedback {
     /// Read by the Redis backend, which replicates only the pause.
@@ -133,6 +156,8 @@ pub struct Feedback {
     factor: u32,
     floor: u32,
     recover: Duration,
+    lone_factor: u32,
+    repeat_within: Duration,
 }
 
 impl Default for Feedback {
@@ -142,13 +167,16 @@ impl Default for Feedback {
 }
 
 impl Feedback {
-    /// The defaults: pause 1 s, halve the rate, recover over 30 s.
+    /// The defaults: pause 1 s, halve the rate, recover over 30 s; a lone
+    /// quota throttle lowers the rate by 2% without a pause.
     pub const fn new() -> Self {
         Self {
             pause: Duration::from_secs(1),
             factor: FULL_RATE / 2,
             floor: FULL_RATE / 16,
             recover: Duration::from_secs(30),
+            lone_factor: FULL_RATE * 49 / 50,
+            repeat_within: Duration::from_secs(2),
         }
     }
 
@@ -175,6 +203,22 @@ impl Feedback {
     /// 30 s.
     pub const fn recover_over(mut self, recover: Duration) -> Self {
         self.recover = recover;
+        self
+    }
+
+    /// What a lone quota throttle multiplies the throttled quota's rate by,
+    /// in `(0, 1]`, without a pause (see [the type's docs](Self)); 1 keeps
+    /// the rate. Default is 0.98.
+    pub fn lone_rate_factor(mut self, factor: f64) -> Self {
+        self.lone_factor = rate_from_f64(factor);
+        self
+    }
+
+    /// A quota throttle is lone when no other throttle was acted on within
+    /// this time before it (see [the type's docs](Self)); zero makes every
+    /// throttle tighten fully. Default is 2 s.
+    pub const fn repeat_within(mut self, within: Duration) -> Self {
+        self.repeat_within = within;
         self
     }
 }
@@ -413,7 +457,18 @@ impl<S> RateLimiterBuilder<S> {
 #[derive(Clone, Copy, Debug)]
 struct Settings {
     slow_start: Option<Slow>,
-    feedback: Option<(u64, u32, u32, u64)>,
+    feedback: Option<Fb>,
+}
+
+/// A [`Feedback`] in nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct Fb {
+    pause: u64,
+    factor: u32,
+    floor: u32,
+    recover: u64,
+    lone_factor: u32,
+    repeat_within: u64,
 }
 
 /// A [`SlowStart`] in nanoseconds.
@@ -429,7 +484,7 @@ impl Settings {
     fn ramp_duration(&self, kind: RampKind) -> Option<u64> {
         match kind {
             RampKind::SlowStart => self.slow_start.map(|s| s.ramp),
-            RampKind::Recover => self.feedback.map(|f| f.3),
+            RampKind::Recover => self.feedback.map(|f| f.recover),
         }
     }
 }
@@ -812,13 +867,13 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
                 ramp: duration_nanos(s.ramp),
                 idle: duration_nanos(s.idle),
             }),
-            feedback: b.feedback.map(|f| {
-                (
-                    duration_nanos(f.pause),
-                    f.factor,
-                    f.floor,
-                    duration_nanos(f.recover),
-                )
+            feedback: b.feedback.map(|f| Fb {
+                pause: duration_nanos(f.pause),
+                factor: f.factor,
+                floor: f.floor,
+                recover: duration_nanos(f.recover),
+                lone_factor: f.lone_factor,
+                repeat_within: duration_nanos(f.repeat_within),
             }),
         };
         let compact = (limits_for.is_none()
@@ -1181,7 +1236,7 @@ where
 
     fn tighten_full(&self, st: &Full, cause: ThrottleCause, admitted: u64, now: u64) -> bool {
         let settings = &self.shared.settings;
-        let Some((pause, factor, floor, recover)) = settings.feedback else {
+        let Some(fb) = settings.feedback else {
             return false;
         };
         let (req, tok) = match cause {
@@ -1196,6 +1251,11 @@ where
         if last > 0 && admitted < last {
             return false;
         }
+        // A throttle of the key's own quota with none acted on within
+        // `repeat_within` before it: timing jitter, not a wrong quota.
+        let lone = matches!(cause, ThrottleCause::Requests | ThrottleCause::Tokens)
+            && fb.repeat_within > 0
+            && (last == 0 || now.saturating_sub(last - 1) >= fb.repeat_within);
         if st
             .tightened
             .compare_exchange(last, now + 1, Ordering::AcqRel, Ordering::Relaxed)
@@ -1203,13 +1263,49 @@ where
         {
             return false;
         }
+        let n = st.throttles.fetch_add(1, Ordering::Relaxed) + 1;
+        if lone {
+            let mut new_rate = FULL_RATE;
+            for (on, d) in [(req, &st.req), (tok, &st.tok)] {
+                if !on || d.gcra.is_none() {
+                    continue;
+                }
+                let word = d.ramp.load(Ordering::Relaxed);
+                let cur = Dim::rate_of(word, now, settings);
+                // A slow start still growing is below the quota already.
+                if cur < FULL_RATE
+                    && Ramp::unpack(word).is_some_and(|r| r.kind == RampKind::SlowStart)
+                {
+                    new_rate = new_rate.min(cur);
+                    continue;
+                }
+                let from = ((u64::from(cur) * u64::from(fb.lone_factor)) >> 16) as u32;
+                let from = from.max(fb.floor).clamp(1, FULL_RATE);
+                new_rate = new_rate.min(from);
+                let ramp = Ramp {
+                    start: now,
+                    from,
+                    kind: RampKind::Recover,
+                };
+                d.ramp.store(ramp.pack(), Ordering::Relaxed);
+            }
+            tracing::info!(
+                ?cause,
+                rate = rate_to_f64(new_rate),
+                recover_s = Duration::from_nanos(fb.recover).as_secs_f64(),
+                throttles = n,
+                "upstream throttled a call the local limit admitted, the first within the \
+                 repeat window: lowering the rate a step, no pause"
+            );
+            return true;
+        }
         // Pause the whole key: every bucket moves by the same amount, and so
         // does every waiter's slot (the schedule is translated, never
         // squeezed).
         let mut delta = 0;
         for d in [&st.req, &st.tok] {
             if let Some(g) = d.gcra {
-                delta = delta.max(d.bucket.pause_delta(&g, now, pause));
+                delta = delta.max(d.bucket.pause_delta(&g, now, fb.pause));
             }
         }
         for d in [&st.req, &st.tok] {
@@ -1222,23 +1318,22 @@ where
         for (on, d) in [(req, &st.req), (tok, &st.tok)] {
             if on && d.gcra.is_some() {
                 let cur = Dim::rate_of(d.ramp.load(Ordering::Relaxed), now, settings);
-                let from = ((u64::from(cur) * u64::from(factor)) >> 16) as u32;
-                let from = from.max(floor).clamp(1, FULL_RATE);
+                let from = ((u64::from(cur) * u64::from(fb.factor)) >> 16) as u32;
+                let from = from.max(fb.floor).clamp(1, FULL_RATE);
                 new_rate = new_rate.min(from);
                 let ramp = Ramp {
-                    start: now.saturating_add(pause),
+                    start: now.saturating_add(fb.pause),
                     from,
                     kind: RampKind::Recover,
                 };
                 d.ramp.store(ramp.pack(), Ordering::Relaxed);
             }
         }
-        let n = st.throttles.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(
             ?cause,
             pause_ms = Duration::from_nanos(delta).as_millis() as u64,
             rate = rate_to_f64(new_rate),
-            recover_s = Duration::from_nanos(recover).as_secs_f64(),
+            recover_s = Duration::from_nanos(fb.recover).as_secs_f64(),
             throttles = n,
             "upstream throttled a call the local limit admitted; tightening"
         );

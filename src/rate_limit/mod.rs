@@ -58,8 +58,10 @@
 //!   quota, hold it, and grow it by the same ratio every second.
 //! * **Feedback** ([`Feedback`]): when the upstream throttles a call we
 //!   admitted, the key pauses (past the one-second window) and resumes at
-//!   a lower rate that recovers over time. Logged with `tracing` and
-//!   readable in a [`Snapshot`].
+//!   a lower rate that recovers over time; a lone throttle of the key's own
+//!   quota (timing jitter at the upstream's window boundary, not a wrong
+//!   quota) only lowers the rate a step (2%), with no pause. Logged with
+//!   `tracing` and readable in a [`Snapshot`].
 //! * **Token budgets** ([`Budget`], [`budget`]): tokens per UTC day and
 //!   month per key, a fixed-window backend for the same layer (reserve the
 //!   estimate, reconcile at the body's end), refusing with
@@ -77,7 +79,7 @@
 //! | shared by | the clones in one process | every replica on the Redis |
 //! | a decision | a CAS, no future | a script call (batched), or a local lease |
 //! | two dimensions, FIFO slots, give-back, reconciliation | yes | yes (the same arithmetic, property-tested) |
-//! | pause on an upstream throttle | yes | yes, for every replica |
+//! | pause on an upstream throttle | yes (none for a lone quota throttle) | yes, for every replica, on every throttle |
 //! | reduced-rate recovery after a throttle, slow start | yes | no (see below) |
 //! | snapshots (`x-ratelimit-*`, the pool's pick) | exact | this replica's view as of its last round trip for the key |
 //!

@@ -70,7 +70,7 @@ fn status(code: u16, json: &'static str) -> Res {
         .unwrap()
 }
 
-const RATE_QUOTA: &str = r#"{"request_id":"1","code":"Throttling.RateQuota","message":"Requests rate limit exceeded, please try again later."}"#;
+const BURST_RATE: &str = r#"{"request_id":"1","code":"Throttling.BurstRate","message":"Request rate increased too quickly."}"#;
 
 /// What reached the upstream.
 #[derive(Clone, Debug)]
@@ -830,13 +830,14 @@ async fn a_stream_holds_its_tokens_until_its_body_ends_and_the_pool_sees_it() {
 
 #[tokio::test(start_paused = true)]
 async fn an_account_throttled_upstream_gets_no_calls_while_paused() {
-    // a's first call gets a 429 (its quota is used elsewhere); then all is
-    // well.
+    // a's first call gets a 429 (its rate grew too quickly: a burst 429
+    // always pauses the key, where a lone `RateQuota` one only lowers its
+    // rate a step); then all is well.
     let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let up = Upstream::answering(move |req| {
         let to_a = req.headers()["authorization"] == "Bearer sk-a";
         if to_a && first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            status(429, RATE_QUOTA)
+            status(429, BURST_RATE)
         } else {
             ok()
         }

@@ -25,12 +25,13 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 /// The feedback settings each count: the pause, the rate factor, the
-/// floor and the recovery.
+/// floor and the recovery (every throttle tightening fully).
 #[tokio::test(start_paused = true)]
 async fn feedback_pause_factor_floor_and_recovery() {
     let limiter = RateLimiter::builder(Limits::requests(smooth(10)))
         .feedback(
             Feedback::new()
+                .repeat_within(Duration::ZERO)
                 .pause(Duration::from_millis(300))
                 .rate_factor(0.25)
                 .min_rate(0.2)
@@ -64,6 +65,125 @@ async fn feedback_pause_factor_floor_and_recovery() {
     tokio::time::advance(Duration::from_secs(50)).await;
     assert_eq!(rate(&limiter, false), 1.0);
     assert_eq!(limiter.snapshot(&()).unwrap().throttles, 2);
+}
+
+/// A lone throttle of the key's own quota (requests or tokens, none other
+/// within `repeat_within`) is timing jitter at the upstream's window
+/// boundary: the throttled quota's rate steps down by the lone factor
+/// (0.98 by default), with no pause. A second throttle within the window
+/// (of a call admitted after the first) is a quota that is too high: paused
+/// 1 s and halved, as before. Past the window, a throttle is lone again.
+#[tokio::test(start_paused = true)]
+async fn a_lone_quota_throttle_steps_the_rate_down_and_a_repeated_one_halves_it() {
+    tokio::time::advance(Duration::from_secs(3)).await;
+    for (cause, tokens) in [
+        (ThrottleCause::Requests, false),
+        (ThrottleCause::Tokens, true),
+    ] {
+        let limiter = RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
+            .feedback(Feedback::new().recover_over(Duration::from_secs(100)))
+            .build();
+        limiter.check(&(), Cost::call(100)).unwrap();
+        assert!(limiter.throttled(&(), cause), "{cause:?}");
+        // No pause: the next call waits only for the first one's 100 ms.
+        let wait = limiter.check(&(), Cost::ONE).unwrap_err().retry_after();
+        assert_eq!(wait, Some(100 * MS), "{cause:?}");
+        assert!(close(rate(&limiter, tokens), 0.98), "{cause:?}");
+        assert_eq!(rate(&limiter, !tokens), 1.0, "{cause:?}");
+        assert_eq!(limiter.snapshot(&()).unwrap().throttles, 1);
+        // Recovering linearly over 100 s: half way at 50 s.
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(close(rate(&limiter, tokens), 0.99), "{cause:?}");
+        // A second throttle 1.999 s after the first: paused, and halved
+        // from the rate reached.
+        let limiter = RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
+            .feedback(Feedback::new().recover_over(Duration::from_secs(100)))
+            .build();
+        assert!(limiter.throttled(&(), cause));
+        tokio::time::advance(Duration::from_millis(1_999)).await;
+        limiter.check(&(), Cost::call(100)).unwrap();
+        assert!(limiter.throttled(&(), cause));
+        let r = rate(&limiter, tokens);
+        assert!(
+            close(r, 0.5 * (0.98 + 0.02 * 1.999 / 100.0)),
+            "{cause:?} {r}"
+        );
+        // Paused 1 s, behind the call's 100 ms of requests (102 ms at 98%
+        // of the rate when requests were throttled).
+        let wait = limiter.check(&(), Cost::ONE).unwrap_err().retry_after();
+        let wait = wait.unwrap_or_default();
+        assert!(
+            wait >= 1_100 * MS && wait < 1_103 * MS,
+            "{cause:?} {wait:?}"
+        );
+        assert_eq!(limiter.snapshot(&()).unwrap().throttles, 2);
+        // 2 s after that one (the window counts from the last throttle
+        // acted on): lone again, a step down from where the recovery got.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let before = rate(&limiter, tokens);
+        assert!(limiter.throttled(&(), cause));
+        assert!(close(rate(&limiter, tokens), before * 0.98), "{cause:?}");
+        assert!(limiter.check(&(), Cost::ONE).is_ok(), "{cause:?}");
+    }
+}
+
+/// Only the key's own quotas have lone throttles: a burst, overload or
+/// unknown throttle tightens fully the first time; a zero window makes
+/// every throttle tighten fully; a lone factor of 1 keeps the rate.
+#[tokio::test(start_paused = true)]
+async fn lone_throttles_are_quota_throttles_within_a_window_of_their_own() {
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let build = |f: Feedback| {
+        RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
+            .feedback(f)
+            .build()
+    };
+    for cause in [
+        ThrottleCause::Burst,
+        ThrottleCause::Overloaded,
+        ThrottleCause::Unknown,
+    ] {
+        let limiter = build(Feedback::new());
+        assert!(limiter.throttled(&(), cause));
+        assert_eq!(rate(&limiter, false), 0.5, "{cause:?}");
+        let wait = limiter.check(&(), Cost::ONE).unwrap_err().retry_after();
+        assert_eq!(wait, Some(Duration::from_secs(1)), "{cause:?}");
+    }
+    let limiter = build(Feedback::new().repeat_within(Duration::ZERO));
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    assert_eq!(rate(&limiter, false), 0.5);
+    let limiter = build(Feedback::new().lone_rate_factor(1.0));
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    assert_eq!(rate(&limiter, false), 1.0);
+    assert_eq!(limiter.snapshot(&()).unwrap().throttles, 1);
+    limiter.check(&(), Cost::ONE).unwrap();
+}
+
+/// A lone quota throttle during a slow start leaves the slow start alone
+/// (its rate is below the quota already); once the slow start is over, a
+/// lone one steps the rate down, and a repeated one halves it.
+#[tokio::test(start_paused = true)]
+async fn a_lone_quota_throttle_leaves_a_slow_start_alone() {
+    let limiter = RateLimiter::builder(Limits::requests(smooth(10)))
+        .slow_start(SlowStart::new(Duration::from_secs(4)).initial_rate(0.5))
+        .build();
+    limiter.check(&(), Cost::ONE).unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let before = rate(&limiter, false);
+    assert!(close(before, 0.5 * 2f64.powf(0.25)), "{before}");
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    assert_eq!(rate(&limiter, false), before);
+    // The slow start goes on: full at 4 s.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(rate(&limiter, false), 1.0);
+    limiter.check(&(), Cost::ONE).unwrap();
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    assert!(close(rate(&limiter, false), 0.98));
+    // 1 s later (recovering over 30 s), a repeated one.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    let r = rate(&limiter, false);
+    assert!(close(r, 0.5 * (0.98 + 0.02 / 30.0)), "{r}");
 }
 
 /// A snapshot reports each quota exactly (limit = burst, remaining units,
@@ -385,12 +505,16 @@ fn token_reset(limiter: &RateLimiter) -> Duration {
 
 /// A request throttle lowers the request rate only, a token throttle the
 /// token rate only, an overload both; the instant of the last tightening is
-/// reported exactly.
+/// reported exactly (every throttle tightening fully).
 #[tokio::test(start_paused = true)]
 async fn each_cause_tightens_its_own_quota() {
     let two = || {
         RateLimiter::builder(Limits::requests(smooth(10)).and_tokens(smooth(1_000)))
-            .feedback(Feedback::new().recover_over(Duration::from_secs(100)))
+            .feedback(
+                Feedback::new()
+                    .repeat_within(Duration::ZERO)
+                    .recover_over(Duration::from_secs(100)),
+            )
             .build()
     };
     tokio::time::advance(Duration::from_secs(3)).await;

@@ -699,12 +699,15 @@ async fn slow_start_holds_half_a_second_then_grows_by_one_ratio_per_second() {
 
 #[tokio::test(start_paused = true)]
 async fn an_upstream_throttle_pauses_and_slows_the_key_then_it_recovers() {
+    // Every throttle tightens fully (a lone `RateQuota` 429 would only
+    // lower the rate a step: see the limiter's tests).
     let limiter = RateLimiter::builder(Limits::requests(smooth(10)))
         .feedback(
             Feedback::new()
                 .pause(Duration::from_secs(1))
                 .rate_factor(0.5)
-                .recover_over(Duration::from_secs(10)),
+                .recover_over(Duration::from_secs(10))
+                .repeat_within(Duration::ZERO),
         )
         .build();
     let throttle = Arc::new(Mutex::new(true));
@@ -929,9 +932,10 @@ async fn a_request_only_key_is_one_word_until_an_upstream_throttle_upgrades_it()
     limiter.check(&2, Cost::ONE).unwrap();
     let s = limiter.snapshot(&1).unwrap();
     assert_eq!((s.throttles, s.tokens), (0, None));
-    // An upstream throttle of the first call: the key gets the full state,
-    // its bucket carried over, paused for 1 s, at half rate after.
-    waiter.ready().await.throttled(ThrottleCause::Requests);
+    // An upstream throttle of the first call (a burst: always a full
+    // tightening): the key gets the full state, its bucket carried over,
+    // paused for 1 s, at half rate after.
+    waiter.ready().await.throttled(ThrottleCause::Burst);
     let s = limiter.snapshot(&1).unwrap();
     assert_eq!(s.throttles, 1);
     assert!(s.requests.unwrap().rate < 1.0);
