@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 
 use super::answer::Answer;
 use crate::BoxError;
-use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome};
+use crate::classify::{Classifier, ContentKind, HeadFacts, Outcome, SseVerdict};
 use crate::sse::{EventMeta, Sink, SseScanner};
 use crate::time::{self, Instant};
 use crate::usage::Usage;
@@ -263,7 +263,8 @@ enum Scan {
     Off,
     Sse {
         scanner: SseScanner,
-        error: bool,
+        /// The first error found in the stream (the verdict is settled).
+        found: Option<Outcome>,
     },
     Json {
         buf: Vec<u8>,
@@ -345,7 +346,7 @@ impl Watch {
             let mode = match (status.is_success(), kind) {
                 (_, ContentKind::EventStream) => Some(Scan::Sse {
                     scanner: SseScanner::new(),
-                    error: false,
+                    found: None,
                 }),
                 (false, _) | (true, ContentKind::Json | ContentKind::Untyped) => Some(Scan::Json {
                     buf: Vec::new(),
@@ -369,19 +370,19 @@ impl Watch {
         let facts = self.facts.unwrap_or_default();
         match &mut self.scan {
             Scan::Off | Scan::Done => {}
-            Scan::Sse { scanner, error } => {
+            Scan::Sse { scanner, found } => {
+                let open = found.is_none();
                 scanner.feed_to(
                     data,
                     &mut SseSink {
-                        classifier: &self.classifier,
-                        status: self.status.as_u16(),
-                        facts,
-                        outcome: &mut self.outcome,
+                        verdict: SseVerdict::new(&self.classifier, self.status.as_u16(), found),
                         usage: self.want.usage.then_some(&mut self.usage),
-                        error,
                         answer: &mut self.answer,
                     },
                 );
+                if open && let Some(o) = *found {
+                    self.outcome = facts.apply(o);
+                }
             }
             Scan::Json { buf, overflow } => {
                 let limit = self.classifier.get_body_limit();
@@ -439,18 +440,22 @@ impl Watch {
             Scan::Off | Scan::Done => {}
             Scan::Sse {
                 mut scanner,
-                mut error,
+                mut found,
             } => {
                 if kind == EndKind::Complete {
+                    let open = found.is_none();
                     scanner.finish_to(&mut SseSink {
-                        classifier: &self.classifier,
-                        status: self.status.as_u16(),
-                        facts,
-                        outcome: &mut self.outcome,
+                        verdict: SseVerdict::new(
+                            &self.classifier,
+                            self.status.as_u16(),
+                            &mut found,
+                        ),
                         usage: self.want.usage.then_some(&mut self.usage),
-                        error: &mut error,
                         answer: &mut self.answer,
                     });
+                    if open && let Some(o) = found {
+                        self.outcome = facts.apply(o);
+                    }
                 }
             }
             Scan::Json { buf, overflow } => {
@@ -501,30 +506,19 @@ impl Watch {
     }
 }
 
-/// What the SSE scanner reports to the watch: each `data:` line and the
-/// end of each event, read by the same rules as
-/// [`Classifier::classify`] on a whole body (see
-/// [`Classifier::classify_event`]).
+/// What the SSE scanner reports to the watch: the stream's verdict, kept
+/// by [`SseVerdict`] (the rule [`Classifier::classify`] reads a whole body
+/// by), and the usage and the answer, as asked.
 struct SseSink<'a> {
-    classifier: &'a Classifier,
-    status: u16,
-    facts: HeadFacts,
-    outcome: &'a mut Outcome,
+    verdict: SseVerdict<'a>,
     usage: Option<&'a mut Option<Usage>>,
-    /// An error was found: the verdict is settled.
-    error: &'a mut bool,
     answer: &'a mut Option<Answer>,
 }
 
 impl Sink for SseSink<'_> {
     #[inline]
     fn data(&mut self, line: &[u8], meta: &EventMeta) {
-        if !*self.error
-            && let Some(o) = self.classifier.classify_frame(self.status, meta, line)
-        {
-            *self.outcome = self.facts.apply(o);
-            *self.error = true;
-        }
+        self.verdict.data(line, meta);
         if let Some(usage) = self.usage.as_deref_mut()
             && let Some(u) = Usage::find(line)
         {
@@ -536,12 +530,7 @@ impl Sink for SseSink<'_> {
     }
 
     fn end(&mut self, meta: &EventMeta) {
-        if !*self.error
-            && let Some(o) = crate::classify::event_end_outcome(self.status, meta)
-        {
-            *self.outcome = self.facts.apply(o);
-            *self.error = true;
-        }
+        self.verdict.end(meta);
     }
 }
 
@@ -983,6 +972,49 @@ mod tests {
                 .unwrap();
             let end = slot.lock().unwrap()[0];
             assert_eq!((end.kind, end.outcome), (EndKind::Complete, expected));
+        }
+    }
+
+    /// Issue 14 (review): the "first error found wins" rule lives once, in
+    /// `classify::SseVerdict`; the observer reads a stream through it
+    /// however the stream is cut, and agrees with `Classifier::classify`
+    /// on the whole body: the first of two errors is the verdict, also
+    /// when it is only known at its event's end, or in a last line without
+    /// a newline.
+    #[tokio::test]
+    async fn the_first_error_of_a_stream_wins_however_it_is_cut() {
+        let c = Classifier::new();
+        let bodies: [&'static str; 3] = [
+            "data:{\"choices\":[]}\n\ndata:{\"error\":{\"code\":\"data_inspection_failed\"}}\n\nevent:error\n:HTTP_STATUS/429\ndata:{\"code\":\"Throttling.RateQuota\"}\n\n",
+            "event:error\ndata:{}\n:HTTP_STATUS/503\n\ndata:{\"error\":{\"code\":\"data_inspection_failed\"}}\n\n",
+            "data:{}\n\ndata:{\"error\":{\"code\":\"rate_limit_exceeded\"}}",
+        ];
+        let expected = [
+            Outcome::Permanent {
+                reason: PermanentReason::ContentFilter,
+            },
+            Outcome::TRANSIENT,
+            Outcome::throttled(ThrottleCause::Requests),
+        ];
+        for (body, expected) in bodies.into_iter().zip(expected) {
+            let head = response(200, Some("text/event-stream"), ());
+            let whole = c.classify(head.status(), head.headers(), body.as_bytes());
+            assert_eq!(whole, expected, "{body}");
+            for cut in 0..=body.len() {
+                let slot = Slot::default();
+                let chunks = vec![Ok(&body[..cut]), Ok(&body[cut..])];
+                let res = response(200, Some("text/event-stream"), stream(chunks));
+                Observed::wrap(res, &c, Inspect::ALL, hook(&slot))
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    slot.lock().unwrap()[0].outcome,
+                    whole,
+                    "{body} cut at {cut}"
+                );
+            }
         }
     }
 

@@ -521,32 +521,12 @@ impl Classifier {
     /// observer applies as the stream passes (see
     /// [`Classifier::classify_event`]).
     fn classify_sse_body(&self, status: StatusCode, body: &[u8]) -> Outcome {
-        struct Whole<'a> {
-            classifier: &'a Classifier,
-            status: u16,
-            found: Option<Outcome>,
-        }
-        impl Sink for Whole<'_> {
-            fn data(&mut self, line: &[u8], meta: &EventMeta) {
-                if self.found.is_none() {
-                    self.found = self.classifier.classify_frame(self.status, meta, line);
-                }
-            }
-            fn end(&mut self, meta: &EventMeta) {
-                if self.found.is_none() {
-                    self.found = event_end_outcome(self.status, meta);
-                }
-            }
-        }
-        let mut whole = Whole {
-            classifier: self,
-            status: status.as_u16(),
-            found: None,
-        };
+        let mut found = None;
+        let mut verdict = SseVerdict::new(self, status.as_u16(), &mut found);
         let mut scanner = SseScanner::new();
-        scanner.feed_to(body, &mut whole);
-        scanner.finish_to(&mut whole);
-        whole.found.unwrap_or_else(|| by_status(status.as_u16()))
+        scanner.feed_to(body, &mut verdict);
+        scanner.finish_to(&mut verdict);
+        found.unwrap_or_else(|| by_status(status.as_u16()))
     }
 
     /// One `data:` line of a stream whose HTTP status is `status` (the
@@ -701,7 +681,7 @@ static X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-shoul
 /// is `status`, when none of its `data:` lines reported an error: its
 /// metadata (complete now: a status may come after the data, an event may
 /// have no data) decides.
-pub(crate) fn event_end_outcome(status: u16, meta: &EventMeta) -> Option<Outcome> {
+fn event_end_outcome(status: u16, meta: &EventMeta) -> Option<Outcome> {
     let status = meta.http_status.unwrap_or(status);
     if meta.error_event || status >= 400 {
         Some(if status >= 400 {
@@ -711,6 +691,50 @@ pub(crate) fn event_end_outcome(status: u16, meta: &EventMeta) -> Option<Outcome
         })
     } else {
         None
+    }
+}
+
+/// The verdict of an SSE stream as its events pass, by the rules of
+/// [`Classifier::classify_event`]: each `data:` line with its event's
+/// metadata, then each event's end; the first error found is the verdict
+/// (`found` stays `None` while the stream looks well). The one place this
+/// rule lives: [`Classifier::classify`] reads a whole SSE body through it,
+/// and the [body observer](crate::body::Observed) wraps it in its own sink
+/// (which also reads the usage and the answer) as the stream passes.
+pub(crate) struct SseVerdict<'a> {
+    classifier: &'a Classifier,
+    /// The status of an event without `:HTTP_STATUS/`.
+    status: u16,
+    found: &'a mut Option<Outcome>,
+}
+
+impl<'a> SseVerdict<'a> {
+    /// Reads a stream whose HTTP status is `status` into `found`.
+    pub(crate) fn new(
+        classifier: &'a Classifier,
+        status: u16,
+        found: &'a mut Option<Outcome>,
+    ) -> Self {
+        Self {
+            classifier,
+            status,
+            found,
+        }
+    }
+}
+
+impl Sink for SseVerdict<'_> {
+    #[inline]
+    fn data(&mut self, line: &[u8], meta: &EventMeta) {
+        if self.found.is_none() {
+            *self.found = self.classifier.classify_frame(self.status, meta, line);
+        }
+    }
+
+    fn end(&mut self, meta: &EventMeta) {
+        if self.found.is_none() {
+            *self.found = event_end_outcome(self.status, meta);
+        }
     }
 }
 
