@@ -29,6 +29,50 @@ pub fn now() -> Instant {
     tokio::time::Instant::now()
 }
 
+thread_local! {
+    /// The instant read by the outermost layer of a call that is being
+    /// made on this thread (see [`CallClock`]).
+    static CALL_NOW: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// One clock read shared by the layers a call passes through: while it
+/// lives, [`call_now`] on this thread answers the instant it was made with,
+/// instead of reading the clock again. A layer that reads the clock in its
+/// `call` makes one around its inner service's `call`, so the layers below
+/// it (which run in the same synchronous `call`) take its reading; a future
+/// polled later reads the clock afresh. Dropping it (also on unwind) puts
+/// back what was there before, so nested calls are fine.
+#[allow(dead_code)] // used by several optional layers
+pub(crate) struct CallClock {
+    prev: Option<Instant>,
+}
+
+#[allow(dead_code)] // used by several optional layers
+impl CallClock {
+    /// `now` is the instant of the call being made, until this is dropped.
+    #[inline]
+    pub(crate) fn enter(now: Instant) -> Self {
+        Self {
+            prev: CALL_NOW.with(|c| c.replace(Some(now))),
+        }
+    }
+}
+
+impl Drop for CallClock {
+    #[inline]
+    fn drop(&mut self) {
+        CALL_NOW.with(|c| c.set(self.prev));
+    }
+}
+
+/// The instant of the call being made (a layer outside read the clock for
+/// it, see [`CallClock`]), or [`now`] outside a call.
+#[allow(dead_code)] // used by several optional layers
+#[inline]
+pub(crate) fn call_now() -> Instant {
+    CALL_NOW.with(std::cell::Cell::get).unwrap_or_else(now)
+}
+
 /// Wall-clock time, used only to interpret HTTP-date `Retry-After` values.
 ///
 /// This is the one place the crate reads the system clock.
@@ -102,4 +146,35 @@ pub(crate) fn far_future() -> Instant {
 #[inline]
 pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14 (cost): the layers of one call share one clock read; the
+    /// reading is gone once the call is made, also after a panic, and a
+    /// nested call puts back the outer one's.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_shares_one_reading_and_only_while_it_is_made() {
+        let t0 = now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(call_now(), now());
+        {
+            let _outer = CallClock::enter(t0);
+            assert_eq!(call_now(), t0);
+            {
+                let _inner = CallClock::enter(t0 + Duration::from_secs(1));
+                assert_eq!(call_now(), t0 + Duration::from_secs(1));
+            }
+            assert_eq!(call_now(), t0);
+        }
+        assert_eq!(call_now(), now());
+        let r = std::panic::catch_unwind(|| {
+            let _clock = CallClock::enter(t0);
+            panic!("a layer panicked mid-call");
+        });
+        assert!(r.is_err());
+        assert_eq!(call_now(), t0 + Duration::from_secs(5));
+    }
 }

@@ -132,7 +132,10 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let key = self.keys.key_of(&mut req);
-        let now = time::now();
+        let now = time::call_now();
+        // The layers inside, called below in this same `call`, take this
+        // reading instead of reading the clock again.
+        let _clock = time::CallClock::enter(now);
         // With a later model to fall back to, refuse rather than wait.
         let max_wait = if self.cost.no_wait(&req) {
             Duration::ZERO

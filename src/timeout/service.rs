@@ -52,7 +52,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let now = time::now();
+        // Read by a layer outside in this same call, if one did.
+        let now = time::call_now();
         // The earlier of the configured total and a deadline in the request
         // (a retry layer outside puts one there). Not stored back: this
         // layer sits just above the client, where nothing reads it.
