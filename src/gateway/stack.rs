@@ -345,9 +345,13 @@ pub(crate) fn build(
         .accounts
         .iter()
         .map(|a| {
-            RateLimiter::builder(Limits::UNLIMITED)
-                .slow_start(a.slow_start.map(SlowStart::new))
-                .build_keyed_with(quotas_of(a))
+            let b = RateLimiter::builder(Limits::UNLIMITED);
+            match a.slow_start {
+                Some(ramp) => b
+                    .slow_start(SlowStart::new(ramp))
+                    .build_keyed_with(quotas_of(a)),
+                None => b.build_keyed_with(quotas_of(a)),
+            }
         })
         .collect();
     let budgets = match previous {

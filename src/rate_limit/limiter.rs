@@ -253,7 +253,6 @@ impl Feedback {
 #[derive(Clone, Debug)]
 pub struct RateLimiterBuilder<S = InMemory> {
     pub(crate) limits: Limits,
-    pub(crate) slow_start: Option<SlowStart>,
     pub(crate) feedback: Option<Feedback>,
     pub(crate) max_keys: usize,
     pub(crate) sweep_every: Duration,
@@ -278,6 +277,30 @@ pub struct RateLimiterBuilder<S = InMemory> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct InMemory;
+
+/// The in-memory store of a [`RateLimiterBuilder`] given a slow start:
+/// what [`slow_start`](RateLimiterBuilder::slow_start) makes of the
+/// builder. It builds a [`RateLimiter`], as [`InMemory`] does, and has no
+/// `redis`: the Redis backend has no slow start (see
+/// [the backends](super#the-backends)), so a builder given one cannot be
+/// turned into a Redis one, and `.slow_start(..).redis(conn)` does not
+/// compile rather than losing the slow start.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_qwen::rate_limit::{InMemorySlowStart, Limits, RateLimiter, RateLimiterBuilder, SlowStart};
+///
+/// let builder: RateLimiterBuilder<InMemorySlowStart> = RateLimiter::builder(Limits::UNLIMITED)
+///     .slow_start(SlowStart::new(Duration::from_secs(3)));
+/// let limiter: RateLimiter<String> = builder.build_keyed();
+/// assert!(limiter.is_keyed());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InMemorySlowStart {
+    slow_start: SlowStart,
+}
 
 /// Where a [`RateLimiterBuilder`] keeps the state of the limiter it builds
 /// for keys of type `K`, and so which backend it builds: [`InMemory`]
@@ -344,6 +367,7 @@ pub(crate) mod sealed {
 }
 
 impl sealed::Sealed for InMemory {}
+impl sealed::Sealed for InMemorySlowStart {}
 
 impl<K> LimiterStore<K> for InMemory
 where
@@ -352,23 +376,38 @@ where
     type Limiter = RateLimiter<K>;
 
     fn build_limiter(b: RateLimiterBuilder<Self>, keys: sealed::Keys<K>) -> RateLimiter<K> {
-        match keys {
-            sealed::Keys::One => {
-                let single = Full::new(b.limits);
-                RateLimiter::from_parts(b, None, Some(single))
-            }
-            sealed::Keys::Same => RateLimiter::from_parts(b, None, None),
-            sealed::Keys::Each(f) => RateLimiter::from_parts(b, Some(f), None),
-        }
+        RateLimiter::from_parts(b.with_store(()), None, keys)
+    }
+}
+
+impl<K> LimiterStore<K> for InMemorySlowStart
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Limiter = RateLimiter<K>;
+
+    fn build_limiter(b: RateLimiterBuilder<Self>, keys: sealed::Keys<K>) -> RateLimiter<K> {
+        let slow_start = b.store.slow_start;
+        RateLimiter::from_parts(b.with_store(()), Some(slow_start), keys)
     }
 }
 
 impl RateLimiterBuilder<InMemory> {
-    /// Slow start after idle (the in-memory backend's alone: see
-    /// [the backends](super#the-backends)). Default is none (`None`
-    /// disables).
-    pub fn slow_start(mut self, slow_start: impl Into<Option<SlowStart>>) -> Self {
-        self.slow_start = slow_start.into();
+    /// Slow start after idle. Default is none.
+    ///
+    /// The in-memory backend's alone (see [the backends](super#the-backends)):
+    /// the builder becomes a [`RateLimiterBuilder<InMemorySlowStart>`], which
+    /// builds a [`RateLimiter`] and has no `redis`.
+    pub fn slow_start(self, slow_start: SlowStart) -> RateLimiterBuilder<InMemorySlowStart> {
+        self.with_store(InMemorySlowStart { slow_start })
+    }
+}
+
+impl RateLimiterBuilder<InMemorySlowStart> {
+    /// Replaces the slow start set before (see
+    /// [`RateLimiterBuilder::<InMemory>::slow_start`](RateLimiterBuilder#method.slow_start)).
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.store.slow_start = slow_start;
         self
     }
 }
@@ -439,13 +478,10 @@ impl<S> RateLimiterBuilder<S> {
         S::build_limiter(self, sealed::Keys::Each(Arc::new(limits_for)))
     }
 
-    /// The same shared settings over another store (the Redis backend's
-    /// `redis` uses it).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The same shared settings over another store.
     pub(crate) fn with_store<T>(self, store: T) -> RateLimiterBuilder<T> {
         RateLimiterBuilder {
             limits: self.limits,
-            slow_start: self.slow_start,
             feedback: self.feedback,
             max_keys: self.max_keys,
             sweep_every: self.sweep_every,
@@ -840,7 +876,6 @@ impl RateLimiter<()> {
     pub fn builder(limits: Limits) -> RateLimiterBuilder {
         RateLimiterBuilder {
             limits,
-            slow_start: None,
             feedback: Some(Feedback::new()),
             max_keys: 100_000,
             sweep_every: Duration::from_secs(60),
@@ -856,12 +891,17 @@ impl RateLimiter<()> {
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     fn from_parts(
-        b: RateLimiterBuilder<InMemory>,
-        limits_for: Option<LimitsFor<K>>,
-        single: Option<Full>,
+        b: RateLimiterBuilder<()>,
+        slow_start: Option<SlowStart>,
+        keys: sealed::Keys<K>,
     ) -> Self {
+        let (limits_for, single) = match keys {
+            sealed::Keys::One => (None, Some(Full::new(b.limits))),
+            sealed::Keys::Same => (None, None),
+            sealed::Keys::Each(f) => (Some(f), None),
+        };
         let settings = Settings {
-            slow_start: b.slow_start.map(|s| Slow {
+            slow_start: slow_start.map(|s| Slow {
                 initial: s.initial,
                 hold: duration_nanos(s.hold.min(s.ramp)),
                 ramp: duration_nanos(s.ramp),

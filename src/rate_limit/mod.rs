@@ -88,7 +88,10 @@
 //! charge of every call (`units × interval / rate`), which the script
 //! would compute in Lua's doubles, inexactly above 2^53 ns, and the two
 //! backends would no longer decide alike to the nanosecond (the property
-//! `tests/redis` checks). The pause itself is exact and replicated.
+//! `tests/redis` checks). The pause itself is exact and replicated. A
+//! builder given a [`slow_start`](RateLimiterBuilder::slow_start) is a
+//! [`RateLimiterBuilder<InMemorySlowStart>`], which has no `redis`: asking
+//! for both does not compile, rather than losing the slow start.
 //!
 //! # How it differs from tower's `RateLimit`
 //!
@@ -205,8 +208,8 @@ pub use layer::{
     CostOf, DEFAULT_MAX_WAIT, DEFAULT_OUTPUT_TOKENS, Estimate, Mode, PerCall, RateLimitLayer,
 };
 pub use limiter::{
-    Cost, DimState, Feedback, InMemory, LimiterStore, MemoryPermit, MemoryTicket, RateLimiter,
-    RateLimiterBuilder, SlowStart, Snapshot,
+    Cost, DimState, Feedback, InMemory, InMemorySlowStart, LimiterStore, MemoryPermit,
+    MemoryTicket, RateLimiter, RateLimiterBuilder, SlowStart, Snapshot,
 };
 #[cfg(feature = "redis")]
 pub(crate) use limiter::{dim_state, sealed};

@@ -98,18 +98,46 @@ impl RateLimiterBuilder<InMemory> {
     /// Keeps the limiter's state in Redis, on `conn`, shared by every
     /// replica on it: the builder now builds a
     /// [`RedisLimiter`](super::RedisLimiter), with the shared settings set
-    /// so far and the Redis-only ones below. Slow start is not replicated
-    /// (see [the backends](crate::rate_limit#the-backends)): a slow start
-    /// set before is dropped, with a warning.
+    /// so far and the Redis-only ones below.
+    ///
+    /// A builder given a [`slow_start`](RateLimiterBuilder::slow_start) has
+    /// no `redis` (the Redis backend has no slow start, see
+    /// [the backends](crate::rate_limit#the-backends)): this does not
+    /// compile, rather than dropping the slow start:
+    ///
+    /// ```compile_fail
+    /// use std::time::Duration;
+    /// use tower_qwen::rate_limit::{Limits, RateLimiter, SlowStart};
+    /// use tower_qwen::redis::{RedisLimiter, connect_lazy};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let conn = connect_lazy("redis://127.0.0.1:6379", None).unwrap();
+    /// let limiter: RedisLimiter<String> = RateLimiter::builder(Limits::UNLIMITED)
+    ///     .slow_start(SlowStart::new(Duration::from_secs(3)))
+    ///     .redis(conn)
+    ///     .build_keyed();
+    /// # }
+    /// ```
+    ///
+    /// while the same without the slow start does:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_qwen::rate_limit::{Limits, RateLimiter, SlowStart};
+    /// use tower_qwen::redis::{RedisLimiter, connect_lazy};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let conn = connect_lazy("redis://127.0.0.1:6379", None).unwrap();
+    /// let limiter: RedisLimiter<String> = RateLimiter::builder(Limits::UNLIMITED)
+    ///     .redis(conn)
+    ///     .build_keyed();
+    /// # drop(limiter);
+    /// # }
+    /// ```
     pub fn redis(self, conn: ConnectionManager) -> RateLimiterBuilder<RedisStore> {
-        if self.slow_start.is_some() {
-            tracing::warn!(
-                "slow start is the in-memory limiter's alone; the Redis limiter drops it"
-            );
-        }
-        let mut b = self.with_store(RedisStore::new(conn));
-        b.slow_start = None;
-        b
+        self.with_store(RedisStore::new(conn))
     }
 }
 
