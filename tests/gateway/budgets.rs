@@ -10,8 +10,6 @@
 
 use std::time::SystemTime;
 
-use axum::Router;
-use tower::ServiceExt;
 use tower_qwen::rate_limit::{DEFAULT_OUTPUT_TOKENS, WallClock};
 use tower_qwen::request::RequestInfo;
 
@@ -356,6 +354,9 @@ async fn tokens_per_minute_per_key_admit_about_tpm_a_minute() {
 
 #[cfg(feature = "redis")]
 mod shared {
+    use axum::Router;
+    use tower::ServiceExt;
+
     use super::*;
     use crate::redis_server::RedisServer;
     use tower_qwen::redis::Clock;
