@@ -841,9 +841,9 @@ fn validate_telemetry(
 }
 
 /// What is wrong with an OTLP endpoint, if anything: it must be an
-/// `http://` URL with a host and no query (the exporter of this crate has
-/// no TLS; `/v1/traces` and `/v1/metrics` are appended to it). A URL with
-/// credentials is not echoed.
+/// `http://` URL with a host, no credentials and no query (the exporter of
+/// this crate has no TLS; `/v1/traces` and `/v1/metrics` are appended to
+/// it). A URL with credentials is not echoed.
 fn otlp_endpoint_problem(e: &str) -> Option<String> {
     let shown = if e.contains('@') {
         "(a URL with credentials, not shown)".to_owned()
@@ -873,6 +873,13 @@ fn otlp_endpoint_problem(e: &str) -> Option<String> {
     }
     if uri.host().is_none_or(str::is_empty) {
         return Some(format!("{shown} has no host"));
+    }
+    // The endpoint is logged at start-up and shown by --check-config:
+    // credentials go in the exporter's headers, which are never shown.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some(format!(
+            "{shown}: credentials in the URL are refused (the endpoint is logged); send them as a header with OTEL_EXPORTER_OTLP_HEADERS, e.g. \"authorization=Basic ...\""
+        ));
     }
     if uri.query().is_some() {
         return Some(format!(
@@ -1386,6 +1393,14 @@ mod tests {
             ("http://", "not a URL"),
             ("http://collector:4318/?x=1", "no query"),
             ("https://user:hunter2@collector", "credentials, not shown"),
+            (
+                "http://user:hunter2@collector:4318",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            (
+                "http://hunter2@collector:4318/",
+                "credentials in the URL are refused",
+            ),
         ] {
             let (got, problems) = telemetry(Some(endpoint), true, &[], true);
             assert_eq!(got.0, None, "{endpoint}");
