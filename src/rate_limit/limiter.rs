@@ -1184,7 +1184,8 @@ where
 
     /// Tells the limiter the upstream throttled a call for `key` that it
     /// admitted now (what the layer does on its own from the classifier).
-    /// Returns whether the key was tightened.
+    /// Returns whether the feedback acted on it (a lone quota throttle's
+    /// step down counts; see [`Feedback`]).
     pub fn throttled(&self, key: &K, cause: ThrottleCause) -> bool {
         let now = self.nanos(time::now());
         let slot = self.with_state(key, now, |_, slot| slot);
@@ -1493,9 +1494,10 @@ pub struct Snapshot {
     pub requests: Option<DimState>,
     /// The token quota, if any.
     pub tokens: Option<DimState>,
-    /// How many times upstream throttles tightened this key.
+    /// How many upstream throttles the feedback acted on for this key (lone
+    /// quota throttles' steps down included; see [`Feedback`]).
     pub throttles: u32,
-    /// When the key was last tightened.
+    /// When the feedback last acted on a throttle of this key.
     pub last_throttle: Option<Instant>,
 }
 
