@@ -638,12 +638,22 @@ fn listening_addr(line: &str) -> String {
 }
 
 /// A fake OTLP collector on loopback: records each POST to `/v1/{signal}`
-/// (signal, content type, body) and answers 200. It runs on a runtime of
+/// (signal, content type, authorization header, body) and answers 200. It runs on a runtime of
 /// its own, so the test's thread may block.
+/// The collector's credential, given to the program in
+/// `OTEL_EXPORTER_OTLP_HEADERS`: sent, never logged.
+#[cfg(feature = "otel")]
+const OTLP_SECRET: &str = "otlp-secret-0001";
+
+/// One POST a [`Collector`] received: signal, content type, authorization
+/// header, body.
+#[cfg(feature = "otel")]
+type Post = (String, String, String, Bytes);
+
 #[cfg(feature = "otel")]
 struct Collector {
     addr: SocketAddr,
-    posts: Arc<Mutex<Vec<(String, String, Bytes)>>>,
+    posts: Arc<Mutex<Vec<Post>>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -666,12 +676,15 @@ impl Collector {
                 move |Path(signal): Path<String>, headers: HeaderMap, body: Bytes| {
                     let seen = seen.clone();
                     async move {
-                        let kind = headers
-                            .get("content-type")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        seen.lock().unwrap().push((signal, kind, body));
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let (kind, auth) = (header("content-type"), header("authorization"));
+                        seen.lock().unwrap().push((signal, kind, auth, body));
                         ([("content-type", "application/x-protobuf")], Bytes::new())
                     }
                 },
@@ -685,14 +698,16 @@ impl Collector {
         }
     }
 
-    /// The bodies POSTed to `/v1/{signal}`, each checked to be protobuf.
+    /// The bodies POSTed to `/v1/{signal}`, each checked to be protobuf
+    /// and to carry the header `OTEL_EXPORTER_OTLP_HEADERS` set.
     fn bodies(&self, signal: &str) -> Vec<Bytes> {
         let posts = self.posts.lock().unwrap();
         posts
             .iter()
-            .filter(|(s, _, _)| s == signal)
-            .map(|(_, kind, body)| {
+            .filter(|(s, _, _, _)| s == signal)
+            .map(|(_, kind, auth, body)| {
                 assert_eq!(kind, "application/x-protobuf");
+                assert_eq!(*auth, format!("Bearer {OTLP_SECRET}"));
                 body.clone()
             })
             .collect()
@@ -743,6 +758,12 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
         &[
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                &format!("authorization=Bearer%20{OTLP_SECRET}"),
+            ),
+            // Every log line the program writes, debug included.
+            ("RUST_LOG", "debug"),
         ],
     );
     let seen = lines.until("gateway listening");
@@ -803,6 +824,18 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert_eq!(early, 0, "spans exported before the shutdown");
+    // Secrets never logged: the collector's credential (sent: see
+    // `Collector::bodies`) and the client's key, in any line written
+    // from the start to the exit.
+    let mut log = [seen, reload.lines().map(str::to_owned).collect()].concat();
+    while let Ok(line) = lines.0.recv_timeout(Duration::from_secs(60)) {
+        log.push(line);
+    }
+    assert!(log.len() > 3, "{log:?}");
+    for line in &log {
+        assert!(!line.contains(OTLP_SECRET), "{line}");
+        assert!(!line.contains("gw-alice-0001"), "{line}");
+    }
 
     // The span: a child of the client's traceparent, with the GenAI
     // attributes, under the configured service name.
