@@ -574,8 +574,6 @@ fn the_readme_gateway_config_is_valid() {
 #[cfg(unix)]
 #[test]
 fn worker_threads_picks_the_programs_runtime() {
-    use std::io::Read;
-
     let text = |threads: &str| {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n{threads}\n[[accounts]]\nname = \"main\"\napi_key_env = \"DASHSCOPE_API_KEY\"\n[[keys]]\nname = \"alice\"\nkey = \"gw-alice-0001\"\n"
@@ -610,22 +608,29 @@ fn worker_threads_picks_the_programs_runtime() {
     let text = seen.join("\n");
     assert!(text.contains("runtime: current-thread"), "{text}");
     let addr = listening_addr(seen.last().unwrap());
-    let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    write!(
-        conn,
-        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gw-alice-0001\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let read = conn.read_to_string(&mut answer);
+    let answer = alice_chat_at(&addr, "");
     child.kill().unwrap();
     child.wait().unwrap();
-    read.unwrap();
+    let answer = answer.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Alice's chat call to the program at `addr`, over a plain TCP connection
+/// (one request, `connection: close`, a read bounded by 60 s), with
+/// `headers` (each line ending in `\r\n`) added: the whole answer.
+fn alice_chat_at(addr: &str, headers: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        conn,
+        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gw-alice-0001\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// The address in a "gateway listening" log line.
@@ -729,7 +734,6 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
     use prost::Message;
-    use std::io::Read;
 
     fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
         attrs
@@ -786,18 +790,10 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let body = r#"{"model":"qwen-plus","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    write!(
-        conn,
-        "POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gw-alice-0001\r\ntraceparent: 00-{trace_id}-{parent}-01\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let read = conn.read_to_string(&mut answer);
+    let answer = alice_chat_at(
+        &addr,
+        &format!("traceparent: 00-{trace_id}-{parent}-01\r\n"),
+    );
     // Nothing is exported before the program stops (ten-minute intervals).
     let early = collector.bodies("traces").len();
 
@@ -817,7 +813,7 @@ fn the_program_exports_over_otlp_and_flushes_on_sigterm() {
             .args(["-KILL", &pid.to_string()])
             .status();
     }
-    read.unwrap();
+    let answer = answer.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let exit = exited
         .expect("the program exits within 60 s of SIGTERM")
