@@ -226,7 +226,8 @@ impl Feedback {
 /// Builds a rate limiter, whatever its backend: the settings every
 /// backend shares are set here once, the backend is chosen by the type
 /// parameter `S` (the [`LimiterStore`]): [`InMemory`] from
-/// [`RateLimiter::builder`] (a [`RateLimiter`]), or Redis after
+/// [`RateLimiter::builder`] (a [`RateLimiter`]; [`InMemorySlowStart`] once
+/// given a [`slow_start`](RateLimiterBuilder::slow_start)), or Redis after
 /// [`redis`](RateLimiterBuilder::redis) (a
 /// [`RedisLimiter`](crate::redis::RedisLimiter), with the Redis-only
 /// settings of [`RedisStore`](crate::redis::RedisStore)); `build`,
@@ -303,8 +304,8 @@ pub struct InMemorySlowStart {
 }
 
 /// Where a [`RateLimiterBuilder`] keeps the state of the limiter it builds
-/// for keys of type `K`, and so which backend it builds: [`InMemory`]
-/// builds a [`RateLimiter<K>`](RateLimiter), Redis a
+/// for keys of type `K`, and so which backend it builds: [`InMemory`] and
+/// [`InMemorySlowStart`] build a [`RateLimiter<K>`](RateLimiter), Redis a
 /// [`RedisLimiter<K>`](crate::redis::RedisLimiter) (whose keys must be a
 /// [`StoreKey`](crate::key::StoreKey)). Sealed: implemented by the crate's
 /// stores only (a backend of your own implements [`Backend`] and is built

@@ -267,6 +267,22 @@ async fn the_refusing_quota_is_the_later_one() {
     assert_eq!(s.tokens.unwrap().remaining, 0);
 }
 
+/// A second `slow_start` replaces the first (the builder given one is a
+/// `RateLimiterBuilder<InMemorySlowStart>`, whose setter replaces it).
+#[tokio::test(start_paused = true)]
+async fn a_second_slow_start_replaces_the_first() {
+    let limiter = RateLimiter::builder(Limits::requests(smooth(10)))
+        .slow_start(SlowStart::new(Duration::from_secs(100)).initial_rate(0.25))
+        .slow_start(SlowStart::new(Duration::from_secs(100)).initial_rate(0.5))
+        .build();
+    limiter.check(&(), Cost::ONE).unwrap();
+    assert_eq!(rate(&limiter, false), 0.5);
+    assert_eq!(
+        limiter.check(&(), Cost::ONE).unwrap_err().retry_after(),
+        Some(200 * MS)
+    );
+}
+
 /// The slow start's starting rate and idle time count.
 #[tokio::test(start_paused = true)]
 async fn slow_start_initial_rate_and_idle_time() {
