@@ -110,7 +110,9 @@ where
         RedisBudget {
             shared: Arc::new(Shared {
                 conn: store.conn,
-                prefix: store.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+                prefix: store
+                    .prefix
+                    .unwrap_or_else(|| super::store::BUDGET_PREFIX.to_owned()),
                 timeout: store.timeout,
                 policy: store.policy,
                 health: Health::new(duration_nanos(store.probe_every)),
@@ -124,9 +126,6 @@ where
         }
     }
 }
-
-/// The default key prefix of a [`RedisBudget`].
-const DEFAULT_PREFIX: &str = "tower-qwen:budget:";
 
 /// `limits` shared by `n` replicas (each budget divided by `n`, at least 1).
 fn shared_by(limits: BudgetLimits, n: u32) -> BudgetLimits {

@@ -97,7 +97,9 @@ where
                     feedback: b.feedback.map(|f| duration_nanos(f.pause)),
                     leases: store.lease.is_some(),
                 }),
-                prefix: store.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+                prefix: store
+                    .prefix
+                    .unwrap_or_else(|| super::store::LIMITER_PREFIX.to_owned()),
                 limits_for,
                 fallback,
                 lease: store.lease,
@@ -106,9 +108,6 @@ where
         }
     }
 }
-
-/// The default key prefix of a [`RedisLimiter`].
-const DEFAULT_PREFIX: &str = "tower-qwen:rl:";
 
 /// How many renewals in flight a call waits for before it books alone.
 const LEASE_WAITS: usize = 4;

@@ -151,9 +151,13 @@ impl BudgetBuilder<InMemory> {
     }
 }
 
-/// The Redis settings both builders have, with the same meaning.
+/// The Redis settings both builders have, with the same meaning, and
+/// `$default`, the default prefix (one literal for the code and the docs).
 macro_rules! redis_settings {
-    ($builder:ident, $prefix:literal) => {
+    ($builder:ident, $default:ident = $prefix:literal) => {
+        #[doc = concat!("The default key prefix of what a `", stringify!($builder), "<RedisStore>` builds.")]
+        pub(super) const $default: &str = $prefix;
+
         impl $builder<RedisStore> {
             #[doc = concat!(
                 "The prefix of every Redis key this backend writes. Default is `\"",
@@ -191,8 +195,8 @@ macro_rules! redis_settings {
     };
 }
 
-redis_settings!(RateLimiterBuilder, "tower-qwen:rl:");
-redis_settings!(BudgetBuilder, "tower-qwen:budget:");
+redis_settings!(RateLimiterBuilder, LIMITER_PREFIX = "tower-qwen:rl:");
+redis_settings!(BudgetBuilder, BUDGET_PREFIX = "tower-qwen:budget:");
 
 impl RateLimiterBuilder<RedisStore> {
     /// Whose clock decides. Default is [`Clock::Server`].
