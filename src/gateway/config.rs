@@ -841,9 +841,10 @@ fn validate_telemetry(
 }
 
 /// What is wrong with an OTLP endpoint, if anything: it must be an
-/// `http://` URL with a host, no credentials and no query (the exporter of
-/// this crate has no TLS; `/v1/traces` and `/v1/metrics` are appended to
-/// it). A URL with credentials is not echoed.
+/// `http://` URL with a host, no credentials, no query or fragment, and
+/// not a signal's own URL (the exporter of this crate has no TLS;
+/// `/v1/traces` and `/v1/metrics` are appended to it). A URL with
+/// credentials is not echoed.
 fn otlp_endpoint_problem(e: &str) -> Option<String> {
     let shown = if e.contains('@') {
         "(a URL with credentials, not shown)".to_owned()
@@ -881,9 +882,20 @@ fn otlp_endpoint_problem(e: &str) -> Option<String> {
             "{shown}: credentials in the URL are refused (the endpoint is logged); send them as a header with OTEL_EXPORTER_OTLP_HEADERS, e.g. \"authorization=Basic ...\""
         ));
     }
-    if uri.query().is_some() {
+    // `http::Uri` drops a fragment without a word: the exports would go
+    // to the path before it.
+    if uri.query().is_some() || e.contains('#') {
         return Some(format!(
-            "{shown}: a base URL takes no query (/v1/traces and /v1/metrics are appended)"
+            "{shown}: a base URL takes no query or fragment (/v1/traces and /v1/metrics are appended)"
+        ));
+    }
+    let path = uri.path().trim_end_matches('/');
+    if let Some(signal) = ["/v1/traces", "/v1/metrics", "/v1/logs"]
+        .into_iter()
+        .find(|s| path.ends_with(s))
+    {
+        return Some(format!(
+            "{shown} is a signal's URL: give the collector's base URL, without {signal} (/v1/traces and /v1/metrics are appended to it)"
         ));
     }
     None
@@ -1392,6 +1404,12 @@ mod tests {
             ("collector:4318", "not an http:// URL"),
             ("http://", "not a URL"),
             ("http://collector:4318/?x=1", "no query"),
+            ("http://collector:4318/#top", "no query or fragment"),
+            ("http://collector:4318/v1/traces", "without /v1/traces"),
+            (
+                "http://collector:4318/otlp/v1/metrics/",
+                "without /v1/metrics",
+            ),
             ("https://user:hunter2@collector", "credentials, not shown"),
             (
                 "http://user:hunter2@collector:4318",
