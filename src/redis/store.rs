@@ -105,7 +105,7 @@ impl RateLimiterBuilder<InMemory> {
     /// [the backends](crate::rate_limit#the-backends)): this does not
     /// compile, rather than dropping the slow start:
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0599
     /// use std::time::Duration;
     /// use tower_qwen::rate_limit::{Limits, RateLimiter, SlowStart};
     /// use tower_qwen::redis::{RedisLimiter, connect_lazy};
