@@ -261,7 +261,13 @@ impl Hook {
     }
 
     /// Whether the hook is kept inline (not boxed).
-    #[cfg(test)]
+    // Only `stacked_layers_share_one_wrapper` asks.
+    #[cfg(all(
+        test,
+        feature = "circuit-breaker",
+        feature = "concurrency",
+        feature = "rate-limit"
+    ))]
     fn is_inline(&self) -> bool {
         !matches!(self, Hook::Boxed(_))
     }
@@ -798,7 +804,13 @@ impl<D, E> Observed<D, E> {
     }
 
     /// How many of the hooks added after the first are boxed.
-    #[cfg(test)]
+    // Only `stacked_layers_share_one_wrapper` asks.
+    #[cfg(all(
+        test,
+        feature = "circuit-breaker",
+        feature = "concurrency",
+        feature = "rate-limit"
+    ))]
     fn boxed_hooks(&self) -> usize {
         let hooks = &self.cell.watch_ref().hooks;
         hooks

@@ -109,6 +109,8 @@ where
         // retries, taken after the call as tower's `Retry` does (polled
         // ready before each retry), so the service is not moved around.
         let shared = self.shared.clone();
+        // `()` without the `fallback` feature.
+        #[allow(clippy::let_unit_value)]
         let handoff = handoff_of(&req);
 
         if config.policy.get_max_retries() == 0 {
