@@ -6,7 +6,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -121,6 +121,18 @@ impl SlowStart {
 ///
 /// Requests, burst: the request rate is lowered; tokens: the token rate;
 /// overloaded and unknown: both. The pause applies to the whole key.
+///
+/// # Calls already waiting
+///
+/// Calls booked before such a tightening and still waiting for their slot
+/// are *re-paced*: the quota work queued ahead of each one (the debt of
+/// the calls already admitted and of the waiters before it, as it was
+/// charged) is laid out again from the pause's end at the lowered,
+/// recovering rate, so a deep queue booked at the full rate resumes at the
+/// lowered rate rather than at its old spacing (which the upstream, idle
+/// for the pause, would refuse again); in booking order, never earlier
+/// than the pause alone would move it, and later calls book behind the
+/// re-paced queue. A lone quota throttle's step down re-paces nothing.
 ///
 /// # A lone quota throttle
 ///
@@ -624,8 +636,12 @@ pub(crate) struct Full {
     tok: Dim,
     /// When the key was last tightened (ns since epoch + 1; 0 = never).
     tightened: AtomicU64,
-    /// Total pause added so far: waiters move their slot by the growth.
-    shift: AtomicU64,
+    /// How many full tightenings (pause and lower rate) the key has had: a
+    /// waiter booked in an earlier one has its slot re-paced by those since
+    /// (see [`Repace`]).
+    epoch: AtomicU64,
+    /// The latest full tightenings (at most [`REPACES_KEPT`]), oldest first.
+    repaces: Mutex<Vec<Repace>>,
     throttles: AtomicU32,
 }
 
@@ -641,7 +657,8 @@ impl Full {
             req: Dim::new(limits.get_requests(), tat),
             tok: Dim::new(limits.get_tokens(), 0),
             tightened: AtomicU64::new(0),
-            shift: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            repaces: Mutex::new(Vec::new()),
             throttles: AtomicU32::new(0),
         }
     }
@@ -652,6 +669,20 @@ impl Full {
 
     fn is_idle(&self, now: u64, s: &Settings) -> bool {
         self.req.is_idle(now, s) && self.tok.is_idle(now, s)
+    }
+
+    /// See [`View::moved`]: one atomic load unless the key was fully
+    /// tightened since the booking.
+    fn moved(&self, slot: u64, epoch: u64, s: &Settings) -> u64 {
+        let now = self.epoch.load(Ordering::Acquire);
+        if now == epoch {
+            return slot;
+        }
+        let repaces = self.repaces.lock().unwrap_or_else(|e| e.into_inner());
+        repaces
+            .iter()
+            .filter(|r| r.epoch > epoch && r.epoch <= now)
+            .fold(slot, |slot, r| r.apply(slot, s))
     }
 }
 
@@ -675,11 +706,108 @@ impl View<'_> {
         matches!(self, View::Full(f) if f.has_tokens())
     }
 
-    fn shift(self) -> u64 {
+    /// Where a waiter booked at `slot` in tightening epoch `epoch` goes
+    /// now: the same slot unless the key was fully tightened since.
+    fn moved(self, slot: u64, epoch: u64, s: &Settings) -> u64 {
         match self {
-            View::Compact(_) => 0,
-            View::Full(f) => f.shift.load(Ordering::Acquire),
+            View::Compact(_) => slot,
+            View::Full(f) => f.moved(slot, epoch, s),
         }
+    }
+}
+
+/// How many full tightenings a key remembers for its waiters: each comes
+/// after a call admitted after the one before it was answered, so a waiter
+/// booked before more than these has waited through as many pauses.
+const REPACES_KEPT: usize = 64;
+
+/// The time step over which a ramp's rate is taken as constant when a
+/// queue is re-paced (the rate is read at the step's start, so a growing
+/// ramp is never outrun).
+const REPACE_STEP: u64 = 10_000_000;
+
+/// One full tightening, as its waiters see it: at `at`, the key paused
+/// (every slot moved by `delta`), and each lowered dimension's rate went
+/// from the ramp `old` to the ramp `new` (packed [`Ramp`] words). A waiter
+/// booked before it is *re-paced*: the quota work queued ahead of its slot
+/// since `at` (under the old rate) is laid out again from the pause's end
+/// under the new rate, so a deep queue booked at the full rate resumes at
+/// the lowered one instead of at the old spacing; never earlier than the
+/// pause alone would move it. The mapping keeps the order of slots (FIFO).
+#[derive(Clone, Copy, Debug)]
+struct Repace {
+    epoch: u64,
+    at: u64,
+    delta: u64,
+    /// Requests, tokens: the ramps before and after, when lowered.
+    dims: [Option<(u64, u64)>; 2],
+}
+
+impl Repace {
+    /// Where a slot of the schedule before this tightening goes.
+    fn apply(&self, slot: u64, s: &Settings) -> u64 {
+        let mut to = slot.saturating_add(self.delta);
+        for i in 0..2 {
+            to = to.max(self.map_dim(i, slot, s));
+        }
+        to
+    }
+
+    /// The slot re-paced in dimension `i` alone (moved by the pause if it
+    /// was not lowered, or the slot is not after the tightening).
+    fn map_dim(&self, i: usize, slot: u64, s: &Settings) -> u64 {
+        let moved = slot.saturating_add(self.delta);
+        let Some((old, new)) = self.dims[i] else {
+            return moved;
+        };
+        if slot <= self.at {
+            return moved;
+        }
+        let work = ramp_work(old, self.at, slot, s);
+        ramp_until(new, self.at.saturating_add(self.delta), work, s).max(moved)
+    }
+}
+
+/// The stretch of a ramp word's rate that is constant from `t`, and that
+/// rate (a fraction of the quota): up to the ramp's start, after its end
+/// (for ever), or one [`REPACE_STEP`] inside it.
+fn ramp_piece(word: u64, t: u64, s: &Settings) -> (u64, f64) {
+    let rate = rate_to_f64(Dim::rate_of(word, t, s)).max(1.0 / f64::from(FULL_RATE));
+    let span = Ramp::unpack(word).and_then(|r| Some((r.start, r.end(s.ramp_duration(r.kind)?))));
+    let until = match span {
+        None => u64::MAX,
+        Some((start, _)) if t < start => start,
+        Some((_, end)) if t >= end => u64::MAX,
+        Some((_, end)) => t.saturating_add(REPACE_STEP).min(end),
+    };
+    (until, rate)
+}
+
+/// The quota work (nanoseconds at the full rate) a ramp does from `a` to
+/// `b`.
+fn ramp_work(word: u64, a: u64, b: u64, s: &Settings) -> f64 {
+    let (mut t, mut work) = (a, 0.0);
+    while t < b {
+        let (until, rate) = ramp_piece(word, t, s);
+        let next = until.min(b);
+        work += (next - t) as f64 * rate;
+        t = next;
+    }
+    work
+}
+
+/// When a ramp starting its work at `a` has done `work` (nanoseconds at
+/// the full rate).
+fn ramp_until(word: u64, a: u64, mut work: f64, s: &Settings) -> u64 {
+    let mut t = a;
+    loop {
+        let (until, rate) = ramp_piece(word, t, s);
+        let span = (until - t) as f64 * rate;
+        if until == u64::MAX || span >= work {
+            return t.saturating_add((work / rate).ceil() as u64);
+        }
+        work -= span;
+        t = until;
     }
 }
 
@@ -689,7 +817,8 @@ pub(crate) struct Booking {
     slot: u64,
     req: Option<Grant>,
     tok: Option<Grant>,
-    shift: u64,
+    /// The key's tightening epoch when booked (see [`Full::moved`]).
+    epoch: u64,
     tokens: u32,
     tok_rate: u32,
 }
@@ -699,7 +828,7 @@ impl Booking {
         slot: 0,
         req: None,
         tok: None,
-        shift: 0,
+        epoch: 0,
         tokens: 0,
         tok_rate: FULL_RATE,
     };
@@ -714,7 +843,7 @@ fn book_full(
     cost: Cost,
     max_wait: u64,
 ) -> Result<Booking, RateLimited> {
-    let shift = st.shift.load(Ordering::Acquire);
+    let epoch = st.epoch.load(Ordering::Acquire);
     let (gr, xr) = match st.req.gcra {
         Some(g) if cost.requests > 0 => (Some(g), g.charge(cost.requests, st.req.rate(now, s))),
         _ => (None, 0),
@@ -791,7 +920,7 @@ fn book_full(
             slot,
             req,
             tok,
-            shift,
+            epoch,
             tokens: if gt.is_some() { cost.tokens } else { 0 },
             tok_rate,
         });
@@ -841,7 +970,7 @@ pub(crate) struct Shared<K> {
 /// compare-and-swap. A request-only key of a limiter whose keys share their
 /// limits takes one `u64` of state ([`RateLimiter::bytes_per_key`]); a key
 /// with a token quota, slow start or its own limits takes a boxed state of
-/// about 130 bytes.
+/// about 160 bytes.
 ///
 /// See the [module docs](super) for an example.
 ///
@@ -1101,7 +1230,7 @@ where
     /// load factor (a map grows by doubling, so between this and twice
     /// this). Heap data owned by the key itself (a string's bytes) comes on
     /// top. A key with a token quota, slow start or limits of its own takes
-    /// about 130 bytes more.
+    /// about 160 bytes more.
     pub fn bytes_per_key() -> usize {
         Store::<K, Bucket>::bytes_per_key()
     }
@@ -1342,24 +1471,24 @@ where
             return true;
         }
         // Pause the whole key: every bucket moves by the same amount, and so
-        // does every waiter's slot (the schedule is translated, never
-        // squeezed).
+        // does every waiter's slot; the lowered dimensions' queues are
+        // re-paced at the new rate from the pause's end (see `Repace`), so
+        // calls booked at the old rate do not resume at its spacing.
+        // Under the lock: full tightenings of a key are applied one at a
+        // time, in epoch order.
+        let mut repaces = st.repaces.lock().unwrap_or_else(|e| e.into_inner());
         let mut delta = 0;
         for d in [&st.req, &st.tok] {
             if let Some(g) = d.gcra {
                 delta = delta.max(d.bucket.pause_delta(&g, now, fb.pause));
             }
         }
-        for d in [&st.req, &st.tok] {
-            if d.gcra.is_some() {
-                d.bucket.charge_more(delta);
-            }
-        }
-        st.shift.fetch_add(delta, Ordering::AcqRel);
         let mut new_rate = FULL_RATE;
-        for (on, d) in [(req, &st.req), (tok, &st.tok)] {
+        let mut dims = [None; 2];
+        for (i, (on, d)) in [(req, &st.req), (tok, &st.tok)].into_iter().enumerate() {
             if on && d.gcra.is_some() {
-                let cur = Dim::rate_of(d.ramp.load(Ordering::Relaxed), now, settings);
+                let old = d.ramp.load(Ordering::Relaxed);
+                let cur = Dim::rate_of(old, now, settings);
                 let from = ((u64::from(cur) * u64::from(fb.factor)) >> 16) as u32;
                 let from = from.max(fb.floor).clamp(1, FULL_RATE);
                 new_rate = new_rate.min(from);
@@ -1368,9 +1497,39 @@ where
                     from,
                     kind: RampKind::Recover,
                 };
-                d.ramp.store(ramp.pack(), Ordering::Relaxed);
+                dims[i] = Some((old, ramp.pack()));
             }
         }
+        let epoch = st.epoch.load(Ordering::Acquire) + 1;
+        let repace = Repace {
+            epoch,
+            at: now,
+            delta,
+            dims,
+        };
+        for (i, d) in [&st.req, &st.tok].into_iter().enumerate() {
+            let Some(g) = d.gcra else { continue };
+            // Where the queue ends (the slot of the next unit): new bookings
+            // go after the re-paced queue.
+            let tat = d.bucket.tat();
+            let room = g.tolerance() - g.interval().min(g.tolerance());
+            let next = tat.saturating_sub(room);
+            let moved = if next > now {
+                repace.map_dim(i, next, settings).saturating_add(room)
+            } else {
+                tat.saturating_add(delta)
+            };
+            d.bucket.charge_more(moved.saturating_sub(tat));
+            if let Some((_, word)) = dims[i] {
+                d.ramp.store(word, Ordering::Relaxed);
+            }
+        }
+        if repaces.len() >= REPACES_KEPT {
+            repaces.remove(0);
+        }
+        repaces.push(repace);
+        st.epoch.store(epoch, Ordering::Release);
+        drop(repaces);
         tracing::warn!(
             ?cause,
             pause_ms = Duration::from_nanos(delta).as_millis() as u64,
@@ -1543,15 +1702,18 @@ where
 {
     type Permit = MemoryPermit<K>;
 
-    /// The slot, moved by any pause added since booking.
+    /// The slot, moved by any full tightening since booking (the pause,
+    /// and the queue re-paced at the lowered rate; see [`Feedback`]).
     fn ready_at(&self) -> Instant {
         let a = self.inner.as_ref().expect("ticket already admitted");
-        let shift = a
+        let settings = &a.limiter.shared.settings;
+        let slot = a
             .limiter
-            .with_slot(&a.key, a.slot, |v| v.shift())
-            .unwrap_or(a.booking.shift);
-        let moved = shift.saturating_sub(a.booking.shift);
-        a.limiter.instant(a.booking.slot.saturating_add(moved))
+            .with_slot(&a.key, a.slot, |v| {
+                v.moved(a.booking.slot, a.booking.epoch, settings)
+            })
+            .unwrap_or(a.booking.slot);
+        a.limiter.instant(slot)
     }
 
     fn admit(mut self) -> MemoryPermit<K> {

@@ -58,7 +58,8 @@
 //!   quota, hold it, and grow it by the same ratio every second.
 //! * **Feedback** ([`Feedback`]): when the upstream throttles a call we
 //!   admitted, the key pauses (past the one-second window) and resumes at
-//!   a lower rate that recovers over time; a lone throttle of the key's own
+//!   a lower rate that recovers over time, the calls already waiting
+//!   re-paced at it; a lone throttle of the key's own
 //!   quota (timing jitter at the upstream's window boundary, not a wrong
 //!   quota) only lowers the rate a step (2%), with no pause. Logged with
 //!   `tracing` and readable in a [`Snapshot`].

@@ -40,12 +40,14 @@ async fn feedback_pause_factor_floor_and_recovery() {
         .build();
     limiter.check(&(), Cost::ONE).unwrap();
     assert!(limiter.throttled(&(), ThrottleCause::Requests));
-    // Paused for 300 ms, the 100 ms of debt after it; a quarter of the rate
-    // when the pause ends.
+    // Paused for 300 ms, the 100 ms of debt after it re-paced at a quarter
+    // of the rate (recovering: a little under 400 ms); a quarter of the
+    // rate when the pause ends.
     let err = limiter.check(&(), Cost::ONE).unwrap_err();
-    assert_eq!(err.retry_after(), Some(400 * MS));
+    let wait = err.retry_after().unwrap_or_default();
+    assert!(wait > 695 * MS && wait <= 700 * MS, "{wait:?}");
     assert_eq!(rate(&limiter, false), 0.25);
-    tokio::time::advance(400 * MS).await;
+    tokio::time::advance(wait).await;
     limiter.check(&(), Cost::ONE).unwrap();
     // A second throttle (of a call admitted after the first): a quarter of
     // the rate reached is below the floor, so the floor.
@@ -108,12 +110,14 @@ async fn a_lone_quota_throttle_steps_the_rate_down_and_a_repeated_one_halves_it(
             close(r, 0.5 * (0.98 + 0.02 * 1.999 / 100.0)),
             "{cause:?} {r}"
         );
-        // Paused 1 s, behind the call's 100 ms of requests (102 ms at 98%
-        // of the rate when requests were throttled).
+        // Paused 1 s, behind the call's 100 ms of requests: re-paced at the
+        // halved rate when requests were throttled (102 ms at 98%, about
+        // 204 ms at 49%), only moved by the pause when tokens were.
         let wait = limiter.check(&(), Cost::ONE).unwrap_err().retry_after();
         let wait = wait.unwrap_or_default();
+        let debt = if tokens { 100 * MS } else { 200 * MS };
         assert!(
-            wait >= 1_100 * MS && wait < 1_103 * MS,
+            wait >= Duration::from_secs(1) + debt && wait < Duration::from_secs(1) + debt + 5 * MS,
             "{cause:?} {wait:?}"
         );
         assert_eq!(limiter.snapshot(&()).unwrap().throttles, 2);
@@ -655,4 +659,64 @@ async fn nothing_to_tighten_leaves_a_compact_key_compact() {
     assert!(fulls(&none) && fulls(&some));
     assert!(some.throttled(&1, ThrottleCause::Requests));
     assert!(!fulls(&some));
+}
+
+/// After a full tightening, the calls already booked are re-paced at the
+/// lowered rate, not only moved by the pause (issue 14, item 6): 200 calls
+/// booked at 100 a second, a burst throttle half a second in (the key
+/// pauses 1 s, then resumes at half the rate, recovering over 30 s). After
+/// the pause, no second holds more calls than the recovering rate allows
+/// (plus the burst of 1); every call goes, in booking order, and the queue
+/// is done when the lowered rate has done its work (not later: nothing
+/// starves). Translated only, the 149 calls left went at 100 a second.
+/// A lone quota throttle's 2% step re-paces nothing.
+#[tokio::test(start_paused = true)]
+async fn a_full_tightening_re_paces_the_calls_already_booked() {
+    let limiter = RateLimiter::builder(Limits::requests(smooth(100))).build();
+    let start = Instant::now();
+    let mut waiters = Vec::new();
+    for i in 0..200 {
+        let r = limiter
+            .reserve(&(), Cost::ONE, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(r.ready_at(), start + i * 10 * MS);
+        waiters.push(tokio::spawn(async move {
+            let _admitted = r.ready().await;
+            Instant::now()
+        }));
+    }
+    // A lone quota throttle steps the rate down without moving a slot.
+    let last = limiter
+        .reserve(&(), Cost::ONE, Duration::from_secs(60))
+        .unwrap();
+    assert!(limiter.throttled(&(), ThrottleCause::Requests));
+    assert_eq!(last.ready_at(), start + 2_000 * MS);
+    drop(last);
+    tokio::time::sleep(505 * MS).await;
+    assert!(limiter.throttled(&(), ThrottleCause::Burst));
+    let mut at = Vec::new();
+    for w in waiters {
+        at.push(w.await.unwrap() - start);
+    }
+    let resume = Duration::from_millis(1_505);
+    let before = at.iter().filter(|t| **t < resume).count();
+    assert_eq!(before, 51, "{at:?}");
+    // Booking order kept.
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+    for (i, t) in at.iter().enumerate().filter(|(_, t)| **t >= resume) {
+        let window = at[i..].iter().filter(|u| **u < *t + Duration::from_secs(1));
+        // The rate at the window's end: half, recovering over 30 s.
+        let rate = 0.5 + 0.5 * (*t + Duration::from_secs(1) - resume).as_secs_f64() / 30.0;
+        let allowed = (100.0 * rate).ceil() as usize + 1;
+        assert!(
+            window.count() <= allowed,
+            "call {i} at {t:?}: more than {allowed} in the second after it: {at:?}"
+        );
+    }
+    // 149 calls of 10 ms at the recovering rate from half: 2.85 s of work.
+    let end = at[199] - resume;
+    assert!(
+        end >= Duration::from_millis(2_800) && end <= Duration::from_millis(2_900),
+        "{end:?}"
+    );
 }
