@@ -969,8 +969,8 @@ mod against_the_mock {
     use futures_util::future::join_all;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    use tower_qwen::mock::{MockDashScope, Quota as MockQuota};
-    use tower_qwen::rate_limit::qwen_limits;
+    use tower_qwen::mock::{BurstGuard, MockDashScope, Quota as MockQuota};
+    use tower_qwen::rate_limit::{SlowStart, qwen_limits};
 
     use super::*;
 
@@ -1043,6 +1043,67 @@ mod against_the_mock {
         format!(
             r#"{{"model":"qwen-plus","max_tokens":20,"messages":[{{"role":"user","content":"{text}"}}]}}"#
         )
+    }
+
+    /// The demo's gap (issue 14, item 6): a deep queue booked at the full
+    /// rate, then a full tightening. After the 1 s pause the mock has seen
+    /// an idle second, and its burst guard (the demo's: 60 calls in a
+    /// second from idle, then at most 1.5x the second before) refuses a
+    /// queue that resumes at its old spacing (100 a second), each refusal
+    /// tightening again. Re-paced at the lowered rate, nothing is refused
+    /// and every call goes.
+    #[tokio::test(start_paused = true)]
+    async fn a_deep_queue_resumes_at_the_lowered_rate_and_the_burst_guard_stays_quiet() {
+        let m = MockDashScope::builder()
+            .key(KEY, "acct")
+            .default_quota(MockQuota::new(
+                nz(6_000),
+                NonZeroU64::new(100_000_000).unwrap(),
+            ))
+            .burst_guard(BurstGuard::new(nz(60), 1.5).window(1))
+            .output_tokens(nz(20))
+            .seed(1)
+            .start()
+            .await
+            .expect("mock starts");
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        // The Qwen preset's slow start, so that the cold start is quiet.
+        let limiter = RateLimiter::builder(qwen_limits(6_000, 100_000_000))
+            .slow_start(
+                SlowStart::new(Duration::from_secs(3))
+                    .initial_rate(0.5)
+                    .hold(Duration::from_secs(1)),
+            )
+            .build();
+        let svc = RateLimitLayer::new(limiter.clone())
+            .wait(Duration::from_secs(60))
+            .layer(tower::service_fn(move |req| client.request(req)));
+        let url = format!("{}{CHAT}", m.base_url());
+        // 1,500 calls at once: about 16 s of queue.
+        let calls: Vec<_> = (0..1_500)
+            .map(|_| {
+                let req = Request::post(&url)
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body(5))))
+                    .unwrap();
+                tokio::spawn(svc.clone().oneshot(req))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(m.stats().status(429), 0, "{:?}", m.stats());
+        assert!(limiter.throttled(&(), ThrottleCause::Burst));
+        let mut ok = 0;
+        for c in calls {
+            let res = c.await.unwrap().unwrap();
+            ok += u32::from(res.status().is_success());
+            res.into_body().collect().await.unwrap();
+        }
+        let stats = m.stats();
+        assert_eq!(stats.status(429), 0, "{stats:?}");
+        assert_eq!(ok, 1_500, "{stats:?}");
+        // One tightening: none of the queue came back throttled.
+        assert_eq!(limiter.snapshot(&()).unwrap().throttles, 1);
     }
 
     #[tokio::test(start_paused = true)]
