@@ -718,7 +718,10 @@ impl View<'_> {
 
 /// How many full tightenings a key remembers for its waiters: each comes
 /// after a call admitted after the one before it was answered, so a waiter
-/// booked before more than these has waited through as many pauses.
+/// booked before more than these has waited through as many pauses (and
+/// more than a minute at the default 1 s). Such a waiter would miss the
+/// forgotten ones' moves and go early by them (not handled: unreachable
+/// short of a minute of back-to-back full tightenings).
 const REPACES_KEPT: usize = 64;
 
 /// The time step over which a ramp's rate is taken as constant when a
