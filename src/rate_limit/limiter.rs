@@ -153,8 +153,13 @@ impl SlowStart {
 /// as above: a quota set higher than the account's, or shared with another
 /// client, draws them in a row.
 ///
-/// The Redis backend replicates only the pause, and pauses on every
-/// throttle.
+/// The Redis backend replicates only the pause, with the same meaning: a
+/// lone quota throttle, judged from the throttles this replica has seen,
+/// pauses nothing (and steps no rate down: Redis keeps no rate ramps, and
+/// the shared pacing already holds the key at its quota for the whole
+/// fleet); a second one within `repeat_within`, or any burst, overload or
+/// unknown throttle, pauses the key for every replica. Throttles of calls
+/// admitted before the last one acted on are ignored, as in memory.
 ///
 /// # Default
 ///
@@ -169,7 +174,8 @@ pub struct Feedback {
     floor: u32,
     recover: Duration,
     lone_factor: u32,
-    repeat_within: Duration,
+    /// Read by the Redis backend, which judges lone throttles by it.
+    pub(crate) repeat_within: Duration,
 }
 
 impl Default for Feedback {
@@ -431,7 +437,8 @@ impl<S> RateLimiterBuilder<S> {
     ///
     /// In memory the key pauses, then recovers at a reduced rate; on Redis
     /// only the pause is replicated (for every replica; a pause applied
-    /// while calls already hold later slots does not move those), and the
+    /// while calls already hold later slots does not move those; a lone
+    /// quota throttle pauses nothing, see [`Feedback`]), and the
     /// fail-open fallback limiter tightens as in memory (see
     /// [the backends](super#the-backends)).
     pub fn feedback(mut self, feedback: impl Into<Option<Feedback>>) -> Self {

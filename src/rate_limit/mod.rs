@@ -80,7 +80,7 @@
 //! | shared by | the clones in one process | every replica on the Redis |
 //! | a decision | a CAS, no future | a script call (batched), or a local lease |
 //! | two dimensions, FIFO slots, give-back, reconciliation | yes | yes (the same arithmetic, property-tested) |
-//! | pause on an upstream throttle | yes (none for a lone quota throttle) | yes, for every replica, on every throttle |
+//! | pause on an upstream throttle | yes (none for a lone quota throttle) | yes, for every replica (none for a lone quota throttle, judged per replica) |
 //! | reduced-rate recovery after a throttle, slow start | yes | no (see below) |
 //! | snapshots (`x-ratelimit-*`, the pool's pick) | exact | this replica's view as of its last round trip for the key |
 //!

@@ -95,6 +95,7 @@ where
                     batcher: Batcher::new(exec),
                     clock: store.clock,
                     feedback: b.feedback.map(|f| duration_nanos(f.pause)),
+                    repeat_within: b.feedback.map_or(0, |f| duration_nanos(f.repeat_within)),
                     leases: store.lease.is_some(),
                 }),
                 prefix: store
@@ -120,6 +121,10 @@ struct Core {
     batcher: Batcher,
     clock: Clock,
     feedback: Option<u64>,
+    /// [`Feedback::repeat_within`](crate::rate_limit::Feedback::repeat_within)
+    /// in nanoseconds: a quota throttle with none other acted on by this
+    /// replica within it before is lone, and pauses nothing.
+    repeat_within: u64,
     /// Whether request buckets are refunded (leases are on): a give-back
     /// of a request grant then keeps what may lie beyond it.
     leases: bool,
@@ -162,6 +167,9 @@ struct Local {
     /// as the last answer for the key said.
     view: [AtomicU64; 2],
     lease: Option<Arc<LeaseCell>>,
+    /// When this replica last acted on an upstream throttle of the key
+    /// (local ns + 1; 0: never). Shared with the key's permits.
+    throttled: Arc<AtomicU64>,
 }
 
 impl Local {
@@ -505,6 +513,7 @@ where
                         name: self.redis_key(key),
                         view: [AtomicU64::new(0), AtomicU64::new(0)],
                         lease: sh.lease.map(|_| Arc::new(LeaseCell::default())),
+                        throttled: Arc::default(),
                     })
                 },
                 |l| l.is_idle(now),
@@ -536,6 +545,8 @@ where
                     key: local.name.clone(),
                     r,
                     t,
+                    throttled: Some(local.throttled.clone()),
+                    admitted: now,
                 },
             },
         })
@@ -672,6 +683,8 @@ where
                             key: name,
                             r,
                             t,
+                            throttled: local.as_ref().map(|l| l.throttled.clone()),
+                            admitted: exec.nanos(base).saturating_add(wait),
                         },
                         grant,
                         tokens: cost.tokens,
@@ -799,6 +812,34 @@ struct RedisCall {
     key: Arc<str>,
     r: DimArgs,
     t: DimArgs,
+    /// The key's [`Local::throttled`]; `None` when the local state was
+    /// full (then every throttle pauses).
+    throttled: Option<Arc<AtomicU64>>,
+    /// When the call was admitted (local ns, its slot).
+    admitted: u64,
+}
+
+impl RedisCall {
+    /// Whether the feedback acts on a throttle seen at local `now`, the
+    /// in-memory [`Feedback`](crate::rate_limit::Feedback) rules as this
+    /// replica sees them: `None` when the call was admitted before the
+    /// last throttle acted on (that one covers it), `Some(false)` for a
+    /// lone quota throttle (no pause), `Some(true)` to pause.
+    fn acts(&self, cause: ThrottleCause, now: u64) -> Option<bool> {
+        let Some(cell) = &self.throttled else {
+            return Some(true);
+        };
+        let last = cell.load(Ordering::Acquire);
+        if last > 0 && self.admitted < last {
+            return None;
+        }
+        let lone = matches!(cause, ThrottleCause::Requests | ThrottleCause::Tokens)
+            && self.core.repeat_within > 0
+            && (last == 0 || now.saturating_sub(last - 1) >= self.core.repeat_within);
+        cell.compare_exchange(last, now + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        Some(!lone)
+    }
 }
 
 impl fmt::Debug for RedisCall {
@@ -960,8 +1001,9 @@ where
         }
     }
 
-    /// Feedback pauses the key in Redis for every replica (see
-    /// [`feedback`](crate::rate_limit::RateLimiterBuilder::feedback)); the reconciliation
+    /// Feedback pauses the key in Redis for every replica, except on a lone
+    /// quota throttle (see
+    /// [`Feedback`](crate::rate_limit::Feedback)); the reconciliation
     /// refunds or charges in Redis, or in the lease the call came from. Both
     /// run in the background, in this order.
     fn finish(self, throttled: Option<ThrottleCause>, tokens: Option<u32>) {
@@ -996,7 +1038,7 @@ where
                     );
                     // Feedback first: a pause is judged against the slot.
                     if let Some(cause) = throttled {
-                        pause(&redis, (grant.epoch, grant.slot), cause, n);
+                        pause(&redis, (grant.epoch, grant.slot), cause, n, now);
                     }
                     let op = Op::reconcile(redis.key.clone(), n, refund, (0, more));
                     redis.core.batcher.background(op);
@@ -1032,7 +1074,7 @@ where
         };
         let n = redis.core.script_now(now);
         if let (Some(cause), Some(slot)) = (throttled, slot) {
-            pause(&redis, slot, cause, n);
+            pause(&redis, slot, cause, n, now);
         }
         if let Some(more) = est {
             let op = Op::reconcile(redis.key.clone(), n, None, (0, more));
@@ -1042,11 +1084,23 @@ where
 }
 
 /// Queues the pause of a key after an upstream throttle of a call admitted
-/// at `slot`.
-fn pause(redis: &RedisCall, slot: (i64, i64), cause: ThrottleCause, now: Now) {
+/// at `slot`, unless the throttle is lone (see [`RedisCall::acts`]).
+fn pause(redis: &RedisCall, slot: (i64, i64), cause: ThrottleCause, now: Now, at: Instant) {
     let Some(pause) = redis.core.feedback else {
         return;
     };
+    match redis.acts(cause, redis.core.nanos(at)) {
+        None => return,
+        Some(false) => {
+            tracing::info!(
+                ?cause,
+                "upstream throttled a call the distributed limit admitted, the first within the \
+                 repeat window: no pause"
+            );
+            return;
+        }
+        Some(true) => {}
+    }
     tracing::warn!(
         ?cause,
         pause_ms = Duration::from_nanos(pause).as_millis() as u64,

@@ -61,7 +61,9 @@
 //! From the in-memory backend: a decision costs a round trip (shared with
 //! the other calls of the moment, or none with a lease); slow start and
 //! the reduced-rate recovery after a throttle are not replicated (a
-//! throttle pauses the key for every replica; see the
+//! throttle pauses the key for every replica, except a lone quota throttle,
+//! judged from what this replica has seen, which pauses nothing; see
+//! [`Feedback`](crate::rate_limit::Feedback) and the
 //! [rate limiter's docs](crate::rate_limit#the-backends) for why); a
 //! waiter keeps its slot when another replica pauses the key; snapshots
 //! are this replica's view as of its last round trip for the key. From a

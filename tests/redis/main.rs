@@ -24,7 +24,7 @@ use tower_qwen::classify::{Classifier, ThrottleCause};
 use tower_qwen::key::StoreKey;
 use tower_qwen::rate_limit::error::RateLimited;
 use tower_qwen::rate_limit::{
-    Admission, Cost, Limits, Quota, RateLimitLayer, RateLimiter, RateLimiterBuilder,
+    Admission, Cost, Feedback, Limits, Quota, RateLimitLayer, RateLimiter, RateLimiterBuilder,
 };
 use tower_qwen::redis::error::StoreUnavailable;
 use tower_qwen::redis::{
@@ -592,7 +592,10 @@ async fn layer_pauses_the_key_for_every_replica_on_an_upstream_429() {
     let server = RedisServer::start();
     let t0 = Instant::now();
     let limits = Limits::requests(Quota::per_second(nz(1)).allow_burst(nz(1)));
-    let a_lim = local(limits, "layer-429", t0, conn(&server)).build();
+    // Every throttle pauses (no lone ones): see the next test for those.
+    let a_lim = local(limits, "layer-429", t0, conn(&server))
+        .feedback(Feedback::new().repeat_within(Duration::ZERO))
+        .build();
     let a = RateLimitLayer::new(a_lim.clone()).layer(upstream(Log::default(), rate_quota_429));
     let res = a.oneshot(chat(10, 0)).await.unwrap();
     assert_eq!(res.status(), 429);
@@ -604,6 +607,79 @@ async fn layer_pauses_the_key_for_every_replica_on_an_upstream_429() {
         .layer(upstream(Log::default(), || usage(10)));
     let e = b.oneshot(chat(10, 1)).await.unwrap_err();
     assert_eq!(limited(&e).retry_after(), Some(Duration::from_secs(2)));
+}
+
+/// A lone quota throttle (none other acted on within `repeat_within`) is
+/// timing jitter at the upstream's window edge: no replica is paused. A
+/// second one within the window, or a burst throttle, pauses the key for
+/// every replica.
+#[tokio::test(start_paused = true)]
+async fn a_lone_quota_throttle_pauses_no_replica_a_repeated_or_burst_one_does() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    // 10 per second, burst 1: one call every 100 ms.
+    let limits = Limits::requests(Quota::per_second(nz(10)).allow_burst(nz(1)));
+    let step = 100 * MS;
+    let a = local(limits, "lone-429", t0, conn(&server)).build();
+    let b = local(limits, "lone-429", t0, conn(&server)).build();
+    // A lone Requests throttle: the other replica's next call goes at its
+    // slot, as if nothing happened.
+    a.check(&(), Cost::ONE)
+        .await
+        .unwrap()
+        .throttled(ThrottleCause::Requests);
+    a.settle().await;
+    tokio::time::advance(step).await;
+    let e = b.check(&(), Cost::ONE).await.err();
+    assert!(e.is_none(), "a lone throttle paused the key: {e:?}");
+    // A second one within `repeat_within` (2 s) pauses the key for 1 s,
+    // for every replica.
+    tokio::time::advance(step).await;
+    a.check(&(), Cost::ONE)
+        .await
+        .unwrap()
+        .throttled(ThrottleCause::Requests);
+    a.settle().await;
+    tokio::time::advance(step).await;
+    // The throttled call's 100 ms of debt, moved 1 s later, is all ahead.
+    let e = b.check(&(), Cost::ONE).await.expect_err("paused");
+    assert_eq!(limited(&e).retry_after(), Some(Duration::from_secs(1)));
+    // Long after (a Requests throttle would be lone again): a Burst
+    // throttle pauses at once.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    b.check(&(), Cost::ONE)
+        .await
+        .unwrap()
+        .throttled(ThrottleCause::Burst);
+    b.settle().await;
+    tokio::time::advance(step).await;
+    let e = a.check(&(), Cost::ONE).await.expect_err("paused");
+    assert_eq!(limited(&e).retry_after(), Some(Duration::from_secs(1)));
+}
+
+/// As in memory, a throttle of a call admitted before the last throttle
+/// acted on is covered by that one: two calls landing in one upstream
+/// window are one lone throttle, not a repeat.
+#[tokio::test(start_paused = true)]
+async fn a_throttle_of_a_call_admitted_before_a_lone_one_pauses_nothing() {
+    let server = RedisServer::start();
+    let t0 = Instant::now();
+    let limits = Limits::requests(Quota::per_second(nz(10)).allow_burst(nz(1)));
+    let step = 100 * MS;
+    let a = local(limits, "lone-older", t0, conn(&server)).build();
+    let b = local(limits, "lone-older", t0, conn(&server)).build();
+    let older = a.check(&(), Cost::ONE).await.unwrap();
+    tokio::time::advance(step).await;
+    let newer = a.check(&(), Cost::ONE).await.unwrap();
+    newer.throttled(ThrottleCause::Requests);
+    older.throttled(ThrottleCause::Requests);
+    a.settle().await;
+    tokio::time::advance(step).await;
+    let e = b.check(&(), Cost::ONE).await.err();
+    assert!(
+        e.is_none(),
+        "the older call's throttle paused the key: {e:?}"
+    );
 }
 
 #[tokio::test]
