@@ -259,18 +259,6 @@ impl Hook {
             Hook::Boxed(h) => h.call(end),
         }
     }
-
-    /// Whether the hook is kept inline (not boxed).
-    // Only `stacked_layers_share_one_wrapper` asks.
-    #[cfg(all(
-        test,
-        feature = "circuit-breaker",
-        feature = "concurrency",
-        feature = "rate-limit"
-    ))]
-    fn is_inline(&self) -> bool {
-        !matches!(self, Hook::Boxed(_))
-    }
 }
 
 /// The hooks, in the order they were added: three inline (as many as the
@@ -818,7 +806,7 @@ impl<D, E> Observed<D, E> {
             .iter()
             .flatten()
             .chain(&hooks.more)
-            .filter(|h| !h.is_inline())
+            .filter(|h| matches!(h, Hook::Boxed(_)))
             .count()
     }
 }
