@@ -545,6 +545,36 @@ impl Settings {
     }
 }
 
+/// Whether feedback acts on an upstream throttle of `cause`, seen at `now`,
+/// of a call admitted at `admitted` (ns on the limiter's clock), given the
+/// key's `acted` cell (the instant of the last throttle acted on, plus one;
+/// 0 for none), which it updates: `None` when an earlier throttle acted on
+/// covers this call (it was admitted before that one) or another thread
+/// acted on this one first; `Some(true)` for a lone quota throttle (cause
+/// requests or tokens, none acted on within `repeat_within`: timing
+/// jitter, not a wrong quota; see [`Feedback`]); `Some(false)` to tighten.
+/// The one rule of both backends (in memory and Redis).
+pub(crate) fn judge_throttle(
+    acted: &AtomicU64,
+    cause: ThrottleCause,
+    admitted: u64,
+    now: u64,
+    repeat_within: u64,
+) -> Option<bool> {
+    let last = acted.load(Ordering::Acquire);
+    // Equivalent mutant `last >= 0`: `admitted < 0` is never true.
+    if last > 0 && admitted < last {
+        return None;
+    }
+    let lone = matches!(cause, ThrottleCause::Requests | ThrottleCause::Tokens)
+        && repeat_within > 0
+        && (last == 0 || now.saturating_sub(last - 1) >= repeat_within);
+    acted
+        .compare_exchange(last, now + 1, Ordering::AcqRel, Ordering::Relaxed)
+        .ok()?;
+    Some(lone)
+}
+
 /// The state of one quota of a [`Snapshot`], from its GCRA, TAT and rate
 /// factor at `now` (also the Redis backend's local view).
 pub(crate) fn dim_state(g: Gcra, tat: u64, now: u64, rate: u32) -> DimState {
@@ -1427,23 +1457,10 @@ where
             ThrottleCause::Tokens => (false, true),
             _ => (true, true),
         };
-        let last = st.tightened.load(Ordering::Acquire);
-        // Equivalent mutant `last >= 0`: `admitted < 0` is never true.
-        if last > 0 && admitted < last {
+        let Some(lone) = judge_throttle(&st.tightened, cause, admitted, now, fb.repeat_within)
+        else {
             return false;
-        }
-        // A throttle of the key's own quota with none acted on within
-        // `repeat_within` before it: timing jitter, not a wrong quota.
-        let lone = matches!(cause, ThrottleCause::Requests | ThrottleCause::Tokens)
-            && fb.repeat_within > 0
-            && (last == 0 || now.saturating_sub(last - 1) >= fb.repeat_within);
-        if st
-            .tightened
-            .compare_exchange(last, now + 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return false;
-        }
+        };
         let n = st.throttles.fetch_add(1, Ordering::Relaxed) + 1;
         if lone {
             let mut new_rate = FULL_RATE;

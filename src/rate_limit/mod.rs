@@ -213,6 +213,6 @@ pub use limiter::{
     MemoryTicket, RateLimiter, RateLimiterBuilder, SlowStart, Snapshot,
 };
 #[cfg(feature = "redis")]
-pub(crate) use limiter::{dim_state, sealed};
+pub(crate) use limiter::{dim_state, judge_throttle, sealed};
 pub use quota::{Limits, Quota, QuotaTable, qwen_limits};
 pub use service::RateLimit;

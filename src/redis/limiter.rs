@@ -16,13 +16,13 @@ use crate::classify::ThrottleCause;
 use crate::key::StoreKey;
 use crate::key::store::Store;
 use crate::rate_limit::bucket::{FULL_RATE, Gcra};
-use crate::rate_limit::dim_state;
 use crate::rate_limit::error::{Dimension, RateLimited};
 use crate::rate_limit::sealed::Keys;
 use crate::rate_limit::{
     Admission, Backend, Cost, Decision, LimiterStore, Limits, MemoryPermit, MemoryTicket, Permit,
     Quota, RateLimiter, RateLimiterBuilder, Reservation, Snapshot, Ticket,
 };
+use crate::rate_limit::{dim_state, judge_throttle};
 use crate::time::{self, Instant, duration_nanos};
 
 use super::batch::{Background, Batcher, Counters, Exec, Failure};
@@ -829,16 +829,7 @@ impl RedisCall {
         let Some(cell) = &self.throttled else {
             return Some(true);
         };
-        let last = cell.load(Ordering::Acquire);
-        if last > 0 && self.admitted < last {
-            return None;
-        }
-        let lone = matches!(cause, ThrottleCause::Requests | ThrottleCause::Tokens)
-            && self.core.repeat_within > 0
-            && (last == 0 || now.saturating_sub(last - 1) >= self.core.repeat_within);
-        cell.compare_exchange(last, now + 1, Ordering::AcqRel, Ordering::Relaxed)
-            .ok()?;
-        Some(!lone)
+        judge_throttle(cell, cause, self.admitted, now, self.core.repeat_within).map(|lone| !lone)
     }
 }
 
